@@ -1,0 +1,22 @@
+# Every target runs inside .venv at the repo root; `make install` creates it.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo eval bench lint
+
+install: $(STAMP)
+
+# Re-installs only when a requirements file or pyproject.toml changed, so a second `make install` takes seconds.
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m compileall -q res2net scripts train.py evaluate.py
