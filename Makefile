@@ -20,3 +20,17 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m compileall -q res2net scripts train.py evaluate.py
+
+DATA ?=
+BACKEND ?= torchvision
+MODELS ?=
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+eval: $(STAMP)
+	@test -n "$(DATA)" || { echo "usage: make eval DATA=<imagenet root with val/> [BACKEND=torchvision|dali] [MODELS=\"res2net50_26w_4s ...\"]"; exit 2; }
+	$(PY) scripts/eval_released.py --data "$(DATA)" --backend $(BACKEND) $(if $(MODELS),--models $(MODELS))
+
+bench: $(STAMP)
+	MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 $(PY) scripts/benchmark.py
