@@ -1,0 +1,179 @@
+"""Count-exact evaluation loop, shared by evaluate.py and the trainer's per-epoch validation.
+
+Every rank runs its own shard of the validation set (shards differ by at most one image and may yield a different
+number of batches), so no collective runs inside the loop. Afterwards the integer correct counts, the per-class counts
+and the summed loss are all-reduced and divided by the global image count: the result is the same for any world size,
+unlike averaging per-rank percentages over padded shards.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["evaluate", "topk_correct", "AMP_MODES"]
+
+AMP_MODES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PREDICTION_TOPK = 5
+
+
+def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[int]:
+    """Number of samples whose target is among the k highest logits, for each k.
+
+    k larger than the number of classes counts every sample as correct (as timm's `accuracy` does).
+    """
+    if logits.ndim != 2 or targets.ndim != 1 or logits.shape[0] != targets.shape[0]:
+        raise ValueError(f"topk_correct expects logits (N, C) and targets (N,), got {tuple(logits.shape)} "
+                         f"and {tuple(targets.shape)}")
+    maxk = min(max(ks), logits.shape[1])
+    top = logits.topk(maxk, dim=1).indices
+    hits = top.eq(targets.unsqueeze(1))
+    return [int(hits[:, :min(k, maxk)].sum()) for k in ks]
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _autocast(device: torch.device, amp: str):
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp={amp!r} is not one of {sorted(AMP_MODES)}")
+    if AMP_MODES[amp] is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AMP_MODES[amp])
+
+
+def _unwrap_ddp(model: nn.Module) -> nn.Module:
+    # DDP's forward may broadcast buffers, a collective; ranks with uneven shard lengths would then hang.
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
+
+
+def _num_classes(model: nn.Module, loader: Any) -> int:
+    n = getattr(loader, "num_classes", None) or getattr(model, "num_classes", None)
+    if not n:
+        raise ValueError("evaluate() needs the number of classes: give the loader or the model a num_classes "
+                         "attribute")
+    return int(n)
+
+
+def _reduce_device(device: torch.device) -> torch.device:
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return device
+    return torch.device("cpu")
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if _world()[1] > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _prediction_rows(paths: list[str], targets: torch.Tensor, probs: torch.Tensor) -> list[dict]:
+    top = probs.topk(min(PREDICTION_TOPK, probs.shape[1]), dim=1)
+    return [{"path": p, "target": int(t), "top5": i.tolist(), "top5_prob": v.tolist()}
+            for p, t, i, v in zip(paths, targets.tolist(), top.indices.cpu(), top.values.cpu())]
+
+
+def _gather_predictions(rows: list[dict]) -> list[dict] | None:
+    """All ranks' prediction rows on rank 0, in global sample order; None on the other ranks.
+
+    The global order of an image folder is (class index, path): that is how its index is sorted, whatever the
+    sharding scheme, so sorting the union restores it for any world size.
+    """
+    rank, world = _world()
+    if world > 1:
+        gathered: list[list[dict]] | None = [None] * world if rank == 0 else None  # type: ignore[list-item]
+        dist.gather_object(rows, gathered, dst=0)
+        if rank != 0:
+            return None
+        rows = [r for part in gathered for r in part]
+    return sorted(rows, key=lambda r: (r["target"], r["path"]))
+
+
+def _batches(loader: Iterable, progress: bool):
+    if not progress or _world()[0] != 0:
+        return loader
+    from tqdm import tqdm
+    return tqdm(loader, desc="eval", unit="batch", dynamic_ncols=True)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, *, device: torch.device | str, amp: str = "off",
+             channels_last: bool = False, collect_predictions: bool = False, progress: bool = False) -> dict:
+    """Loss, top-1/top-5 (percent) and per-class counts over the whole validation set, exact for any world size.
+
+    `loader` follows the data loader protocol: iterating yields (images, labels) of this rank's shard, every image of
+    the set exactly once over all ranks; `loader.paths` (when present) names this rank's images in iteration order.
+    Returns loss, top1, top5, count, per_class_correct, per_class_count, seconds and img_per_s (global images over
+    this rank's wall time); with `collect_predictions`, 'predictions' on rank 0 (None elsewhere): one dict per image
+    (path, target, top5, top5_prob) in global sample order. The model's train/eval mode is restored afterwards.
+    """
+    device = torch.device(device)
+    net = _unwrap_ddp(model)
+    num_classes = _num_classes(net, loader)
+    paths = getattr(loader, "paths", None)
+    paths = [] if paths is None else list(paths)
+    was_training = net.training
+    net.eval()
+
+    correct = torch.zeros(2, dtype=torch.int64)
+    class_correct = torch.zeros(num_classes, dtype=torch.int64)
+    class_count = torch.zeros(num_classes, dtype=torch.int64)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    rows: list[dict] = []
+    seen = 0
+    start = time.perf_counter()
+    try:
+        for images, targets in _batches(loader, progress):
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with _autocast(device, amp):
+                logits = net(images)
+            logits = logits.float()
+            loss_sum += F.cross_entropy(logits, targets, reduction="sum").double().cpu()
+            c1, c5 = topk_correct(logits, targets, (1, 5))
+            correct += torch.tensor([c1, c5])
+            targets_cpu = targets.cpu()
+            class_count += torch.bincount(targets_cpu, minlength=num_classes)
+            hit = logits.argmax(dim=1).cpu().eq(targets_cpu)
+            class_correct += torch.bincount(targets_cpu[hit], minlength=num_classes)
+            if collect_predictions:
+                n = targets_cpu.shape[0]
+                names = paths[seen:seen + n] if paths else [f"#{seen + j}" for j in range(n)]
+                rows += _prediction_rows(names, targets_cpu, logits.softmax(dim=1).cpu())
+            seen += targets_cpu.shape[0]
+    finally:
+        net.train(was_training)
+    seconds = time.perf_counter() - start
+
+    reduce_dev = _reduce_device(device)
+    counts = _all_reduce_sum(torch.cat([correct, class_correct, class_count,
+                                        torch.tensor([seen])]).to(reduce_dev)).cpu()
+    loss_total = float(_all_reduce_sum(loss_sum.to(reduce_dev)).cpu())
+    count = int(counts[-1])
+    if count == 0:
+        raise RuntimeError("evaluate() saw no images: the validation loader is empty on every rank")
+    result = {
+        "loss": loss_total / count,
+        "top1": 100.0 * int(counts[0]) / count,
+        "top5": 100.0 * int(counts[1]) / count,
+        "count": count,
+        "per_class_correct": counts[2:2 + num_classes].tolist(),
+        "per_class_count": counts[2 + num_classes:2 + 2 * num_classes].tolist(),
+        "seconds": seconds,
+        "img_per_s": count / seconds if seconds > 0 else float("nan"),
+    }
+    if collect_predictions:
+        result["predictions"] = _gather_predictions(rows)
+    return result

@@ -1,0 +1,153 @@
+"""The count-exact evaluation loop: top-k and loss by hand, and world size 2 (real gloo processes) == world size 1."""
+import json
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from res2net.engine.evaluation import evaluate, topk_correct
+
+NUM_CLASSES = 7
+NUM_IMAGES = 101  # prime: no world size or batch size divides it
+
+
+class ListLoader:
+    """In-memory loader with the val-loader protocol: this rank's shard (strided or contiguous), paths, targets."""
+
+    def __init__(self, images, targets, batch_size, rank=0, world_size=1, contiguous=False):
+        if contiguous:
+            bounds = [len(targets) * r // world_size for r in range(world_size + 1)]
+            index = list(range(bounds[rank], bounds[rank + 1]))
+        else:
+            index = list(range(rank, len(targets), world_size))
+        self.images, self.targets = images[index], targets[index]
+        self.paths = [f"class{int(targets[i])}/img{i:04d}.jpg" for i in index]
+        self.batch_size, self.num_classes = batch_size, NUM_CLASSES
+        self.num_samples = len(index)
+
+    def __len__(self):
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def __iter__(self):
+        for s in range(0, self.num_samples, self.batch_size):
+            yield self.images[s:s + self.batch_size], self.targets[s:s + self.batch_size]
+
+
+def _dataset():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(NUM_IMAGES, 3, 8, 8, generator=g)
+    targets = torch.randint(0, NUM_CLASSES, (NUM_IMAGES,), generator=g)
+    return images, targets
+
+
+def _model():
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, NUM_CLASSES))
+    net.num_classes = NUM_CLASSES
+    return net
+
+
+def test_topk_correct_by_hand():
+    logits = torch.tensor([[0.1, 0.9, 0.0],   # top1 = 1, top2 = {1, 0}
+                           [0.8, 0.1, 0.3],   # top1 = 0, top2 = {0, 2}
+                           [0.2, 0.3, 0.5]])  # top1 = 2, top2 = {2, 1}
+    targets = torch.tensor([1, 2, 0])
+    assert topk_correct(logits, targets, (1, 2, 3)) == [1, 2, 3]
+    assert topk_correct(logits, targets, (1, 5)) == [1, 3]  # k beyond the class count: everything is correct
+    with pytest.raises(ValueError, match="logits"):
+        topk_correct(logits[0], targets)
+
+
+def test_evaluate_loss_and_accuracy_by_hand():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 3.0, 2.0]])
+    targets = torch.tensor([0, 2, 1, 1])
+
+    class Fixed(nn.Module):
+        num_classes = 3
+
+        def forward(self, x):
+            return logits[x.view(-1).long()]
+
+    class Loader:
+        num_classes, paths = 3, ["a", "b", "c", "d"]
+
+        def __iter__(self):  # two batches: 3 + 1
+            yield torch.tensor([0.0, 1, 2]).view(3, 1), targets[:3]
+            yield torch.tensor([3.0]).view(1, 1), targets[3:]
+
+    r = evaluate(Fixed(), Loader(), device="cpu", collect_predictions=True)
+    # CE per row: -log softmax[target]
+    ce = [math.log(1 + 2 * math.exp(-2)), math.log(math.exp(1) + 2), math.log(3),
+          math.log(math.exp(1) + math.exp(3) + math.exp(2)) - 3]
+    assert r["loss"] == pytest.approx(sum(ce) / 4, rel=1e-6)
+    # top-1 hits: rows 0 and 3 (row 2 is a three-way tie: topk picks index 0, not target 1)
+    assert r["count"] == 4 and r["top1"] == pytest.approx(50.0) and r["top5"] == pytest.approx(100.0)
+    assert r["per_class_count"] == [1, 2, 1] and r["per_class_correct"] == [1, 1, 0]
+    preds = r["predictions"]
+    assert [p["path"] for p in preds] == ["a", "c", "d", "b"]  # global order: (target, path)
+    assert preds[2]["top5"] == [1, 2, 0]
+    assert sum(preds[2]["top5_prob"]) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_evaluate_restores_training_mode_and_rejects_bad_amp():
+    images, targets = _dataset()
+    model = _model().train()
+    evaluate(model, ListLoader(images, targets, 16), device="cpu")
+    assert model.training
+    with pytest.raises(ValueError, match="amp='fp8'"):
+        evaluate(model, ListLoader(images, targets, 16), device="cpu", amp="fp8")
+
+
+def test_evaluate_bf16_close_to_fp32():
+    images, targets = _dataset()
+    model = _model()
+    a = evaluate(model, ListLoader(images, targets, 32), device="cpu")
+    b = evaluate(model, ListLoader(images, targets, 32), device="cpu", amp="bf16", channels_last=True)
+    assert b["count"] == a["count"] == NUM_IMAGES
+    assert b["loss"] == pytest.approx(a["loss"], rel=0.05)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, out_path, contiguous):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        images, targets = _dataset()
+        loader = ListLoader(images, targets, batch_size=16, rank=rank, world_size=world_size, contiguous=contiguous)
+        result = evaluate(_model(), loader, device="cpu", collect_predictions=True)
+        if rank == 0:
+            with open(out_path, "w") as f:
+                json.dump(result, f)
+        else:
+            assert result["predictions"] is None
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("contiguous", [False, True], ids=["strided", "contiguous"])
+def test_two_gloo_processes_match_world_size_one(tmp_path, contiguous):
+    images, targets = _dataset()
+    single = evaluate(_model(), ListLoader(images, targets, batch_size=16), device="cpu", collect_predictions=True)
+    out = tmp_path / "rank0.json"
+    mp.start_processes(_worker, args=(2, _free_port(), str(out), contiguous), nprocs=2, join=True, start_method="spawn")
+    multi = json.loads(out.read_text())
+    assert single["count"] == multi["count"] == NUM_IMAGES  # shards of 51 and 50: 4 batches each
+    for key in ("top1", "top5", "per_class_correct", "per_class_count"):
+        assert multi[key] == single[key], key
+    assert multi["loss"] == pytest.approx(single["loss"], rel=1e-6)
+    assert [p["path"] for p in multi["predictions"]] == [p["path"] for p in single["predictions"]]
+    assert [p["top5"] for p in multi["predictions"]] == [p["top5"] for p in single["predictions"]]
+    for m, s in zip(multi["predictions"], single["predictions"]):
+        assert m["top5_prob"] == pytest.approx(s["top5_prob"], rel=1e-5)
+    # not a vacuous comparison: the model is better than nothing on some classes and worse on others
+    assert 0 < single["top1"] < 100
