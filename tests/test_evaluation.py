@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from res2net.data.index import val_shard
 from res2net.engine.evaluation import evaluate, topk_correct
 
 NUM_CLASSES = 7
@@ -17,14 +18,11 @@ NUM_IMAGES = 101  # prime: no world size or batch size divides it
 
 
 class ListLoader:
-    """In-memory loader with the val-loader protocol: this rank's shard (strided or contiguous), paths, targets."""
+    """In-memory loader with the val-loader protocol: this rank's contiguous shard (sizes differ by at most one)."""
 
-    def __init__(self, images, targets, batch_size, rank=0, world_size=1, contiguous=False):
-        if contiguous:
-            bounds = [len(targets) * r // world_size for r in range(world_size + 1)]
-            index = list(range(bounds[rank], bounds[rank + 1]))
-        else:
-            index = list(range(rank, len(targets), world_size))
+    def __init__(self, images, targets, batch_size, rank=0, world_size=1):
+        start, stop = val_shard(len(targets), rank, world_size)
+        index = list(range(start, stop))
         self.images, self.targets = images[index], targets[index]
         self.paths = [f"class{int(targets[i])}/img{i:04d}.jpg" for i in index]
         self.batch_size, self.num_classes = batch_size, NUM_CLASSES
@@ -89,9 +87,9 @@ def test_evaluate_loss_and_accuracy_by_hand():
     assert r["count"] == 4 and r["top1"] == pytest.approx(50.0) and r["top5"] == pytest.approx(100.0)
     assert r["per_class_count"] == [1, 2, 1] and r["per_class_correct"] == [1, 1, 0]
     preds = r["predictions"]
-    assert [p["path"] for p in preds] == ["a", "c", "d", "b"]  # global order: (target, path)
-    assert preds[2]["top5"] == [1, 2, 0]
-    assert sum(preds[2]["top5_prob"]) == pytest.approx(1.0, rel=1e-6)
+    assert [p["path"] for p in preds] == ["a", "b", "c", "d"] and [p["target"] for p in preds] == [0, 2, 1, 1]
+    assert preds[3]["top5"] == [1, 2, 0]
+    assert sum(preds[3]["top5_prob"]) == pytest.approx(1.0, rel=1e-6)
 
 
 def test_evaluate_restores_training_mode_and_rejects_bad_amp():
@@ -118,12 +116,12 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, out_path, contiguous):
+def _worker(rank, world_size, port, out_path):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         images, targets = _dataset()
-        loader = ListLoader(images, targets, batch_size=16, rank=rank, world_size=world_size, contiguous=contiguous)
+        loader = ListLoader(images, targets, batch_size=16, rank=rank, world_size=world_size)
         result = evaluate(_model(), loader, device="cpu", collect_predictions=True)
         if rank == 0:
             with open(out_path, "w") as f:
@@ -134,12 +132,11 @@ def _worker(rank, world_size, port, out_path, contiguous):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("contiguous", [False, True], ids=["strided", "contiguous"])
-def test_two_gloo_processes_match_world_size_one(tmp_path, contiguous):
+def test_two_gloo_processes_match_world_size_one(tmp_path):
     images, targets = _dataset()
     single = evaluate(_model(), ListLoader(images, targets, batch_size=16), device="cpu", collect_predictions=True)
     out = tmp_path / "rank0.json"
-    mp.start_processes(_worker, args=(2, _free_port(), str(out), contiguous), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True, start_method="spawn")
     multi = json.loads(out.read_text())
     assert single["count"] == multi["count"] == NUM_IMAGES  # shards of 51 and 50: 4 batches each
     for key in ("top1", "top5", "per_class_correct", "per_class_count"):

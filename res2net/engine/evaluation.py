@@ -86,17 +86,17 @@ def _prediction_rows(paths: list[str], targets: torch.Tensor, probs: torch.Tenso
 def _gather_predictions(rows: list[dict]) -> list[dict] | None:
     """All ranks' prediction rows on rank 0, in global sample order; None on the other ranks.
 
-    The global order of an image folder is (class index, path): that is how its index is sorted, whatever the
-    sharding scheme, so sorting the union restores it for any world size.
+    Val shards are contiguous blocks of the sorted sample list in rank order (res2net.data.index.val_shard), so
+    concatenating the ranks' rows in rank order gives the global order for any world size.
     """
     rank, world = _world()
-    if world > 1:
-        gathered: list[list[dict]] | None = [None] * world if rank == 0 else None  # type: ignore[list-item]
-        dist.gather_object(rows, gathered, dst=0)
-        if rank != 0:
-            return None
-        rows = [r for part in gathered for r in part]
-    return sorted(rows, key=lambda r: (r["target"], r["path"]))
+    if world == 1:
+        return rows
+    gathered: list[list[dict]] | None = [None] * world if rank == 0 else None  # type: ignore[list-item]
+    dist.gather_object(rows, gathered, dst=0)
+    if rank != 0:
+        return None
+    return [r for part in gathered for r in part]
 
 
 def _batches(loader: Iterable, progress: bool):
