@@ -1,0 +1,100 @@
+"""Data pipelines: one Loader protocol, three backends chosen by ``data.backend``.
+
+``build_loader(cfg, split, *, rank=0, world_size=1, seed=0, device=cpu, channels_last=False, dtype=float32)``
+returns a Loader:
+
+- ``set_epoch(epoch, start_batch=0)``: the next iteration yields that epoch's batches from ``start_batch`` on;
+  earlier batches are skipped without being decoded.
+- ``iter(loader)`` -> ``(images, labels)``: normalized images on ``device`` (NCHW, channels_last memory format if
+  asked, ``dtype``), int64 labels on ``device``.
+- ``len(loader)``: batches per epoch on this rank. Train: every rank gets floor(N / world_size) samples of the
+  epoch's (seed, epoch) permutation and drops the last partial batch. Val: ceil(shard / batch_size); shards are
+  contiguous blocks of the sorted samples whose sizes differ by at most one, so every image is seen exactly once.
+- ``num_classes``, ``classes`` (sorted wnids), ``num_samples`` (samples this rank yields per epoch), ``skipped``
+  (undecodable samples met so far); val only: ``paths`` and ``targets`` in iteration order.
+- ``close()``: releases workers / pipelines; idempotent.
+"""
+import dataclasses
+import os
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .config import BACKENDS, DALI_DECODERS, INTERPOLATIONS, DataConfig
+from .index import scan_split
+from .transforms import Normalizer, val_resize_size
+
+__all__ = ["DataConfig", "build_loader", "scan_split", "as_data_config"]
+
+SPLITS = ("train", "val")
+
+
+def as_data_config(cfg: Any) -> DataConfig:
+    """DataConfig from a DataConfig, an OmegaConf node or a mapping; unknown keys are an error."""
+    if isinstance(cfg, DataConfig):
+        return cfg
+    if hasattr(cfg, "_metadata"):  # an OmegaConf node; imported lazily so the library does not need it
+        from omegaconf import OmegaConf
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    cfg = dict(cfg)
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ValueError(f"unknown data config keys {unknown}; valid keys: {sorted(known)}")
+    return DataConfig(**cfg)
+
+
+def _validate(cfg: DataConfig, split: str) -> None:
+    def bad(key: str, value, expected: str) -> ValueError:
+        return ValueError(f"data.{key}={value!r} is invalid: expected {expected}")
+
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is invalid: expected one of {SPLITS}")
+    if cfg.backend not in BACKENDS:
+        raise bad("backend", cfg.backend, f"one of {BACKENDS}")
+    if cfg.interpolation not in INTERPOLATIONS:
+        raise bad("interpolation", cfg.interpolation, f"one of {INTERPOLATIONS}")
+    if cfg.dali_decoder not in DALI_DECODERS:
+        raise bad("dali_decoder", cfg.dali_decoder, f"one of {DALI_DECODERS}")
+    for key in ("batch_size", "img_size", "prefetch"):
+        if int(getattr(cfg, key)) < 1:
+            raise bad(key, getattr(cfg, key), "an integer >= 1")
+    if cfg.num_workers < 0:
+        raise bad("num_workers", cfg.num_workers, "an integer >= 0")
+    scale, ratio = list(cfg.train_crop_scale), list(cfg.train_crop_ratio)
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise bad("train_crop_scale", scale, "[min, max] with 0 < min <= max <= 1")
+    if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+        raise bad("train_crop_ratio", ratio, "[min, max] with 0 < min <= max")
+    if not 0.0 <= cfg.hflip <= 1.0:
+        raise bad("hflip", cfg.hflip, "a probability in [0, 1]")
+    val_resize_size(cfg.img_size, cfg.crop_pct)
+
+
+def _train_classes(root: str) -> Optional[Sequence[str]]:
+    """The train split's class folders, so val labels use the same mapping even if val lacks a class."""
+    train_dir = os.path.join(root, "train")
+    if not os.path.isdir(train_dir):
+        return None
+    return sorted(e.name for e in os.scandir(train_dir) if e.is_dir()) or None
+
+
+def build_loader(cfg: Any, split: str, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 device: Any = torch.device("cpu"), channels_last: bool = False, dtype: torch.dtype = torch.float32):
+    """The Loader for ``split`` ('train' | 'val') of this rank; see the module docstring for the protocol."""
+    cfg = as_data_config(cfg)
+    _validate(cfg, split)
+    device = torch.device(device)
+    train = split == "train"
+    common = dict(rank=rank, world_size=world_size, seed=seed, device=device)
+    if cfg.backend == "synthetic":
+        from .loader_synthetic import SyntheticLoader
+        return SyntheticLoader(cfg, train, channels_last=channels_last, dtype=dtype, **common)
+    classes = None if train else _train_classes(cfg.root) if cfg.root and os.path.isdir(cfg.root) else None
+    samples, classes = scan_split(cfg.root, split, classes)
+    normalizer = Normalizer(cfg.mean, cfg.std, device, dtype, channels_last)
+    if cfg.backend == "torchvision":
+        from .loader_torchvision import TorchvisionLoader
+        return TorchvisionLoader(samples, classes, cfg, train, normalizer=normalizer, **common)
+    from .loader_dali import DaliLoader
+    return DaliLoader(samples, classes, cfg, train, normalizer=normalizer, **common)

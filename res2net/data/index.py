@@ -1,0 +1,102 @@
+"""ImageFolder-style index of <root>/<split>/<wnid>/*.JPEG and the per-epoch order / sharding shared by all backends.
+
+Labels are the position of the class folder name (WordNet id) in sorted order, which is what the released
+checkpoints use. Train order: a permutation of the whole split that depends only on (seed, epoch); rank r takes the
+contiguous block [r * n_r, (r + 1) * n_r) of it with n_r = floor(N / world_size), so ranks never overlap and all get
+the same number of samples (at most world_size - 1 samples per epoch are left out, different ones each epoch).
+Val: contiguous blocks in sorted order whose sizes differ by at most one; every image belongs to exactly one rank
+for any world size (nothing is padded or dropped), and concatenating the ranks' blocks in rank order gives the
+global order.
+"""
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+__all__ = [
+    "IMG_EXTENSIONS", "scan_split", "epoch_permutation", "train_shard", "val_shard", "sample_rng",
+    "train_positions",
+]
+
+IMG_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+_LAYOUT = "<root>/{train,val}/<wnid>/*.JPEG"
+
+
+def scan_split(root: str, split: str, classes: Optional[Sequence[str]] = None
+               ) -> Tuple[List[Tuple[str, int]], List[str]]:
+    """Return ([(path, label), ...] sorted by class then file name, sorted class names).
+
+    ``classes`` fixes the label mapping (e.g. the train split's classes for val); a folder outside it is an error.
+    """
+    if root is None or not os.path.isdir(root):
+        raise FileNotFoundError(f"data root {root!r} is not a directory; expected the layout {_LAYOUT} "
+                                "(set data.root; scripts/prepare_imagenet.py creates it)")
+    split_dir = os.path.join(root, split)
+    if not os.path.isdir(split_dir):
+        raise FileNotFoundError(f"split folder {split_dir!r} does not exist; expected {_LAYOUT}")
+    found = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    if not found:
+        raise FileNotFoundError(f"split folder {split_dir!r} has no class sub-folders; expected {split_dir}/<wnid>/"
+                                f"*.JPEG (a flat folder of images is not supported: run scripts/prepare_imagenet.py)")
+    if classes is None:
+        classes = found
+    else:
+        classes = list(classes)
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise ValueError(f"{split_dir!r} has class folders {unknown[:5]} that are not among the "
+                             f"{len(classes)} expected classes")
+    label_of = {c: i for i, c in enumerate(classes)}
+    samples: List[Tuple[str, int]] = []
+    for wnid in found:
+        class_dir = os.path.join(split_dir, wnid)
+        names = sorted(e.name for e in os.scandir(class_dir)
+                       if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
+        if not names:
+            raise FileNotFoundError(f"class folder {class_dir!r} holds no images; expected at least one file "
+                                    f"ending in one of {IMG_EXTENSIONS} (case-insensitive)")
+        label = label_of[wnid]
+        samples.extend((os.path.join(class_dir, n), label) for n in names)
+    return samples, list(classes)
+
+
+def _check_seed(seed: int, epoch: int) -> None:
+    if seed < 0 or epoch < 0:
+        raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The training order of epoch ``epoch``: a permutation of range(n) that depends only on (seed, epoch)."""
+    _check_seed(seed, epoch)
+    return np.random.default_rng([seed, epoch, 0]).permutation(n)
+
+
+def sample_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
+    """Augmentation RNG of the sample at global ``position`` of the epoch's order (independent of workers/resume)."""
+    return np.random.default_rng([seed, epoch, position, 1])
+
+
+def train_shard(n: int, rank: int, world_size: int) -> Tuple[int, int]:
+    """[start, stop) of the epoch permutation that ``rank`` trains on; the same length on every rank."""
+    _check_rank(rank, world_size)
+    per_rank = n // world_size
+    return rank * per_rank, (rank + 1) * per_rank
+
+
+def train_positions(n: int, rank: int, world_size: int, seed: int, epoch: int) -> Tuple[np.ndarray, int]:
+    """(sample indices of this rank in epoch order, global position of the first one)."""
+    start, stop = train_shard(n, rank, world_size)
+    return epoch_permutation(n, seed, epoch)[start:stop], start
+
+
+def val_shard(n: int, rank: int, world_size: int) -> Tuple[int, int]:
+    """[start, stop) of the sorted val samples for ``rank``: sizes differ by at most one, union = everything once."""
+    _check_rank(rank, world_size)
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")

@@ -1,0 +1,61 @@
+"""Synthetic backend: one batch of random images made once on the device and yielded again and again, so a
+benchmark measures the model alone. Follows the Loader protocol, including val sharding and fake paths."""
+import torch
+
+from .index import train_shard, val_shard
+
+__all__ = ["SyntheticLoader"]
+
+
+class SyntheticLoader:
+    def __init__(self, cfg, train: bool, *, rank: int, world_size: int, seed: int, device: torch.device,
+                 channels_last: bool, dtype: torch.dtype):
+        self.num_classes = cfg.synthetic_num_classes
+        if self.num_classes < 1:
+            raise ValueError(f"data.synthetic_num_classes must be >= 1, got {self.num_classes}")
+        self.classes = [f"class{i:04d}" for i in range(self.num_classes)]
+        self.batch_size, self.train = cfg.batch_size, train
+        size = cfg.synthetic_train_size if train else cfg.synthetic_val_size
+        start, stop = (train_shard if train else val_shard)(size, rank, world_size)
+        if train:
+            self._num_batches = (stop - start) // self.batch_size
+            if self._num_batches == 0:
+                raise ValueError(f"data.synthetic_train_size={size} gives rank {rank} of {world_size} fewer than "
+                                 f"data.batch_size={self.batch_size} samples")
+            self.num_samples = self._num_batches * self.batch_size
+        else:
+            self._num_batches = -(-(stop - start) // self.batch_size)
+            self.num_samples = stop - start
+            self.paths = [f"synthetic/val/{i:08d}.JPEG" for i in range(start, stop)]
+            self.targets = [i % self.num_classes for i in range(start, stop)]
+        gen = torch.Generator().manual_seed(seed + rank)
+        images = torch.randn(self.batch_size, 3, cfg.img_size, cfg.img_size, generator=gen).to(device, dtype)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self._images = images.contiguous(memory_format=fmt)
+        if train:
+            self._labels = torch.randint(0, self.num_classes, (self.batch_size,), generator=gen).to(device)
+        else:
+            self._labels = torch.tensor(self.targets, dtype=torch.int64, device=device)
+        self._start = 0
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if epoch < 0 or not 0 <= start_batch <= self._num_batches:
+            raise ValueError(f"need epoch >= 0 and 0 <= start_batch <= {self._num_batches}, "
+                             f"got epoch={epoch}, start_batch={start_batch}")
+        self._start = start_batch
+
+    def __iter__(self):
+        start, self._start = self._start, 0
+        for b in range(start, self._num_batches):
+            if self.train:
+                yield self._images, self._labels
+            else:
+                lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, self.num_samples)
+                yield self._images[: hi - lo], self._labels[lo:hi]
+
+    def close(self) -> None:
+        self._images = self._labels = None

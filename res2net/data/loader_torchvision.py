@@ -1,0 +1,200 @@
+"""PIL decoding in DataLoader workers ("torchvision" backend: the reference the published numbers were measured with).
+
+Each DataLoader item is a whole batch: a worker decodes the batch's images into one uint8 NHWC array (one
+shared-memory transfer per batch) and the consumer normalizes it on the device. The sampler yields
+(epoch, batch index) keys, so persistent workers follow set_epoch without being restarted, and resuming at
+``start_batch`` never touches the earlier batches.
+
+Train augmentation is drawn from an RNG seeded by (seed, epoch, global position in the epoch order), so a batch is
+bit-identical for any num_workers and any start_batch.
+
+Undecodable files (see scripts/check_dataset.py to find them beforehand): one warning line naming the file the
+first time, and ``loader.skipped`` counts every occurrence. Train replaces the sample with the next decodable one
+of this rank's epoch order (wrapping), augmented with the replaced position's RNG: the batch keeps its size and
+stays deterministic. Val keeps the position (so ``paths``/``targets`` stay aligned and the image still counts as
+one evaluated image) and feeds a uniform image of the mean colour, which normalizes to zeros.
+"""
+import logging
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .index import sample_rng, train_positions, val_shard
+from .transforms import center_crop_offset, random_resized_crop_box, val_resize_size, val_resized_shape
+
+__all__ = ["TorchvisionLoader", "decode_val_image", "decode_train_image"]
+
+logger = logging.getLogger(__name__)
+_PIL_INTERP = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
+def _open_rgb(path: str) -> Image.Image:
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def decode_val_image(path: str, img_size: int, crop_pct: float, interpolation: str = "bilinear") -> np.ndarray:
+    """Val transform of one file as uint8 HWC: shorter side to floor(img_size / crop_pct) (PIL, antialiased),
+    center crop img_size -- exactly torchvision's Resize(int) + CenterCrop on a PIL image."""
+    img = _open_rgb(path)
+    new_h, new_w = val_resized_shape(img.height, img.width, val_resize_size(img_size, crop_pct))
+    img = img.resize((new_w, new_h), _PIL_INTERP[interpolation])
+    top, left = center_crop_offset(new_h, img_size), center_crop_offset(new_w, img_size)
+    return np.asarray(img.crop((left, top, left + img_size, top + img_size)))
+
+
+def decode_train_image(path: str, rng: np.random.Generator, img_size: int, scale: Sequence[float],
+                       ratio: Sequence[float], hflip: float, interpolation: str = "bilinear") -> np.ndarray:
+    """RandomResizedCrop + horizontal flip of one file as uint8 HWC, all randomness drawn from ``rng``."""
+    img = _open_rgb(path)
+    top, left, h, w = random_resized_crop_box(rng, img.height, img.width, scale, ratio)
+    img = img.resize((img_size, img_size), _PIL_INTERP[interpolation], box=(left, top, left + w, top + h))
+    if rng.random() < hflip:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(img)
+
+
+class _BatchDataset(torch.utils.data.Dataset):
+    """Key (epoch, batch index) -> (uint8 NHWC batch, int64 labels, [(skipped path, reason), ...])."""
+
+    def __init__(self, paths: np.ndarray, labels: np.ndarray, train: bool, cfg, batch_size: int, rank: int,
+                 world_size: int, seed: int):
+        # numpy arrays rather than lists of tuples: forked workers do not copy them page by page through refcounts.
+        self.paths, self.labels = paths, labels
+        self.train, self.batch_size = train, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.img_size, self.crop_pct, self.interpolation = cfg.img_size, cfg.crop_pct, cfg.interpolation
+        self.scale, self.ratio, self.hflip = list(cfg.train_crop_scale), list(cfg.train_crop_ratio), cfg.hflip
+        self.fill = np.array([round(255 * m) for m in cfg.mean], dtype=np.uint8)
+        self._order: Optional[Tuple[int, np.ndarray, int]] = None
+
+    def rank_order(self, epoch: int) -> Tuple[np.ndarray, int]:
+        """(sample indices of this rank in iteration order, global position of the first)."""
+        if not self.train:
+            start, stop = val_shard(len(self.paths), self.rank, self.world_size)
+            return np.arange(start, stop), start
+        if self._order is None or self._order[0] != epoch:
+            order, first = train_positions(len(self.paths), self.rank, self.world_size, self.seed, epoch)
+            self._order = (epoch, order, first)
+        return self._order[1], self._order[2]
+
+    def __len__(self) -> int:  # batches are addressed by key through the sampler
+        raise TypeError("_BatchDataset is indexed by (epoch, batch) keys from its sampler")
+
+    def __getitem__(self, key: Tuple[int, int]):
+        epoch, batch = key
+        order, first = self.rank_order(epoch)
+        lo = batch * self.batch_size
+        hi = min(lo + self.batch_size, len(order))
+        out = np.empty((hi - lo, self.img_size, self.img_size, 3), dtype=np.uint8)
+        labels = np.empty(hi - lo, dtype=np.int64)
+        skipped: List[Tuple[str, str]] = []
+        for row, pos in enumerate(range(lo, hi)):
+            if self.train:
+                labels[row] = self._decode_train(out[row], order, pos, epoch, first, skipped)
+            else:
+                labels[row] = self._decode_val(out[row], order[pos], skipped)
+        return torch.from_numpy(out), torch.from_numpy(labels), skipped
+
+    def _decode_val(self, dst: np.ndarray, idx: int, skipped: list) -> int:
+        try:
+            dst[...] = decode_val_image(str(self.paths[idx]), self.img_size, self.crop_pct, self.interpolation)
+        except Exception as err:  # any decoder failure: PIL raises OSError, SyntaxError, ValueError, ...
+            skipped.append((str(self.paths[idx]), repr(err)))
+            dst[...] = self.fill
+        return int(self.labels[idx])
+
+    def _decode_train(self, dst: np.ndarray, order: np.ndarray, pos: int, epoch: int, first: int,
+                      skipped: list) -> int:
+        for step in range(len(order)):
+            idx = order[(pos + step) % len(order)]
+            try:
+                dst[...] = decode_train_image(str(self.paths[idx]), sample_rng(self.seed, epoch, first + pos),
+                                              self.img_size, self.scale, self.ratio, self.hflip, self.interpolation)
+                return int(self.labels[idx])
+            except Exception as err:  # any decoder failure, see _decode_val
+                skipped.append((str(self.paths[idx]), repr(err)))
+        raise RuntimeError(f"no decodable image among the {len(order)} samples of rank {self.rank}; "
+                           "run scripts/check_dataset.py on the data root")
+
+
+class _EpochBatchSampler(torch.utils.data.Sampler):
+    """Yields (epoch, batch) keys from start_batch on; read at every iter(), so persistent workers follow it."""
+
+    def __init__(self):
+        self.epoch, self.start, self.stop = 0, 0, 0
+
+    def __iter__(self):
+        return iter([(self.epoch, b) for b in range(self.start, self.stop)])
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+class TorchvisionLoader:
+    """The Loader protocol (see res2net.data) over PIL decoding in DataLoader workers."""
+
+    def __init__(self, samples: Sequence[Tuple[str, int]], classes: Sequence[str], cfg, train: bool, *, rank: int,
+                 world_size: int, seed: int, device: torch.device, normalizer):
+        self.classes, self.num_classes = list(classes), len(classes)
+        self.train, self.batch_size, self.device, self.normalize = train, cfg.batch_size, device, normalizer
+        paths = np.array([p for p, _ in samples])
+        labels = np.array([l for _, l in samples], dtype=np.int64)
+        self._dataset = _BatchDataset(paths, labels, train, cfg, cfg.batch_size, rank, world_size, seed)
+        order, _ = self._dataset.rank_order(0)
+        if train:
+            self._num_batches = len(order) // self.batch_size
+            if self._num_batches == 0:
+                raise ValueError(f"rank {rank} of {world_size} gets {len(order)} training samples, fewer than "
+                                 f"data.batch_size={self.batch_size}; lower the batch size or add data")
+            self.num_samples = self._num_batches * self.batch_size
+        else:
+            self._num_batches = -(-len(order) // self.batch_size)
+            self.num_samples = len(order)
+            self.paths = [str(p) for p in paths[order]]
+            self.targets = [int(t) for t in labels[order]]
+        self._sampler = _EpochBatchSampler()
+        self._sampler.stop = self._num_batches
+        workers = cfg.num_workers
+        self._loader = torch.utils.data.DataLoader(
+            self._dataset, batch_size=None, sampler=self._sampler, num_workers=workers,
+            pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+            prefetch_factor=cfg.prefetch if workers > 0 else None)
+        self.skipped = 0
+        self.skipped_paths: List[str] = []
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if epoch < 0 or not 0 <= start_batch <= self._num_batches:
+            raise ValueError(f"need epoch >= 0 and 0 <= start_batch <= {self._num_batches}, "
+                             f"got epoch={epoch}, start_batch={start_batch}")
+        self._sampler.epoch, self._sampler.start = epoch, start_batch
+
+    def __iter__(self):
+        if self._loader is None:
+            raise RuntimeError("loader is closed")
+        batches = iter(self._loader)
+        self._sampler.start = 0  # a later iteration without set_epoch repeats the epoch from its first batch
+        for images, labels, skipped in batches:
+            self._report(skipped)
+            yield self.normalize(images), labels.to(self.device, non_blocking=True)
+
+    def _report(self, skipped: List[Tuple[str, str]]) -> None:
+        for path, reason in skipped:
+            self.skipped += 1
+            if path not in self.skipped_paths:
+                self.skipped_paths.append(path)
+                action = "replaced by the next sample" if self.train else "fed as a mean-colour image"
+                logger.warning("skipped undecodable image %s (%s); %s. Find such files with "
+                               "scripts/check_dataset.py", path, reason, action)
+
+    def close(self) -> None:
+        loader, self._loader = self._loader, None
+        # Persistent workers live in the DataLoader's cached iterator; stop them now rather than at GC time.
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
