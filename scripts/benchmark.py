@@ -1,0 +1,237 @@
+#!/usr/bin/env python
+"""Inference and training throughput of a Res2Net variant, each next to an eager float32 NCHW baseline.
+
+Every row is measured in this process on the same weights and the same random input batch: the baseline
+(eager, float32, NCHW) and the optimised paths (inference: `res2net.prepare_for_inference` = BatchNorm folded into
+the convs + channels_last, optional torch.compile, optional bf16/fp16 autocast; training: channels_last, optional
+compile, optional autocast with a GradScaler for fp16). Variants are measured in alternating rounds after a warm-up
+and each row reports the median round, so a slow spell of a shared machine hits every row alike.
+
+    python scripts/benchmark.py                                   # res2net50_26w_4s, batch 16, 224 px, CPU, fp32
+    python scripts/benchmark.py --device cuda --batch-size 256 --precision bf16 --compile
+    python scripts/benchmark.py --model res2net50_26w_8s --modes inference --json bench.json
+
+On Linux the script re-executes itself once with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 unless they
+are set (or --keep-allocator is given): glibc's default allocator swings Res2Net CPU timings by up to 1.8x.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODES = ("inference", "train")
+
+
+@dataclass
+class Row:
+    mode: str
+    path: str
+    img_per_s: float
+    ms_per_batch: float
+    speedup: float  # over the eager float32 NCHW baseline of the same mode
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="res2net50_26w_4s", help="variant name (res2net.list_models())")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
+                   help="autocast dtype of the optimised rows (the baseline is always float32)")
+    p.add_argument("--compile", action="store_true", help="add rows with torch.compile")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--warmup", type=int, default=3, help="untimed iterations per row before measuring")
+    p.add_argument("--iters", type=int, default=10, help="timed iterations per round")
+    p.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds; the median is reported")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--base-width", type=int, default=None, help="override (for quick runs of a reduced model)")
+    p.add_argument("--scale", type=int, default=None, help="override")
+    p.add_argument("--layers", type=int, nargs=4, default=None, help="override, four integers")
+    p.add_argument("--json", default=None, help="also write the rows and the environment to this JSON file")
+    p.add_argument("--keep-allocator", action="store_true", help="do not re-execute with the allocator settings")
+    args = p.parse_args(argv)
+    for name in ("batch_size", "img_size", "iters", "rounds"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def ensure_allocator_env(argv: list[str]) -> None:
+    """Re-execute this script with the allocator settings in the environment (glibc reads them at start-up)."""
+    if not sys.platform.startswith("linux") or all(os.environ.get(k) == v for k, v in ALLOCATOR_ENV.items()):
+        return
+    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], {**os.environ, **ALLOCATOR_ENV})
+
+
+def build_model(args: argparse.Namespace) -> nn.Module:
+    import res2net
+    torch.manual_seed(0)
+    overrides = {"base_width": args.base_width, "scale": args.scale, "layers": args.layers}
+    return res2net.create_model(args.model, num_classes=args.num_classes,
+                                **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, precision: str):
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def inference_paths(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, Callable]:
+    """name -> step function; each runs one forward pass of a batch in inference mode."""
+    import res2net
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    baseline = copy.deepcopy(model).to(device).eval()
+
+    def step(net: nn.Module, inp: torch.Tensor, precision: str) -> Callable:
+        def run():
+            with torch.inference_mode(), _autocast(device, precision):
+                net(inp)
+        return run
+
+    prec = "" if args.precision == "fp32" else f" + {args.precision}"
+    paths = {"eager fp32 NCHW (baseline)": step(baseline, x, "fp32"),
+             f"folded BN + channels_last{prec}": step(
+                 res2net.prepare_for_inference(baseline, channels_last=True), x_cl, args.precision)}
+    if args.compile:
+        paths[f"folded BN + channels_last{prec} + compile"] = step(
+            res2net.prepare_for_inference(baseline, channels_last=True, compile=True), x_cl, args.precision)
+    return paths
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, precision: str) -> Callable:
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        with _autocast(device, precision):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    return run
+
+
+def train_paths(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, Callable]:
+    """name -> step function; each runs forward, backward and an SGD update of its own copy of the weights."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device)
+    y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+
+    def copy_on_device(channels_last: bool) -> nn.Module:
+        net = copy.deepcopy(model).to(device)
+        return net.to(memory_format=torch.channels_last) if channels_last else net
+
+    prec = "" if args.precision == "fp32" else f" + {args.precision}"
+    paths = {"eager fp32 NCHW (baseline)": _train_step(copy_on_device(False), x, y, device, "fp32"),
+             f"channels_last{prec}": _train_step(copy_on_device(True), x_cl, y, device, args.precision)}
+    if args.compile:
+        paths[f"channels_last{prec} + compile"] = _train_step(torch.compile(copy_on_device(True)), x_cl, y, device,
+                                                              args.precision)
+    return paths
+
+
+def measure(paths: dict[str, Callable], args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """Median seconds per batch of each path over alternating rounds, after warm-up."""
+    for run in paths.values():
+        for _ in range(args.warmup):
+            run()
+    _synchronize(device)
+    rounds: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(args.rounds):
+        for name, run in paths.items():
+            _synchronize(device)
+            start = time.perf_counter()
+            for _ in range(args.iters):
+                run()
+            _synchronize(device)
+            rounds[name].append((time.perf_counter() - start) / args.iters)
+    return {name: statistics.median(times) for name, times in rounds.items()}
+
+
+def to_rows(mode: str, seconds: dict[str, float], batch_size: int) -> list[Row]:
+    base = next(iter(seconds.values()))
+    return [Row(mode, name, batch_size / s, 1000 * s, base / s) for name, s in seconds.items()]
+
+
+def environment(args: argparse.Namespace, device: torch.device) -> dict:
+    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
+           "allocator_env": {k: os.environ.get(k) for k in ALLOCATOR_ENV}}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def markdown_table(rows: list[Row]) -> str:
+    lines = ["| mode | path | img/s | ms/batch | speed-up vs eager fp32 NCHW |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {r.mode} | {r.path} | {r.img_per_s:.1f} | {r.ms_per_batch:.1f} | {r.speedup:.2f}x |" for r in rows]
+    return "\n".join(lines)
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+        torch.backends.cudnn.benchmark = True
+    elif args.precision == "fp16":
+        raise ValueError("--precision fp16 is for GPUs; on the CPU use bf16 (or fp32)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = build_model(args)
+    builders = {"inference": inference_paths, "train": train_paths}
+    rows: list[Row] = []
+    for mode in args.modes:
+        rows += to_rows(mode, measure(builders[mode](model, args, device), args, device), args.batch_size)
+    return {"args": vars(args), "environment": environment(args, device), "rows": [asdict(r) for r in rows]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if not args.keep_allocator:
+        ensure_allocator_env(argv)
+    try:
+        report = run_benchmark(args)
+    except (ValueError, RuntimeError) as err:
+        print(f"benchmark.py: error: {err}", file=sys.stderr)
+        return 2
+    a = args
+    print(f"{a.model}, batch {a.batch_size}, {a.img_size} px, {a.device}, {a.precision}, "
+          f"{report['environment']['torch_threads']} threads, median of {a.rounds} rounds x {a.iters} iterations")
+    print(markdown_table([Row(**r) for r in report["rows"]]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
