@@ -1,0 +1,197 @@
+"""NVIDIA DALI backend: the same train / val semantics as the torchvision backend, decoded by DALI.
+
+Order and sharding: each rank's file list for the epoch (the same (seed, epoch) permutation and shard as the
+torchvision backend; val: the same contiguous block) is handed to ``fn.readers.file(files=..., labels=...)``
+without shuffling, and the pipeline is rebuilt at the start of every iteration with the files from
+``start_batch * batch_size`` on. Each rank reads only its own files, so no sample is padded in from another rank;
+the reader pads the last val batch by repeating its last file and the loader trims that padding off, so every image
+counts exactly once.
+
+Augmentation RNG: the pipeline seed is derived from (seed, epoch, global rank), so an epoch run from its start is
+reproducible. After a mid-epoch resume (start_batch > 0) the order is exact but the crops and flips of the
+remaining batches differ from those of an uninterrupted run (DALI's operator RNG cannot be positioned at a sample);
+the torchvision backend is bit-exact there.
+
+Decoding: 'cpu' (libjpeg-turbo, DALI CPU-only mode with device_id=None) when the loader's device is the CPU,
+'mixed' (nvJPEG, fancy upsampling as on the CPU) when it is CUDA; resizing, cropping and flipping then run where the
+decoded images are. Nothing else differs between the two paths. EXIF orientation is ignored, as PIL does.
+
+Val geometry is computed in the graph from the encoded image's shape, with integer arithmetic that reproduces
+torchvision exactly (DALI's own resize_shorter would round the long side where torchvision truncates, and its
+center crop would round the offset differently): long side = short * long // short_in, offset =
+round-half-to-even((size - crop) / 2).
+
+Undecodable files: DALI cannot skip a sample, so a file that its decoder rejects stops the epoch with an error that
+names the batch's files and points to scripts/check_dataset.py (which finds and fixes them beforehand) and to the
+torchvision backend (which skips them).
+"""
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .index import train_positions, val_shard
+from .transforms import val_resize_size
+
+__all__ = ["DaliLoader", "resolve_decoder"]
+
+
+def resolve_decoder(choice: str, device: torch.device) -> str:
+    """'cpu' or 'mixed' for data.dali_decoder = auto | cpu | mixed and the loader's device."""
+    if choice == "auto":
+        return "mixed" if device.type == "cuda" else "cpu"
+    if choice == "mixed":
+        if not torch.cuda.is_available():
+            raise RuntimeError("data.dali_decoder='mixed' decodes on a CUDA GPU, but CUDA is not available here; "
+                               "use data.dali_decoder=cpu (or auto)")
+        if device.type != "cuda":
+            raise RuntimeError(f"data.dali_decoder='mixed' puts batches on the GPU, but the loader's device is "
+                               f"{device}; pass a CUDA device or use data.dali_decoder=cpu")
+    return choice
+
+
+def _round_half_even_half(d):
+    """round(d / 2) with Python's round-half-to-even, for non-negative integer DALI nodes."""
+    q = d // 2
+    return q + (d - 2 * q) * (q - 2 * (q // 2))
+
+
+class DaliLoader:
+    """The Loader protocol (see res2net.data) over a DALI pipeline rebuilt per epoch."""
+
+    def __init__(self, samples: Sequence[Tuple[str, int]], classes: Sequence[str], cfg, train: bool, *, rank: int,
+                 world_size: int, seed: int, device: torch.device, normalizer):
+        import nvidia.dali  # noqa: F401  (fail here, with the import error, if DALI is not installed)
+
+        self.classes, self.num_classes = list(classes), len(classes)
+        self.cfg, self.train, self.batch_size = cfg, train, cfg.batch_size
+        self.rank, self.world_size, self.seed, self.device = rank, world_size, seed, device
+        self.normalize = normalizer
+        self.decoder = resolve_decoder(cfg.dali_decoder, device)
+        self._paths = np.array([p for p, _ in samples])
+        self._labels = np.array([l for _, l in samples], dtype=np.int32)
+        if train:
+            n_rank = len(samples) // world_size
+            self._num_batches = n_rank // self.batch_size
+            if self._num_batches == 0:
+                raise ValueError(f"rank {rank} of {world_size} gets {n_rank} training samples, fewer than "
+                                 f"data.batch_size={self.batch_size}; lower the batch size or add data")
+            self.num_samples = self._num_batches * self.batch_size
+        else:
+            start, stop = val_shard(len(samples), rank, world_size)
+            self._num_batches = -(-(stop - start) // self.batch_size)
+            self.num_samples = stop - start
+            self.paths = [str(p) for p in self._paths[start:stop]]
+            self.targets = [int(t) for t in self._labels[start:stop]]
+        self.epoch, self._start = 0, 0
+        self.skipped = 0  # DALI never skips: an undecodable file raises (see the module docstring)
+        self._pipe = None
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if epoch < 0 or not 0 <= start_batch <= self._num_batches:
+            raise ValueError(f"need epoch >= 0 and 0 <= start_batch <= {self._num_batches}, "
+                             f"got epoch={epoch}, start_batch={start_batch}")
+        self.epoch, self._start = epoch, start_batch
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """Sample indices this rank reads in ``epoch``, in order (whole batches only for train)."""
+        if self.train:
+            order, _ = train_positions(len(self._paths), self.rank, self.world_size, self.seed, epoch)
+            return order[: self.num_samples]
+        start, stop = val_shard(len(self._paths), self.rank, self.world_size)
+        return np.arange(start, stop)
+
+    def __iter__(self):
+        start, self._start = self._start, 0  # a later iteration without set_epoch repeats the epoch from batch 0
+        indices = self.epoch_indices(self.epoch)[start * self.batch_size:]
+        if len(indices) == 0:
+            return
+        self._release()
+        files = [str(p) for p in self._paths[indices]]
+        self._pipe = self._build_pipeline(files, self._labels[indices].tolist())
+        for b in range(-(-len(files) // self.batch_size)):
+            real = min(self.batch_size, len(files) - b * self.batch_size)
+            try:
+                images, labels = self._pipe.run()
+            except RuntimeError as err:
+                batch_files = files[b * self.batch_size: b * self.batch_size + real]
+                self._release()
+                raise RuntimeError(
+                    f"DALI failed on batch {start + b} of epoch {self.epoch} (rank {self.rank}), files "
+                    f"{batch_files[0]} ... {batch_files[-1]} ({real} files): {err}\nFind undecodable files with "
+                    f"`python scripts/check_dataset.py {self.cfg.root}` (--fix re-encodes them), or use "
+                    "data.backend=torchvision, which skips them.") from err
+            images, labels = self._to_torch(images, labels)
+            yield self.normalize(images[:real]), labels[:real].to(self.device, non_blocking=True)
+        self._release()
+
+    def _to_torch(self, images, labels) -> Tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.from_numpy(labels.as_array().reshape(-1).astype(np.int64))
+        if self.decoder == "cpu":
+            return torch.from_numpy(images.as_array()), labels
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+        tensor = images.as_tensor()
+        out = torch.empty(tensor.shape(), dtype=torch.uint8, device=self.device)
+        feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(self.device))
+        return out, labels
+
+    def _pipeline_seed(self) -> int:
+        return int(np.random.SeedSequence([self.seed, self.epoch, self.rank, 2]).generate_state(1)[0] & 0x7FFFFFFF)
+
+    def _build_pipeline(self, files: List[str], labels: List[int]):
+        from nvidia.dali import Pipeline, fn, types
+
+        cfg = self.cfg
+        interp = types.INTERP_LINEAR if cfg.interpolation == "bilinear" else types.INTERP_CUBIC
+        device_id = None
+        if self.decoder == "mixed":
+            device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        pipe = Pipeline(batch_size=self.batch_size, num_threads=max(1, cfg.num_workers), device_id=device_id,
+                        seed=self._pipeline_seed(), prefetch_queue_depth=cfg.prefetch)
+        decoder_args = dict(device=self.decoder, output_type=types.RGB, adjust_orientation=False)
+        if self.decoder == "mixed":
+            decoder_args["jpeg_fancy_upsampling"] = True
+        with pipe:
+            jpegs, label_node = fn.readers.file(files=files, labels=labels, random_shuffle=False,
+                                                pad_last_batch=True, name="reader")
+            if self.train:
+                images = self._train_graph(fn, jpegs, decoder_args, interp)
+            else:
+                images = self._val_graph(fn, types, jpegs, decoder_args, interp)
+            pipe.set_outputs(images, label_node)
+        pipe.build()
+        return pipe
+
+    def _train_graph(self, fn, jpegs, decoder_args, interp):
+        cfg = self.cfg
+        images = fn.decoders.image_random_crop(jpegs, random_area=list(cfg.train_crop_scale),
+                                               random_aspect_ratio=list(cfg.train_crop_ratio), num_attempts=10,
+                                               **decoder_args)
+        images = fn.resize(images, resize_x=cfg.img_size, resize_y=cfg.img_size, interp_type=interp,
+                           antialias=True)
+        return fn.flip(images, horizontal=fn.random.coin_flip(probability=cfg.hflip))
+
+    def _val_graph(self, fn, types, jpegs, decoder_args, interp):
+        cfg = self.cfg
+        short, crop = val_resize_size(cfg.img_size, cfg.crop_pct), cfg.img_size
+        shape = fn.peek_image_shape(jpegs, dtype=types.INT64, adjust_orientation=False)
+        height, width = shape[0], shape[1]
+        portrait = width <= height  # torchvision: the width is the shorter side when width <= height
+        new_h = portrait * ((short * height) // width) + (1 - portrait) * short
+        new_w = portrait * short + (1 - portrait) * ((short * width) // height)
+        images = fn.decoders.image(jpegs, **decoder_args)
+        images = fn.resize(images, resize_x=fn.cast(new_w, dtype=types.FLOAT),
+                           resize_y=fn.cast(new_h, dtype=types.FLOAT), interp_type=interp, antialias=True)
+        anchor = fn.stack(_round_half_even_half(new_h - crop), _round_half_even_half(new_w - crop))
+        return fn.slice(images, fn.cast(anchor, dtype=types.INT32), np.array([crop, crop], dtype=np.int32),
+                        axes=[0, 1], normalized_anchor=False, normalized_shape=False)
+
+    def _release(self) -> None:
+        pipe, self._pipe = self._pipe, None
+        del pipe  # DALI stops the pipeline's threads when the object goes away
+
+    def close(self) -> None:
+        self._release()
