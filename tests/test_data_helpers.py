@@ -1,0 +1,62 @@
+"""Small real JPEG folders for the data tests (helpers only; the tests live in test_data*.py)."""
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import skimage.data
+from PIL import Image
+
+WNIDS = ("n01440764", "n01443537", "n01484850")
+
+
+def write_noise_split(root: Path, split: str, n: int, seed: int = 0, wnids: Sequence[str] = WNIDS) -> List[str]:
+    """``n`` random-noise JPEGs of random small sizes spread over ``wnids``; returns their paths."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        folder = root / split / wnids[i % len(wnids)]
+        folder.mkdir(parents=True, exist_ok=True)
+        h, w = rng.integers(24, 56, size=2)
+        path = folder / f"img_{i:04d}.JPEG"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path, quality=90)
+        paths.append(str(path))
+    return paths
+
+
+def photos() -> Dict[str, np.ndarray]:
+    """scikit-image's colour photographs plus non-square / odd-sized crops of them (uint8 HWC)."""
+    astronaut, coffee, chelsea, rocket = (skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(),
+                                          skimage.data.rocket())
+    return {
+        "astronaut": astronaut,                   # 512 x 512
+        "coffee": coffee,                         # 400 x 600
+        "chelsea": chelsea,                       # 300 x 451
+        "rocket": rocket,                         # 427 x 640, portrait after transposing below
+        "rocket_portrait": np.ascontiguousarray(rocket.transpose(1, 0, 2)),
+        "astronaut_odd": astronaut[13:400, 7:300],  # 387 x 293
+        "coffee_odd": coffee[5:216, 31:558],        # 211 x 527
+        "chelsea_small": chelsea[40:191, 100:301],  # 151 x 201: upsampled for img_size >= 160
+    }
+
+
+def write_photo_split(root: Path, split: str, names: Sequence[str] = None, copies: int = 1,
+                      shrink: int = 1) -> List[Tuple[str, str]]:
+    """One class folder per photo (sorted names = labels), ``copies`` files each; returns [(path, name)]."""
+    all_photos = photos()
+    out = []
+    for name in names or sorted(all_photos):
+        img = all_photos[name][::shrink, ::shrink]
+        folder = root / split / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for c in range(copies):
+            path = folder / f"{name}_{c}.JPEG"
+            Image.fromarray(np.ascontiguousarray(img)).save(path, quality=92)
+            out.append((str(path), name))
+    return out
+
+
+def grey_level_diff(a, b, std: Sequence[float]) -> np.ndarray:
+    """Per-image mean absolute difference, in 0-255 grey levels, of two normalized NCHW batches."""
+    scale = np.asarray(std, dtype=np.float64).reshape(1, 3, 1, 1) * 255.0
+    diff = np.abs(a.double().cpu().numpy() - b.double().cpu().numpy()) * scale
+    return diff.reshape(len(diff), -1).mean(axis=1)
