@@ -16,6 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from res2net.engine.distributed import all_reduce_sum
+
 __all__ = ["evaluate", "topk_correct", "AMP_MODES"]
 
 AMP_MODES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -69,12 +71,6 @@ def _reduce_device(device: torch.device) -> torch.device:
     if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
         return device
     return torch.device("cpu")
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if _world()[1] > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 def _prediction_rows(paths: list[str], targets: torch.Tensor, probs: torch.Tensor) -> list[dict]:
@@ -158,9 +154,9 @@ def evaluate(model: nn.Module, loader: Any, *, device: torch.device | str, amp: 
     seconds = time.perf_counter() - start
 
     reduce_dev = _reduce_device(device)
-    counts = _all_reduce_sum(torch.cat([correct, class_correct, class_count,
+    counts = all_reduce_sum(torch.cat([correct, class_correct, class_count,
                                         torch.tensor([seen])]).to(reduce_dev)).cpu()
-    loss_total = float(_all_reduce_sum(loss_sum.to(reduce_dev)).cpu())
+    loss_total = float(all_reduce_sum(loss_sum.to(reduce_dev)).cpu())
     count = int(counts[-1])
     if count == 0:
         raise RuntimeError("evaluate() saw no images: the validation loader is empty on every rank")

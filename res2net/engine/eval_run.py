@@ -1,0 +1,211 @@
+"""Evaluate one checkpoint on a validation set: the library side of evaluate.py and scripts/eval_released.py.
+
+Takes plain values or an OmegaConf node (never Hydra's global state): resolve the checkpoint (a released model's file,
+downloaded and verified into the cache when missing, or a local file), build the model it was made for, prepare it
+for inference, run the count-exact `evaluate` loop over this rank's shard, and on rank 0 write results.json (and
+predictions.csv when asked).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from res2net.engine.distributed import DistInfo, barrier
+from res2net.engine.evaluation import evaluate, PREDICTION_TOPK
+
+__all__ = ["Published", "published_for", "read_checkpoint", "build_model_for", "resolve_checkpoint",
+           "run_evaluation", "summary_lines", "write_predictions_csv", "RESULTS_FILE", "PREDICTIONS_FILE"]
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.json"
+PREDICTIONS_FILE = "predictions.csv"
+_MODEL_KEYS = ("layers", "base_width", "scale", "cardinality", "stem", "avg_down", "zero_init_last", "drop_rate")
+
+
+@dataclass(frozen=True)
+class Published:
+    top1: float
+    top5: float | None
+
+
+def _plain(node: Any) -> Any:
+    """A plain Python container from an OmegaConf node (enums as their values); plain input passes through."""
+    if hasattr(node, "_metadata"):
+        from omegaconf import OmegaConf
+        return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+    return node
+
+
+def resolve_checkpoint(spec: str, model_name: str, dist_info: DistInfo = DistInfo()) -> Path:
+    """The local file of `spec`: 'released' -> the released file of `model_name` (rank 0 downloads it, the others
+    wait and find it in the cache); otherwise an existing path."""
+    from res2net.models.pretrained import download_checkpoint, released_checkpoint
+    if spec == "released":
+        released_checkpoint(model_name)  # a clear error for variants without a released file
+        if dist_info.is_main:
+            path = download_checkpoint(model_name)
+        barrier()
+        return path if dist_info.is_main else download_checkpoint(model_name, progress=False)
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint={spec!r} is not a file; pass checkpoint=released (the released weights of "
+                                f"model.name) or the path of a released .pth file or of a train.py checkpoint")
+    return path
+
+
+def read_checkpoint(path: Path) -> Mapping:
+    """The checkpoint dict (map_location cpu). Tensors-only first; a local train.py checkpoint also holds RNG states,
+    which need the full unpickler (only ever used on local files the user named)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a state_dict or a checkpoint dict")
+    return obj
+
+
+def _model_config(model_cfg: Mapping, checkpoint: Mapping) -> dict:
+    """The architecture to build: a train.py checkpoint's own model config (its weights fit nothing else),
+    otherwise the composed model config."""
+    model_cfg = dict(model_cfg)
+    saved = checkpoint.get("config")
+    saved_model = saved.get("model") if isinstance(saved, Mapping) else None
+    if isinstance(saved_model, Mapping) and saved_model.get("name"):
+        if saved_model["name"] != model_cfg.get("name"):
+            log.warning("the checkpoint was trained as %s; building that instead of model=%s",
+                        saved_model["name"], model_cfg.get("name"))
+        model_cfg = {**model_cfg, **dict(saved_model)}
+    return model_cfg
+
+
+def build_model_for(model_cfg: Mapping, checkpoint: Mapping, use_ema: bool = False) -> tuple[nn.Module, dict]:
+    """(model with the checkpoint's weights loaded strictly, the model config used). num_classes null -> the
+    classifier's size in the checkpoint."""
+    import res2net
+    from res2net.models.pretrained import extract_state_dict
+    cfg = _model_config(model_cfg, checkpoint)
+    state = extract_state_dict(checkpoint, use_ema=use_ema)
+    if cfg.get("num_classes") is None:
+        if "fc.weight" not in state:
+            raise ValueError("model.num_classes is null and the checkpoint has no fc.weight to infer it from; "
+                             "set model.num_classes")
+        cfg["num_classes"] = int(state["fc.weight"].shape[0])
+    overrides = {k: cfg[k] for k in _MODEL_KEYS if cfg.get(k) is not None}
+    model = res2net.create_model(cfg["name"], num_classes=cfg["num_classes"], **overrides)
+    res2net.load_pretrained(model, state)
+    return model, cfg
+
+
+def published_for(checkpoint: str | Path, model_name: str) -> Published | None:
+    """Published top-1/top-5 when the checkpoint is a released file (by spec 'released' or by file name)."""
+    from res2net.models.pretrained import RELEASED
+    entry = RELEASED.get(model_name) if str(checkpoint) == "released" else next(
+        (e for e in RELEASED.values() if e.file == Path(checkpoint).name), None)
+    if entry is None or entry.top1 is None:
+        return None
+    return Published(entry.top1, entry.top5)
+
+
+def _resolve_device(spec: str, dist_info: DistInfo) -> torch.device:
+    if spec == "auto":
+        return dist_info.device
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={spec!r} but CUDA is not available here; use device=cpu or device=auto")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", dist_info.local_rank)
+    return device
+
+
+def _prepare(model: nn.Module, cfg: Mapping, device: torch.device) -> nn.Module:
+    import res2net
+    model = model.to(device).eval()
+    if cfg["fold_bn"]:
+        return res2net.prepare_for_inference(model, channels_last=cfg["channels_last"], compile=cfg["compile"])
+    if cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if cfg["compile"] else model
+
+
+def write_predictions_csv(path: Path, predictions: list[dict]) -> None:
+    ks = range(1, PREDICTION_TOPK + 1)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "target", *[f"top{k}" for k in ks], *[f"prob{k}" for k in ks]])
+        for p in predictions:
+            writer.writerow([p["path"], p["target"], *p["top5"], *[f"{v:.6f}" for v in p["top5_prob"]]])
+
+
+def _results(result: dict, classes: list[str], cfg: dict, ckpt_path: Path, published: Published | None,
+             dist_info: DistInfo, device: torch.device) -> dict:
+    from res2net.models.pretrained import sha256_file
+    per_class = {c: (100.0 * k / n if n else None)
+                 for c, k, n in zip(classes, result["per_class_correct"], result["per_class_count"])}
+    out = {key: result[key] for key in ("top1", "top5", "loss", "count", "img_per_s", "seconds")}
+    out.update(model=cfg["model"]["name"], checkpoint=str(ckpt_path), checkpoint_sha256=sha256_file(ckpt_path),
+               per_class_accuracy=per_class, per_class_count=dict(zip(classes, result["per_class_count"])),
+               world_size=dist_info.world_size, device=str(device), published=None, config=cfg)
+    if published is not None:
+        out["published"] = {"top1": published.top1, "top5": published.top5,
+                            "delta_top1": result["top1"] - published.top1,
+                            "delta_top5": None if published.top5 is None else result["top5"] - published.top5}
+    return out
+
+
+def run_evaluation(cfg: Any, out_dir: str | Path | None, dist_info: DistInfo = DistInfo()) -> dict | None:
+    """Evaluate per `cfg` (an EvalConfig node or mapping: model, data, checkpoint, use_ema, amp, channels_last,
+    compile, fold_bn, device, save_predictions, progress). On rank 0 returns the results dict (also written to
+    out_dir/results.json, and out_dir/predictions.csv with save_predictions); None on the other ranks."""
+    from res2net.data import build_loader
+    cfg = _plain(cfg)
+    device = _resolve_device(cfg["device"], dist_info)
+    ckpt_path = resolve_checkpoint(cfg["checkpoint"], cfg["model"]["name"], dist_info)
+    model, model_cfg = build_model_for(cfg["model"], read_checkpoint(ckpt_path), cfg["use_ema"])
+    cfg = {**cfg, "model": model_cfg}
+    model = _prepare(model, cfg, device)
+    loader = build_loader(cfg["data"], "val", rank=dist_info.rank, world_size=dist_info.world_size, device=device,
+                          channels_last=cfg["channels_last"])
+    try:
+        if loader.num_classes > model_cfg["num_classes"]:
+            raise ValueError(f"{cfg['data'].get('root')} has {loader.num_classes} classes but the model predicts "
+                             f"{model_cfg['num_classes']}; evaluate on the data set the checkpoint was trained for")
+        result = evaluate(model, loader, device=device, amp=cfg["amp"], channels_last=cfg["channels_last"],
+                          collect_predictions=cfg["save_predictions"], progress=cfg["progress"])
+        classes = list(loader.classes)
+    finally:
+        loader.close()
+    if not dist_info.is_main:
+        return None
+    name = model_cfg["name"]
+    published = published_for(cfg["checkpoint"], name) or published_for(ckpt_path, name)
+    out = _results(result, classes, cfg, ckpt_path, published, dist_info, device)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / RESULTS_FILE).write_text(json.dumps(out, indent=2) + "\n")
+        if cfg["save_predictions"]:
+            write_predictions_csv(out_dir / PREDICTIONS_FILE, result["predictions"])
+    return out
+
+
+def summary_lines(out: dict) -> list[str]:
+    """Human-readable lines: measured numbers, and published / measured / delta when published numbers exist."""
+    lines = [f"{out['model']}: top-1 {out['top1']:.3f}  top-5 {out['top5']:.3f}  loss {out['loss']:.4f}  "
+             f"on {out['count']} images  ({out['img_per_s']:.1f} img/s, world size {out['world_size']})"]
+    p = out["published"]
+    if p is not None:
+        top5 = "" if p["top5"] is None else (f"   top-5 published {p['top5']:.3f} measured {out['top5']:.3f} "
+                                             f"delta {p['delta_top5']:+.3f}")
+        lines.append(f"top-1 published {p['top1']:.3f} measured {out['top1']:.3f} delta {p['delta_top1']:+.3f}{top5}")
+    return lines
