@@ -56,6 +56,20 @@ def _round_half_even_half(d):
     return q + (d - 2 * q) * (q - 2 * (q // 2))
 
 
+def _suspects(files: Sequence[str]) -> List[str]:
+    """The files of a failed batch that PIL cannot decode either (all of them when PIL decodes every one)."""
+    from PIL import Image
+
+    bad = []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                img.load()
+        except Exception:  # any decoder failure marks the file
+            bad.append(path)
+    return bad or list(files)
+
+
 class DaliLoader:
     """The Loader protocol (see res2net.data) over a DALI pipeline rebuilt per epoch."""
 
@@ -120,8 +134,8 @@ class DaliLoader:
                 batch_files = files[b * self.batch_size: b * self.batch_size + real]
                 self._release()
                 raise RuntimeError(
-                    f"DALI failed on batch {start + b} of epoch {self.epoch} (rank {self.rank}), files "
-                    f"{batch_files[0]} ... {batch_files[-1]} ({real} files): {err}\nFind undecodable files with "
+                    f"DALI failed on batch {start + b} of epoch {self.epoch} (rank {self.rank}); undecodable "
+                    f"file(s): {_suspects(batch_files)}\n{err}\nFind such files with "
                     f"`python scripts/check_dataset.py {self.cfg.root}` (--fix re-encodes them), or use "
                     "data.backend=torchvision, which skips them.") from err
             images, labels = self._to_torch(images, labels)
