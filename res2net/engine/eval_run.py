@@ -144,7 +144,8 @@ def write_predictions_csv(path: Path, predictions: list[dict]) -> None:
         writer = csv.writer(f)
         writer.writerow(["path", "target", *[f"top{k}" for k in ks], *[f"prob{k}" for k in ks]])
         for p in predictions:
-            writer.writerow([p["path"], p["target"], *p["top5"], *[f"{v:.6f}" for v in p["top5_prob"]]])
+            pad = [""] * (PREDICTION_TOPK - len(p["top5"]))  # fewer classes than PREDICTION_TOPK
+            writer.writerow([p["path"], p["target"], *p["top5"], *pad, *[f"{v:.6f}" for v in p["top5_prob"]], *pad])
 
 
 def _results(result: dict, classes: list[str], cfg: dict, ckpt_path: Path, published: Published | None,
