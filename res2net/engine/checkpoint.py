@@ -1,0 +1,209 @@
+"""Checkpoint files: atomic writes, last / best / bounded history, RNG states, and resume compatibility checks.
+
+A checkpoint is a dict (see ``CHECKPOINT_KEYS``) that ``torch.load(..., weights_only=True)`` reads. Its ``model``
+entry is a plain state_dict (no ``module.`` / ``_orig_mod.`` prefixes) that loads strictly into
+``res2net.create_model`` and ``timm.create_model`` of the same variant.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["CHECKPOINT_KEYS", "CheckpointError", "CheckpointManager", "RESUME_MAY_DIFFER", "capture_rng",
+           "check_compatible", "load_checkpoint", "model_state_dict", "resolve_resume", "restore_rng",
+           "save_atomic", "unwrap_model"]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "ema", "epoch", "step_in_epoch", "global_step",
+                   "rng", "config", "best_top1", "world_size", "meters")
+
+# Config keys that may change between a run and its resumption without changing its trajectory (or that only
+# extend it); any other difference is refused. Prefixes end with a dot.
+RESUME_MAY_DIFFER = ("resume", "data.root", "data.num_workers", "data.prefetch", "trainer.log_interval",
+                     "trainer.save_every_epochs", "trainer.save_every_steps", "trainer.keep_last",
+                     "trainer.max_steps", "trainer.compile")
+
+_TMP_MARK = ".tmp-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written, read or used; the message names the file and what to do."""
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain network inside DDP and torch.compile wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return unwrap_model(model).state_dict()
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Run ``write(file)`` on a temporary file beside ``path``, fsync it, rename it over ``path``, fsync the folder.
+
+    A crash or an error at any point leaves the previous ``path`` as it was.
+    """
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        previous = f"the previous {path} is intact" if path.exists() else f"there was no previous {path.name}"
+        raise CheckpointError(f"could not write checkpoint {path} (temporary file {tmp}): {err}; {previous}. "
+                              f"Free disk space or make {path.parent} writable, then resume with resume=auto") from err
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` that never leaves a partial file at ``path``."""
+    _write_atomic(Path(path), lambda f: torch.save(obj, f))
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    def copy(f):
+        with open(src, "rb") as source:
+            shutil.copyfileobj(source, f, length=16 << 20)
+    _write_atomic(dst, copy)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint written by train.py, on the CPU; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass resume=auto or the path of a checkpoint "
+                                f"written by train.py (<run dir>/checkpoints/last.pth)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"could not read checkpoint {path}: {err}") from err
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or key not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not a train.py checkpoint: it lacks {missing}; to start from released "
+                              f"weights use model.name and res2net.load_pretrained instead of resume")
+    return ckpt
+
+
+def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Optional[Path]:
+    """The checkpoint to resume from: None for '' (fresh start) and for 'auto' without a last.pth yet."""
+    if not resume:
+        return None
+    if resume == "auto":
+        last = Path(run_dir) / "checkpoints" / "last.pth"
+        return last if last.is_file() else None
+    path = Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"resume={resume!r}: no such checkpoint file; use resume=auto to continue the run "
+                                f"directory's checkpoints/last.pth, or the path of a .pth file written by train.py")
+    return path
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, Mapping):
+        flat: dict[str, Any] = {}
+        for key, value in tree.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: tree}
+
+
+def _may_differ(key: str, allowed: Iterable[str]) -> bool:
+    return any(key == a or key.startswith(a + ".") for a in allowed)
+
+
+def check_compatible(saved: Mapping, current: Mapping, *, path: str | os.PathLike = "checkpoint",
+                     allowed: Iterable[str] = RESUME_MAY_DIFFER) -> None:
+    """Refuse to resume when resolved configs differ beyond ``allowed`` keys; the error lists every difference."""
+    old, new = _flatten(saved), _flatten(current)
+    differ = sorted(key for key in old.keys() | new.keys()
+                    if old.get(key, "<absent>") != new.get(key, "<absent>") and not _may_differ(key, allowed))
+    if differ:
+        lines = "; ".join(f"{key}: checkpoint {old.get(key, '<absent>')!r} vs now {new.get(key, '<absent>')!r}"
+                          for key in differ)
+        raise CheckpointError(f"cannot resume from {path}: it was written with a different config ({lines}). "
+                              f"Resume with the checkpoint's settings, or start a new run directory "
+                              f"(resume='') to train with these")
+
+
+def capture_rng() -> dict[str, Any]:
+    """The states of python's, numpy's, torch's and every CUDA device's generators (weights_only-loadable)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                   gauss],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        if len(state["cuda"]) != torch.cuda.device_count():
+            log.warning("checkpoint holds %d CUDA generator states, this process sees %d devices; restoring the "
+                        "common ones", len(state["cuda"]), torch.cuda.device_count())
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
+
+
+class CheckpointManager:
+    """Writes ``<dir>/last.pth``, ``best.pth`` and a bounded history ``epoch_XXXX.pth`` (rank 0 only)."""
+
+    def __init__(self, directory: str | os.PathLike, keep_last: int):
+        self.dir = Path(directory)
+        self.keep_last = keep_last
+        self.last = self.dir / "last.pth"
+        self.best = self.dir / "best.pth"
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CheckpointError(f"cannot create the checkpoint folder {self.dir}: {err}") from err
+        for stale in self.dir.glob(f".*{_TMP_MARK}*"):  # left by a write that was killed
+            stale.unlink(missing_ok=True)
+
+    def save(self, state: Mapping[str, Any], *, is_best: bool = False, epoch_end: bool = False) -> Path:
+        """Write last.pth; copy it to best.pth when ``is_best`` and to the history when ``epoch_end``."""
+        save_atomic(dict(state), self.last)
+        if is_best:
+            _copy_atomic(self.last, self.best)
+        if epoch_end and self.keep_last > 0:
+            _copy_atomic(self.last, self.dir / f"epoch_{state['epoch']:04d}.pth")
+            for old in sorted(self.dir.glob("epoch_*.pth"))[:-self.keep_last]:
+                old.unlink()
+        return self.last

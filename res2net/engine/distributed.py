@@ -1,0 +1,96 @@
+"""Process-group set-up from torchrun's environment, and the few collectives the trainer needs.
+
+One process (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``) runs without a process group; under torchrun every rank joins one
+with NCCL on CUDA and gloo on CPU. Multi-node jobs use torchrun's rendezvous (``--rdzv-backend=c10d``); nothing here
+is node-specific. A rank that dies takes the job down through torchrun, which stops the others; the timeout below
+bounds how long a collective may wait on a peer that hangs instead of dying.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistInfo", "all_reduce_sum", "barrier", "broadcast_object", "cleanup", "init_distributed",
+           "share_run_time"]
+
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, str(default))
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer; it is set by torchrun") from None
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK), or run alone. Idempotent."""
+    rank, world_size, local_rank = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
+    if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are "
+                               f"visible; start at most that many processes per node (--nproc_per_node)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    if _initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` from rank ``src`` on every rank (unchanged without a process group)."""
+    if not _initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (a no-op without a process group); returns the tensor."""
+    if _initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def share_run_time(env: str) -> float:
+    """Rank 0's launch time on every rank, stored in ``os.environ[env]`` (rank 0's existing value wins, e.g. one a
+    launcher set). Hydra computes the run directory from it before the task runs, so all ranks use the same one.
+    """
+    os.environ[env] = broadcast_object(os.environ.get(env) or repr(time.time()))
+    return float(os.environ[env])
