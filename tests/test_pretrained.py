@@ -231,6 +231,14 @@ def test_ema_checkpoints_load(tmp_path, tiny_model):
         load_pretrained(model, {'model': other.state_dict(), 'ema': None}, use_ema=True)
 
 
+def test_safetensors_file_loads(tmp_path, tiny_model):
+    from safetensors.torch import save_file
+    save_file(tiny_model.state_dict(), tmp_path / 'model.safetensors')
+    model = res2net.create_model('res2net50_26w_4s', **TINY)
+    load_pretrained(model, tmp_path / 'model.safetensors')
+    assert _same_weights(model, tiny_model)
+
+
 def test_missing_source_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match='nope.pth.*not a file.*res2net50_26w_4s'):
         load_pretrained(res2net.create_model('res2net50_26w_4s', **TINY), tmp_path / 'nope.pth')

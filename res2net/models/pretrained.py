@@ -94,7 +94,8 @@ def released_checkpoint(name: str) -> ReleasedCheckpoint:
     if name in _HUB_ONLY:
         raise ValueError(
             f'{name} has no released checkpoint file at the public locations (its weights exist only on the '
-            f'Hugging Face hub as timm/{name}.in1k); pretrained=True works for: {", ".join(sorted(RELEASED))}')
+            f'Hugging Face hub as timm/{name}.in1k: download its model.safetensors and pass the file to '
+            f'load_pretrained); pretrained=True works for: {", ".join(sorted(RELEASED))}')
     raise ValueError(f'no released checkpoint for {name!r}; released models: {", ".join(sorted(RELEASED))}')
 
 
@@ -272,6 +273,8 @@ def _key_report(model: nn.Module, state: Mapping[str, torch.Tensor], origin: str
 
 
 def _load_file(path: Path, trusted: bool) -> object:
+    if path.suffix == '.safetensors':
+        return _load_safetensors(path)
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError:
@@ -280,6 +283,15 @@ def _load_file(path: Path, trusted: bool) -> object:
     # A local training checkpoint may hold objects weights_only refuses (e.g. numpy RNG state).
     logger.info('%s holds more than tensors; loading it with weights_only=False (local file)', path)
     return torch.load(path, map_location='cpu', weights_only=False)
+
+
+def _load_safetensors(path: Path) -> dict:
+    # The hub copies (timm/<name>.in1k, the only home of res2net50d / res2net101d weights) are safetensors files.
+    try:
+        from safetensors.torch import load_file
+    except ImportError as err:
+        raise ImportError(f'loading {path} needs the safetensors package: .venv/bin/pip install safetensors') from err
+    return load_file(path, device='cpu')
 
 
 def _read_source(source: str | os.PathLike) -> tuple[object, str]:
@@ -298,7 +310,8 @@ def _read_source(source: str | os.PathLike) -> tuple[object, str]:
 
 
 def load_pretrained(model: nn.Module, source: str | os.PathLike | Mapping, use_ema: bool = False) -> None:
-    """Load weights into ``model`` (strict) from a URL, a local file, a released model name or a checkpoint dict.
+    """Load weights into ``model`` (strict) from a URL, a local file (.pth / .pt, or .safetensors), a released model
+    name or a checkpoint dict.
 
     Training checkpoints are unwrapped (see ``extract_state_dict``). A checkpoint that does not fit raises
     RuntimeError listing missing, unexpected and wrongly shaped keys (first few of each, with counts).
