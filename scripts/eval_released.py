@@ -1,0 +1,233 @@
+#!/usr/bin/env python
+"""Evaluate every released checkpoint against its published top-1/top-5 (`make eval DATA=<imagenet root>`).
+
+    python scripts/eval_released.py --data /data/imagenet [--backend torchvision|dali] [--models res2net50_26w_4s ...]
+
+Missing checkpoints are downloaded into the cache and verified (res2net.models.pretrained; RES2NET_MIRRORS and
+RES2NET_CACHE apply). Each model is evaluated at 224 px with a 0.875 crop (the published protocol) by the same code
+as evaluate.py, and a table is printed and written as Markdown and CSV to --out-dir: model, params, GMACs, published
+and measured top-1/top-5, delta, img/s. The exit status is 1 when a |delta| (top-1 or top-5) exceeds its tolerance:
+0.1 points, 0.3 for res2net50_26w_8s, whose published figure moved between timm's result tables.
+
+--backend torchvision is the reference path (PIL decoding, how the published numbers were measured). With
+--backend dali the table also gives DALI's top-1 delta to the reference path, from the reference results already in
+--out-dir for the same checkpoint and data, or measured now.
+
+--published FILE replaces the built-in list of released checkpoints with a JSON object (for private model zoos and
+tests): {"<model name>": {"file": "<name>-<sha256 prefix>.pth", "top1": 77.99, "top5": 93.86,
+"tolerance": 0.1, "overrides": {"num_classes": 10, "base_width": 4, ...}}}; top1/top5 may be null.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from res2net.engine.distributed import init_distributed
+from res2net.engine.eval_run import RESULTS_FILE, run_evaluation
+from res2net.models.pretrained import RELEASED, download_checkpoint
+
+log = logging.getLogger("eval_released")
+
+DEFAULT_TOLERANCE = 0.1
+TOLERANCES = {"res2net50_26w_8s": 0.3}
+REFERENCE_BACKEND = "torchvision"
+COLUMNS = ("model", "params_m", "gmacs", "published_top1", "published_top5", "top1", "top5", "delta_top1",
+           "delta_top5", "img_per_s", "tolerance", "status")
+DALI_COLUMN = "dali_minus_torchvision_top1"
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    file: str
+    top1: float | None
+    top5: float | None
+    tolerance: float = DEFAULT_TOLERANCE
+    overrides: dict = field(default_factory=dict)
+
+
+def released_entries(tolerance: float = DEFAULT_TOLERANCE) -> dict[str, Entry]:
+    return {name: Entry(name, r.file, r.top1, r.top5, TOLERANCES.get(name, tolerance))
+            for name, r in RELEASED.items()}
+
+
+def entries_from_json(path: str | Path, tolerance: float = DEFAULT_TOLERANCE) -> dict[str, Entry]:
+    table = json.loads(Path(path).read_text())
+    allowed = {"file", "top1", "top5", "tolerance", "overrides"}
+    entries = {}
+    for name, spec in table.items():
+        unknown = sorted(set(spec) - allowed)
+        if unknown or "file" not in spec:
+            raise ValueError(f"{path}: entry {name!r} needs 'file' and may have {sorted(allowed)}; got {sorted(spec)}")
+        entries[name] = Entry(name, spec["file"], spec.get("top1"), spec.get("top5"),
+                              spec.get("tolerance", TOLERANCES.get(name, tolerance)), dict(spec.get("overrides", {})))
+    return entries
+
+
+def select(entries: dict[str, Entry], names: list[str] | None) -> list[Entry]:
+    unknown = [n for n in names or [] if n not in entries]
+    if unknown:
+        raise ValueError(f"no released checkpoint for {unknown}; choose from: {', '.join(sorted(entries))}")
+    return [entries[n] for n in (names or sorted(entries))]
+
+
+def model_stats(entry: Entry, img_size: int) -> tuple[float, float]:
+    """(parameters in millions, GMACs at img_size), counted on a weightless (meta) copy."""
+    import res2net
+    from res2net.models.stats import count_macs, count_params
+    overrides = dict(entry.overrides)
+    num_classes = overrides.pop("num_classes", 1000)
+    with torch.device("meta"):
+        model = res2net.create_model(entry.name, num_classes=num_classes, **overrides)
+    return count_params(model) / 1e6, count_macs(model, img_size) / 1e9
+
+
+def eval_config(entry: Entry, checkpoint: Path, args: argparse.Namespace, backend: str) -> dict:
+    overrides = dict(entry.overrides)
+    model = {"name": entry.name, "num_classes": overrides.pop("num_classes", 1000), **overrides}
+    data = {"root": args.data, "backend": backend, "batch_size": args.batch_size, "num_workers": args.workers,
+            "img_size": args.img_size, "crop_pct": args.crop_pct, "interpolation": "bilinear"}
+    return {"model": model, "data": data, "checkpoint": str(checkpoint), "use_ema": False, "amp": args.amp,
+            "channels_last": True, "compile": False, "fold_bn": True, "device": args.device,
+            "save_predictions": False, "progress": not args.no_progress}
+
+
+def _same_evaluation(saved: dict, cfg: dict, sha256: str) -> bool:
+    keys = ("root", "img_size", "crop_pct", "interpolation")
+    return (saved.get("checkpoint_sha256") == sha256 and saved["config"]["model"]["name"] == cfg["model"]["name"]
+            and all(saved["config"]["data"].get(k) == cfg["data"][k] for k in keys))
+
+
+def evaluate_backend(entry: Entry, checkpoint: Path, args: argparse.Namespace, backend: str, dist_info) -> dict:
+    cfg = eval_config(entry, checkpoint, args, backend)
+    return run_evaluation(cfg, Path(args.out_dir) / entry.name / backend, dist_info)
+
+
+def reference_top1(entry: Entry, checkpoint: Path, measured: dict, args: argparse.Namespace, dist_info) -> float:
+    """Top-1 of the reference (torchvision) path for the same checkpoint and data: saved, or measured now."""
+    saved_path = Path(args.out_dir) / entry.name / REFERENCE_BACKEND / RESULTS_FILE
+    cfg = eval_config(entry, checkpoint, args, REFERENCE_BACKEND)
+    if saved_path.is_file():
+        saved = json.loads(saved_path.read_text())
+        if _same_evaluation(saved, cfg, measured["checkpoint_sha256"]):
+            log.info("%s: reference (torchvision) result reused from %s", entry.name, saved_path)
+            return saved["top1"]
+    log.info("%s: measuring the reference (torchvision) path for the DALI delta", entry.name)
+    return evaluate_backend(entry, checkpoint, args, REFERENCE_BACKEND, dist_info)["top1"]
+
+
+def _delta(measured: float, published: float | None) -> float | None:
+    return None if published is None else measured - published
+
+
+def table_row(entry: Entry, result: dict, stats: tuple[float, float]) -> dict:
+    d1, d5 = _delta(result["top1"], entry.top1), _delta(result["top5"], entry.top5)
+    failed = any(d is not None and abs(d) > entry.tolerance + 1e-9 for d in (d1, d5))
+    unpublished = entry.top1 is None and entry.top5 is None
+    return {"model": entry.name, "params_m": stats[0], "gmacs": stats[1], "published_top1": entry.top1,
+            "published_top5": entry.top5, "top1": result["top1"], "top5": result["top5"], "delta_top1": d1,
+            "delta_top5": d5, "img_per_s": result["img_per_s"], "tolerance": entry.tolerance,
+            "status": "FAIL" if failed else ("unpublished" if unpublished else "ok")}
+
+
+def _fmt(value, digits: int = 3, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    dali = any(DALI_COLUMN in r for r in rows)
+    head = ["model", "params (M)", "GMACs", "published top-1", "published top-5", "top-1", "top-5", "delta top-1",
+            "delta top-5", "img/s", "tolerance", "status"] + (["DALI - torchvision top-1"] if dali else [])
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + "---|"]
+    for r in rows:
+        cells = [r["model"], _fmt(r["params_m"], 2), _fmt(r["gmacs"], 2), _fmt(r["published_top1"]),
+                 _fmt(r["published_top5"]), _fmt(r["top1"]), _fmt(r["top5"]), _fmt(r["delta_top1"], signed=True),
+                 _fmt(r["delta_top5"], signed=True), _fmt(r["img_per_s"], 1), _fmt(r["tolerance"], 2), r["status"]]
+        if dali:
+            cells.append(_fmt(r.get(DALI_COLUMN), signed=True))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_tables(rows: list[dict], out_dir: Path, backend: str) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, csv_path = out_dir / f"released_{backend}.md", out_dir / f"released_{backend}.csv"
+    md.write_text(markdown_table(rows) + "\n")
+    columns = list(COLUMNS) + ([DALI_COLUMN] if any(DALI_COLUMN in r for r in rows) else [])
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({k: ("" if r.get(k) is None else r.get(k)) for k in columns} for r in rows)
+    return md, csv_path
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="data root holding val/<wnid>/*.JPEG")
+    p.add_argument("--backend", choices=("torchvision", "dali"), default=REFERENCE_BACKEND)
+    p.add_argument("--models", nargs="+", default=None, help="subset to evaluate (default: all released)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=4, help="DataLoader workers / DALI threads")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--crop-pct", type=float, default=0.875)
+    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                   help="allowed |delta| in points (default %(default)s; res2net50_26w_8s always 0.3)")
+    p.add_argument("--published", default=None, help="JSON table replacing the released list (see above)")
+    p.add_argument("--out-dir", default="outputs/eval_released")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> tuple[list[dict], bool]:
+    entries = entries_from_json(args.published, args.tolerance) if args.published else released_entries(
+        args.tolerance)
+    selected = select(entries, args.models)
+    dist_info = init_distributed()
+    rows = []
+    for entry in selected:
+        checkpoint = download_checkpoint(entry.file, progress=not args.no_progress)
+        log.info("%s: evaluating %s with %s", entry.name, checkpoint, args.backend)
+        result = evaluate_backend(entry, checkpoint, args, args.backend, dist_info)
+        row = table_row(entry, result, model_stats(entry, args.img_size))
+        if args.backend == "dali":
+            row[DALI_COLUMN] = result["top1"] - reference_top1(entry, checkpoint, result, args, dist_info)
+        log.info("%s: top-1 %.3f top-5 %.3f (%s)", entry.name, row["top1"], row["top5"], row["status"])
+        rows.append(row)
+    return rows, any(r["status"] == "FAIL" for r in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    try:
+        rows, failed = run(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"eval_released.py: error: {err}", file=sys.stderr)
+        return 2
+    md, csv_path = write_tables(rows, Path(args.out_dir), args.backend)
+    print(markdown_table(rows))
+    print(f"tables: {md}, {csv_path}")
+    if failed:
+        bad = ", ".join(f"{r['model']} (tolerance {r['tolerance']})" for r in rows if r["status"] == "FAIL")
+        print(f"FAIL: measured accuracy differs from the published numbers by more than the tolerance: {bad}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
