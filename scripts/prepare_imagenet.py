@@ -1,0 +1,254 @@
+#!/usr/bin/env python
+"""Turn the ImageNet-1k (ILSVRC2012) downloads into <out>/{train,val}/<wnid>/*.JPEG.
+
+Two sources:
+
+  official archives (image-net.org):
+      python scripts/prepare_imagenet.py --archives DIR --out ROOT
+    DIR holds ILSVRC2012_img_train.tar (one inner tar per class), ILSVRC2012_img_val.tar (50,000 flat JPEGs) and
+    ILSVRC2012_devkit_t12.tar.gz. The devkit's validation ground truth lists ILSVRC2012_IDs, which are NOT the
+    sorted-wnid order; data/meta.mat maps each ID to its wnid.
+
+  Kaggle (imagenet-object-localization-challenge):
+      python scripts/prepare_imagenet.py --kaggle DIR --out ROOT [--link hardlink|symlink|copy]
+    DIR holds ILSVRC/Data/CLS-LOC/{train/<wnid>,val} and LOC_val_solution.csv (first wnid of each
+    PredictionString is the label).
+
+Idempotent and resumable: a train class is assembled under ROOT/.partial/ and moved into place in one rename, a
+val file is written under a temporary name and renamed, and whatever already exists in place is skipped. An
+interrupted run (Ctrl-C, a truncated download) is finished by running the same command again. At the end the
+counts are checked (1,281,167 train, 50,000 val, 1,000 classes by default) and any difference is reported; the exit
+status is 1 when they differ.
+"""
+import argparse
+import csv
+import io
+import os
+import shutil
+import sys
+import tarfile
+from pathlib import Path
+from typing import Dict, Iterable, List, Tuple
+
+from tqdm import tqdm
+
+TRAIN_TAR, VAL_TAR, DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"
+EXPECTED = {"train": 1_281_167, "val": 50_000, "classes": 1_000}
+PARTIAL = ".partial"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--archives", type=Path, help=f"folder with {TRAIN_TAR}, {VAL_TAR} and {DEVKIT}")
+    src.add_argument("--kaggle", type=Path, help="folder with ILSVRC/Data/CLS-LOC and LOC_val_solution.csv")
+    p.add_argument("--out", type=Path, required=True, help="output root; gets train/ and val/")
+    p.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val"])
+    p.add_argument("--link", default="hardlink", choices=["hardlink", "symlink", "copy"],
+                   help="Kaggle only: how files reach the output (hardlink falls back to copy across file systems)")
+    p.add_argument("--expected-train", type=int, default=EXPECTED["train"])
+    p.add_argument("--expected-val", type=int, default=EXPECTED["val"])
+    p.add_argument("--expected-classes", type=int, default=EXPECTED["classes"])
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
+    return p.parse_args(argv)
+
+
+def require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found; expected {what}")
+    return path
+
+
+# ------------------------------------------------------------------ writing helpers (atomic, resumable)
+
+def write_atomic(dst: Path, data_or_src, link: str = "copy") -> None:
+    """Create ``dst`` from bytes or a source file, via a temporary name, so ``dst`` is complete or absent."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    if isinstance(data_or_src, bytes):
+        tmp.write_bytes(data_or_src)
+    else:
+        place_file(Path(data_or_src), tmp, link)
+    os.replace(tmp, dst)
+
+
+def place_file(src: Path, dst: Path, link: str) -> None:
+    if dst.exists() or dst.is_symlink():
+        dst.unlink()
+    if link == "symlink":
+        dst.symlink_to(src.resolve())
+        return
+    if link == "hardlink":
+        try:
+            os.link(src, dst)
+            return
+        except OSError:  # another file system or no hard links there: copy instead
+            pass
+    shutil.copyfile(src, dst)
+
+
+def fresh_partial_dir(out: Path, split: str, name: str) -> Path:
+    """An empty staging folder for one class; leftovers of an interrupted run are removed first."""
+    partial = out / PARTIAL / split / name
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def commit_class(partial: Path, final: Path) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(partial, final)
+
+
+# ------------------------------------------------------------------ official archives
+
+def official_train(archives: Path, out: Path, n_classes: int, progress: bool) -> None:
+    tar_path = require_file(archives / TRAIN_TAR, "the ImageNet train archive (one inner tar per class)")
+    with tarfile.open(tar_path, "r:") as outer, \
+            tqdm(total=n_classes, desc="train classes", unit="class", disable=not progress) as bar:
+        for member in outer:  # streamed: the members of a finished class are skipped by seeking, not read
+            if not (member.isfile() and member.name.endswith(".tar")):
+                continue
+            wnid = Path(member.name).stem
+            if not (out / "train" / wnid).is_dir():
+                partial = fresh_partial_dir(out, "train", wnid)
+                with tarfile.open(fileobj=outer.extractfile(member), mode="r:") as inner:
+                    for image in inner:
+                        if image.isfile():
+                            (partial / Path(image.name).name).write_bytes(inner.extractfile(image).read())
+                commit_class(partial, out / "train" / wnid)
+            bar.update()
+
+
+def devkit_val_wnids(devkit: Path) -> List[str]:
+    """Wnid of each val image in ILSVRC2012_val_00000001.. order (devkit ground truth mapped through meta.mat)."""
+    import scipy.io
+
+    require_file(devkit, "the ImageNet devkit (ILSVRC2012_devkit_t12.tar.gz)")
+    with tarfile.open(devkit, "r:*") as tar:
+        files = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+        for needed in ("meta.mat", "ILSVRC2012_validation_ground_truth.txt"):
+            if needed not in files:
+                raise SystemExit(f"error: {devkit} has no data/{needed}; is it ILSVRC2012_devkit_t12.tar.gz?")
+        meta = scipy.io.loadmat(io.BytesIO(tar.extractfile(files["meta.mat"]).read()), squeeze_me=True)
+        truth = tar.extractfile(files["ILSVRC2012_validation_ground_truth.txt"]).read().decode().split()
+    synsets = meta["synsets"]
+    id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
+    return [id_to_wnid[int(t)] for t in truth]
+
+
+def official_val(archives: Path, devkit: Path, out: Path, progress: bool) -> None:
+    wnids = devkit_val_wnids(devkit)
+    tar_path = require_file(archives / VAL_TAR, "the ImageNet val archive (50,000 flat JPEGs)")
+    with tarfile.open(tar_path, "r:") as tar:
+        for member in tqdm(tar, desc="val images", unit="img", disable=not progress, total=len(wnids)):
+            if not member.isfile():
+                continue
+            index = int(Path(member.name).stem.rsplit("_", 1)[1]) - 1  # ILSVRC2012_val_00000001 -> 0
+            if index >= len(wnids):
+                raise SystemExit(f"error: {member.name} has no ground truth in the devkit ({len(wnids)} labels)")
+            dst = out / "val" / wnids[index] / Path(member.name).name
+            if dst.is_file() and dst.stat().st_size == member.size:
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(dst, tar.extractfile(member).read())
+
+
+# ------------------------------------------------------------------ Kaggle layout
+
+def kaggle_val_wnids(csv_path: Path) -> Dict[str, str]:
+    require_file(csv_path, "LOC_val_solution.csv from the Kaggle ImageNet download")
+    with open(csv_path, newline="") as f:
+        return {row["ImageId"]: row["PredictionString"].split()[0] for row in csv.DictReader(f)}
+
+
+def kaggle_train(kaggle: Path, out: Path, link: str, progress: bool) -> None:
+    src = kaggle / "ILSVRC" / "Data" / "CLS-LOC" / "train"
+    if not src.is_dir():
+        raise SystemExit(f"error: {src} is not a folder; expected the Kaggle train folders <wnid>/*.JPEG there")
+    classes = sorted(d.name for d in src.iterdir() if d.is_dir())
+    todo = [c for c in classes if not (out / "train" / c).is_dir()]
+    for wnid in tqdm(todo, desc="train classes", unit="class", disable=not progress,
+                     total=len(classes), initial=len(classes) - len(todo)):
+        partial = fresh_partial_dir(out, "train", wnid)
+        for image in sorted((src / wnid).iterdir()):
+            if image.is_file():
+                place_file(image, partial / image.name, link)
+        commit_class(partial, out / "train" / wnid)
+
+
+def kaggle_val(kaggle: Path, out: Path, link: str, progress: bool) -> None:
+    labels = kaggle_val_wnids(kaggle / "LOC_val_solution.csv")
+    src = kaggle / "ILSVRC" / "Data" / "CLS-LOC" / "val"
+    if not src.is_dir():
+        raise SystemExit(f"error: {src} is not a folder; expected the Kaggle val JPEGs there")
+    for image in tqdm(sorted(src.iterdir()), desc="val images", unit="img", disable=not progress):
+        if not image.is_file():
+            continue
+        if image.stem not in labels:
+            raise SystemExit(f"error: {image.name} has no row in LOC_val_solution.csv")
+        dst = out / "val" / labels[image.stem] / image.name
+        if dst.is_file() and dst.stat().st_size == image.stat().st_size:
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(dst, image, link)
+
+
+# ------------------------------------------------------------------ count check
+
+def count_split(split_dir: Path) -> Tuple[int, int]:
+    """(number of class folders, number of files in them); temporary files are not counted."""
+    if not split_dir.is_dir():
+        return 0, 0
+    classes = [d for d in split_dir.iterdir() if d.is_dir()]
+    files = sum(1 for d in classes for f in os.scandir(d) if f.is_file() and not f.name.startswith("."))
+    return len(classes), files
+
+
+def check_counts(out: Path, splits: Iterable[str], expected: Dict[str, int]) -> List[str]:
+    problems = []
+    for split in splits:
+        n_classes, n_files = count_split(out / split)
+        print(f"{split}: {n_files:,} images in {n_classes:,} class folders under {out / split}")
+        if n_files != expected[split]:
+            problems.append(f"{split}: {n_files:,} images, expected {expected[split]:,} "
+                            f"({n_files - expected[split]:+,})")
+        if n_classes != expected["classes"]:
+            problems.append(f"{split}: {n_classes:,} class folders, expected {expected['classes']:,}")
+    return problems
+
+
+def prepare(args: argparse.Namespace) -> None:
+    progress = not args.no_progress
+    for split in args.splits:
+        if args.archives and split == "train":
+            official_train(args.archives, args.out, args.expected_classes, progress)
+        elif args.archives:
+            official_val(args.archives, args.archives / DEVKIT, args.out, progress)
+        elif split == "train":
+            kaggle_train(args.kaggle, args.out, args.link, progress)
+        else:
+            kaggle_val(args.kaggle, args.out, args.link, progress)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        prepare(args)
+    except (tarfile.TarError, EOFError) as err:
+        print(f"error: an archive ended early or is damaged ({err!r}); finished classes and files are kept: "
+              "complete the download and run the same command again", file=sys.stderr)
+        return 2
+    shutil.rmtree(args.out / PARTIAL, ignore_errors=True)
+    expected = {"train": args.expected_train, "val": args.expected_val, "classes": args.expected_classes}
+    problems = check_counts(args.out, args.splits, expected)
+    for problem in problems:
+        print(f"COUNT MISMATCH {problem}", file=sys.stderr)
+    if not problems:
+        print("counts OK")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
