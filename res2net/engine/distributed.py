@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 __all__ = ["DistInfo", "all_reduce_sum", "barrier", "broadcast_object", "cleanup", "init_distributed",
-           "share_run_time"]
+           "share_run_time", "wrap_model"]
 
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 
@@ -94,3 +95,13 @@ def share_run_time(env: str) -> float:
     """
     os.environ[env] = broadcast_object(os.environ.get(env) or repr(time.time()))
     return float(os.environ[env])
+
+
+def wrap_model(model: nn.Module, info: DistInfo, compile: bool = False) -> nn.Module:
+    """DDP around ``model`` when there are several processes, then torch.compile when asked."""
+    if info.world_size > 1:
+        device_ids = [info.device.index] if info.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if compile:
+        model = torch.compile(model)
+    return model

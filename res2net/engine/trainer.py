@@ -35,7 +35,7 @@ from res2net.models import create_model
 
 from .checkpoint import (CheckpointError, CheckpointManager, capture_rng, check_compatible, load_checkpoint, model_state_dict,
                          resolve_resume, restore_rng, unwrap_model)
-from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
+from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, wrap_model
 from .ema import ModelEma
 from .metrics import MetricsWriter, Throughput, format_eta, gpu_mem_mb, rss_mb
 from .optim import build_optimizer
@@ -400,15 +400,6 @@ class _Trainer:
                            checkpoint=checkpoint)
 
 
-def _wrap(model: nn.Module, cfg: Any, dist: DistInfo) -> nn.Module:
-    if dist.world_size > 1:
-        device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    if cfg.trainer.compile:
-        model = torch.compile(model)
-    return model
-
-
 def train(cfg: Any, run_dir: str | os.PathLike, dist: Optional[DistInfo] = None) -> TrainResult:
     """Train as ``cfg`` says, writing into ``run_dir`` (rank 0); returns how the run ended."""
     dist = dist or DistInfo()
@@ -439,7 +430,7 @@ def train(cfg: Any, run_dir: str | os.PathLike, dist: Optional[DistInfo] = None)
                  cfg.data.batch_size, trainer.global_batch, trainer.optimizer.param_groups[0]["lr"],
                  trainer.steps_per_epoch, cfg.schedule.epochs)
         with StopRequest() as stop:
-            result = trainer.fit(_wrap(trainer.model, cfg, dist), stop)
+            result = trainer.fit(wrap_model(trainer.model, dist, compile=cfg.trainer.compile), stop)
         barrier()
         return result
     finally:
