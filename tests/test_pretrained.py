@@ -164,6 +164,15 @@ def test_mirrors_env_replaces_public_locations(server, cache, tiny_model, monkey
     assert server.requests == [f'/missing/{name}', f'/good/{name}']
 
 
+def test_file_without_hash_is_fetched_again_not_taken_from_cache(server, cache, tiny_model):
+    server.files['model.pth'] = _serialize(tiny_model.state_dict())
+    cache.mkdir()
+    (cache / 'model.pth').write_bytes(b'an older download from another host')
+    model = res2net.create_model('res2net50_26w_4s', **TINY)
+    load_pretrained(model, f'{server.base}/good/model.pth')
+    assert _same_weights(model, tiny_model) and server.requests == ['/good/model.pth']
+
+
 def test_corrupt_cached_file_is_replaced(server, cache, tiny_model):
     name = _publish(server, 'tiny', tiny_model.state_dict())
     cache.mkdir()

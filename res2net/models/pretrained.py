@@ -140,7 +140,8 @@ def download_checkpoint(name_or_file: str, urls: Iterable[str] | None = None, ca
     """Path of the verified file in the cache, downloading it first if needed.
 
     ``name_or_file``: a released model name ('res2net50_26w_4s') or a file name. ``urls``: locations to try in order
-    (default: ``checkpoint_urls``). A cached file whose hash does not match its name is removed and fetched again.
+    (default: ``checkpoint_urls``). A cached file whose hash does not match its name is removed and fetched again;
+    a file without a hash in its name is always fetched again.
     Raises RuntimeError listing every location's error when none delivers a good file.
     """
     file, default_urls = checkpoint_urls(name_or_file)
@@ -151,8 +152,9 @@ def download_checkpoint(name_or_file: str, urls: Iterable[str] | None = None, ca
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / file
     expected = hash_prefix(file)
-    if target.is_file():
-        if expected is None or sha256_file(target).startswith(expected):
+    # Only a file whose name carries its hash can be trusted from the cache: another URL may share a plain name.
+    if target.is_file() and expected is not None:
+        if sha256_file(target).startswith(expected):
             return target
         logger.warning('cached %s does not match the sha256 prefix %s in its name; removing it and downloading again',
                        target, expected)
@@ -161,7 +163,7 @@ def download_checkpoint(name_or_file: str, urls: Iterable[str] | None = None, ca
         raise ValueError(f'no location known for {name_or_file!r}: released models are '
                          f'{", ".join(sorted(RELEASED))}; pass urls=... or set {MIRRORS_ENV}=<base url>[,...]')
     if expected is None:
-        logger.warning('%s has no sha256 prefix in its name; it is downloaded without a hash check', file)
+        logger.warning('%s has no sha256 prefix in its name: it is downloaded (again) without a hash check', file)
     errors = []
     for url in locations:
         try:
