@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from res2net.data import DataConfig, build_loader, scan_split
 from test_data_helpers import colour_ids, grey_level_diff, write_colour_split, write_noise_split, write_photo_split
@@ -50,6 +51,18 @@ def test_val_parity_with_pil_on_photographs(photo_root, img_size, crop_pct):
     assert dali_images.shape == pil_images.shape == (8, 3, img_size, img_size)
     diffs = grey_level_diff(dali_images, pil_images, STD)
     assert (diffs < 0.5).all(), dict(zip((Path(p).name for p in pil_paths), diffs.round(3)))
+
+
+def test_cmyk_grayscale_and_png_named_jpeg_decode_like_pil(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    folder = tmp_path / "val" / "n01440764"
+    folder.mkdir(parents=True)
+    Image.fromarray(rgb).convert("CMYK").save(folder / "a_cmyk.JPEG", "JPEG")
+    Image.fromarray(rgb).save(folder / "b_png.JPEG", "PNG")
+    Image.fromarray(rgb[..., 0]).save(folder / "c_gray.JPEG", "JPEG")
+    batches = [next(iter(build_loader(cfg_for(tmp_path, backend, num_workers=1, crop_pct=1.0), "val")))[0]
+               for backend in ("torchvision", "dali")]
+    assert (grey_level_diff(*batches, STD) < 0.5).all()
 
 
 def test_train_statistics(tmp_path):
