@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""Images/s of the data backends (train and val pipelines) on the same folder and cores, as a table.
+
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 \\
+    python scripts/bench_data.py --root ROOT [--backends torchvision dali] [--splits train val] \\
+        [--workers 2 4] [--batch-size 64] [--img-size 224] [--batches 30] [--warmup 5] [--device cpu|cuda]
+
+--workers takes several values to tune the worker / thread count: for torchvision it is the number of DataLoader
+worker processes, for DALI the pipeline's CPU threads. Each row warms up first, then times --batches batches
+(running over epoch ends when the split is small), normalized batches on the device included. Run it on a quiet
+machine: other processes on the same cores change the numbers.
+"""
+import argparse
+import itertools
+import os
+import sys
+import time
+
+import torch
+
+from res2net.data import DataConfig, build_loader
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", required=True, help="data root with train/ and val/ class folders")
+    p.add_argument("--backends", nargs="+", default=["torchvision", "dali"],
+                   choices=["torchvision", "dali", "synthetic"])
+    p.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val"])
+    p.add_argument("--workers", nargs="+", type=int, default=[os.cpu_count() or 1])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batches", type=int, default=30, help="timed batches per row")
+    p.add_argument("--warmup", type=int, default=5, help="untimed batches per row")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--torch-threads", type=int, default=1, help="intra-op threads of the consuming process")
+    return p.parse_args(argv)
+
+
+def endless(loader):
+    """Batches across epoch ends, so a small folder still gives enough batches."""
+    for epoch in itertools.count():
+        loader.set_epoch(epoch)
+        yield from loader
+
+
+def measure(cfg: DataConfig, split: str, device: torch.device, batches: int, warmup: int) -> float:
+    """Images per second of one pipeline, after ``warmup`` batches."""
+    loader = build_loader(cfg, split, device=device)
+    try:
+        stream = endless(loader)
+        for _ in range(warmup):
+            next(stream)
+        sync(device)
+        images, start = 0, time.perf_counter()
+        for _ in range(batches):
+            x, _ = next(stream)
+            images += x.shape[0]
+        sync(device)
+        return images / (time.perf_counter() - start)
+    finally:
+        loader.close()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.torch_threads)
+    device = torch.device(args.device)
+    rows = []
+    for split, backend, workers in itertools.product(args.splits, args.backends, args.workers):
+        cfg = DataConfig(root=args.root, backend=backend, batch_size=args.batch_size, num_workers=workers,
+                         img_size=args.img_size)
+        rate = measure(cfg, split, device, args.batches, args.warmup)
+        rows.append((split, backend, workers, rate))
+        print(f"measured {split} {backend} workers={workers}: {rate:.1f} img/s", file=sys.stderr)
+    base = {(s, w): r for s, b, w, r in rows if b == "torchvision"}
+    print(f"\nbatch {args.batch_size}, {args.img_size} px, device {device}, {os.cpu_count()} CPUs visible, "
+          f"{args.batches} timed batches per row")
+    print(f"| split | backend | workers/threads | img/s | vs torchvision |")
+    print(f"|---|---|---|---:|---:|")
+    for split, backend, workers, rate in rows:
+        ratio = f"{rate / base[(split, workers)]:.2f}x" if (split, workers) in base else ""
+        print(f"| {split} | {backend} | {workers} | {rate:.1f} | {ratio} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
