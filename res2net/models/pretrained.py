@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 
 __all__ = ['RELEASED', 'ReleasedCheckpoint', 'DownloadError', 'cache_dir', 'checkpoint_urls', 'download_checkpoint',
-           'extract_state_dict', 'hash_prefix', 'load_pretrained', 'released_checkpoint', 'sha256_file']
+           'extract_state_dict', 'hash_prefix', 'load_pretrained', 'read_checkpoint', 'released_checkpoint',
+           'sha256_file']
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +275,13 @@ def _key_report(model: nn.Module, state: Mapping[str, torch.Tensor], origin: str
     return '\n'.join(lines)
 
 
-def _load_file(path: Path, trusted: bool) -> object:
+def read_checkpoint(path: str | os.PathLike, trusted: bool = True) -> object:
+    """The object in a checkpoint file (on the CPU): .safetensors, or a torch file read tensors-only first.
+
+    ``trusted`` (a local file the user named, e.g. a train.py checkpoint with numpy RNG states) allows falling back
+    to the full unpickler when the tensors-only reader refuses the file.
+    """
+    path = Path(path)
     if path.suffix == '.safetensors':
         return _load_safetensors(path)
     try:
@@ -301,12 +308,12 @@ def _read_source(source: str | os.PathLike) -> tuple[object, str]:
     if text.startswith(('http://', 'https://')):
         file = Path(urllib.parse.urlparse(text).path).name
         path = download_checkpoint(file, urls=(text,))
-        return _load_file(path, trusted=False), f'checkpoint {text}'
+        return read_checkpoint(path, trusted=False), f'checkpoint {text}'
     path = Path(text).expanduser()
     if path.is_file():
-        return _load_file(path, trusted=True), f'checkpoint {path}'
+        return read_checkpoint(path, trusted=True), f'checkpoint {path}'
     if text in RELEASED:
-        return _load_file(download_checkpoint(text), trusted=False), f'released checkpoint {text}'
+        return read_checkpoint(download_checkpoint(text), trusted=False), f'released checkpoint {text}'
     raise FileNotFoundError(f'checkpoint {text!r} not found: it is not a file, not an http(s) URL and not a released '
                             f'model name ({", ".join(sorted(RELEASED))})')
 
