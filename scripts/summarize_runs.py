@@ -7,7 +7,9 @@ one per job). From each run it reads the "epoch" records of ``metrics.jsonl``, t
 (``.hydra/overrides.yaml``) and the resolved ``config.yaml``, and writes beside them (or to ``--out-dir``):
 
 - ``summary.md`` and ``summary.csv``: the overridden knobs, best and final top-1 / top-5, epochs done, median img/s,
-  wall time and GPU-hours (processes x wall time; runs on CPU are marked as such and count no GPU-hours);
+  wall time (the sum of the epochs' times) and GPU-hours (processes x wall time; runs on CPU are marked as such and
+  count no GPU-hours). The number of processes comes from ``checkpoints/last.pth``; a run is on CUDA when its
+  "train" records carry ``gpu_mem_mb``;
 - ``summary.png``: validation top-1 per epoch and train / val loss per epoch of every run.
 
 Epochs are counted from 1 here (metrics.jsonl counts from 0).
@@ -29,6 +31,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
+import torch  # noqa: E402
 import yaml  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
@@ -141,8 +144,26 @@ def read_config(run_dir: Path) -> dict:
     return config
 
 
-def first_value(records: list[dict], key: str):
-    return next((record[key] for record in records if record.get(key) is not None), None)
+def read_world_size(run_dir: Path) -> int | None:
+    """Processes that trained the run, as its last checkpoint records them (None before the first checkpoint)."""
+    path = run_dir / "checkpoints" / "last.pth"
+    if not path.is_file():
+        return None
+    try:  # mmap: only the few bytes read are loaded, not the weights
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable train.py checkpoint ({err})") from err
+    if not isinstance(checkpoint, dict) or "world_size" not in checkpoint:
+        raise ValueError(f"{path}: has no 'world_size' entry; is it a checkpoint written by train.py?")
+    return int(checkpoint["world_size"])
+
+
+def read_device(records: list[dict]) -> str | None:
+    """'cuda' or 'cpu' from the "train" records (train.py logs gpu_mem_mb only on CUDA); None without any."""
+    train = [record for record in records if record["kind"] == "train"]
+    if not train:
+        return None
+    return "cuda" if any("gpu_mem_mb" in record for record in train) else "cpu"
 
 
 def load_run(sweep_dir: Path, run_dir: Path) -> Run:
@@ -154,8 +175,8 @@ def load_run(sweep_dir: Path, run_dir: Path) -> Run:
         overrides=read_overrides(run_dir),
         config=read_config(run_dir),
         epochs=epoch_records(records, metrics_path),
-        world_size=first_value(records, "world_size"),
-        device=first_value(records, "device"),
+        world_size=read_world_size(run_dir),
+        device=read_device(records),
     )
     if not run.epochs:
         run.notes.append("no epoch finished")
@@ -179,11 +200,9 @@ def resource_columns(run: Run) -> dict:
     """Wall time (sum of epoch times), and GPU-hours = processes x wall time for runs on CUDA."""
     times = metric_values(run, "epoch_time_s")
     wall_h = sum(times) / 3600 if times else None
-    device = str(run.device) if run.device is not None else None
-    on_gpu = device is not None and device.startswith("cuda")
-    if wall_h is None or run.world_size is None or device is None:
+    if wall_h is None or run.world_size is None or run.device is None:
         gpu_hours, hardware = None, MISSING
-    elif on_gpu:
+    elif run.device == "cuda":
         gpu_hours, hardware = run.world_size * wall_h, f"{run.world_size} GPU"
     else:
         gpu_hours, hardware = 0.0, f"CPU ({run.world_size} proc)"
@@ -226,7 +245,7 @@ def format_cell(value, column: str) -> str:
         if math.isnan(value):
             return "nan"
         if column in ("wall_h", "gpu_hours"):
-            return f"{value:.3f}"
+            return f"{value:.3f}" if value >= 0.01 else f"{value:.2g}"
         return f"{value:.1f}" if column == "img_per_s" else f"{value:.2f}"
     return str(value)
 

@@ -11,6 +11,7 @@ import matplotlib.colors
 import matplotlib.image
 import numpy as np
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,10 +44,16 @@ def write_run(sweep: Path, job: str, model: str, epochs, world_size: int, device
     (run_dir / ".hydra" / "overrides.yaml").write_text(
         yaml.safe_dump([f"model={model}", "experiment=ablation_scale_equal_cost", "+trainer.max_steps=7"]))
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"model": {"name": model}, "schedule": {"epochs": 3}}))
-    lines = [{"kind": "run", "world_size": world_size, "device": device}]
+    (run_dir / "checkpoints").mkdir()
+    torch.save({"model": {"fc.weight": torch.zeros(2, 2)}, "world_size": world_size, "epoch": len(epochs)},
+               run_dir / "checkpoints" / "last.pth")
+    lines = []
     for epoch, (top1, top5, train_loss, val_loss) in enumerate(epochs):
-        lines.append({"kind": "train", "epoch": epoch, "step": epoch * 10 + 5, "loss": train_loss + 0.1,
-                      "lr": 0.1, "img_per_s": 100.0})
+        train = {"kind": "train", "epoch": epoch, "step": epoch * 10 + 5, "loss": train_loss + 0.1, "lr": 0.1,
+                 "img_per_s": 100.0, "data_wait_frac": 0.01}
+        if device == "cuda":  # as train.py logs it
+            train["gpu_mem_mb"] = 1234.0
+        lines.append(train)
         lines.append({"kind": "epoch", "epoch": epoch, "train_loss": train_loss, "lr": 0.1, "val_loss": val_loss,
                       "val_top1": top1, "val_top5": top5, "epoch_time_s": epoch_time,
                       "img_per_s": 100.0 * (epoch + 1), "global_step": (epoch + 1) * 10})
@@ -158,10 +165,18 @@ def test_cut_off_last_line_and_repeated_epoch_are_handled(sweep):
     assert run.epochs[-1]["val_top1"] == 21.0
 
 
+def test_unreadable_checkpoint_is_named(sweep, capsys):
+    last = sweep / "0" / "checkpoints" / "last.pth"
+    last.write_bytes(b"not a checkpoint")
+    assert summarize_runs.main([str(sweep)]) == 2
+    assert f"{last}: not a readable train.py checkpoint" in capsys.readouterr().err
+
+
 def test_run_without_a_finished_epoch_gets_a_row(sweep):
     (sweep / "3").mkdir()
     (sweep / "3" / "metrics.jsonl").write_text(json.dumps({"kind": "train", "epoch": 0, "step": 1, "loss": 7.0}) + "\n")
     summary = summarize_runs.summarize(sweep)
     row = summary.rows[-1]
     assert row["run"] == "3" and row["best_top1"] is None and row["notes"] == "no epoch finished"
+    assert row["hardware"] == "-" and row["gpu_hours"] is None  # no checkpoint yet: the process count is unknown
     assert "| 3 |" in summary.markdown
