@@ -35,11 +35,14 @@ def noise_root(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("img_size, crop_pct", [(224, 0.875), (288, 1.0), (160, 0.95), (97, 0.9)])
-def test_val_parity_with_pil_on_photographs(photo_root, img_size, crop_pct):
+@pytest.mark.parametrize("img_size, crop_pct, interpolation", [
+    (224, 0.875, "bilinear"), (288, 1.0, "bilinear"), (160, 0.95, "bilinear"), (97, 0.9, "bilinear"),
+    (224, 0.875, "bicubic"),
+])
+def test_val_parity_with_pil_on_photographs(photo_root, img_size, crop_pct, interpolation):
     def batch(backend):
-        cfg = cfg_for(photo_root, backend, batch_size=16, img_size=img_size, crop_pct=crop_pct, num_workers=0 if
-                      backend == "torchvision" else 1)
+        cfg = cfg_for(photo_root, backend, batch_size=16, img_size=img_size, crop_pct=crop_pct,
+                      interpolation=interpolation, num_workers=0 if backend == "torchvision" else 1)
         loader = build_loader(cfg, "val")
         images, labels = next(iter(loader))
         return images, labels, loader.paths
