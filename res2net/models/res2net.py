@@ -37,7 +37,7 @@ def _check_bool(name: str, value: object) -> bool:
     return value
 
 
-def _check_layers(layers: object) -> tuple[int, int, int, int]:
+def _check_layers(layers: object) -> tuple[int, ...]:
     # Accept any sequence (list, tuple, OmegaConf ListConfig) of four positive integers.
     if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or len(layers) != 4:
         raise ValueError(f'layers must be a list of 4 integers >= 1 (blocks per stage), got {layers!r}')
