@@ -71,9 +71,9 @@ def _validate(cfg: DataConfig, split: str) -> None:
     val_resize_size(cfg.img_size, cfg.crop_pct)
 
 
-def _train_classes(root: str) -> Optional[Sequence[str]]:
+def _train_classes(root: Optional[str]) -> Optional[Sequence[str]]:
     """The train split's class folders, so val labels use the same mapping even if val lacks a class."""
-    train_dir = os.path.join(root, "train")
+    train_dir = os.path.join(root, "train") if root else ""
     if not os.path.isdir(train_dir):
         return None
     return sorted(e.name for e in os.scandir(train_dir) if e.is_dir()) or None
@@ -90,8 +90,7 @@ def build_loader(cfg: Any, split: str, *, rank: int = 0, world_size: int = 1, se
     if cfg.backend == "synthetic":
         from .loader_synthetic import SyntheticLoader
         return SyntheticLoader(cfg, train, channels_last=channels_last, dtype=dtype, **common)
-    classes = None if train else _train_classes(cfg.root) if cfg.root and os.path.isdir(cfg.root) else None
-    samples, classes = scan_split(cfg.root, split, classes)
+    samples, classes = scan_split(cfg.root, split, None if train else _train_classes(cfg.root))
     normalizer = Normalizer(cfg.mean, cfg.std, device, dtype, channels_last)
     if cfg.backend == "torchvision":
         from .loader_torchvision import TorchvisionLoader

@@ -80,9 +80,6 @@ class _BatchDataset(torch.utils.data.Dataset):
             self._order = (epoch, order, first)
         return self._order[1], self._order[2]
 
-    def __len__(self) -> int:  # batches are addressed by key through the sampler
-        raise TypeError("_BatchDataset is indexed by (epoch, batch) keys from its sampler")
-
     def __getitem__(self, key: Tuple[int, int]):
         epoch, batch = key
         order, first = self.rank_order(epoch)
