@@ -1,0 +1,209 @@
+"""train.py end to end as real processes: torchrun with gloo, kill -9 / SIGTERM and exact resume, NaN stop.
+
+Tiny Res2Net (base_width 4, one block per stage) on a generated ImageFolder of 32 px JPEGs, torchvision backend.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import res2net
+from res2net.engine.trainer import PREEMPTED_EXIT_CODE
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("n0001", "n0002", "n0003", "n0004")
+TRAIN_PER_CLASS, VAL_PER_CLASS = 8, 3  # 32 train images: 8 steps of 4 per epoch on one process
+TINY_MODEL = {"model.base_width": 4, "model.layers": "[1,1,1,1]"}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """Class-coloured noise, so the model learns something and the loss moves."""
+    root = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
+        for label, wnid in enumerate(CLASSES):
+            (root / split / wnid).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 96, (40, 40, 3)) + np.array([160 if c == label % 3 else 0 for c in range(3)])
+                if label == 3:
+                    pixels[:, :20] = 255
+                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(root / split / wnid / f"{i}.JPEG",
+                                                                           quality=90)
+    return root
+
+
+def _overrides(folder: Path, **extra) -> list[str]:
+    settings = {"data": "folder", "data.root": str(folder), "data.img_size": 32, "data.batch_size": 4,
+                "data.num_workers": 0, **TINY_MODEL, "schedule.epochs": 2, "schedule.milestones": "[1]",
+                "trainer.log_interval": 1, "trainer.deterministic": "true", "trainer.keep_last": 1, **extra}
+    return [f"{key}={value}" for key, value in settings.items()]
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="1", PYTHONPATH=str(REPO))
+
+
+def _train(run_dir: Path, folder: Path, **extra) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "train.py"), f"hydra.run.dir={run_dir}", *_overrides(folder, **extra)]
+    return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), timeout=300)
+
+
+def _start(run_dir: Path, folder: Path, **extra) -> subprocess.Popen:
+    cmd = [sys.executable, str(REPO / "train.py"), f"hydra.run.dir={run_dir}", *_overrides(folder, **extra)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+
+
+def _records(run_dir: Path, kind: str) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    return [r for r in lines if r["kind"] == kind]
+
+
+def _wait_until_step(proc: subprocess.Popen, run_dir: Path, step: int) -> None:
+    deadline = time.monotonic() + 240
+    while not any(r["step"] >= step for r in _records(run_dir, "train")):
+        assert proc.poll() is None, f"train.py ended before step {step}: {proc.communicate()[0][-3000:]}"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+
+
+def _last(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.pth", weights_only=True)
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    momentum_a = [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
+    momentum_b = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
+    assert all(torch.equal(x, y) for x, y in zip(momentum_a, momentum_b))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, folder) -> dict:
+    """An uninterrupted deterministic run: 2 epochs x 8 steps."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    proc = _train(run_dir, folder)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    ckpt = _last(run_dir)
+    assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]) == (2, 0, 16)
+    return ckpt
+
+
+def test_torchrun_two_processes_write_one_run_dir(tmp_path, folder):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "train.py"), *_overrides(folder, **{"trainer.deterministic": "false", "trainer.ema_decay": 0.9})]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    run_dirs = [p for p in (tmp_path / "outputs").glob("*/*")]
+    assert len(run_dirs) == 1, run_dirs  # not one per rank
+    run_dir = run_dirs[0]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "checkpoints", "config.yaml", "metrics.jsonl",
+                                                         "tb", "train.log"]
+    assert sorted(p.name for p in run_dir.rglob("*.log")) == ["train.log"]
+    epochs = _records(run_dir, "epoch")
+    assert [r["epoch"] for r in epochs] == [0, 1]
+    assert all(r["global_step"] == 4 * (r["epoch"] + 1) for r in epochs)  # 16 images per rank, batch 4
+    assert all({"val_top1", "val_top5", "val_loss", "val_top1_ema", "epoch_time_s", "img_per_s"} <= r.keys()
+               for r in epochs)
+    train = _records(run_dir, "train")
+    assert [r["step"] for r in train] == list(range(1, 9))
+    assert {"loss", "lr", "img_per_s", "data_wait_frac"} <= train[0].keys()
+    assert train[0]["lr"] == pytest.approx(0.1 * 8 / 256)  # 2 processes x batch 4, linear scaling
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "epoch/val_top1", "epoch/val_top5", "epoch/val_loss"} <= set(scalars)
+    assert [e.step for e in events.Scalars("epoch/val_top1")] == [4, 8]
+    assert events.Scalars("epoch/val_top1")[-1].value == pytest.approx(epochs[-1]["val_top1"])
+
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pth", weights_only=True)
+    assert ckpt["world_size"] == 2 and ckpt["config"]["model"]["name"] == "res2net50_26w_4s"
+    ours = res2net.create_model("res2net50_26w_4s", num_classes=4, base_width=4, layers=[1, 1, 1, 1])
+    ours.load_state_dict(ckpt["model"], strict=True)
+    ours.load_state_dict(ckpt["ema"], strict=True)
+    import timm
+    reference = timm.create_model("res2net50_26w_4s", num_classes=4, base_width=4, layers=[1, 1, 1, 1])
+    reference.load_state_dict(ckpt["model"], strict=True)
+    best = torch.load(run_dir / "checkpoints" / "best.pth", weights_only=True)
+    assert best["best_top1"] == max(r["val_top1"] for r in epochs)
+
+
+def test_kill_9_at_a_random_step_then_resume_auto_is_bit_exact(tmp_path, folder, reference):
+    step = random.randint(2, 14)
+    proc = _start(tmp_path, folder, **{"trainer.save_every_steps": 3})
+    _wait_until_step(proc, tmp_path, step)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    interrupted = _last(tmp_path)
+    assert interrupted["global_step"] < 16, f"kill came too late (step {step})"
+    resumed = _train(tmp_path, folder, **{"trainer.save_every_steps": 3, "resume": "auto"})
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert f"resumed from {tmp_path / 'checkpoints' / 'last.pth'}" in resumed.stdout
+    final = _last(tmp_path)
+    assert final["global_step"] == 16
+    _assert_same_weights(final, reference)
+    steps = [r["step"] for r in _records(tmp_path, "train")]
+    assert steps == list(range(1, 17)), "metrics.jsonl must describe one trajectory"
+
+
+def test_sigterm_checkpoints_the_exact_position_and_resume_is_bit_exact(tmp_path, folder, reference):
+    proc = _start(tmp_path, folder)
+    _wait_until_step(proc, tmp_path, 3)  # mid-epoch 0 (8 steps per epoch)
+    proc.send_signal(signal.SIGTERM)
+    err, _ = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
+    ckpt = _last(tmp_path)
+    logged = max(r["step"] for r in _records(tmp_path, "train"))
+    assert ckpt["global_step"] == logged and 3 <= logged < 16  # nothing after the checkpointed step
+    assert ckpt["step_in_epoch"] == logged % 8 or (ckpt["step_in_epoch"] == 8 and logged == 8)
+    assert "resume=auto" in err
+    resumed = _train(tmp_path, folder, resume="auto")
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    _assert_same_weights(_last(tmp_path), reference)
+
+
+def test_non_finite_loss_stops_naming_the_position_and_last_good_checkpoint(tmp_path, folder):
+    proc = _train(tmp_path, folder, **{"optim.lr": 1e12, "trainer.save_every_steps": 1})
+    assert proc.returncode == 1
+    assert "non-finite training loss" in proc.stdout
+    last = tmp_path / "checkpoints" / "last.pth"
+    assert f"Last good checkpoint: {last}" in proc.stdout
+    assert "epoch 0 (0-based), step " in proc.stdout
+    ckpt = _last(tmp_path)
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+
+
+def test_max_steps_smoke_run_on_a_folder(tmp_path, folder):
+    proc = _train(tmp_path, folder, **{"trainer.max_steps": 3, "trainer.deterministic": "false"})
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "max_steps after 0 epochs (global step 3)" in proc.stdout
+    ckpt = _last(tmp_path)
+    assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (0, 3)
+    (epoch,) = _records(tmp_path, "epoch")
+    assert epoch["partial"] is True and epoch["global_step"] == 3
+
+
+def test_resume_from_another_architecture_is_refused(tmp_path, folder):
+    first = _train(tmp_path, folder, **{"trainer.max_steps": 1})
+    assert first.returncode == 0, first.stdout[-3000:]
+    other = _train(tmp_path, folder, **{"trainer.max_steps": 2, "resume": "auto", "model": "res2net50_26w_8s"})
+    assert other.returncode == 1
+    assert "cannot resume from" in other.stdout and "model.name: checkpoint 'res2net50_26w_4s'" in other.stdout
+    assert "model.scale: checkpoint 4 vs now 8" in other.stdout
