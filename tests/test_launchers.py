@@ -1,4 +1,5 @@
-"""The launchers: scripts/train_multigpu.sh, scripts/slurm/train.sbatch and the submitit sweep launcher config.
+"""The launchers: scripts/train_multigpu.sh, scripts/slurm/train.sbatch and the submitit sweep launcher config
+(configs/hydra/launcher/slurm.yaml).
 
 SLURM is not installed here, so the sbatch script runs with stand-ins for the two SLURM commands it calls (srun:
 runs its command on this machine; scontrol: names the nodes and records requeues); torchrun, bash and the signal
@@ -16,13 +17,22 @@ import time
 from pathlib import Path
 
 import pytest
+import submitit
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+from omegaconf import OmegaConf
+
+from res2net.config import register_configs
 
 REPO = Path(__file__).resolve().parents[1]
 MULTIGPU = REPO / "scripts" / "train_multigpu.sh"
 SBATCH = REPO / "scripts" / "slurm" / "train.sbatch"
 SCRIPTS = [MULTIGPU, SBATCH]
 HANDLED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
 
 # srun stand-in: drop srun's own options, run the command (one node: this machine).
 FAKE_SRUN = """#!/usr/bin/env bash
@@ -248,3 +258,29 @@ def test_multigpu_without_gpus_asks_for_nproc():
 def test_multigpu_rejects_a_bad_nproc():
     result = run_script(MULTIGPU, env={**os.environ, "NPROC": "0", "PYTHON": sys.executable})
     assert result.returncode == 2 and "NPROC must be a positive integer, got '0'" in result.stderr
+
+
+def test_slurm_sweep_launcher_composes_with_train_config_and_renders_a_job_array(fake_slurm_bin, monkeypatch):
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True, overrides=[
+            "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "experiment=ablation_depth"])
+    launcher = instantiate(cfg.hydra.launcher)
+    # (Hydra's plugin discovery imports the module anew, so compare the class by name.)
+    assert f"{type(launcher).__module__}.{type(launcher).__name__}" == SLURM_LAUNCHER
+    assert launcher.params["submitit_folder"].startswith("multirun/ablation_depth/")
+    assert (launcher.params["gpus_per_node"], launcher.params["tasks_per_node"]) == (1, 1)
+
+    # The plugin's own translation of its parameters into submitit's, then submitit's sbatch text for two jobs.
+    monkeypatch.setenv("PATH", f"{fake_slurm_bin}{os.pathsep}{os.environ['PATH']}")  # submitit looks for srun
+    executor = submitit.AutoExecutor(folder="sweep/.submitit/%j", cluster="slurm",
+                                     slurm_max_num_timeout=launcher.params["max_num_timeout"])
+    base_keys = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{key if key in base_keys else f"slurm_{key}": value
+                                  for key, value in launcher.params.items()
+                                  if key not in ("submitit_folder", "max_num_timeout")})
+    text = executor._executor._make_submission_file_text("python -u -m submitit.core._submit sweep", "uid")
+    for directive in ("--gpus-per-node=1", "--ntasks-per-node=1", "--partition=gpu", "--signal=USR2@120",
+                      "--time=4320", "--mem=64GB"):
+        assert f"#SBATCH {directive}\n" in text, text
