@@ -20,6 +20,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -175,6 +176,7 @@ class _Trainer:
         self.best_top1: Optional[float] = None
         self.meters = self._fresh_meters()
         self.pending_rng: Optional[dict] = None
+        self.step_lr = self.optimizer.param_groups[0]["lr"]  # the lr of the latest step, for the records
         self.last_saved: Optional[Path] = None
         self.checkpoints = CheckpointManager(run_dir / "checkpoints", self.t.keep_last) if dist.is_main else None
 
@@ -258,7 +260,10 @@ class _Trainer:
         scale = self.scaler.get_scale() if self.amp == "fp16" else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
+        self.step_lr = self.optimizer.param_groups[0]["lr"]
+        with warnings.catch_warnings():  # the schedule counts steps the fp16 scaler skipped, on purpose
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.model)
         return loss.detach(), scale is not None and self.scaler.get_scale() < scale
@@ -283,7 +288,7 @@ class _Trainer:
         self.train_loader.set_epoch(self.epoch, self.step_in_epoch)
         window = Throughput()
         fetch = time.perf_counter()
-        for images, labels in self.train_loader:
+        for images, labels in self._batches():
             waited = time.perf_counter() - fetch
             if self.pending_rng is not None:  # after the loader drew its seeds, as the uninterrupted run had
                 restore_rng(self.pending_rng)
@@ -313,10 +318,24 @@ class _Trainer:
                                f"batches it announced (epoch {self.epoch})")
         return "done"
 
+    def _batches(self):
+        """The training loader's batches; a failure (e.g. a crashed worker) is reported with the position."""
+        batches = iter(self.train_loader)
+        while True:
+            try:
+                yield next(batches)
+            except StopIteration:
+                return
+            except Exception as err:
+                raise RuntimeError(f"the training data loader failed on rank {self.dist.rank} at epoch {self.epoch}, "
+                                   f"batch {self.step_in_epoch} of {self.steps_per_epoch} (data.root="
+                                   f"{self.cfg.data.root}): {err}. scripts/check_dataset.py finds unreadable "
+                                   f"files; resume=auto continues from the last checkpoint") from err
+
     def _log_window(self, window: Throughput) -> None:
         stats = window.summary()
         record = {"kind": "train", "epoch": self.epoch, "step": self.global_step, "loss": stats["loss"],
-                  "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": stats["img_per_s"],
+                  "lr": self.step_lr, "img_per_s": stats["img_per_s"],
                   "data_wait_frac": stats["data_wait_frac"]}
         mem = gpu_mem_mb(self.device)
         if mem is not None:
@@ -343,7 +362,7 @@ class _Trainer:
     def _log_epoch(self, val: dict, seconds: float, train_seconds: float, partial: bool) -> None:
         steps = max(self.meters["steps"], 1)
         record = {"kind": "epoch", "epoch": self.epoch, "train_loss": self.meters["loss_sum"] / steps,
-                  "lr": self.optimizer.param_groups[0]["lr"], "val_loss": val["loss"], "val_top1": val["top1"],
+                  "lr": self.step_lr, "val_loss": val["loss"], "val_top1": val["top1"],
                   "val_top5": val["top5"], "epoch_time_s": seconds,
                   "img_per_s": self.meters["steps"] * self.global_batch / max(train_seconds, 1e-9),
                   "global_step": self.global_step, "skipped_steps": self.meters["skipped_steps"]}
