@@ -249,3 +249,26 @@ def test_synthetic_backend():
         assert labels.tolist() == val.targets and len(labels) == val.num_samples
         paths += val.paths
     assert len(paths) == len(set(paths)) == 11
+
+
+def test_random_resized_crop_follows_torchvision():
+    import torchvision.transforms as T
+
+    from res2net.data.index import sample_rng
+    from res2net.data.transforms import augmentation_draws, random_resized_crop_box
+    scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
+    ours = np.array([random_resized_crop_box(augmentation_draws(sample_rng(0, 0, i), scale, ratio, 0.5), 300, 451)
+                     for i in range(3000)])
+    torch.manual_seed(0)
+    theirs = np.array([T.RandomResizedCrop.get_params(torch.empty(3, 300, 451), list(scale), list(ratio))
+                       for _ in range(3000)])
+    for boxes in (ours, theirs):
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 0] + boxes[:, 2] <= 300).all()
+        assert (boxes[:, 1] >= 0).all() and (boxes[:, 1] + boxes[:, 3] <= 451).all()
+    area = lambda b: (b[:, 2] * b[:, 3] / (300 * 451)).mean()  # noqa: E731
+    aspect = lambda b: np.log(b[:, 3] / b[:, 2]).mean()  # noqa: E731
+    assert abs(area(ours) - area(theirs)) < 0.02 and abs(aspect(ours) - aspect(theirs)) < 0.02
+    # Images no attempt fits: the same clamped center crop as torchvision.
+    for h, w in [(10, 1000), (1000, 10)]:
+        expected = T.RandomResizedCrop.get_params(torch.empty(3, h, w), list(scale), list(ratio))
+        assert random_resized_crop_box(augmentation_draws(sample_rng(0, 0, 1), scale, ratio, 0.5), h, w) == expected

@@ -7,10 +7,14 @@ without shuffling, and the pipeline is rebuilt at the start of every iteration w
 the reader pads the last val batch by repeating its last file and the loader trims that padding off, so every image
 counts exactly once.
 
-Augmentation RNG: the pipeline seed is derived from (seed, epoch, global rank), so an epoch run from its start is
-reproducible. After a mid-epoch resume (start_batch > 0) the order is exact but the crops and flips of the
-remaining batches differ from those of an uninterrupted run (DALI's operator RNG cannot be positioned at a sample);
-the torchvision backend is bit-exact there.
+Augmentation: no DALI random operator is used. An external_source feeds each sample's draws, computed in Python
+from (seed, epoch, global position in the epoch order) exactly as the torchvision backend computes them
+(transforms.augmentation_draws); the graph turns them into torchvision's RandomResizedCrop box with the same float64
+arithmetic (transforms.random_resized_crop_box), decodes only that region (decoders.image_slice, a fused ROI
+decoder), resizes and flips. So a batch depends only on (seed, epoch, batch index): a mid-epoch resume
+(start_batch > 0) gives bit-identical batches, for any thread count, and the crops and flips are the same ones the
+torchvision backend picks (the pixels then differ by the decoders' and resizers' rounding, ~0.2 grey levels).
+Ranks differ because their positions differ; no per-rank DALI seed is needed.
 
 Decoding: 'cpu' (libjpeg-turbo, DALI CPU-only mode with device_id=None) when the loader's device is the CPU,
 'mixed' (nvJPEG, fancy upsampling as on the CPU) when it is CUDA; resizing, cropping and flipping then run where the
@@ -30,8 +34,9 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import torch
 
-from .index import train_positions, val_shard
-from .transforms import val_resize_size
+from .index import sample_rng, train_positions, val_shard
+from .transforms import (DRAW_AREA, DRAW_ASPECT, DRAW_FLIP, DRAW_LEFT, DRAW_RATIO_MAX, DRAW_RATIO_MIN, DRAW_TOP,
+                         RRC_ATTEMPTS, augmentation_draws, val_resize_size)
 
 __all__ = ["DaliLoader", "resolve_decoder"]
 
@@ -68,6 +73,35 @@ def _suspects(files: Sequence[str]) -> List[str]:
         except Exception:  # any decoder failure marks the file
             bad.append(path)
     return bad or list(files)
+
+
+def _crop_box_graph(draws, height, width):
+    """transforms.random_resized_crop_box as DALI float64 arithmetic on (H, W) nodes: (top, left, crop_h, crop_w).
+    Attempts are visited last to first, each replacing the box when it fits, so the first fitting one wins."""
+    from nvidia.dali import math as dmath
+
+    def round_half_up(x):
+        return dmath.floor(x + 0.5)
+
+    ratio_min, ratio_max = draws[DRAW_RATIO_MIN], draws[DRAW_RATIO_MAX]
+    in_ratio = width / height
+    narrow, wide = in_ratio < ratio_min, in_ratio > ratio_max
+    keep = (in_ratio >= ratio_min) * (in_ratio <= ratio_max)
+    crop_w = narrow * width + wide * round_half_up(height * ratio_max) + keep * width
+    crop_h = narrow * round_half_up(width / ratio_min) + wide * height + keep * height
+    top, left = dmath.floor((height - crop_h) / 2), dmath.floor((width - crop_w) / 2)
+    area = height * width
+    for k in reversed(range(RRC_ATTEMPTS)):
+        target_area = area * draws[DRAW_AREA.start + k]
+        aspect = draws[DRAW_ASPECT.start + k]
+        w = round_half_up(dmath.sqrt(target_area * aspect))
+        h = round_half_up(dmath.sqrt(target_area / aspect))
+        fits = (w > 0) * (w <= width) * (h > 0) * (h <= height)
+        misses = 1 - fits
+        top = fits * dmath.floor(draws[DRAW_TOP] * (height - h + 1)) + misses * top
+        left = fits * dmath.floor(draws[DRAW_LEFT] * (width - w + 1)) + misses * left
+        crop_h, crop_w = fits * h + misses * crop_h, fits * w + misses * crop_w
+    return top, left, crop_h, crop_w
 
 
 class DaliLoader:
@@ -120,6 +154,7 @@ class DaliLoader:
 
     def __iter__(self):
         start, self._start = self._start, 0  # a later iteration without set_epoch repeats the epoch from batch 0
+        self._iter_start = start
         indices = self.epoch_indices(self.epoch)[start * self.batch_size:]
         if len(indices) == 0:
             return
@@ -152,8 +187,18 @@ class DaliLoader:
         feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(self.device))
         return out, labels
 
-    def _pipeline_seed(self) -> int:
-        return int(np.random.SeedSequence([self.seed, self.epoch, self.rank, 2]).generate_state(1)[0] & 0x7FFFFFFF)
+    def _draws_source(self, files: Sequence[str]):
+        """external_source callback: the augmentation draws of pipeline iteration i, i.e. of the samples at global
+        positions first + (start_batch + i) * batch_size + j -- the same values the torchvision backend uses."""
+        _, first = train_positions(len(self._paths), self.rank, self.world_size, self.seed, self.epoch)
+        first += self._iter_start * self.batch_size
+        seed, epoch, cfg = self.seed, self.epoch, self.cfg
+
+        def draws(info) -> np.ndarray:
+            base = first + info.iteration * self.batch_size
+            return np.stack([augmentation_draws(sample_rng(seed, epoch, base + j), cfg.train_crop_scale,
+                                                cfg.train_crop_ratio, cfg.hflip) for j in range(self.batch_size)])
+        return draws
 
     def _build_pipeline(self, files: List[str], labels: List[int]):
         from nvidia.dali import Pipeline, fn, types
@@ -164,7 +209,7 @@ class DaliLoader:
         if self.decoder == "mixed":
             device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         pipe = Pipeline(batch_size=self.batch_size, num_threads=max(1, cfg.num_workers), device_id=device_id,
-                        seed=self._pipeline_seed(), prefetch_queue_depth=cfg.prefetch)
+                        prefetch_queue_depth=cfg.prefetch)
         decoder_args = dict(device=self.decoder, output_type=types.RGB, adjust_orientation=False)
         if self.decoder == "mixed":
             decoder_args["jpeg_fancy_upsampling"] = True
@@ -172,21 +217,27 @@ class DaliLoader:
             jpegs, label_node = fn.readers.file(files=files, labels=labels, random_shuffle=False,
                                                 pad_last_batch=True, name="reader")
             if self.train:
-                images = self._train_graph(fn, jpegs, decoder_args, interp)
+                draws = fn.external_source(source=self._draws_source(files), batch=True, batch_info=True,
+                                           dtype=types.FLOAT64, ndim=1)
+                images = self._train_graph(fn, types, jpegs, decoder_args, interp, draws)
             else:
                 images = self._val_graph(fn, types, jpegs, decoder_args, interp)
             pipe.set_outputs(images, label_node)
         pipe.build()
         return pipe
 
-    def _train_graph(self, fn, jpegs, decoder_args, interp):
-        cfg = self.cfg
-        images = fn.decoders.image_random_crop(jpegs, random_area=list(cfg.train_crop_scale),
-                                               random_aspect_ratio=list(cfg.train_crop_ratio), num_attempts=10,
-                                               **decoder_args)
-        images = fn.resize(images, resize_x=cfg.img_size, resize_y=cfg.img_size, interp_type=interp,
+    def _train_graph(self, fn, types, jpegs, decoder_args, interp, draws):
+        """RandomResizedCrop from the per-sample ``draws`` (see transforms.random_resized_crop_box, which this
+        mirrors in float64 graph arithmetic), decoded as a region of interest, resized, flipped."""
+        shape = fn.peek_image_shape(jpegs, dtype=types.INT64, adjust_orientation=False)
+        height, width = fn.cast(shape[0], dtype=types.FLOAT64), fn.cast(shape[1], dtype=types.FLOAT64)
+        top, left, crop_h, crop_w = _crop_box_graph(draws, height, width)
+        images = fn.decoders.image_slice(jpegs, fn.cast(fn.stack(top, left), dtype=types.INT32),
+                                         fn.cast(fn.stack(crop_h, crop_w), dtype=types.INT32), axis_names="HW",
+                                         **decoder_args)
+        images = fn.resize(images, resize_x=self.cfg.img_size, resize_y=self.cfg.img_size, interp_type=interp,
                            antialias=True)
-        return fn.flip(images, horizontal=fn.random.coin_flip(probability=cfg.hflip))
+        return fn.flip(images, horizontal=fn.cast(draws[DRAW_FLIP], dtype=types.INT32))
 
     def _val_graph(self, fn, types, jpegs, decoder_args, interp):
         cfg = self.cfg

@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 
 from .index import sample_rng, train_positions, val_shard
-from .transforms import center_crop_offset, random_resized_crop_box, val_resize_size, val_resized_shape
+from .transforms import (DRAW_FLIP, augmentation_draws, center_crop_offset, random_resized_crop_box, val_resize_size,
+                         val_resized_shape)
 
 __all__ = ["TorchvisionLoader", "decode_val_image", "decode_train_image"]
 
@@ -45,13 +46,13 @@ def decode_val_image(path: str, img_size: int, crop_pct: float, interpolation: s
     return np.asarray(img.crop((left, top, left + img_size, top + img_size)))
 
 
-def decode_train_image(path: str, rng: np.random.Generator, img_size: int, scale: Sequence[float],
-                       ratio: Sequence[float], hflip: float, interpolation: str = "bilinear") -> np.ndarray:
-    """RandomResizedCrop + horizontal flip of one file as uint8 HWC, all randomness drawn from ``rng``."""
+def decode_train_image(path: str, draws: np.ndarray, img_size: int, interpolation: str = "bilinear") -> np.ndarray:
+    """RandomResizedCrop (crop, then resize, as torchvision) + horizontal flip of one file as uint8 HWC, all
+    randomness given by ``draws`` (transforms.augmentation_draws)."""
     img = _open_rgb(path)
-    top, left, h, w = random_resized_crop_box(rng, img.height, img.width, scale, ratio)
-    img = img.resize((img_size, img_size), _PIL_INTERP[interpolation], box=(left, top, left + w, top + h))
-    if rng.random() < hflip:
+    top, left, h, w = random_resized_crop_box(draws, img.height, img.width)
+    img = img.crop((left, top, left + w, top + h)).resize((img_size, img_size), _PIL_INTERP[interpolation])
+    if draws[DRAW_FLIP]:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     return np.asarray(img)
 
@@ -108,8 +109,9 @@ class _BatchDataset(torch.utils.data.Dataset):
         for step in range(len(order)):
             idx = order[(pos + step) % len(order)]
             try:
-                dst[...] = decode_train_image(str(self.paths[idx]), sample_rng(self.seed, epoch, first + pos),
-                                              self.img_size, self.scale, self.ratio, self.hflip, self.interpolation)
+                draws = augmentation_draws(sample_rng(self.seed, epoch, first + pos), self.scale, self.ratio,
+                                           self.hflip)
+                dst[...] = decode_train_image(str(self.paths[idx]), draws, self.img_size, self.interpolation)
                 return int(self.labels[idx])
             except Exception as err:  # any decoder failure, see _decode_val
                 skipped.append((str(self.paths[idx]), repr(err)))

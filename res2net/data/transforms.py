@@ -9,7 +9,10 @@ from typing import Sequence, Tuple
 import numpy as np
 import torch
 
-__all__ = ["val_resize_size", "val_resized_shape", "center_crop_offset", "random_resized_crop_box", "Normalizer"]
+__all__ = [
+    "val_resize_size", "val_resized_shape", "center_crop_offset", "augmentation_draws", "random_resized_crop_box",
+    "Normalizer", "NUM_DRAWS",
+]
 
 
 def val_resize_size(img_size: int, crop_pct: float) -> int:
@@ -31,26 +34,53 @@ def center_crop_offset(size: int, crop: int) -> int:
     return int(round((size - crop) / 2.0))
 
 
-def random_resized_crop_box(rng: np.random.Generator, height: int, width: int, scale: Sequence[float],
-                            ratio: Sequence[float]) -> Tuple[int, int, int, int]:
-    """(top, left, crop_h, crop_w) of a RandomResizedCrop: torchvision's algorithm (10 tries, then a center crop
-    clamped to the ratio range), drawing from ``rng`` so the box depends only on the sample's seed."""
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
+RRC_ATTEMPTS = 10
+# Layout of one sample's augmentation draws (see ``augmentation_draws``).
+DRAW_AREA, DRAW_ASPECT = slice(0, RRC_ATTEMPTS), slice(RRC_ATTEMPTS, 2 * RRC_ATTEMPTS)
+DRAW_TOP, DRAW_LEFT, DRAW_FLIP, DRAW_RATIO_MIN, DRAW_RATIO_MAX = range(2 * RRC_ATTEMPTS, 2 * RRC_ATTEMPTS + 5)
+NUM_DRAWS = 2 * RRC_ATTEMPTS + 5
+
+
+def augmentation_draws(rng: np.random.Generator, scale: Sequence[float], ratio: Sequence[float],
+                       hflip: float) -> np.ndarray:
+    """Everything random about one training sample, as float64 values that do not depend on the image:
+    the area fraction and aspect ratio of each RandomResizedCrop attempt, uniforms for the crop position, the flip
+    (1.0 or 0.0) and the ratio bounds of the fallback crop. Both backends turn these into the same crop box
+    (``random_resized_crop_box`` here, the same arithmetic in the DALI graph)."""
+    u = rng.random(NUM_DRAWS)
+    draws = np.empty(NUM_DRAWS, dtype=np.float64)
+    draws[DRAW_AREA] = scale[0] + (scale[1] - scale[0]) * u[DRAW_AREA]
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    draws[DRAW_ASPECT] = np.exp(log_lo + (log_hi - log_lo) * u[DRAW_ASPECT])
+    draws[DRAW_TOP], draws[DRAW_LEFT] = u[DRAW_TOP], u[DRAW_LEFT]
+    draws[DRAW_FLIP] = 1.0 if u[DRAW_FLIP] < hflip else 0.0
+    draws[DRAW_RATIO_MIN], draws[DRAW_RATIO_MAX] = ratio[0], ratio[1]
+    return draws
+
+
+def _round(x: float) -> int:
+    """Half-up rounding; the DALI graph computes floor(x + 0.5) too (torchvision's round() differs only on ties)."""
+    return int(math.floor(x + 0.5))
+
+
+def random_resized_crop_box(draws: np.ndarray, height: int, width: int) -> Tuple[int, int, int, int]:
+    """(top, left, crop_h, crop_w): torchvision's RandomResizedCrop algorithm (the first of 10 attempts that fits,
+    else a center crop clamped to the ratio range) evaluated on ``augmentation_draws``."""
+    area = float(height * width)
+    for k in range(RRC_ATTEMPTS):
+        target_area = area * draws[DRAW_AREA][k]
+        aspect = draws[DRAW_ASPECT][k]
+        w = _round(math.sqrt(target_area * aspect))
+        h = _round(math.sqrt(target_area / aspect))
         if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
+            top = int(math.floor(draws[DRAW_TOP] * (height - h + 1)))
+            left = int(math.floor(draws[DRAW_LEFT] * (width - w + 1)))
             return top, left, h, w
     in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
+    if in_ratio < draws[DRAW_RATIO_MIN]:
+        w, h = width, _round(width / draws[DRAW_RATIO_MIN])
+    elif in_ratio > draws[DRAW_RATIO_MAX]:
+        h, w = height, _round(height * draws[DRAW_RATIO_MAX])
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
