@@ -1,0 +1,60 @@
+"""Failure paths of a real torchrun job: a rank that dies takes the job down instead of hanging the others."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [int(item[5:]) for item in env if item.startswith(b"RANK=")]
+    return ranks[0] if ranks else None
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the ranks through /proc (Linux)")
+def test_a_rank_killed_mid_run_takes_the_job_down_promptly(tmp_path):
+    overrides = ["experiment=debug", f"hydra.run.dir={tmp_path}", "data.synthetic_train_size=4096",
+                 "schedule.epochs=1", "trainer.log_interval=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              str(REPO / "train.py"), *overrides], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        metrics = tmp_path / "metrics.jsonl"
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+            assert agent.poll() is None, agent.communicate()[0][-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        victim = next(pid for pid in _children(agent.pid) if _rank_of(pid) == 1)
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        out, _ = agent.communicate(timeout=120)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert agent.returncode != 0
+    assert time.monotonic() - killed_at < 60  # the surviving rank did not wait for the collective timeout
+    assert "Signals.SIGKILL" in out or "SIGKILL" in out or "exitcode" in out
