@@ -34,8 +34,9 @@ def main(cfg: DictConfig) -> None:
              result.epoch, result.global_step, "n/a" if result.best_top1 is None else f"{result.best_top1:.2f}",
              run_dir)
     if result.status == "preempted":
-        log.warning("preempted: checkpoint %s; resume with: python train.py hydra.run.dir=%s resume=auto",
-                    result.checkpoint, run_dir)
+        if DIST.is_main:
+            log.warning("preempted: wrote %s; continue with the same command plus hydra.run.dir=%s resume=auto",
+                        result.checkpoint, run_dir)
         sys.exit(PREEMPTED_EXIT_CODE)
 
 

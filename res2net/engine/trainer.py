@@ -179,6 +179,7 @@ class _Trainer:
         self.step_lr = self.optimizer.param_groups[0]["lr"]  # the lr of the latest step, for the records
         self.last_saved: Optional[Path] = None
         self.checkpoints = CheckpointManager(run_dir / "checkpoints", self.t.keep_last) if dist.is_main else None
+        self.last_path = run_dir / "checkpoints" / "last.pth"
 
     @staticmethod
     def _fresh_meters() -> dict:
@@ -233,12 +234,13 @@ class _Trainer:
                      "config": self.config, "best_top1": self.best_top1, "world_size": self.dist.world_size,
                      "meters": dict(self.meters)}
             try:
-                self.last_saved = self.checkpoints.save(state, is_best=is_best, epoch_end=epoch_end)
+                self.checkpoints.save(state, is_best=is_best, epoch_end=epoch_end)
             except Exception as err:  # every rank must learn of it, or the others would wait in the next collective
                 error = str(err)
         error = broadcast_object(error)
         if error is not None:
             raise CheckpointError(error if self.dist.is_main else f"rank 0 failed to save a checkpoint: {error}")
+        self.last_saved = self.last_path
         return self.last_saved
 
     # -- training ------------------------------------------------------------------------------------------------
@@ -386,8 +388,9 @@ class _Trainer:
             outcome = self.train_epoch(model, stop)
             self.meters["train_seconds"] += time.perf_counter() - start
             if outcome == "stop":
-                log.warning("stop requested by signal: checkpoint at epoch %d, step %d/%d", self.epoch,
-                            self.step_in_epoch, self.steps_per_epoch)
+                if self.dist.is_main:
+                    log.warning("stop requested by signal: checkpoint at epoch %d, step %d/%d", self.epoch,
+                                self.step_in_epoch, self.steps_per_epoch)
                 return self._result("preempted", val, self.save())
             if self.pending_rng is not None:  # resumed at the very end of an epoch
                 restore_rng(self.pending_rng)
