@@ -284,3 +284,53 @@ def test_slurm_sweep_launcher_composes_with_train_config_and_renders_a_job_array
     for directive in ("--gpus-per-node=1", "--ntasks-per-node=1", "--partition=gpu", "--signal=USR2@120",
                       "--time=4320", "--mem=64GB"):
         assert f"#SBATCH {directive}\n" in text, text
+
+
+REAL_RUN = ["experiment=debug", "data.synthetic_train_size=4000", "trainer.deterministic=true", "trainer.log_interval=1"]
+
+
+def real_job_env(fake_bin: Path, tmp_path: Path, run_dir: Path, **extra) -> dict:
+    """One 'node' with two CPU processes running the repository's train.py."""
+    return slurm_env(fake_bin, REPO, SLURM_JOB_NUM_NODES="1", NPROC_PER_NODE="2", RDZV_HOST="127.0.0.1",
+                     RDZV_PORT=str(free_port()), RUN_DIR=str(run_dir), SCONTROL_LOG=str(tmp_path / "scontrol.log"),
+                     OMP_NUM_THREADS="1", **extra)
+
+
+def load_last(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.pth", map_location="cpu", weights_only=True)
+
+
+def test_requeued_job_continues_train_py_exactly_where_the_warning_stopped_it(fake_slurm_bin, tmp_path):
+    run_dir = tmp_path / "run"
+    job = subprocess.Popen(["bash", str(SBATCH), *REAL_RUN], env=real_job_env(fake_slurm_bin, tmp_path, run_dir),
+                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and '"kind": "train"' in metrics.read_text()):
+        if job.poll() is not None or time.monotonic() > deadline:
+            job.kill()
+            pytest.fail(f"train.py did not start training:\n{job.communicate()[0]}")
+        time.sleep(0.2)
+    os.kill(job.pid, signal.SIGUSR1)
+    output = finish(job)
+    assert "stop requested by signal" in output and "requeueing job 4242" in output, output
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    stopped = load_last(run_dir)
+    assert 0 < stopped["global_step"] < 250 and stopped["step_in_epoch"] == stopped["global_step"]
+
+    # SLURM starts the same script again (same job id, so the same run directory); this one stops a few steps on.
+    target = stopped["global_step"] + 3
+    again = run_script(SBATCH, [*REAL_RUN, f"trainer.max_steps={target}"],
+                       real_job_env(fake_slurm_bin, tmp_path, run_dir, SLURM_RESTART_COUNT="1"), timeout=180)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"resumed from {run_dir}/checkpoints/last.pth at epoch 0, step {stopped['global_step']}" in again.stdout
+
+    # the same steps in one go, never interrupted: bit for bit the same weights
+    straight = tmp_path / "straight"
+    once = run_script(SBATCH, [*REAL_RUN, f"trainer.max_steps={target}"],
+                      real_job_env(fake_slurm_bin, tmp_path, straight, SLURM_JOB_ID="4343"), timeout=180)
+    assert once.returncode == 0, once.stderr[-3000:]
+    resumed, uninterrupted = load_last(run_dir), load_last(straight)
+    assert resumed["global_step"] == uninterrupted["global_step"] == target
+    assert all(torch.equal(resumed["model"][key], uninterrupted["model"][key]) for key in uninterrupted["model"])
