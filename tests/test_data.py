@@ -254,11 +254,10 @@ def test_synthetic_backend():
 def test_random_resized_crop_follows_torchvision():
     import torchvision.transforms as T
 
-    from res2net.data.index import sample_rng
     from res2net.data.transforms import augmentation_draws, random_resized_crop_box
     scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
-    ours = np.array([random_resized_crop_box(augmentation_draws(sample_rng(0, 0, i), scale, ratio, 0.5), 300, 451)
-                     for i in range(3000)])
+    draws = augmentation_draws(0, 0, np.arange(3000), scale, ratio, 0.5)
+    ours = np.array([random_resized_crop_box(row, 300, 451) for row in draws])
     torch.manual_seed(0)
     theirs = np.array([T.RandomResizedCrop.get_params(torch.empty(3, 300, 451), list(scale), list(ratio))
                        for _ in range(3000)])
@@ -271,4 +270,15 @@ def test_random_resized_crop_follows_torchvision():
     # Images no attempt fits: the same clamped center crop as torchvision.
     for h, w in [(10, 1000), (1000, 10)]:
         expected = T.RandomResizedCrop.get_params(torch.empty(3, h, w), list(scale), list(ratio))
-        assert random_resized_crop_box(augmentation_draws(sample_rng(0, 0, 1), scale, ratio, 0.5), h, w) == expected
+        assert random_resized_crop_box(draws[1], h, w) == expected
+
+
+def test_sample_uniforms_are_counter_based_and_uniform():
+    from res2net.data.transforms import sample_uniforms
+    u = sample_uniforms(3, 1, np.arange(50000), 4)
+    assert u.shape == (50000, 4) and 0 <= u.min() and u.max() < 1
+    assert abs(u.mean() - 0.5) < 0.01 and abs(u.var() - 1 / 12) < 0.005
+    assert abs(np.corrcoef(u[:-1, 0], u[1:, 0])[0, 1]) < 0.02 and abs(np.corrcoef(u[:, 0], u[:, 1])[0, 1]) < 0.02
+    assert np.array_equal(sample_uniforms(3, 1, np.array([777]), 4)[0], u[777])  # any sample on its own
+    assert not np.array_equal(sample_uniforms(3, 2, np.arange(10), 4), u[:10])
+    assert not np.array_equal(sample_uniforms(4, 1, np.arange(10), 4), u[:10])

@@ -14,8 +14,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 __all__ = [
-    "IMG_EXTENSIONS", "scan_split", "epoch_permutation", "train_shard", "val_shard", "sample_rng",
-    "train_positions",
+    "IMG_EXTENSIONS", "scan_split", "epoch_permutation", "train_shard", "val_shard", "train_positions",
 ]
 
 IMG_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
@@ -69,11 +68,6 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     """The training order of epoch ``epoch``: a permutation of range(n) that depends only on (seed, epoch)."""
     _check_seed(seed, epoch)
     return np.random.default_rng([seed, epoch, 0]).permutation(n)
-
-
-def sample_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
-    """Augmentation RNG of the sample at global ``position`` of the epoch's order (independent of workers/resume)."""
-    return np.random.default_rng([seed, epoch, position, 1])
 
 
 def train_shard(n: int, rank: int, world_size: int) -> Tuple[int, int]:

@@ -5,8 +5,8 @@ shared-memory transfer per batch) and the consumer normalizes it on the device. 
 (epoch, batch index) keys, so persistent workers follow set_epoch without being restarted, and resuming at
 ``start_batch`` never touches the earlier batches.
 
-Train augmentation is drawn from an RNG seeded by (seed, epoch, global position in the epoch order), so a batch is
-bit-identical for any num_workers and any start_batch.
+Train augmentation comes from transforms.augmentation_draws, a function of (seed, epoch, global position in the
+epoch order), so a batch is bit-identical for any num_workers and any start_batch.
 
 Undecodable files (see scripts/check_dataset.py to find them beforehand): one warning line naming the file the
 first time, and ``loader.skipped`` counts every occurrence. Train replaces the sample with the next decodable one
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .index import sample_rng, train_positions, val_shard
+from .index import train_positions, val_shard
 from .transforms import (DRAW_FLIP, augmentation_draws, center_crop_offset, random_resized_crop_box, val_resize_size,
                          val_resized_shape)
 
@@ -89,9 +89,12 @@ class _BatchDataset(torch.utils.data.Dataset):
         out = np.empty((hi - lo, self.img_size, self.img_size, 3), dtype=np.uint8)
         labels = np.empty(hi - lo, dtype=np.int64)
         skipped: List[Tuple[str, str]] = []
+        if self.train:
+            draws = augmentation_draws(self.seed, epoch, np.arange(first + lo, first + hi), self.scale, self.ratio,
+                                       self.hflip)
         for row, pos in enumerate(range(lo, hi)):
             if self.train:
-                labels[row] = self._decode_train(out[row], order, pos, epoch, first, skipped)
+                labels[row] = self._decode_train(out[row], order, pos, draws[row], skipped)
             else:
                 labels[row] = self._decode_val(out[row], order[pos], skipped)
         return torch.from_numpy(out), torch.from_numpy(labels), skipped
@@ -104,13 +107,10 @@ class _BatchDataset(torch.utils.data.Dataset):
             dst[...] = self.fill
         return int(self.labels[idx])
 
-    def _decode_train(self, dst: np.ndarray, order: np.ndarray, pos: int, epoch: int, first: int,
-                      skipped: list) -> int:
+    def _decode_train(self, dst: np.ndarray, order: np.ndarray, pos: int, draws: np.ndarray, skipped: list) -> int:
         for step in range(len(order)):
             idx = order[(pos + step) % len(order)]
             try:
-                draws = augmentation_draws(sample_rng(self.seed, epoch, first + pos), self.scale, self.ratio,
-                                           self.hflip)
                 dst[...] = decode_train_image(str(self.paths[idx]), draws, self.img_size, self.interpolation)
                 return int(self.labels[idx])
             except Exception as err:  # any decoder failure, see _decode_val

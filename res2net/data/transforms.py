@@ -11,7 +11,7 @@ import torch
 
 __all__ = [
     "val_resize_size", "val_resized_shape", "center_crop_offset", "augmentation_draws", "random_resized_crop_box",
-    "Normalizer", "NUM_DRAWS",
+    "Normalizer", "NUM_DRAWS", "sample_uniforms",
 ]
 
 
@@ -41,20 +41,44 @@ DRAW_TOP, DRAW_LEFT, DRAW_FLIP, DRAW_RATIO_MIN, DRAW_RATIO_MAX = range(2 * RRC_A
 NUM_DRAWS = 2 * RRC_ATTEMPTS + 5
 
 
-def augmentation_draws(rng: np.random.Generator, scale: Sequence[float], ratio: Sequence[float],
-                       hflip: float) -> np.ndarray:
-    """Everything random about one training sample, as float64 values that do not depend on the image:
-    the area fraction and aspect ratio of each RandomResizedCrop attempt, uniforms for the crop position, the flip
-    (1.0 or 0.0) and the ratio bounds of the fallback crop. Both backends turn these into the same crop box
-    (``random_resized_crop_box`` here, the same arithmetic in the DALI graph)."""
-    u = rng.random(NUM_DRAWS)
-    draws = np.empty(NUM_DRAWS, dtype=np.float64)
-    draws[DRAW_AREA] = scale[0] + (scale[1] - scale[0]) * u[DRAW_AREA]
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer on uint64 arrays (wrapping arithmetic): a well-mixed hash of each element."""
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def sample_uniforms(seed: int, epoch: int, positions: np.ndarray, count: int) -> np.ndarray:
+    """[len(positions), count] uniforms in [0, 1) that depend only on (seed, epoch, position, index): a
+    counter-based generator, so any batch can be drawn on its own, in any process, vectorized."""
+    if seed < 0 or epoch < 0:
+        raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
+    key = _mix64(np.array([seed & _MASK64], dtype=np.uint64))
+    key = _mix64(key ^ np.uint64(epoch & _MASK64))
+    z = _mix64(key ^ np.asarray(positions, dtype=np.uint64)[:, None])
+    z = _mix64(z ^ np.arange(count, dtype=np.uint64)[None, :])
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def augmentation_draws(seed: int, epoch: int, positions: np.ndarray, scale: Sequence[float],
+                       ratio: Sequence[float], hflip: float) -> np.ndarray:
+    """Everything random about the training samples at ``positions`` of the epoch's order, as a float64
+    [len(positions), NUM_DRAWS] array that does not depend on the images: the area fraction and aspect ratio of
+    each RandomResizedCrop attempt, uniforms for the crop position, the flip (1.0 or 0.0) and the ratio bounds of
+    the fallback crop. Both backends turn a row into the same crop box (``random_resized_crop_box`` here, the same
+    arithmetic in the DALI graph)."""
+    u = sample_uniforms(seed, epoch, positions, NUM_DRAWS)
+    draws = np.empty_like(u)
+    draws[:, DRAW_AREA] = scale[0] + (scale[1] - scale[0]) * u[:, DRAW_AREA]
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    draws[DRAW_ASPECT] = np.exp(log_lo + (log_hi - log_lo) * u[DRAW_ASPECT])
-    draws[DRAW_TOP], draws[DRAW_LEFT] = u[DRAW_TOP], u[DRAW_LEFT]
-    draws[DRAW_FLIP] = 1.0 if u[DRAW_FLIP] < hflip else 0.0
-    draws[DRAW_RATIO_MIN], draws[DRAW_RATIO_MAX] = ratio[0], ratio[1]
+    draws[:, DRAW_ASPECT] = np.exp(log_lo + (log_hi - log_lo) * u[:, DRAW_ASPECT])
+    draws[:, DRAW_TOP], draws[:, DRAW_LEFT] = u[:, DRAW_TOP], u[:, DRAW_LEFT]
+    draws[:, DRAW_FLIP] = u[:, DRAW_FLIP] < hflip
+    draws[:, DRAW_RATIO_MIN], draws[:, DRAW_RATIO_MAX] = ratio[0], ratio[1]
     return draws
 
 
