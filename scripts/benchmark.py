@@ -111,14 +111,19 @@ def inference_paths(model: nn.Module, args: argparse.Namespace, device: torch.de
                 net(inp)
         return run
 
-    prec = "" if args.precision == "fp32" else f" + {args.precision}"
+    folded = res2net.prepare_for_inference(baseline, channels_last=True)
     paths = {"eager fp32 NCHW (baseline)": step(baseline, x, "fp32"),
-             f"folded BN + channels_last{prec}": step(
-                 res2net.prepare_for_inference(baseline, channels_last=True), x_cl, args.precision)}
+             "folded BN + channels_last": step(folded, x_cl, "fp32")}
+    if args.precision != "fp32":
+        paths[f"folded BN + channels_last + {args.precision}"] = step(folded, x_cl, args.precision)
     if args.compile:
-        paths[f"folded BN + channels_last{prec} + compile"] = step(
+        paths[f"folded BN + channels_last{_suffix(args.precision)} + compile"] = step(
             res2net.prepare_for_inference(baseline, channels_last=True, compile=True), x_cl, args.precision)
     return paths
+
+
+def _suffix(precision: str) -> str:
+    return "" if precision == "fp32" else f" + {precision}"
 
 
 def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, precision: str) -> Callable:
@@ -147,12 +152,14 @@ def train_paths(model: nn.Module, args: argparse.Namespace, device: torch.device
         net = copy.deepcopy(model).to(device)
         return net.to(memory_format=torch.channels_last) if channels_last else net
 
-    prec = "" if args.precision == "fp32" else f" + {args.precision}"
     paths = {"eager fp32 NCHW (baseline)": _train_step(copy_on_device(False), x, y, device, "fp32"),
-             f"channels_last{prec}": _train_step(copy_on_device(True), x_cl, y, device, args.precision)}
+             "channels_last": _train_step(copy_on_device(True), x_cl, y, device, "fp32")}
+    if args.precision != "fp32":
+        paths[f"channels_last + {args.precision}"] = _train_step(copy_on_device(True), x_cl, y, device,
+                                                                 args.precision)
     if args.compile:
-        paths[f"channels_last{prec} + compile"] = _train_step(torch.compile(copy_on_device(True)), x_cl, y, device,
-                                                              args.precision)
+        paths[f"channels_last{_suffix(args.precision)} + compile"] = _train_step(
+            torch.compile(copy_on_device(True)), x_cl, y, device, args.precision)
     return paths
 
 

@@ -28,8 +28,10 @@ def test_table_and_json_rows(tmp_path):
     report = json.loads(out.read_text())
     rows = [(r["mode"], r["path"]) for r in report["rows"]]
     assert rows == [("inference", "eager fp32 NCHW (baseline)"),
+                    ("inference", "folded BN + channels_last"),
                     ("inference", "folded BN + channels_last + bf16"),
                     ("train", "eager fp32 NCHW (baseline)"),
+                    ("train", "channels_last"),
                     ("train", "channels_last + bf16")]
     for r in report["rows"]:
         assert r["img_per_s"] > 0 and r["ms_per_batch"] > 0
