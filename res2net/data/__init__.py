@@ -95,5 +95,9 @@ def build_loader(cfg: Any, split: str, *, rank: int = 0, world_size: int = 1, se
     if cfg.backend == "torchvision":
         from .loader_torchvision import TorchvisionLoader
         return TorchvisionLoader(samples, classes, cfg, train, normalizer=normalizer, **common)
-    from .loader_dali import DaliLoader
+    try:
+        from .loader_dali import DaliLoader
+    except ImportError as err:
+        raise ImportError(f"data.backend=dali needs NVIDIA DALI ({err}); install requirements.txt "
+                          "(nvidia-dali-cuda120) or use data.backend=torchvision") from err
     return DaliLoader(samples, classes, cfg, train, normalizer=normalizer, **common)

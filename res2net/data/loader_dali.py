@@ -33,6 +33,8 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
+from nvidia.dali import Pipeline, fn, types
+from nvidia.dali import math as dmath
 
 from .index import train_positions, val_shard
 from .transforms import (DRAW_AREA, DRAW_ASPECT, DRAW_FLIP, DRAW_LEFT, DRAW_RATIO_MAX, DRAW_RATIO_MIN, DRAW_TOP,
@@ -80,9 +82,6 @@ def _crop_box_graph(draws, height, width):
     (top, left, crop_h, crop_w). The 10 attempts are evaluated as one vector; the first that fits has the highest
     rank and is picked with two max-reductions. Expressions are written out rather than shared so that DALI fuses
     each into one operator (a per-batch cost of a few ms instead of hundreds of tiny operators)."""
-    from nvidia.dali import fn, types
-    from nvidia.dali import math as dmath
-
     def round_half_up(x):
         return dmath.floor(x + 0.5)
 
@@ -115,8 +114,6 @@ class DaliLoader:
 
     def __init__(self, samples: Sequence[Tuple[str, int]], classes: Sequence[str], cfg, train: bool, *, rank: int,
                  world_size: int, seed: int, device: torch.device, normalizer):
-        import nvidia.dali  # noqa: F401  (fail here, with the import error, if DALI is not installed)
-
         self.classes, self.num_classes = list(classes), len(classes)
         self.cfg, self.train, self.batch_size = cfg, train, cfg.batch_size
         self.rank, self.world_size, self.seed, self.device = rank, world_size, seed, device
@@ -160,13 +157,12 @@ class DaliLoader:
 
     def __iter__(self):
         start, self._start = self._start, 0  # a later iteration without set_epoch repeats the epoch from batch 0
-        self._iter_start = start
         indices = self.epoch_indices(self.epoch)[start * self.batch_size:]
         if len(indices) == 0:
             return
         self._release()
         files = [str(p) for p in self._paths[indices]]
-        self._pipe = self._build_pipeline(files, self._labels[indices].tolist())
+        self._pipe = self._build_pipeline(files, self._labels[indices].tolist(), start)
         for b in range(-(-len(files) // self.batch_size)):
             real = min(self.batch_size, len(files) - b * self.batch_size)
             try:
@@ -193,11 +189,11 @@ class DaliLoader:
         feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(self.device))
         return out, labels
 
-    def _draws_source(self, files: Sequence[str]):
+    def _draws_source(self, start_batch: int):
         """external_source callback: the augmentation draws of pipeline iteration i, i.e. of the samples at global
         positions first + (start_batch + i) * batch_size + j -- the same values the torchvision backend uses."""
         _, first = train_positions(len(self._paths), self.rank, self.world_size, self.seed, self.epoch)
-        first += self._iter_start * self.batch_size
+        first += start_batch * self.batch_size
         seed, epoch, cfg = self.seed, self.epoch, self.cfg
 
         def draws(info) -> np.ndarray:
@@ -206,9 +202,7 @@ class DaliLoader:
                                       cfg.train_crop_ratio, cfg.hflip)
         return draws
 
-    def _build_pipeline(self, files: List[str], labels: List[int]):
-        from nvidia.dali import Pipeline, fn, types
-
+    def _build_pipeline(self, files: List[str], labels: List[int], start_batch: int) -> Pipeline:
         cfg = self.cfg
         interp = types.INTERP_LINEAR if cfg.interpolation == "bilinear" else types.INTERP_CUBIC
         device_id = None
@@ -223,16 +217,16 @@ class DaliLoader:
             jpegs, label_node = fn.readers.file(files=files, labels=labels, random_shuffle=False,
                                                 pad_last_batch=True, name="reader")
             if self.train:
-                draws = fn.external_source(source=self._draws_source(files), batch=True, batch_info=True,
+                draws = fn.external_source(source=self._draws_source(start_batch), batch=True, batch_info=True,
                                            dtype=types.FLOAT64, ndim=1)
-                images = self._train_graph(fn, types, jpegs, decoder_args, interp, draws)
+                images = self._train_graph(jpegs, decoder_args, interp, draws)
             else:
-                images = self._val_graph(fn, types, jpegs, decoder_args, interp)
+                images = self._val_graph(jpegs, decoder_args, interp)
             pipe.set_outputs(images, label_node)
         pipe.build()
         return pipe
 
-    def _train_graph(self, fn, types, jpegs, decoder_args, interp, draws):
+    def _train_graph(self, jpegs, decoder_args, interp, draws):
         """RandomResizedCrop from the per-sample ``draws`` (see transforms.random_resized_crop_box, which this
         mirrors in float64 graph arithmetic), decoded as a region of interest, resized, flipped."""
         shape = fn.peek_image_shape(jpegs, dtype=types.INT64, adjust_orientation=False)
@@ -245,7 +239,7 @@ class DaliLoader:
                            antialias=True)
         return fn.flip(images, horizontal=fn.cast(draws[DRAW_FLIP], dtype=types.INT32))
 
-    def _val_graph(self, fn, types, jpegs, decoder_args, interp):
+    def _val_graph(self, jpegs, decoder_args, interp):
         cfg = self.cfg
         short, crop = val_resize_size(cfg.img_size, cfg.crop_pct), cfg.img_size
         shape = fn.peek_image_shape(jpegs, dtype=types.INT64, adjust_orientation=False)

@@ -10,7 +10,7 @@ epoch order), so a batch is bit-identical for any num_workers and any start_batc
 
 Undecodable files (see scripts/check_dataset.py to find them beforehand): one warning line naming the file the
 first time, and ``loader.skipped`` counts every occurrence. Train replaces the sample with the next decodable one
-of this rank's epoch order (wrapping), augmented with the replaced position's RNG: the batch keeps its size and
+of this rank's epoch order (wrapping), augmented with the replaced position's draws: the batch keeps its size and
 stays deterministic. Val keeps the position (so ``paths``/``targets`` stay aligned and the image still counts as
 one evaluated image) and feeds a uniform image of the mean colour, which normalizes to zeros.
 """
@@ -32,8 +32,13 @@ _PIL_INTERP = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
 
 def _open_rgb(path: str) -> Image.Image:
-    with Image.open(path) as img:
-        return img.convert("RGB")
+    img = Image.open(path)
+    try:
+        img.load()  # decodes, and closes the file of a single-frame image
+    except Exception:
+        img.close()
+        raise
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def decode_val_image(path: str, img_size: int, crop_pct: float, interpolation: str = "bilinear") -> np.ndarray:
