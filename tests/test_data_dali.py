@@ -179,7 +179,7 @@ def test_mixed_decoder_without_cuda_is_a_clear_error(noise_root):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_mixed_decoding_matches_cpu_path(photo_root):
+def test_mixed_decoding_matches_cpu_path(photo_root, tmp_path):
     cuda = torch.device("cuda")
     cfg = cfg_for(photo_root, batch_size=16, img_size=224)
     gpu_loader = build_loader(cfg, "val", device=cuda)
@@ -189,10 +189,15 @@ def test_mixed_decoding_matches_cpu_path(photo_root):
     cpu_images, cpu_labels = next(iter(build_loader(cfg, "val")))
     assert torch.equal(gpu_labels.cpu(), cpu_labels)
     assert (grey_level_diff(gpu_images, cpu_images, STD) < 0.5).all()
-    half = build_loader(cfg_for(photo_root, batch_size=4, img_size=64), "val", device=cuda, channels_last=True,
-                        dtype=torch.float16)
-    images, _ = next(iter(half))
+
+    write_photo_split(tmp_path, "train", copies=2)
+    train_cfg = cfg_for(tmp_path, batch_size=16, img_size=64)
+    gpu_train = build_loader(train_cfg, "train", seed=2, device=cuda, channels_last=True, dtype=torch.float16)
+    images, labels = next(iter(gpu_train))
     assert images.dtype == torch.float16 and images.is_contiguous(memory_format=torch.channels_last)
+    cpu_train, cpu_labels = next(iter(build_loader(train_cfg, "train", seed=2)))
+    assert torch.equal(labels.cpu(), cpu_labels)
+    assert (grey_level_diff(images.float(), cpu_train, STD) < 1.0).all()  # same crops and flips on the GPU
 
 
 def test_dali_crop_box_arithmetic_equals_python():
