@@ -282,3 +282,36 @@ def test_sample_uniforms_are_counter_based_and_uniform():
     assert np.array_equal(sample_uniforms(3, 1, np.array([777]), 4)[0], u[777])  # any sample on its own
     assert not np.array_equal(sample_uniforms(3, 2, np.arange(10), 4), u[:10])
     assert not np.array_equal(sample_uniforms(4, 1, np.arange(10), 4), u[:10])
+
+
+@pytest.mark.parametrize("img_size, crop_pct, interpolation", [(224, 0.875, "bilinear"), (97, 0.9, "bicubic")])
+def test_torchvision_backend_equals_torchvision_transforms(tmp_path, img_size, crop_pct, interpolation):
+    """The reference path: our val batches are torchvision's Resize + CenterCrop + ToTensor + Normalize."""
+    import torchvision.transforms as T
+    write_photo_split(tmp_path, "val", names=["coffee", "rocket_portrait", "astronaut_odd"])
+    cfg = tv_cfg(tmp_path, batch_size=3, img_size=img_size, crop_pct=crop_pct, interpolation=interpolation)
+    loader = build_loader(cfg, "val")
+    images, _ = next(iter(loader))
+    mode = T.InterpolationMode.BILINEAR if interpolation == "bilinear" else T.InterpolationMode.BICUBIC
+    reference = T.Compose([T.Resize(int(img_size / crop_pct), interpolation=mode), T.CenterCrop(img_size),
+                           T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
+    expected = torch.stack([reference(Image.open(p).convert("RGB")) for p in loader.paths])
+    assert torch.allclose(images, expected, atol=1e-5)
+
+
+def test_torchvision_train_crop_equals_torchvision_resized_crop(tmp_path):
+    import torchvision.transforms.functional as F
+    from res2net.data.transforms import DRAW_FLIP, augmentation_draws, random_resized_crop_box
+    write_photo_split(tmp_path, "train", names=["chelsea"], copies=8)  # identical files: any order gives the same
+    cfg = tv_cfg(tmp_path, batch_size=8, img_size=56)
+    loader = build_loader(cfg, "train", seed=4)
+    loader.set_epoch(2)
+    images, _ = next(iter(loader))
+    img = Image.open(loader._dataset.paths[0]).convert("RGB")
+    draws = augmentation_draws(4, 2, np.arange(8), cfg.train_crop_scale, cfg.train_crop_ratio, cfg.hflip)
+    for row, image in zip(draws, images):
+        top, left, h, w = random_resized_crop_box(row, img.height, img.width)
+        crop = F.resized_crop(img, top, left, h, w, [56, 56], F.InterpolationMode.BILINEAR)
+        crop = F.hflip(crop) if row[DRAW_FLIP] else crop
+        expected = F.normalize(F.to_tensor(crop), cfg.mean, cfg.std)
+        assert torch.allclose(image, expected, atol=1e-5)
