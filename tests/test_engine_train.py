@@ -114,3 +114,11 @@ def test_wrap_model_compile_keeps_plain_state_dict_keys():
     net = torch.nn.Linear(3, 2)
     wrapped = wrap_model(net, DistInfo(), compile=True)
     assert wrapped is not net and unwrap_model(wrapped) is net
+
+
+def test_save_every_epochs_writes_every_nth_epoch_and_the_last(tmp_path):
+    result = train(_cfg("schedule.epochs=3", "trainer.save_every_epochs=2", "trainer.keep_last=5",
+                        "data.synthetic_train_size=16"), tmp_path)
+    assert result.status == "finished"
+    history = sorted(p.name for p in (tmp_path / "checkpoints").glob("epoch_*.pth"))
+    assert history == ["epoch_0002.pth", "epoch_0003.pth"]  # every 2nd epoch and the last

@@ -160,12 +160,16 @@ def check_compatible(saved: Mapping, current: Mapping, *, path: str | os.PathLik
 
 
 def capture_rng() -> dict[str, Any]:
-    """The states of python's, numpy's, torch's and every CUDA device's generators (weights_only-loadable)."""
+    """The states of python's, numpy's, torch's and this process's CUDA device's generators (weights_only-loadable).
+
+    Only the current CUDA device: under torchrun each rank owns one, and touching the others would create a CUDA
+    context on every GPU from every rank.
+    """
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
                                                    gauss],
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else []}
 
 
 def restore_rng(state: Mapping[str, Any]) -> None:
@@ -175,11 +179,10 @@ def restore_rng(state: Mapping[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        if len(state["cuda"]) != torch.cuda.device_count():
-            log.warning("checkpoint holds %d CUDA generator states, this process sees %d devices; restoring the "
-                        "common ones", len(state["cuda"]), torch.cuda.device_count())
-        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, index)
+        torch.cuda.set_rng_state(state["cuda"][0])
+    elif state["cuda"]:
+        log.warning("the checkpoint holds a CUDA generator state but this process has no GPU; CUDA-side random "
+                    "draws will differ from the interrupted run")
 
 
 class CheckpointManager:

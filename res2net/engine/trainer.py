@@ -403,10 +403,10 @@ class _Trainer:
             if not partial:
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
                 self.meters = self._fresh_meters()
-            saved = (partial or is_best or outcome == "max_steps" or self.epoch % self.t.save_every_epochs == 0
-                     or self.epoch == epochs)
+            scheduled = not partial and (self.epoch % self.t.save_every_epochs == 0 or self.epoch == epochs)
+            saved = scheduled or partial or is_best or outcome == "max_steps"
             if saved:
-                self.save(is_best=is_best, epoch_end=not partial)
+                self.save(is_best=is_best, epoch_end=scheduled)
             if outcome == "max_steps":
                 return self._result("max_steps", val, self.last_saved)
             if self._any_rank(stop.signum is not None):  # a signal during validation or saving
