@@ -429,6 +429,9 @@ def train(cfg: Any, run_dir: str | os.PathLike, dist: Optional[DistInfo] = None)
     _check_runtime(cfg, dist)
     _set_determinism(cfg.trainer.deterministic, dist.device)
     resume_path = resolve_resume(cfg.resume, run_dir)
+    if cfg.resume == "auto" and resume_path is None and dist.is_main:
+        log.warning("resume=auto: no %s yet, starting fresh (to continue an earlier run, pass its directory as "
+                    "hydra.run.dir=...)", run_dir / "checkpoints" / "last.pth")
     ckpt = load_checkpoint(resume_path) if resume_path else None
     if ckpt is not None:
         check_compatible(ckpt["config"], _config_dict(cfg), path=resume_path)
