@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,13 +62,10 @@ def resolve_checkpoint(spec: str, model_name: str, dist_info: DistInfo = DistInf
     return path
 
 
-def read_checkpoint(path: Path) -> Mapping:
-    """The checkpoint dict (map_location cpu). Tensors-only first; a local train.py checkpoint also holds RNG states,
-    which need the full unpickler (only ever used on local files the user named)."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+def read_checkpoint(path: Path, trusted: bool = True) -> Mapping:
+    """The checkpoint dict of a local file (.pth or .safetensors); see res2net.models.pretrained.read_checkpoint."""
+    from res2net.models.pretrained import read_checkpoint as read_file
+    obj = read_file(path, trusted=trusted)
     if not isinstance(obj, Mapping):
         raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a state_dict or a checkpoint dict")
     return obj
@@ -172,7 +168,9 @@ def run_evaluation(cfg: Any, out_dir: str | Path | None, dist_info: DistInfo = D
     cfg = _plain(cfg)
     device = _resolve_device(cfg["device"], dist_info)
     ckpt_path = resolve_checkpoint(cfg["checkpoint"], cfg["model"]["name"], dist_info)
-    model, model_cfg = build_model_for(cfg["model"], read_checkpoint(ckpt_path), cfg["use_ema"])
+    # A downloaded released file is read tensors-only; a local file the user named may hold RNG states too.
+    checkpoint = read_checkpoint(ckpt_path, trusted=cfg["checkpoint"] != "released")
+    model, model_cfg = build_model_for(cfg["model"], checkpoint, cfg["use_ema"])
     cfg = {**cfg, "model": model_cfg}
     model = _prepare(model, cfg, device)
     loader = build_loader(cfg["data"], "val", rank=dist_info.rank, world_size=dist_info.world_size, device=device,
