@@ -75,6 +75,7 @@ def test_paper_release_adds_label_smoothing_only():
     assert paper.label_smoothing == 0.0 and release.label_smoothing == 0.1
     release.label_smoothing = 0.0
     assert OmegaConf.to_container(paper) == OmegaConf.to_container(release)
+    assert _compose("experiment=paper_release", "model=res2net50_26w_8s").model.scale == 8  # any variant
 
 
 def test_cosine_schedule_and_knobs_compose():

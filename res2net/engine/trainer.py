@@ -450,9 +450,9 @@ def train(cfg: Any, run_dir: str | os.PathLike, dist: Optional[DistInfo] = None)
             trainer.load(ckpt, resume_path)
         _seed_all(cfg.trainer.seed + dist.rank)  # the training stream; a resume restores its saved state instead
         del ckpt
-        log.info("%s: %.2fM parameters, %d process(es) x batch %d = %d, lr %.4g, %d steps/epoch, %d epochs",
+        log.info("%s: %.2fM parameters, %d process(es) x batch %d = %d, base lr %.4g, %d steps/epoch, %d epochs",
                  cfg.model.name, sum(p.numel() for p in trainer.model.parameters()) / 1e6, dist.world_size,
-                 cfg.data.batch_size, trainer.global_batch, trainer.optimizer.param_groups[0]["lr"],
+                 cfg.data.batch_size, trainer.global_batch, trainer.scheduler.base_lrs[0],
                  trainer.steps_per_epoch, cfg.schedule.epochs)
         with StopRequest() as stop:
             result = trainer.fit(wrap_model(trainer.model, dist, compile=cfg.trainer.compile), stop)
