@@ -29,13 +29,17 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] 
 
     k larger than the number of classes counts every sample as correct (as timm's `accuracy` does).
     """
+    return [int(n) for n in _topk_hits(logits, targets, ks).tolist()]
+
+
+def _topk_hits(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+    # Stays on the logits' device: no host synchronisation per batch.
     if logits.ndim != 2 or targets.ndim != 1 or logits.shape[0] != targets.shape[0]:
         raise ValueError(f"topk_correct expects logits (N, C) and targets (N,), got {tuple(logits.shape)} "
                          f"and {tuple(targets.shape)}")
     maxk = min(max(ks), logits.shape[1])
-    top = logits.topk(maxk, dim=1).indices
-    hits = top.eq(targets.unsqueeze(1))
-    return [int(hits[:, :min(k, maxk)].sum()) for k in ks]
+    hits = logits.topk(maxk, dim=1).indices.eq(targets.unsqueeze(1))
+    return torch.stack([hits[:, :min(k, maxk)].sum() for k in ks])
 
 
 def _world() -> tuple[int, int]:
@@ -121,10 +125,10 @@ def evaluate(model: nn.Module, loader: Any, *, device: torch.device | str, amp: 
     was_training = net.training
     net.eval()
 
-    correct = torch.zeros(2, dtype=torch.int64)
-    class_correct = torch.zeros(num_classes, dtype=torch.int64)
-    class_count = torch.zeros(num_classes, dtype=torch.int64)
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    # Accumulated on the device, moved to the host once: [top-1 hits, top-5 hits, per-class hits, per-class count].
+    stats = torch.zeros(2 + 2 * num_classes, dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    class_ids = torch.arange(num_classes, device=device)
     rows: list[dict] = []
     seen = 0
     start = time.perf_counter()
@@ -137,25 +141,25 @@ def evaluate(model: nn.Module, loader: Any, *, device: torch.device | str, amp: 
             with _autocast(device, amp):
                 logits = net(images)
             logits = logits.float()
-            loss_sum += F.cross_entropy(logits, targets, reduction="sum").double().cpu()
-            c1, c5 = topk_correct(logits, targets, (1, 5))
-            correct += torch.tensor([c1, c5])
-            targets_cpu = targets.cpu()
-            class_count += torch.bincount(targets_cpu, minlength=num_classes)
-            hit = logits.argmax(dim=1).cpu().eq(targets_cpu)
-            class_correct += torch.bincount(targets_cpu[hit], minlength=num_classes)
+            loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
+            stats[:2] += _topk_hits(logits, targets, (1, 5))
+            in_class = targets.unsqueeze(1).eq(class_ids)  # (N, C); boolean masks avoid a sync-inducing index
+            hit = logits.argmax(dim=1).eq(targets)
+            stats[2:2 + num_classes] += (in_class & hit.unsqueeze(1)).sum(dim=0)
+            stats[2 + num_classes:] += in_class.sum(dim=0)
             if collect_predictions:
-                n = targets_cpu.shape[0]
+                n = targets.shape[0]
                 names = paths[seen:seen + n] if paths else [f"#{seen + j}" for j in range(n)]
-                rows += _prediction_rows(names, targets_cpu, logits.softmax(dim=1).cpu())
-            seen += targets_cpu.shape[0]
+                rows += _prediction_rows(names, targets.cpu(), logits.softmax(dim=1).cpu())
+            seen += targets.shape[0]
     finally:
         net.train(was_training)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
 
     reduce_dev = _reduce_device(device)
-    counts = all_reduce_sum(torch.cat([correct, class_correct, class_count,
-                                        torch.tensor([seen])]).to(reduce_dev)).cpu()
+    counts = all_reduce_sum(torch.cat([stats.to(reduce_dev), torch.tensor([seen], device=reduce_dev)])).cpu()
     loss_total = float(all_reduce_sum(loss_sum.to(reduce_dev)).cpu())
     count = int(counts[-1])
     if count == 0:
@@ -166,7 +170,7 @@ def evaluate(model: nn.Module, loader: Any, *, device: torch.device | str, amp: 
         "top5": 100.0 * int(counts[1]) / count,
         "count": count,
         "per_class_correct": counts[2:2 + num_classes].tolist(),
-        "per_class_count": counts[2 + num_classes:2 + 2 * num_classes].tolist(),
+        "per_class_count": counts[2 + num_classes:-1].tolist(),
         "seconds": seconds,
         "img_per_s": count / seconds if seconds > 0 else float("nan"),
     }
