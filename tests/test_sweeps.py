@@ -84,16 +84,19 @@ def image_folder(tmp_path_factory) -> Path:
     return root
 
 
-def test_multirun_of_two_tiny_jobs_then_summary(image_folder, tmp_path):
+# basic: jobs one after the other in this process; submitit_local: each job in its own process through the submitit
+# plugin, the code path of hydra/launcher=slurm short of the cluster.
+@pytest.mark.parametrize("launcher", ["basic", "submitit_local"])
+def test_multirun_of_two_tiny_jobs_then_summary(image_folder, tmp_path, launcher):
     sweep = tmp_path / "sweep"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "-m", "experiment=ablation_label_smoothing", *TINY,
-         f"data.root={image_folder}", f"hydra.sweep.dir={sweep}"],
+        [sys.executable, str(REPO / "train.py"), "-m", f"hydra/launcher={launcher}",
+         "experiment=ablation_label_smoothing", *TINY, f"data.root={image_folder}", f"hydra.sweep.dir={sweep}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
-    run_dirs = sorted(path for path in sweep.iterdir() if path.is_dir())
+    run_dirs = sorted(path for path in sweep.iterdir() if path.is_dir() and not path.name.startswith("."))
     assert [path.name for path in run_dirs] == ["0", "1"]
     for run_dir, smoothing in zip(run_dirs, (0.0, 0.1)):
         assert yaml.safe_load((run_dir / "config.yaml").read_text())["label_smoothing"] == smoothing
