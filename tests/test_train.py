@@ -206,3 +206,20 @@ def test_resume_from_another_architecture_is_refused(tmp_path, folder, reference
     assert other.returncode == 1
     assert "cannot resume from" in other.stdout and "model.name: checkpoint 'res2net50_26w_4s'" in other.stdout
     assert "model.scale: checkpoint 4 vs now 8" in other.stdout
+
+
+@pytest.mark.slow
+def test_torchrun_resume_from_max_steps_is_bit_exact_with_dropout(tmp_path):
+    """Two ranks, dropout drawing from each rank's torch generator: per-rank RNG states make the resume exact."""
+    common = ["experiment=debug", "data.synthetic_train_size=128", "trainer.deterministic=true",
+              "model.drop_rate=0.3"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                str(REPO / "train.py"), *common]
+    for run_dir, extra in (("a", []), ("b", ["trainer.max_steps=5"]), ("b", ["resume=auto"])):
+        proc = subprocess.run([*torchrun, f"hydra.run.dir={tmp_path / run_dir}", *extra], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=_env(), timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "resumed from" in proc.stdout and "step 5/8" in proc.stdout
+    a, b = _last(tmp_path / "a"), _last(tmp_path / "b")
+    assert a["global_step"] == b["global_step"] == 16
+    _assert_same_weights(a, b)
