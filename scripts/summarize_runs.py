@@ -180,6 +180,8 @@ def load_run(sweep_dir: Path, run_dir: Path) -> Run:
     )
     if not run.epochs:
         run.notes.append("no epoch finished")
+    elif run.epochs[-1].get("partial"):  # train.py validated part of an epoch (trainer.max_steps)
+        run.notes.append(f"last epoch partial (stopped at global step {run.epochs[-1].get('global_step')})")
     return run
 
 

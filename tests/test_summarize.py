@@ -172,6 +172,14 @@ def test_unreadable_checkpoint_is_named(sweep, capsys):
     assert f"{last}: not a readable train.py checkpoint" in capsys.readouterr().err
 
 
+def test_partial_last_epoch_is_noted(sweep):
+    metrics = sweep / "1" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + json.dumps(
+        {"kind": "epoch", "epoch": 3, "val_top1": 33.0, "val_top5": 60.0, "partial": True, "global_step": 35}) + "\n")
+    row = summarize_runs.summarize(sweep).rows[1]
+    assert row["final_top1"] == 33.0 and row["notes"] == "last epoch partial (stopped at global step 35)"
+
+
 def test_run_without_a_finished_epoch_gets_a_row(sweep):
     (sweep / "3").mkdir()
     (sweep / "3" / "metrics.jsonl").write_text(json.dumps({"kind": "train", "epoch": 0, "step": 1, "loss": 7.0}) + "\n")
