@@ -39,13 +39,15 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: Any, base_lr: float = 1.0) -
     return factor
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR to be stepped once per optimizer step; its state_dict holds the step count for resume."""
     if steps_per_epoch < 1:
         raise ValueError(f"the training loader yields {steps_per_epoch} batches per epoch; it needs at least one "
                          f"(fewer images per rank than data.batch_size?)")
     if cfg.epochs < 1 or cfg.warmup_epochs < 0:
-        raise ValueError(f"schedule.epochs={cfg.epochs} must be >= 1 and schedule.warmup_epochs={cfg.warmup_epochs} >= 0")
+        raise ValueError(f"schedule.epochs={cfg.epochs} must be >= 1 and "
+                         f"schedule.warmup_epochs={cfg.warmup_epochs} >= 0")
     if _name(cfg) == "step" and list(cfg.milestones) != sorted(cfg.milestones):
         raise ValueError(f"schedule.milestones={list(cfg.milestones)} must be increasing")
     base_lr = optimizer.param_groups[0]["lr"]

@@ -34,8 +34,8 @@ from res2net.data import build_loader
 from res2net.engine.evaluation import evaluate
 from res2net.models import create_model
 
-from .checkpoint import (CheckpointError, CheckpointManager, capture_rng, check_compatible, load_checkpoint, model_state_dict,
-                         resolve_resume, restore_rng, unwrap_model)
+from .checkpoint import (CheckpointError, CheckpointManager, capture_rng, check_compatible, load_checkpoint,
+                         model_state_dict, resolve_resume, restore_rng, unwrap_model)
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, wrap_model
 from .ema import ModelEma
 from .metrics import MetricsWriter, Throughput, format_eta, gpu_mem_mb, rss_mb
