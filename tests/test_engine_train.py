@@ -122,3 +122,29 @@ def test_save_every_epochs_writes_every_nth_epoch_and_the_last(tmp_path):
     assert result.status == "finished"
     history = sorted(p.name for p in (tmp_path / "checkpoints").glob("epoch_*.pth"))
     assert history == ["epoch_0002.pth", "epoch_0003.pth"]  # every 2nd epoch and the last
+
+
+def test_sigusr1_stops_at_a_step_boundary_with_a_checkpoint(tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    def send_when_training():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            metrics = tmp_path / "metrics.jsonl"
+            if metrics.exists() and metrics.read_text().count('"kind": "train"') >= 1:
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
+            time.sleep(0.002)
+
+    previous = signal.getsignal(signal.SIGUSR1)
+    sender = threading.Thread(target=send_when_training)
+    sender.start()
+    result = train(_cfg("data.synthetic_train_size=512", "trainer.log_interval=1", "schedule.epochs=1"), tmp_path)
+    sender.join()
+    assert result.status == "preempted" and 0 < result.step_in_epoch < 64
+    ckpt = torch.load(result.checkpoint, weights_only=True)
+    assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]) == (0, result.step_in_epoch, result.global_step)
+    assert signal.getsignal(signal.SIGUSR1) is previous  # the handler is removed again
