@@ -148,3 +148,35 @@ def test_sigusr1_stops_at_a_step_boundary_with_a_checkpoint(tmp_path):
     ckpt = torch.load(result.checkpoint, weights_only=True)
     assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]) == (0, result.step_in_epoch, result.global_step)
     assert signal.getsignal(signal.SIGUSR1) is previous  # the handler is removed again
+
+
+def test_failed_save_mid_run_stops_naming_the_path_and_keeps_the_previous_checkpoint(tmp_path):
+    import resource
+    import signal
+    import threading
+    import time
+
+    from res2net.engine.checkpoint import CheckpointError
+
+    last = tmp_path / "checkpoints" / "last.pth"
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def fill_disk_after_first_checkpoint():  # a file-size limit makes the next write fail with EFBIG, like ENOSPC
+        deadline = time.monotonic() + 60
+        while not last.exists() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limits[1]))
+
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    filler = threading.Thread(target=fill_disk_after_first_checkpoint)
+    filler.start()
+    try:
+        with pytest.raises(CheckpointError, match=f"could not write checkpoint {last}.*previous {last} is intact"):
+            train(_cfg("data.synthetic_train_size=512", "trainer.save_every_steps=2", "schedule.epochs=1"), tmp_path)
+    finally:
+        filler.join()
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous_handler)
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["global_step"] >= 2 and ckpt["global_step"] % 2 == 0
+    assert [p.name for p in last.parent.iterdir()] == ["last.pth"]  # no temporary file left behind
