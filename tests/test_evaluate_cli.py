@@ -105,6 +105,10 @@ def test_bad_checkpoint_path_is_a_clear_error(tmp_path, folder):
                            f"data.root={folder}", f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode != 0 and "nope.pth" in proc.stderr and "checkpoint=released" in proc.stderr
+    # a misspelt key fails at composition, before any data is read
+    proc = subprocess.run([sys.executable, "evaluate.py", "chekpoint=released", f"hydra.run.dir={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "chekpoint" in proc.stderr
 
 
 @pytest.mark.parametrize("backend", ["torchvision", "dali"])

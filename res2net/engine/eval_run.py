@@ -41,7 +41,7 @@ def _plain(node: Any) -> Any:
     """A plain Python container from an OmegaConf node (enums as their values); plain input passes through."""
     if hasattr(node, "_metadata"):
         from omegaconf import OmegaConf
-        return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+        return OmegaConf.to_container(node, resolve=True, throw_on_missing=True, enum_to_str=True)
     return node
 
 
@@ -167,20 +167,21 @@ def run_evaluation(cfg: Any, out_dir: str | Path | None, dist_info: DistInfo = D
     from res2net.data import build_loader
     cfg = _plain(cfg)
     device = _resolve_device(cfg["device"], dist_info)
-    ckpt_path = resolve_checkpoint(cfg["checkpoint"], cfg["model"]["name"], dist_info)
-    # A downloaded released file is read tensors-only; a local file the user named may hold RNG states too.
-    checkpoint = read_checkpoint(ckpt_path, trusted=cfg["checkpoint"] != "released")
-    model, model_cfg = build_model_for(cfg["model"], checkpoint, cfg["use_ema"])
-    cfg = {**cfg, "model": model_cfg}
-    model = _prepare(model, cfg, device)
+    # The data first: a wrong data.root fails in seconds, before any checkpoint download.
     loader = build_loader(cfg["data"], "val", rank=dist_info.rank, world_size=dist_info.world_size, device=device,
                           channels_last=cfg["channels_last"])
     try:
+        ckpt_path = resolve_checkpoint(cfg["checkpoint"], cfg["model"]["name"], dist_info)
+        # A downloaded released file is read tensors-only; a local file the user named may hold RNG states too.
+        checkpoint = read_checkpoint(ckpt_path, trusted=cfg["checkpoint"] != "released")
+        model, model_cfg = build_model_for(cfg["model"], checkpoint, cfg["use_ema"])
+        cfg = {**cfg, "model": model_cfg}
         if loader.num_classes > model_cfg["num_classes"]:
             raise ValueError(f"{cfg['data'].get('root')} has {loader.num_classes} classes but the model predicts "
                              f"{model_cfg['num_classes']}; evaluate on the data set the checkpoint was trained for")
-        result = evaluate(model, loader, device=device, amp=cfg["amp"], channels_last=cfg["channels_last"],
-                          collect_predictions=cfg["save_predictions"], progress=cfg["progress"])
+        result = evaluate(_prepare(model, cfg, device), loader, device=device, amp=cfg["amp"],
+                          channels_last=cfg["channels_last"], collect_predictions=cfg["save_predictions"],
+                          progress=cfg["progress"])
         classes = list(loader.classes)
     finally:
         loader.close()
