@@ -7,7 +7,7 @@ the convs + channels_last, optional torch.compile, optional bf16/fp16 autocast; 
 compile, optional autocast with a GradScaler for fp16). Variants are measured in alternating rounds after a warm-up
 and each row reports the median round, so a slow spell of a shared machine hits every row alike.
 
-    python scripts/benchmark.py                                   # res2net50_26w_4s, batch 16, 224 px, CPU, fp32
+    python scripts/benchmark.py              # res2net50_26w_4s, batch 16, 224 px, CPU: fp32 (+ bf16 rows if native)
     python scripts/benchmark.py --device cuda --batch-size 256 --precision bf16 --compile
     python scripts/benchmark.py --model res2net50_26w_8s --modes inference --json bench.json
 
@@ -53,8 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
-                   help="autocast dtype of the optimised rows (the baseline is always float32)")
+    p.add_argument("--precision", choices=["auto", *sorted(PRECISIONS)], default="auto",
+                   help="autocast dtype of the extra optimised rows (the baseline is always float32); auto: bf16 "
+                        "where the device computes it natively (CUDA, or a CPU with AVX512-BF16/AMX), else fp32")
     p.add_argument("--compile", action="store_true", help="add rows with torch.compile")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations per row before measuring")
@@ -71,6 +72,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
 def ensure_allocator_env(argv: list[str]) -> None:
@@ -209,6 +218,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         torch.backends.cudnn.benchmark = True
     elif args.precision == "fp16":
         raise ValueError("--precision fp16 is for GPUs; on the CPU use bf16 (or fp32)")
+    args.precision = resolve_precision(args.precision, device)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = build_model(args)

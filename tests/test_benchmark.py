@@ -47,9 +47,10 @@ def test_table_and_json_rows(tmp_path):
 
 
 def test_modes_subset_and_clear_errors():
-    proc = _run(*TINY, "--modes", "inference", "--keep-allocator")
+    proc = _run(*TINY, "--modes", "inference", "--precision", "fp32", "--keep-allocator")
     assert proc.returncode == 0, proc.stderr
     assert "| inference |" in proc.stdout and "| train |" not in proc.stdout
+    assert "| inference | folded BN + channels_last |" in proc.stdout and "bf16" not in proc.stdout
     proc = _run(*TINY, "--precision", "fp16", "--keep-allocator")
     assert proc.returncode != 0 and "fp16 is for GPUs" in proc.stderr
     proc = _run(*TINY, "--model", "resnet50", "--keep-allocator")
