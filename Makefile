@@ -24,6 +24,7 @@ lint: $(STAMP)
 DATA ?=
 BACKEND ?= torchvision
 MODELS ?=
+BENCH_ARGS ?=
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
@@ -33,4 +34,4 @@ eval: $(STAMP)
 	$(PY) scripts/eval_released.py --data "$(DATA)" --backend $(BACKEND) $(if $(MODELS),--models $(MODELS))
 
 bench: $(STAMP)
-	MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 $(PY) scripts/benchmark.py
+	MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 $(PY) scripts/benchmark.py $(BENCH_ARGS)
