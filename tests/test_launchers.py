@@ -39,10 +39,11 @@ FAKE_SRUN = """#!/usr/bin/env bash
 while [[ $1 == --* ]]; do shift; done
 exec "$@"
 """
-# scontrol stand-in: `show hostnames <list>` names two nodes; `requeue <id>` is recorded in $SCONTROL_LOG.
+# scontrol stand-in: `show hostnames <list>` names two nodes (or, for big[...], 100000 of them); `requeue <id>` is
+# recorded in $SCONTROL_LOG.
 FAKE_SCONTROL = """#!/usr/bin/env bash
 case "$1 $2" in
-    "show hostnames") printf 'gpu07\\ngpu08\\n' ;;
+    "show hostnames") if [[ $3 == big* ]]; then seq -f 'big%g' 1 100000; else printf 'gpu07\\ngpu08\\n'; fi ;;
     requeue*) echo "$*" >> "$SCONTROL_LOG" ;;
     *) echo "unexpected scontrol $*" >&2; exit 1 ;;
 esac
@@ -170,6 +171,14 @@ def test_sbatch_processes_per_node_from_gres_or_override(fake_slurm_bin, tmp_pat
     assert result.returncode == 0, result.stderr
     args = shlex.split(result.stdout.strip().splitlines()[-1])
     assert f"--nproc-per-node={nproc}" in args and "--rdzv-endpoint=head:29400" in args
+
+
+def test_sbatch_takes_the_first_of_a_long_node_list(fake_slurm_bin, tmp_path):
+    (tmp_path / "train.py").write_text("")
+    env = slurm_env(fake_slurm_bin, tmp_path, DRY_RUN="1", SLURM_JOB_NODELIST="big[1-100000]")
+    result = run_script(SBATCH, env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"--rdzv-endpoint=big1:{20000 + 4242}" in shlex.split(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize(("extra", "message"), [
