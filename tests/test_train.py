@@ -121,6 +121,7 @@ def test_torchrun_two_processes_write_one_run_dir(tmp_path, folder):
     assert all(r["global_step"] == 4 * (r["epoch"] + 1) for r in epochs)  # 16 images per rank, batch 4
     assert all({"val_top1", "val_top5", "val_loss", "val_top1_ema", "epoch_time_s", "img_per_s"} <= r.keys()
                for r in epochs)
+    assert all(r["world_size"] == 2 and r["device"] == "cpu" for r in epochs)
     train = _records(run_dir, "train")
     assert [r["step"] for r in train] == list(range(1, 9))
     assert {"loss", "lr", "img_per_s", "data_wait_frac"} <= train[0].keys()

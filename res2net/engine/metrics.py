@@ -3,7 +3,9 @@
 metrics.jsonl holds one JSON object per line: ``kind: "train"`` every ``trainer.log_interval`` steps (epoch, step
 (global), loss, lr, img_per_s, data_wait_frac, gpu_mem_mb when on CUDA) and ``kind: "epoch"`` after every epoch
 (epoch, train_loss, lr, val_loss, val_top1, val_top5, val_*_ema when the EMA is on, epoch_time_s, img_per_s,
-global_step, rss_mb, skipped_steps). TensorBoard events go to ``<run dir>/tb/`` with the same names as tags.
+global_step, rss_mb, skipped_steps (fp16 steps the GradScaler skipped), world_size, device ('cpu' | 'cuda'),
+partial (true when trainer.max_steps ended the epoch early)). TensorBoard events go to ``<run dir>/tb/``, tagged
+``<kind>/<field>`` (train/loss, epoch/val_top1, ...).
 """
 from __future__ import annotations
 

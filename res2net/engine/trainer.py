@@ -367,7 +367,8 @@ class _Trainer:
                   "lr": self.step_lr, "val_loss": val["loss"], "val_top1": val["top1"],
                   "val_top5": val["top5"], "epoch_time_s": seconds,
                   "img_per_s": self.meters["steps"] * self.global_batch / max(train_seconds, 1e-9),
-                  "global_step": self.global_step, "skipped_steps": self.meters["skipped_steps"]}
+                  "global_step": self.global_step, "skipped_steps": self.meters["skipped_steps"],
+                  "world_size": self.dist.world_size, "device": self.device.type}
         for key in ("loss", "top1", "top5"):
             if f"{key}_ema" in val:
                 record[f"val_{key}_ema"] = val[f"{key}_ema"]
