@@ -119,12 +119,19 @@ def epoch_records(records: list[dict], path: Path) -> list[dict]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
+def read_yaml(path: Path):
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from err
+
+
 def read_overrides(run_dir: Path) -> dict[str, str]:
     """Hydra's task overrides of the run as {key: value} ('+' / '++' / '~' prefixes dropped from the key)."""
     path = run_dir / ".hydra" / "overrides.yaml"
     if not path.is_file():
         return {}
-    overrides = yaml.safe_load(path.read_text()) or []
+    overrides = read_yaml(path) or []
     if not isinstance(overrides, list):
         raise ValueError(f"{path}: expected a list of 'key=value' strings, got {type(overrides).__name__}")
     parsed = {}
@@ -138,7 +145,7 @@ def read_config(run_dir: Path) -> dict:
     path = run_dir / "config.yaml"
     if not path.is_file():
         return {}
-    config = yaml.safe_load(path.read_text()) or {}
+    config = read_yaml(path) or {}
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected a mapping, got {type(config).__name__}")
     return config

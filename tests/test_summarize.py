@@ -153,6 +153,13 @@ def test_malformed_metrics_line_names_file_and_line(sweep, capsys):
     assert f"{metrics}:2: expected a JSON object" in capsys.readouterr().err
 
 
+def test_broken_run_config_is_named(sweep, capsys):
+    config = sweep / "2" / "config.yaml"
+    config.write_text("model: {name: [unclosed\n")
+    assert summarize_runs.main([str(sweep)]) == 2
+    assert f"{config}: not valid YAML" in capsys.readouterr().err
+
+
 def test_cut_off_last_line_and_repeated_epoch_are_handled(sweep):
     metrics = sweep / "2" / "metrics.jsonl"
     # a resumed run logged epoch 1 again; the writer was then killed mid-line
