@@ -6,15 +6,14 @@ shows that the two agents formed one world of two ranks that exchanged gradients
 """
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
-from test_data_helpers import write_noise_split
+from test_launchers import free_port
+from test_sweeps import image_folder  # noqa: F401  (the fixture: a small generated JPEG folder)
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = [
@@ -23,12 +22,6 @@ TRAIN = [
     "trainer.deterministic=true", "trainer.log_interval=1",
 ]
 TIMEOUT_S = 240
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def torchrun(args: list[str], cwd: Path) -> subprocess.Popen:
@@ -50,14 +43,6 @@ def wait_all(procs: list[subprocess.Popen]) -> list[str]:
     for proc, output in zip(procs, outputs):
         assert proc.returncode == 0, output[-4000:]
     return outputs
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("folder")
-    write_noise_split(root, "train", 48, seed=0)
-    write_noise_split(root, "val", 20, seed=1)
-    return root
 
 
 def test_two_nodes_rendezvous_and_train_like_one_two_process_job(image_folder, tmp_path):

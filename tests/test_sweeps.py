@@ -1,6 +1,5 @@
 """Ablation presets (configs/experiment/ablation_*.yaml, short_schedule.yaml) and a real `python train.py -m` sweep."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import res2net
 from res2net.config import register_configs
 from res2net.models.stats import count_macs
 from test_data_helpers import write_noise_split
+from test_summarize import summarize_runs
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -111,10 +111,6 @@ def test_multirun_of_two_tiny_jobs_then_summary(image_folder, tmp_path, launcher
     assert [row.split("|")[1:3] for row in table[1:]] == [[" 0 ", " 0.0 "], [" 1 ", " 0.1 "]]
     assert all(" 2/2 " in row and "CPU (1 proc)" in row for row in table[1:])
 
-    spec = importlib.util.spec_from_file_location("summarize_runs", SUMMARIZE)
-    summarize_runs = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = summarize_runs
-    spec.loader.exec_module(summarize_runs)
     figure = summarize_runs.summarize(sweep, tmp_path / "again").figure
     ax_top1, ax_loss = figure.axes
     assert [t.get_text() for t in ax_top1.get_legend().get_texts()] == ["0: label_smoothing=0.0",
