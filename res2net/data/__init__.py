@@ -13,6 +13,10 @@ returns a Loader:
 - ``num_classes``, ``classes`` (sorted wnids), ``num_samples`` (samples this rank yields per epoch), ``skipped``
   (undecodable samples met so far); val only: ``paths`` and ``targets`` in iteration order.
 - ``close()``: releases workers / pipelines; idempotent.
+
+A torchvision DataLoader worker that dies (OOM killer, decoder crash) raises ``worker_watch.WorkerCrashError`` (a
+RuntimeError) naming the file it was decoding, from ``next()`` or, via torch's SIGCHLD handler, from wherever the
+main thread is at that moment.
 """
 import dataclasses
 import os

@@ -13,6 +13,9 @@ first time, and ``loader.skipped`` counts every occurrence. Train replaces the s
 of this rank's epoch order (wrapping), augmented with the replaced position's draws: the batch keeps its size and
 stays deterministic. Val keeps the position (so ``paths``/``targets`` stay aligned and the image still counts as
 one evaluated image) and feeds a uniform image of the mean colour, which normalizes to zeros.
+
+A worker that dies (OOM killer, decoder segfault) raises ``worker_watch.WorkerCrashError`` naming the file it was
+decoding (or saying it was idle): each worker records (pid, sample) in ``loader.worker_table`` before every decode.
 """
 import logging
 from typing import List, Optional, Sequence, Tuple
@@ -24,6 +27,7 @@ from PIL import Image
 from .index import train_positions, val_shard
 from .transforms import (DRAW_FLIP, augmentation_draws, center_crop_offset, random_resized_crop_box, val_resize_size,
                          val_resized_shape)
+from .worker_watch import IDLE, WorkerCrashError, WorkerTable, crash_error, watch_sigchld
 
 __all__ = ["TorchvisionLoader", "decode_val_image", "decode_train_image"]
 
@@ -75,6 +79,7 @@ class _BatchDataset(torch.utils.data.Dataset):
         self.scale, self.ratio, self.hflip = list(cfg.train_crop_scale), list(cfg.train_crop_ratio), cfg.hflip
         self.fill = np.array([round(255 * m) for m in cfg.mean], dtype=np.uint8)
         self._order: Optional[Tuple[int, np.ndarray, int]] = None
+        self.table: Optional[WorkerTable] = None  # set by the loader when decoding runs in worker processes
 
     def rank_order(self, epoch: int) -> Tuple[np.ndarray, int]:
         """(sample indices of this rank in iteration order, global position of the first)."""
@@ -97,14 +102,21 @@ class _BatchDataset(torch.utils.data.Dataset):
         if self.train:
             draws = augmentation_draws(self.seed, epoch, np.arange(first + lo, first + hi), self.scale, self.ratio,
                                        self.hflip)
-        for row, pos in enumerate(range(lo, hi)):
-            if self.train:
-                labels[row] = self._decode_train(out[row], order, pos, draws[row], skipped)
-            else:
-                labels[row] = self._decode_val(out[row], order[pos], skipped)
+        slot = self.table.worker_slot() if self.table is not None else None
+        try:
+            for row, pos in enumerate(range(lo, hi)):
+                if self.train:
+                    labels[row] = self._decode_train(out[row], order, pos, draws[row], skipped, slot)
+                else:
+                    labels[row] = self._decode_val(out[row], order[pos], skipped, slot)
+        finally:
+            if slot is not None:
+                self.table.busy(slot, IDLE)
         return torch.from_numpy(out), torch.from_numpy(labels), skipped
 
-    def _decode_val(self, dst: np.ndarray, idx: int, skipped: list) -> int:
+    def _decode_val(self, dst: np.ndarray, idx: int, skipped: list, slot: Optional[int]) -> int:
+        if slot is not None:
+            self.table.busy(slot, int(idx))
         try:
             dst[...] = decode_val_image(str(self.paths[idx]), self.img_size, self.crop_pct, self.interpolation)
         except Exception as err:  # any decoder failure: PIL raises OSError, SyntaxError, ValueError, ...
@@ -112,9 +124,12 @@ class _BatchDataset(torch.utils.data.Dataset):
             dst[...] = self.fill
         return int(self.labels[idx])
 
-    def _decode_train(self, dst: np.ndarray, order: np.ndarray, pos: int, draws: np.ndarray, skipped: list) -> int:
+    def _decode_train(self, dst: np.ndarray, order: np.ndarray, pos: int, draws: np.ndarray, skipped: list,
+                      slot: Optional[int]) -> int:
         for step in range(len(order)):
             idx = order[(pos + step) % len(order)]
+            if slot is not None:
+                self.table.busy(slot, int(idx))
             try:
                 dst[...] = decode_train_image(str(self.paths[idx]), draws, self.img_size, self.interpolation)
                 return int(self.labels[idx])
@@ -162,6 +177,9 @@ class TorchvisionLoader:
         self._sampler = _EpochBatchSampler()
         self._sampler.stop = self._num_batches
         workers = cfg.num_workers
+        # Created before the workers start (they inherit it); names the file a dying worker was decoding.
+        self.worker_table = WorkerTable(workers, lambda idx: str(paths[idx])) if workers > 0 else None
+        self._dataset.table = self.worker_table
         self._loader = torch.utils.data.DataLoader(
             self._dataset, batch_size=None, sampler=self._sampler, num_workers=workers,
             pin_memory=device.type == "cuda", persistent_workers=workers > 0,
@@ -183,7 +201,20 @@ class TorchvisionLoader:
             raise RuntimeError("loader is closed")
         batches = iter(self._loader)
         self._sampler.start = 0  # a later iteration without set_epoch repeats the epoch from its first batch
-        for images, labels, skipped in batches:
+        if self.worker_table is not None:
+            watch_sigchld()  # torch installed its SIGCHLD handler when it started the workers
+        while True:
+            try:
+                images, labels, skipped = next(batches)
+            except StopIteration:
+                return
+            except Exception as err:
+                if isinstance(err, WorkerCrashError) or self.worker_table is None:
+                    raise  # already named by the SIGCHLD path, or no workers
+                crash = crash_error(err, [self.worker_table], grace_s=1.0)
+                if crash is None:
+                    raise
+                raise crash from err
             self._report(skipped)
             yield self.normalize(images), labels.to(self.device, non_blocking=True)
 
@@ -197,6 +228,8 @@ class TorchvisionLoader:
                                "scripts/check_dataset.py", path, reason, action)
 
     def close(self) -> None:
+        if self.worker_table is not None:
+            self.worker_table.close()
         loader, self._loader = self._loader, None
         # Persistent workers live in the DataLoader's cached iterator; stop them now rather than at GC time.
         iterator = getattr(loader, "_iterator", None)

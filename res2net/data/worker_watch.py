@@ -1,0 +1,160 @@
+"""Which file each DataLoader worker is decoding, so that a worker that dies names it.
+
+A worker killed by the OOM killer (SIGKILL) or by a crash in a decoder (SIGSEGV) surfaces in torch as "DataLoader
+worker (pid X) exited unexpectedly" / "is killed by signal", without the file. ``WorkerTable`` is a shared-memory
+table (two int64 slots per worker: pid, index of the sample being decoded or -1 when idle) created in the main
+process before the workers start; each worker writes its pid once per batch and the sample index before decoding
+each sample (one store, ~60 ns). When torch reports a dead worker, ``crash_error`` looks up which recorded pids
+have exited and builds a ``WorkerCrashError`` naming their files.
+
+torch raises a worker's death in two places: inside ``next()`` on the DataLoader iterator (the loader catches it
+there) and from its SIGCHLD handler, i.e. wherever the main thread happens to be, usually the training step.
+``watch_sigchld`` wraps that handler once per process so the second path raises the same error.
+"""
+import multiprocessing
+import os
+import signal
+import threading
+import time
+import weakref
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["WorkerTable", "WorkerCrashError", "crash_error", "watch_sigchld"]
+
+IDLE = -1
+_TABLES: "weakref.WeakSet[WorkerTable]" = weakref.WeakSet()  # tables of open loaders, for the SIGCHLD path
+
+
+class WorkerCrashError(RuntimeError):
+    """A DataLoader worker process died; the message names the file(s) it was decoding."""
+
+
+class WorkerTable:
+    """Per worker (pid, sample index being decoded or -1) in shared memory; ``describe(index)`` names a sample."""
+
+    def __init__(self, num_workers: int, describe: Callable[[int], str]):
+        # RawArray (lock=False): each worker writes only its own slots, the main process reads after a death.
+        self._slots = multiprocessing.Array("q", [IDLE] * (2 * num_workers), lock=False)
+        self._describe = describe
+        _TABLES.add(self)
+
+    def __getstate__(self):  # spawn / forkserver workers: the array travels as shared memory, not as a copy
+        return {"_slots": self._slots, "_describe": None}
+
+    def worker_slot(self) -> Optional[int]:
+        """In a worker: the offset of its slots, after recording its pid; None in the main process."""
+        info = torch.utils.data.get_worker_info()
+        if info is None:
+            return None
+        slot = 2 * info.id
+        self._slots[slot] = os.getpid()
+        return slot
+
+    def busy(self, slot: int, index: int) -> None:
+        """In a worker: about to decode sample ``index`` (IDLE: done)."""
+        self._slots[slot + 1] = index
+
+    def snapshot(self) -> List[Tuple[int, int]]:
+        """[(pid or -1 before the worker started, sample index or -1 when idle)] per worker id."""
+        values = list(self._slots)
+        return list(zip(values[0::2], values[1::2]))
+
+    def decoding(self) -> List[Tuple[int, Optional[str]]]:
+        """[(pid or -1, the file being decoded or None when idle)] per worker id."""
+        return [(pid, None if index == IDLE else self._describe(index)) for pid, index in self.snapshot()]
+
+    def dead_workers(self) -> List[Tuple[int, int, int, str]]:
+        """(worker id, pid, sample index or -1, how it ended) of every recorded worker that has exited."""
+        dead = []
+        for worker, (pid, index) in enumerate(self.snapshot()):
+            if pid > 0:
+                ended = _exit_status(pid)
+                if ended is not None:
+                    dead.append((worker, pid, index, ended))
+        return dead
+
+    def close(self) -> None:
+        _TABLES.discard(self)
+
+
+def _exit_status(pid: int) -> Optional[str]:
+    """None while child ``pid`` runs; else how it ended ('' once already reaped). Leaves a zombie unreaped."""
+    if not hasattr(os, "waitid"):  # e.g. macOS: cannot tell a zombie from a live process
+        try:
+            os.kill(pid, 0)
+            return None
+        except ProcessLookupError:
+            return ""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:  # reaped already (torch's is_alive() polls reap it): gone, status unknown
+        return ""
+    if info is None:
+        return None
+    if info.si_code in (os.CLD_KILLED, os.CLD_DUMPED):
+        return f"killed by signal {signal.Signals(info.si_status).name}"
+    return f"exit code {info.si_status}"
+
+
+def crash_error(err: BaseException, tables: Optional[Sequence[WorkerTable]] = None,
+                grace_s: float = 0.0) -> Optional[WorkerCrashError]:
+    """The error naming what the dead workers of ``tables`` (default: every open loader's) were decoding; None when
+    no recorded worker has died within ``grace_s`` (``err`` is then some other failure). The grace covers a
+    worker killed while sending a batch: the main process sees the broken connection before the worker has
+    finished exiting."""
+    named = _named_in_chain(err)
+    if named is not None:  # torch caught the SIGCHLD path's error in next() and raised its own from it
+        return WorkerCrashError(str(named))
+    tables = list(_TABLES) if tables is None else tables
+    deadline = time.monotonic() + grace_s
+    dead = [(table, d) for table in tables for d in table.dead_workers()]
+    while not dead and time.monotonic() < deadline:
+        time.sleep(0.01)
+        dead = [(table, d) for table in tables for d in table.dead_workers()]
+    parts = []
+    for table, (worker, pid, index, ended) in dead:
+        who = f"DataLoader worker {worker} (pid {pid}{', ' + ended if ended else ''})"
+        if index == IDLE:
+            parts.append(f"{who} died while idle, between samples (it was decoding no file)")
+        else:
+            parts.append(f"{who} died while decoding {table._describe(index)}")
+    if not parts:
+        return None
+    return WorkerCrashError(
+        "; ".join(parts) + ". SIGKILL usually means the out-of-memory killer (see `dmesg`; lower data.num_workers, "
+        "data.prefetch or data.batch_size); a decoder crash (e.g. SIGSEGV) points to the file: check it with "
+        f"scripts/check_dataset.py. torch said: {err}")
+
+
+def _named_in_chain(err: Optional[BaseException]) -> Optional[WorkerCrashError]:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, WorkerCrashError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def watch_sigchld() -> None:
+    """Make torch's SIGCHLD handler raise ``crash_error`` instead of its own message (once per process; call after
+    a DataLoader iterator with workers exists, i.e. after torch installed its handler; main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGCHLD)
+    if not callable(previous) or getattr(previous, "_res2net_watch", False):
+        return
+
+    def handler(signum, frame):
+        try:
+            previous(signum, frame)
+        except RuntimeError as err:
+            crash = None if isinstance(err, WorkerCrashError) else crash_error(err)
+            if crash is None:
+                raise
+            raise crash from err
+
+    handler._res2net_watch = True
+    signal.signal(signal.SIGCHLD, handler)
