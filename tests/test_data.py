@@ -11,7 +11,7 @@ from PIL import Image
 from res2net.data import DataConfig, as_data_config, build_loader, scan_split
 from res2net.data.index import epoch_permutation, train_positions, train_shard, val_shard
 from res2net.data.transforms import center_crop_offset, val_resize_size, val_resized_shape
-from test_data_helpers import WNIDS, write_noise_split, write_photo_split
+from test_data_helpers import WNIDS, check_set_epoch_contract, write_noise_split, write_photo_split
 
 STD = DataConfig().std
 
@@ -315,3 +315,13 @@ def test_torchvision_train_crop_equals_torchvision_resized_crop(tmp_path):
         crop = F.hflip(crop) if row[DRAW_FLIP] else crop
         expected = F.normalize(F.to_tensor(crop), cfg.mean, cfg.std)
         assert torch.allclose(image, expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------- set_epoch contract (shared by every backend)
+
+@pytest.mark.parametrize("backend", ["torchvision", "synthetic"])
+def test_set_epoch_contract(noise_root, backend):
+    cfg = tv_cfg(noise_root, backend=backend, synthetic_num_classes=3, synthetic_train_size=20)
+    loader = build_loader(cfg, "train")
+    assert len(loader) == (6 if backend == "torchvision" else 2)
+    check_set_epoch_contract(loader)

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from res2net.data import DataConfig, build_loader, scan_split
-from test_data_helpers import colour_ids, grey_level_diff, write_colour_split, write_noise_split, write_photo_split
+from test_data_helpers import (check_set_epoch_contract, colour_ids, grey_level_diff, write_colour_split,
+                               write_noise_split, write_photo_split)
 
 pytest.importorskip("nvidia.dali")
 MEAN, STD = DataConfig().mean, DataConfig().std
@@ -222,3 +223,9 @@ def test_dali_crop_box_arithmetic_equals_python():
     graph = np.stack([np.array([out.at(i) for i in range(n)]).reshape(n) for out in pipe.run()], axis=1)
     python = np.array([random_resized_crop_box(draws[i], int(h), int(w)) for i, (h, w) in enumerate(sizes)])
     assert np.array_equal(graph.astype(np.int64), python)
+
+
+def test_set_epoch_contract(noise_root):
+    loader = build_loader(cfg_for(noise_root), "val")
+    assert len(loader) == 13  # ceil(101 / 8)
+    check_set_epoch_contract(loader)

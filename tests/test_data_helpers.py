@@ -3,6 +3,7 @@ from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
+import pytest
 import skimage.data
 from PIL import Image
 
@@ -84,3 +85,18 @@ def colour_ids(images, mean: Sequence[float], std: Sequence[float]) -> List[int]
     pixels = images.double().mean(dim=(2, 3)).cpu().numpy() * np.asarray(std) + np.asarray(mean)
     r, g = np.round((pixels[:, 0] * 255 - 8) / 16).astype(int), np.round((pixels[:, 1] * 255 - 8) / 16).astype(int)
     return (g * 16 + r).tolist()
+
+
+def check_set_epoch_contract(loader) -> None:
+    """len() is the batch count; set_epoch validates its arguments; start_batch == len() gives an empty epoch."""
+    n = len(loader)
+    for epoch, start in ((-1, 0), (0, -1), (0, n + 1)):
+        with pytest.raises(ValueError, match=rf"need epoch >= 0 and 0 <= start_batch <= {n}, "
+                                             rf"got epoch={epoch}, start_batch={start}"):
+            loader.set_epoch(epoch, start_batch=start)
+    loader.set_epoch(2, start_batch=n)
+    assert list(loader) == []
+    loader.set_epoch(2, start_batch=n - 1)
+    assert len(list(loader)) == 1
+    assert len(list(loader)) == n  # a later iteration without set_epoch starts from batch 0 again
+    loader.close()

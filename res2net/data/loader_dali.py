@@ -37,6 +37,7 @@ from nvidia.dali import Pipeline, fn, types
 from nvidia.dali import math as dmath
 
 from .index import train_positions, val_shard
+from .loader_base import EpochLoader
 from .transforms import (DRAW_AREA, DRAW_ASPECT, DRAW_FLIP, DRAW_LEFT, DRAW_RATIO_MAX, DRAW_RATIO_MIN, DRAW_TOP,
                          RRC_ATTEMPTS, augmentation_draws, val_resize_size)
 
@@ -109,7 +110,7 @@ def _crop_box_graph(draws, height, width):
     return top, left, crop_h, crop_w
 
 
-class DaliLoader:
+class DaliLoader(EpochLoader):
     """The Loader protocol (see res2net.data) over a DALI pipeline rebuilt per epoch."""
 
     def __init__(self, samples: Sequence[Tuple[str, int]], classes: Sequence[str], cfg, train: bool, *, rank: int,
@@ -138,13 +139,7 @@ class DaliLoader:
         self.skipped = 0  # DALI never skips: an undecodable file raises (see the module docstring)
         self._pipe = None
 
-    def __len__(self) -> int:
-        return self._num_batches
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        if epoch < 0 or not 0 <= start_batch <= self._num_batches:
-            raise ValueError(f"need epoch >= 0 and 0 <= start_batch <= {self._num_batches}, "
-                             f"got epoch={epoch}, start_batch={start_batch}")
+    def _seek(self, epoch: int, start_batch: int) -> None:
         self.epoch, self._start = epoch, start_batch
 
     def epoch_indices(self, epoch: int) -> np.ndarray:

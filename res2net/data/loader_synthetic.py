@@ -3,11 +3,12 @@ benchmark measures the model alone. Follows the Loader protocol, including val s
 import torch
 
 from .index import train_shard, val_shard
+from .loader_base import EpochLoader
 
 __all__ = ["SyntheticLoader"]
 
 
-class SyntheticLoader:
+class SyntheticLoader(EpochLoader):
     def __init__(self, cfg, train: bool, *, rank: int, world_size: int, seed: int, device: torch.device,
                  channels_last: bool, dtype: torch.dtype):
         self.num_classes = cfg.synthetic_num_classes
@@ -39,13 +40,7 @@ class SyntheticLoader:
         self._start = 0
         self.skipped = 0
 
-    def __len__(self) -> int:
-        return self._num_batches
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        if epoch < 0 or not 0 <= start_batch <= self._num_batches:
-            raise ValueError(f"need epoch >= 0 and 0 <= start_batch <= {self._num_batches}, "
-                             f"got epoch={epoch}, start_batch={start_batch}")
+    def _seek(self, epoch: int, start_batch: int) -> None:
         self._start = start_batch
 
     def __iter__(self):

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from .index import train_positions, val_shard
+from .loader_base import EpochLoader
 from .transforms import (DRAW_FLIP, augmentation_draws, center_crop_offset, random_resized_crop_box, val_resize_size,
                          val_resized_shape)
 from .worker_watch import IDLE, WorkerCrashError, WorkerTable, crash_error, watch_sigchld
@@ -152,7 +153,7 @@ class _EpochBatchSampler(torch.utils.data.Sampler):
         return self.stop - self.start
 
 
-class TorchvisionLoader:
+class TorchvisionLoader(EpochLoader):
     """The Loader protocol (see res2net.data) over PIL decoding in DataLoader workers."""
 
     def __init__(self, samples: Sequence[Tuple[str, int]], classes: Sequence[str], cfg, train: bool, *, rank: int,
@@ -187,13 +188,7 @@ class TorchvisionLoader:
         self.skipped = 0
         self.skipped_paths: List[str] = []
 
-    def __len__(self) -> int:
-        return self._num_batches
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        if epoch < 0 or not 0 <= start_batch <= self._num_batches:
-            raise ValueError(f"need epoch >= 0 and 0 <= start_batch <= {self._num_batches}, "
-                             f"got epoch={epoch}, start_batch={start_batch}")
+    def _seek(self, epoch: int, start_batch: int) -> None:
         self._sampler.epoch, self._sampler.start = epoch, start_batch
 
     def __iter__(self):
