@@ -122,10 +122,11 @@ def crash_error(err: BaseException, tables: Optional[Sequence[WorkerTable]] = No
             parts.append(f"{who} died while decoding {table._describe(index)}")
     if not parts:
         return None
-    return WorkerCrashError(
-        "; ".join(parts) + ". SIGKILL usually means the out-of-memory killer (see `dmesg`; lower data.num_workers, "
-        "data.prefetch or data.batch_size); a decoder crash (e.g. SIGSEGV) points to the file: check it with "
-        f"scripts/check_dataset.py. torch said: {err}")
+    hints = ["SIGKILL usually means the out-of-memory killer (see `dmesg`; lower data.num_workers, data.prefetch or "
+             "data.batch_size)"]
+    if any(index != IDLE for _, (_, _, index, _) in dead):
+        hints.append("a decoder crash (e.g. SIGSEGV) points to the file: check it with scripts/check_dataset.py")
+    return WorkerCrashError(f"{'; '.join(parts)}. {'; '.join(hints)}. torch said: {str(err).strip()}")
 
 
 def _named_in_chain(err: Optional[BaseException]) -> Optional[WorkerCrashError]:
