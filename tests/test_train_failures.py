@@ -1,4 +1,5 @@
-"""Failure paths of a real torchrun job: a rank that dies takes the job down instead of hanging the others."""
+"""Failure paths of a real torchrun job: a rank that dies takes the job down instead of hanging the others; a
+preemption signal that every process gets (twice, through torchrun) still ends in one checkpoint."""
 import os
 import signal
 import subprocess
@@ -58,3 +59,39 @@ def test_a_rank_killed_mid_run_takes_the_job_down_promptly(tmp_path):
     assert agent.returncode != 0
     assert time.monotonic() - killed_at < 60  # the surviving rank did not wait for the collective timeout
     assert "Signals.SIGKILL" in out or "SIGKILL" in out or "exitcode" in out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the ranks through /proc (Linux)")
+def test_preemption_signal_to_every_process_and_again_from_torchrun_still_checkpoints(tmp_path):
+    """SLURM's preemption SIGTERM reaches the agent and both workers; the agent forwards it again. Both ranks
+    checkpoint together and end within torchrun's grace period, and only rank 0 says where the checkpoint is."""
+    import torch
+    overrides = ["experiment=debug", f"hydra.run.dir={tmp_path}", "data.synthetic_train_size=4096",
+                 "schedule.epochs=1", "trainer.log_interval=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              str(REPO / "train.py"), *overrides], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        metrics = tmp_path / "metrics.jsonl"
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+            assert agent.poll() is None, agent.communicate()[0][-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        workers = [pid for pid in _children(agent.pid) if _rank_of(pid) is not None]
+        assert len(workers) == 2
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(0.05)  # the workers' handlers have run (two signals pending at once would arrive as one)
+        os.kill(agent.pid, signal.SIGTERM)  # torchrun sends each worker SIGTERM once more, mid-step or mid-save
+        out, _ = agent.communicate(timeout=120)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert out.count("stop requested by signal") == 1, out[-3000:]
+    assert out.count("preempted: wrote") == 1 and "checkpoint None" not in out, out[-3000:]
+    assert "closing signal SIGKILL" not in out, out[-3000:]  # torchrun's next step when workers outlive 30 s
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pth", weights_only=True)
+    logged = [line for line in metrics.read_text().splitlines() if '"kind": "train"' in line]
+    assert ckpt["world_size"] == 2 and ckpt["global_step"] == len(logged) >= 2

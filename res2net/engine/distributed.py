@@ -7,17 +7,19 @@ bounds how long a collective may wait on a peer that hangs instead of dying.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 __all__ = ["DistInfo", "all_reduce_sum", "barrier", "broadcast_object", "cleanup", "init_distributed",
-           "share_run_time", "wrap_model"]
+           "process_group", "share_run_time", "wrap_model"]
 
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 
@@ -57,6 +59,23 @@ def init_distributed() -> DistInfo:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+@contextlib.contextmanager
+def process_group() -> Iterator[DistInfo]:
+    """``init_distributed()`` for the enclosed code; on leaving, destroys the process group only if this call created
+    it, so nested uses (train.py's launcher block around its task function) share one group.
+
+    Call it where the work runs, never at import: Hydra's submitit launcher pickles the task function with its
+    globals, and a ``DistInfo`` made on the submitting machine would carry that machine's device into every job.
+    """
+    created = not _initialized()
+    info = init_distributed()
+    try:
+        yield info
+    finally:
+        if created:
+            cleanup()
 
 
 def cleanup() -> None:

@@ -8,7 +8,8 @@ RNG states restored, so a deterministic run continues bit for bit as if it had n
 Every step ends with one small all-reduce of (loss, stop request) so that all ranks agree at the same step on a
 non-finite loss (the run stops with ``NonFiniteLossError``) and on a preemption signal: SIGTERM or SIGUSR1 make
 every rank finish its step, rank 0 writes ``last.pth`` at that exact position, and ``train`` returns status
-'preempted' (train.py then exits with ``PREEMPTED_EXIT_CODE``). A second signal kills the process at once.
+'preempted' (train.py then exits with ``PREEMPTED_EXIT_CODE``). Repeats of those signals while the stop is pending
+are ignored (see ``StopRequest``); SIGINT (Ctrl-C) or SIGKILL end the run without a checkpoint.
 """
 from __future__ import annotations
 
@@ -67,19 +68,28 @@ class TrainResult:
 
 
 class StopRequest:
-    """Records SIGTERM / SIGUSR1 (SLURM's warning signal) so the loop can stop at a step boundary."""
+    """Records SIGTERM / SIGUSR1 (SLURM's warning signal) so the loop can stop at a step boundary and checkpoint.
+
+    Once a stop is pending, further SIGTERM / SIGUSR1 (the same signal or the other one) are ignored and only counted
+    in ``repeats``: on SLURM a preemption signals every process of the job step and torchrun forwards its own copy to
+    its workers, so a worker routinely gets the signal twice and must still write its checkpoint. A user who wants the
+    run gone without a checkpoint sends SIGINT (Ctrl-C: ``KeyboardInterrupt``, exit code 1) or SIGKILL; resume=auto
+    then continues from the previous checkpoint. Leaving the ``with`` block restores the previous handlers, so a
+    caller that exits after a stop (train.py) keeps the block open until then.
+    """
 
     SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
 
     def __init__(self):
         self.signum: Optional[int] = None
+        self.repeats = 0
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.signum is not None:  # asked twice: stop waiting for the step to finish
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-        self.signum = signum
+        if self.signum is None:
+            self.signum = signum
+        else:  # a checkpoint is pending: a repeat must not kill the process before it is written
+            self.repeats += 1
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
@@ -89,6 +99,7 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+        self._previous = {}
 
 
 def _amp_name(value: Any) -> str:
@@ -423,8 +434,13 @@ class _Trainer:
                            checkpoint=checkpoint)
 
 
-def train(cfg: Any, run_dir: str | os.PathLike, dist: Optional[DistInfo] = None) -> TrainResult:
-    """Train as ``cfg`` says, writing into ``run_dir`` (rank 0); returns how the run ended."""
+def train(cfg: Any, run_dir: str | os.PathLike, dist: Optional[DistInfo] = None,
+          stop: Optional[StopRequest] = None) -> TrainResult:
+    """Train as ``cfg`` says, writing into ``run_dir`` (rank 0); returns how the run ended.
+
+    ``stop``: an entered ``StopRequest`` to watch (train.py keeps one open until the process exits); without it,
+    ``train`` installs its own for the epochs and removes it before returning.
+    """
     dist = dist or DistInfo()
     run_dir = Path(run_dir)
     _check_runtime(cfg, dist)
@@ -455,8 +471,8 @@ def train(cfg: Any, run_dir: str | os.PathLike, dist: Optional[DistInfo] = None)
                  cfg.model.name, sum(p.numel() for p in trainer.model.parameters()) / 1e6, dist.world_size,
                  cfg.data.batch_size, trainer.global_batch, trainer.scheduler.base_lrs[0],
                  trainer.steps_per_epoch, cfg.schedule.epochs)
-        with StopRequest() as stop:
-            result = trainer.fit(wrap_model(trainer.model, dist, compile=cfg.trainer.compile), stop)
+        with contextlib.nullcontext(stop) if stop is not None else StopRequest() as request:
+            result = trainer.fit(wrap_model(trainer.model, dist, compile=cfg.trainer.compile), request)
         barrier()
         return result
     finally:
