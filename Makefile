@@ -20,6 +20,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m compileall -q res2net scripts train.py evaluate.py
+	$(VENV)/bin/shellcheck scripts/train_multigpu.sh scripts/slurm/train.sbatch
 
 DATA ?=
 BACKEND ?= torchvision
