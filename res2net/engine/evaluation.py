@@ -18,7 +18,7 @@ from torch import nn
 
 from res2net.engine.distributed import all_reduce_sum
 
-__all__ = ["evaluate", "topk_correct", "AMP_MODES"]
+__all__ = ["evaluate", "topk_correct", "AMP_MODES", "autocast"]
 
 AMP_MODES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 PREDICTION_TOPK = 5
@@ -48,7 +48,8 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _autocast(device: torch.device, amp: str):
+def autocast(device: torch.device, amp: str):
+    """The autocast context for amp = off | bf16 | fp16 (a no-op context for off)."""
     if amp not in AMP_MODES:
         raise ValueError(f"amp={amp!r} is not one of {sorted(AMP_MODES)}")
     if AMP_MODES[amp] is None:
@@ -138,7 +139,7 @@ def evaluate(model: nn.Module, loader: Any, *, device: torch.device | str, amp: 
             targets = targets.to(device, non_blocking=True)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 logits = net(images)
             logits = logits.float()
             loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()

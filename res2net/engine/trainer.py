@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from res2net.data import build_loader
-from res2net.engine.evaluation import evaluate
+from res2net.engine.evaluation import AMP_MODES, autocast, evaluate
 from res2net.models import create_model
 
 from .checkpoint import (CheckpointError, CheckpointManager, capture_rng, check_compatible, load_checkpoint,
@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 
 # sysexits.h EX_TEMPFAIL: "temporary failure, retry". A preempted run exits with it after writing last.pth.
 PREEMPTED_EXIT_CODE = 75
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -104,8 +103,8 @@ class StopRequest:
 
 def _amp_name(value: Any) -> str:
     name = getattr(value, "value", value)
-    if name not in AMP_DTYPES:
-        raise ValueError(f"trainer.amp={name!r} is not one of {sorted(AMP_DTYPES)}")
+    if name not in AMP_MODES:
+        raise ValueError(f"trainer.amp={name!r} is not one of {sorted(AMP_MODES)}")
     return name
 
 
@@ -256,14 +255,9 @@ class _Trainer:
 
     # -- training ------------------------------------------------------------------------------------------------
 
-    def _autocast(self):
-        if self.amp == "off":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.amp])
-
     def _step(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """One optimizer step; returns the detached loss and whether the fp16 scaler skipped the update."""
-        with self._autocast():
+        with autocast(self.device, self.amp):
             loss = self.criterion(model(images), labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
