@@ -201,28 +201,77 @@ def test_mixed_decoding_matches_cpu_path(photo_root, tmp_path):
     assert (grey_level_diff(images.float(), cpu_train, STD) < 1.0).all()  # same crops and flips on the GPU
 
 
-def test_dali_crop_box_arithmetic_equals_python():
-    from nvidia.dali import Pipeline, fn, types
+def test_train_boxes_are_torchvisions_from_the_file_header(tmp_path):
+    """The graph decodes exactly the box transforms.random_resized_crop_box (the torchvision backend's function)
+    picks for the file's PIL size and the position's draws, for every batch, also past the end of the epoch (the
+    pipeline prefetches across it) and after a resume."""
+    from types import SimpleNamespace
 
-    from res2net.data.loader_dali import _crop_box_graph
-    from res2net.data.transforms import augmentation_draws, random_resized_crop_box
+    from res2net.data.index import train_positions
+    from res2net.data.transforms import DRAW_FLIP, augmentation_draws, random_resized_crop_box
 
-    rng = np.random.default_rng(0)
-    n = 400
-    sizes = np.stack([rng.integers(8, 700, n), rng.integers(8, 700, n)], axis=1)
-    sizes[:40, 0] = rng.integers(2, 12, 40)  # very wide / very tall images exercise the fallback crop
-    sizes[40:80, 1] = rng.integers(2, 12, 40)
-    scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
-    draws = augmentation_draws(1, 2, np.arange(n), scale, ratio, 0.5)
-    pipe = Pipeline(batch_size=n, num_threads=1, device_id=None)
-    with pipe:
-        d = fn.external_source(source=lambda: draws, batch=True, dtype=types.FLOAT64, ndim=1)
-        hw = fn.external_source(source=lambda: sizes.astype(np.float64), batch=True, dtype=types.FLOAT64, ndim=1)
-        pipe.set_outputs(*_crop_box_graph(d, hw[0], hw[1]))
-    pipe.build()
-    graph = np.stack([np.array([out.at(i) for i in range(n)]).reshape(n) for out in pipe.run()], axis=1)
-    python = np.array([random_resized_crop_box(draws[i], int(h), int(w)) for i, (h, w) in enumerate(sizes)])
-    assert np.array_equal(graph.astype(np.int64), python)
+    photos = write_photo_split(tmp_path, "train", copies=2, shrink=3)
+    Image.open(photos[0][0]).save(photos[0][0], "PNG")  # a PNG named .JPEG: its size comes from PIL
+    cfg = cfg_for(tmp_path, batch_size=4, train_crop_scale=[0.05, 1.0], train_crop_ratio=[0.2, 5.0])
+    loader = build_loader(cfg, "train", seed=4, rank=1, world_size=2)
+    assert sum(len(x) for x, _ in loader) == len(loader) * 4
+    loader.set_epoch(3)
+    indices = loader.epoch_indices(3)
+    _, first = train_positions(len(loader._paths), 1, 2, 4, 3)
+    for start in (0, 1):
+        source = loader._boxes_source(indices[start * 4:], start)
+        n = len(indices) - start * 4
+        for it in range(len(loader) - start + 2):
+            anchors, shapes, flips = source(SimpleNamespace(iteration=it))
+            pos = first + (start + it) * 4 + np.arange(4)
+            draws = augmentation_draws(4, 3, pos, cfg.train_crop_scale, cfg.train_crop_ratio, cfg.hflip)
+            for j in range(4):
+                with Image.open(loader._paths[indices[start * 4 + (it * 4 + j) % n]]) as img:
+                    expected = random_resized_crop_box(draws[j], img.height, img.width)
+                assert (*anchors[j], *shapes[j]) == expected and int(flips[j]) == draws[j, DRAW_FLIP]
+
+
+def test_jpeg_header_size_equals_pil(tmp_path):
+    from res2net.data.loader_dali import jpeg_size
+
+    rgb = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    img = Image.fromarray(rgb)
+    variants = {
+        "baseline.jpg": lambda p: img.save(p, "JPEG"),
+        "progressive.jpg": lambda p: img.save(p, "JPEG", progressive=True),
+        "cmyk.jpg": lambda p: img.convert("CMYK").save(p, "JPEG"),
+        "gray.jpg": lambda p: img.convert("L").save(p, "JPEG"),
+        "big_icc.jpg": lambda p: img.save(p, "JPEG", icc_profile=bytes(range(256)) * 300),  # APP2 > 4 KiB
+        "big_exif.jpg": lambda p: img.save(p, "JPEG", exif=b"Exif\x00\x00" + bytes(30000)),
+    }
+    for name, save in variants.items():
+        save(tmp_path / name)
+        assert jpeg_size(str(tmp_path / name)) == (37, 53), name
+    img.save(tmp_path / "png.JPEG", "PNG")
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "big_icc.jpg").read_bytes()[:5000])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    assert [jpeg_size(str(tmp_path / n)) for n in ("png.JPEG", "cut.jpg", "empty.jpg")] == [None] * 3
+
+
+def test_train_unreadable_file_error_names_it(tmp_path):
+    write_noise_split(tmp_path, "train", 12)
+    (tmp_path / "train" / "n01440764" / "img_0003.JPEG").write_bytes(b"not a jpeg at all")
+    loader = build_loader(cfg_for(tmp_path, batch_size=4), "train")
+    with pytest.raises(RuntimeError, match=r"(?s)img_0003\.JPEG.*check_dataset\.py"):
+        list(loader)
+
+
+@pytest.mark.parametrize("channels_last, dtype", [(True, torch.float32), (False, torch.bfloat16),
+                                                  (True, torch.float16)])
+def test_train_output_layout_and_dtype(tmp_path, channels_last, dtype):
+    """Normalization happens in the graph; layout and dtype follow the request, values those of float32 NCHW."""
+    write_photo_split(tmp_path, "train", names=["coffee"], copies=8, shrink=4)
+    reference = next(iter(build_loader(cfg_for(tmp_path), "train", seed=2)))[0]
+    images = next(iter(build_loader(cfg_for(tmp_path), "train", seed=2, channels_last=channels_last,
+                                    dtype=dtype)))[0]
+    assert images.dtype == dtype and images.shape == reference.shape
+    assert images.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert torch.allclose(images.float(), reference, atol=0.02 if dtype != torch.float32 else 0.0)
 
 
 def test_set_epoch_contract(noise_root):
