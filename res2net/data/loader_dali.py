@@ -34,7 +34,9 @@ run where the decoded images are. Nothing else differs between the two paths. EX
 Val geometry is computed in the graph from the encoded image's shape, with integer arithmetic that reproduces
 torchvision exactly (DALI's own resize_shorter would round the long side where torchvision truncates, and its
 center crop would round the offset differently): long side = short * long // short_in, offset =
-round-half-to-even((size - crop) / 2).
+round-half-to-even((size - crop) / 2). Only the input region that becomes the crop is resized (fn.resize's
+roi_start / roi_end: the same sampling positions and filter as resizing everything and cropping; outputs differ
+from that by at most one grey level in a few pixels), which makes val ~1.3x faster.
 
 Undecodable files: DALI cannot skip a sample, so a file that its decoder rejects stops the epoch with an error that
 names the batch's files and points to scripts/check_dataset.py (which finds and fixes them beforehand) and to the
@@ -322,12 +324,16 @@ class DaliLoader(EpochLoader):
         portrait = width <= height  # torchvision: the width is the shorter side when width <= height
         new_h = portrait * ((short * height) // width) + (1 - portrait) * short
         new_w = portrait * short + (1 - portrait) * ((short * width) // height)
+        top, left = _round_half_even_half(new_h - crop), _round_half_even_half(new_w - crop)
+        # Resize only the input region that becomes the center crop: the same sampling positions and filter as
+        # resizing the whole image to (new_h, new_w) and then cropping, for ~40% less resize work.
+        scale_y = fn.cast(height, dtype=types.FLOAT64) / fn.cast(new_h, dtype=types.FLOAT64)
+        scale_x = fn.cast(width, dtype=types.FLOAT64) / fn.cast(new_w, dtype=types.FLOAT64)
+        roi_start = fn.cast(fn.stack(top * scale_y, left * scale_x), dtype=types.FLOAT)
+        roi_end = fn.cast(fn.stack((top + crop) * scale_y, (left + crop) * scale_x), dtype=types.FLOAT)
         images = fn.decoders.image(jpegs, **decoder_args)
-        images = fn.resize(images, resize_x=fn.cast(new_w, dtype=types.FLOAT),
-                           resize_y=fn.cast(new_h, dtype=types.FLOAT), interp_type=interp, antialias=True)
-        anchor = fn.stack(_round_half_even_half(new_h - crop), _round_half_even_half(new_w - crop))
-        return fn.slice(images, fn.cast(anchor, dtype=types.INT32), np.array([crop, crop], dtype=np.int32),
-                        axes=[0, 1], normalized_anchor=False, normalized_shape=False)
+        return fn.resize(images, size=[crop, crop], roi_start=roi_start, roi_end=roi_end, roi_relative=False,
+                         interp_type=interp, antialias=True)
 
     def _release(self) -> None:
         pipe, self._pipe = self._pipe, None
