@@ -3,16 +3,23 @@
 
     MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 \\
     python scripts/bench_data.py --root ROOT [--backends torchvision dali] [--splits train val] \\
-        [--workers 2 4] [--batch-size 64] [--img-size 224] [--batches 30] [--warmup 5] [--device cpu|cuda]
+        [--workers 2 4] [--batch-size 64] [--img-size 224] [--batches 30] [--warmup 5] [--device cpu|cuda] \\
+        [--rounds 3] [--in-process]
 
 --workers takes several values to tune the worker / thread count: for torchvision it is the number of DataLoader
 worker processes, for DALI the pipeline's CPU threads. Each row warms up first, then times --batches batches
-(running over epoch ends when the split is small), normalized batches on the device included. Run it on a quiet
-machine: other processes on the same cores change the numbers.
+(running over epoch ends when the split is small), normalized batches on the device included. Each run of a row is
+a fresh Python process, so that one backend's leftovers (DALI's buffers and threads, forked DataLoader workers) do
+not slow the next (--in-process: all in this one); --rounds rounds go over all rows in turn and each row reports
+its median, so a slow spell of the machine hits every row. Run it on a quiet machine: other processes on the same
+cores change the numbers (on a shared 2-core VM, single runs vary by +-15%).
 """
 import argparse
 import itertools
+import json
 import os
+import statistics
+import subprocess
 import sys
 import time
 
@@ -34,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed batches per row")
     p.add_argument("--device", default="cpu")
     p.add_argument("--torch-threads", type=int, default=1, help="intra-op threads of the consuming process")
+    p.add_argument("--rounds", type=int, default=1, help="runs per row (each in its own process); median reported")
+    p.add_argument("--in-process", action="store_true", help="measure every row in this process (no isolation)")
+    p.add_argument("--one-row", action="store_true", help=argparse.SUPPRESS)  # internal: print one JSON rate
     return p.parse_args(argv)
 
 
@@ -67,20 +77,41 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def measure_row(args, split: str, backend: str, workers: int) -> float:
+    """One run of one row, img/s: in this process with --in-process / --one-row, else in a fresh process."""
+    if args.in_process or args.one_row:
+        cfg = DataConfig(root=args.root, backend=backend, batch_size=args.batch_size, num_workers=workers,
+                         img_size=args.img_size)
+        return measure(cfg, split, torch.device(args.device), args.batches, args.warmup)
+    cmd = [sys.executable, os.path.abspath(__file__), "--one-row", "--root", args.root, "--backends", backend,
+           "--splits", split, "--workers", str(workers), "--batch-size", str(args.batch_size), "--img-size",
+           str(args.img_size), "--batches", str(args.batches), "--warmup", str(args.warmup), "--device",
+           args.device, "--torch-threads", str(args.torch_threads)]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring {split} {backend} workers={workers} failed (exit {done.returncode}); "
+                           f"rerun it alone: {' '.join(cmd)}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["img_per_s"]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.torch_threads)
     device = torch.device(args.device)
-    rows = []
-    for split, backend, workers in itertools.product(args.splits, args.backends, args.workers):
-        cfg = DataConfig(root=args.root, backend=backend, batch_size=args.batch_size, num_workers=workers,
-                         img_size=args.img_size)
-        rate = measure(cfg, split, device, args.batches, args.warmup)
-        rows.append((split, backend, workers, rate))
-        print(f"measured {split} {backend} workers={workers}: {rate:.1f} img/s", file=sys.stderr)
+    if args.one_row:
+        print(json.dumps({"img_per_s": measure_row(args, args.splits[0], args.backends[0], args.workers[0])}))
+        return 0
+    keys = list(itertools.product(args.splits, args.backends, args.workers))
+    runs = {key: [] for key in keys}
+    for _ in range(args.rounds):  # rounds interleave the rows, so a slow spell of the machine hits all of them
+        for split, backend, workers in keys:
+            rate = measure_row(args, split, backend, workers)
+            runs[(split, backend, workers)].append(rate)
+            print(f"measured {split} {backend} workers={workers}: {rate:.1f} img/s", file=sys.stderr)
+    rows = [(*key, statistics.median(runs[key])) for key in keys]
     base = {(s, w): r for s, b, w, r in rows if b == "torchvision"}
     print(f"\nbatch {args.batch_size}, {args.img_size} px, device {device}, {os.cpu_count()} CPUs visible, "
-          f"{args.batches} timed batches per row")
+          f"{args.batches} timed batches per row, median of {args.rounds} run(s)")
     print(f"| split | backend | workers/threads | img/s | vs torchvision |")
     print(f"|---|---|---|---:|---:|")
     for split, backend, workers, rate in rows:
