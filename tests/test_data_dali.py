@@ -85,7 +85,7 @@ def test_train_statistics(tmp_path):
     flipped = next(iter(build_loader(cfg_for(tmp_path, hflip=1.0, **fixed), "train")))[0]
     assert torch.equal(flipped, plain.flip(-1))
     pil = next(iter(build_loader(cfg_for(tmp_path, "torchvision", hflip=0.0, num_workers=0, **fixed), "train")))[0]
-    assert (grey_level_diff(plain, pil, STD) < 1.0).all()
+    assert (grey_level_diff(plain, pil, STD) < 0.1).all()
     half = next(iter(build_loader(cfg_for(tmp_path, hflip=0.5, **fixed), "train")))[0]
     is_flipped = [torch.equal(h, flipped[0]) for h in half]
     assert 0 < sum(is_flipped) < 16  # flips vary from sample to sample
@@ -137,7 +137,9 @@ def test_train_augmentation_matches_torchvision_and_resume_is_exact(tmp_path):
     tv.set_epoch(4)
     for (xd, yd), (xt, yt) in zip(full, tv, strict=True):
         assert torch.equal(yd, yt)
-        assert (grey_level_diff(xd, xt, STD) < 1.0).all()  # same crops and flips, decoded by DALI vs PIL
+        # Same crops and flips, decoded by DALI vs PIL and resized by torch vs PIL (the same filters): a crop one
+        # pixel off would differ by whole grey levels.
+        assert (grey_level_diff(xd, xt, STD) < 0.1).all()
 
 
 def test_train_same_seed_and_epoch_same_batches(noise_root):

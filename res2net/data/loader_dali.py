@@ -11,25 +11,33 @@ Augmentation: no DALI random operator is used. An external_source callback compu
 flip in Python with the torchvision backend's own functions: the draws of (seed, epoch, global position in the
 epoch order) (transforms.augmentation_draws) and the file's size read from its JPEG header (PIL for anything else)
 go through transforms.random_resized_crop_box. The graph decodes only that region (decoders.image_slice, a fused
-ROI decoder) and resizes it (antialiased, as PIL does). So a batch depends only on (seed, epoch, batch index): a
-mid-epoch resume (start_batch > 0) gives bit-identical batches, for any thread count, and the crops and flips are
-exactly the ones the torchvision backend picks (the pixels then differ by the decoders' and resizers' rounding,
-~0.2 grey levels). Ranks differ because their positions differ; no per-rank DALI seed is needed. Image sizes are
-cached per sample, so the header is read once per file per loader (~10 us).
+ROI decoder); then it is resized (antialiased, as PIL does) and flipped, see "Train resizing" below. So a batch
+depends only on (seed, epoch, batch index): a mid-epoch resume (start_batch > 0) gives bit-identical batches, for
+any thread count, and the crops and flips are exactly the ones the torchvision backend picks. Ranks differ because
+their positions differ; no per-rank DALI seed is needed. Image sizes are cached per sample, so the header is read
+once per file per loader (~10 us).
 
-Normalization: one crop_mirror_normalize at the end of the graph flips (train), normalizes with mean / std, lays
-out CHW (HWC when channels_last is asked, which torch then sees as NCHW with channels_last strides) and converts
-(float16 on the GPU when asked; else float32, which the consumer casts to bfloat16 / float16). The CPU consumer
-wraps DALI's output without a copy (DLPack). Only CPU decoding for a CUDA device ships uint8 NHWC and normalizes
-with transforms.Normalizer on the GPU (4x less host-to-device traffic).
+Train resizing: with 'mixed' decoding the graph resizes the crops (fn.resize, antialiased; ~0.2 grey levels from
+PIL). With CPU decoding the graph ends at the decoded crops and the loader resizes each with torch
+(F.interpolate on uint8 with antialias=True: PIL's filters, within ~0.03 grey levels of the torchvision backend's
+batches), flips and normalizes them (transforms.Normalizer). This is the one place where the CPU path differs from
+the GPU path by more than device placement; it is done because DALI's CPU resize is the bottleneck there: per
+64 images of 224 px, in CPU-ms, ROI decode ~37, DALI's antialiased resize ~49 (~36 without antialias),
+crop_mirror_normalize ~12, against ~7 for torch's resize and ~21 for the Normalizer, which runs in the main thread
+while DALI's threads decode the next batches. Measured on 2 cores (batch 64, 2 threads / workers,
+scripts/bench_data.py, ~400-640 px JPEGs): DALI resize + crop_mirror_normalize ~1.15-1.2x the torchvision
+DataLoader, torch resize ~1.35-1.55x.
 
-Speed on 2 CPU cores (batch 64, 224 px, 2 threads, scripts/bench_data.py, ~400-640 px JPEGs): train ~1.2x the
-torchvision DataLoader with 2 workers. Per 64 images, in CPU-ms: ROI decode ~37, antialiased resize ~49 (~36
-without antialias), crop_mirror_normalize ~12. The resize dominates; it stays antialiased to match PIL.
+Normalization (val, and train with 'mixed'): one crop_mirror_normalize at the end of the graph flips (train),
+normalizes with mean / std, lays out CHW (HWC when channels_last is asked, which torch then sees as NCHW with
+channels_last strides) and converts (float16 on the GPU when asked; else float32, which the consumer casts to
+bfloat16 / float16). The CPU consumer wraps DALI's output without a copy (DLPack). CPU decoding for a CUDA device
+ships uint8 NHWC and normalizes with transforms.Normalizer on the GPU (4x less host-to-device traffic).
 
 Decoding: 'cpu' (libjpeg-turbo, DALI CPU-only mode with device_id=None) when the loader's device is the CPU,
 'mixed' (nvJPEG, fancy upsampling as on the CPU) when it is CUDA; resizing, cropping, flipping and normalizing then
-run where the decoded images are. Nothing else differs between the two paths. EXIF orientation is ignored, as PIL does.
+run where the decoded images are (except the train resize on the CPU, see above). EXIF orientation is ignored, as
+PIL does.
 
 Val geometry is computed in the graph from the encoded image's shape, with integer arithmetic that reproduces
 torchvision exactly (DALI's own resize_shorter would round the long side where torchvision truncates, and its
@@ -147,6 +155,9 @@ class DaliLoader(EpochLoader):
         # 'mixed' for a GPU one). CPU decoding for a GPU consumer ships uint8 and normalizes on the GPU instead:
         # 4x less host-to-device traffic than float32.
         self._fused = self.decoder == "mixed" or device.type == "cpu"
+        # CPU decoding for training: the graph ends at the decoded crops and torch resizes them (see the module
+        # docstring: PIL's result, ~7x faster than DALI's CPU resize).
+        self._torch_resize = train and self.decoder == "cpu"
         self._paths = np.array([p for p, _ in samples])
         self._labels = np.array([l for _, l in samples], dtype=np.int32)
         # (height, width) of each sample as PIL reads it from the file header, filled on first use (-1: not yet).
@@ -190,7 +201,7 @@ class DaliLoader(EpochLoader):
         for b in range(-(-len(files) // self.batch_size)):
             real = min(self.batch_size, len(files) - b * self.batch_size)
             try:
-                images, labels = self._pipe.run()
+                outputs = self._pipe.run()
             except _HeaderError as err:
                 self._release()
                 raise RuntimeError(
@@ -206,7 +217,7 @@ class DaliLoader(EpochLoader):
                     f"file(s): {_suspects(batch_files)}\n{err}\nFind such files with "
                     f"`python scripts/check_dataset.py {self.cfg.root}` (--fix re-encodes them), or use "
                     "data.backend=torchvision, which skips them.") from err
-            images, labels = self._to_torch(images, labels)
+            images, labels = self._to_torch(*outputs)
             yield images[:real], labels[:real].to(self.device, non_blocking=True)
         self._release()
 
@@ -217,11 +228,14 @@ class DaliLoader(EpochLoader):
             return types.FLOAT16, torch.float16
         return types.FLOAT, torch.float32
 
-    def _to_torch(self, images, labels) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _to_torch(self, images, labels, flips=None) -> Tuple[torch.Tensor, torch.Tensor]:
         """The graph's normalized NCHW / NHWC batch as the model's input: NCHW view (channels_last strides when
         asked), ``dtype``, on the device. CPU: zero-copy (DLPack keeps DALI's output buffer alive, the dynamic
-        executor never reuses it while referenced). GPU: copied into a torch tensor on torch's stream."""
+        executor never reuses it while referenced). GPU: copied into a torch tensor on torch's stream. With
+        torch-side resizing (CPU train), ``images`` are the decoded crops and ``flips`` their flips."""
         labels = torch.from_numpy(labels.as_array().reshape(-1).astype(np.int64))
+        if self._torch_resize:
+            return self.normalize(self._resize_crops(images, flips.as_array().reshape(-1))), labels
         if not self._fused:
             return self.normalize(torch.from_numpy(images.as_array())), labels
         tensor = images.as_tensor()
@@ -234,6 +248,18 @@ class DaliLoader(EpochLoader):
         if self.normalize.channels_last:
             out = out.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: exactly the channels_last layout
         return out.to(self.normalize.dtype), labels
+
+    def _resize_crops(self, crops, flips: np.ndarray) -> torch.Tensor:
+        """uint8 NHWC batch: each decoded crop resized to img_size x img_size with torch's antialiased uint8
+        resampling (PIL's filters, within ~0.01 grey levels of PIL), then flipped where ``flips`` says."""
+        size, mode = self.cfg.img_size, self.cfg.interpolation  # 'bilinear' | 'bicubic': torch's names too
+        out = torch.empty((len(crops), size, size, 3), dtype=torch.uint8)
+        for i in range(len(crops)):
+            crop = torch.from_dlpack(crops[i]).permute(2, 0, 1)[None]  # HWC memory: channels_last, uint8 fast path
+            image = torch.nn.functional.interpolate(crop, size=(size, size), mode=mode, antialias=True,
+                                                    align_corners=False)[0]
+            out[i].copy_((image.flip(-1) if flips[i] else image).permute(1, 2, 0))
+        return out
 
     def _shape(self, idx: int) -> Tuple[int, int]:
         """(height, width) of sample ``idx`` from its header (as PIL, hence the torchvision backend, sees it),
@@ -292,16 +318,21 @@ class DaliLoader(EpochLoader):
                 anchor, shape, flip = fn.external_source(source=self._boxes_source(indices, start_batch),
                                                          num_outputs=3, batch=True, batch_info=True,
                                                          dtype=types.INT32)
-                images = self._train_graph(jpegs, decoder_args, interp, anchor, shape)
+                if self._torch_resize:
+                    crops = fn.decoders.image_slice(jpegs, anchor, shape, axis_names="HW", **decoder_args)
+                    pipe.set_outputs(crops, label_node, flip)
+                else:
+                    images = self._train_graph(jpegs, decoder_args, interp, anchor, shape)
+                    pipe.set_outputs(self._normalize_graph(images, flip), label_node)
             else:
-                images, flip = self._val_graph(jpegs, decoder_args, interp), 0
-            pipe.set_outputs(self._normalize_graph(images, flip), label_node)
+                pipe.set_outputs(self._normalize_graph(self._val_graph(jpegs, decoder_args, interp), 0), label_node)
         pipe.build()
         return pipe
 
     def _train_graph(self, jpegs, decoder_args, interp, anchor, shape):
         """RandomResizedCrop from the per-sample box (see _boxes_source), decoded as a region of interest and
-        resized; the flip is done by _normalize_graph."""
+        resized in the graph ('mixed' decoding; CPU decoding resizes in _resize_crops); the flip is done by
+        _normalize_graph."""
         images = fn.decoders.image_slice(jpegs, anchor, shape, axis_names="HW", **decoder_args)
         return fn.resize(images, resize_x=self.cfg.img_size, resize_y=self.cfg.img_size, interp_type=interp,
                          antialias=True)
