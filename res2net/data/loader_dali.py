@@ -17,35 +17,38 @@ any thread count, and the crops and flips are exactly the ones the torchvision b
 their positions differ; no per-rank DALI seed is needed. Image sizes are cached per sample, so the header is read
 once per file per loader (~10 us).
 
-Train resizing: with 'mixed' decoding the graph resizes the crops (fn.resize, antialiased; ~0.2 grey levels from
+Resizing: with 'mixed' decoding the graph resizes the crops (fn.resize, antialiased; ~0.2 grey levels from
 PIL). With CPU decoding the graph ends at the decoded crops and the loader resizes each with torch
 (F.interpolate on uint8 with antialias=True: PIL's filters, within ~0.03 grey levels of the torchvision backend's
 batches), flips and normalizes them one image at a time (the Normalizer's float32 operations, while the image is in
-cache). This is the one place where the CPU path differs from the GPU path by more than device placement; it is
-done because DALI's CPU resize is the bottleneck there: per 64 images of 224 px, in CPU-ms, ROI decode ~37, DALI's
-antialiased resize ~49 (~36 without antialias), crop_mirror_normalize ~12, against ~7 for torch's resize plus a
-few for the per-image normalization, which run in the main thread while DALI's threads decode the next batches.
+cache). Val does the same on the CPU: the graph decodes, torch resizes the shorter side (val_resized_shape) and
+takes the center crop (center_crop_offset), within ~0.01 grey levels of PIL (DALI's resize: ~0.2), val ~1.4x
+faster than the graph's ROI resize below (999 vs ~700 img/s; torchvision 889). Resizing in torch is where the CPU
+path differs from the GPU path by more than device placement; it is done because DALI's CPU resize is the
+bottleneck there: per 64 images of 224 px, in CPU-ms, ROI decode ~37, DALI's antialiased resize ~49 (~36
+without antialias), crop_mirror_normalize ~12, against ~7 for torch's resize plus a few for the per-image
+normalization, which run in the main thread while DALI's threads decode the next batches.
 Measured on 2 cores (batch 64, 2 threads / workers, scripts/bench_data.py, ~400-640 px JPEGs, 3 interleaved
 rounds): DALI resize + crop_mirror_normalize ~1.15-1.2x the torchvision DataLoader; torch resize with a batched
 Normalizer ~1.56x; torch resize with per-image normalization 1.92x (2268 vs 1183 img/s).
 
-Normalization (val, and train with 'mixed'): one crop_mirror_normalize at the end of the graph flips (train),
+Normalization ('mixed' decoding): one crop_mirror_normalize at the end of the graph flips (train),
 normalizes with mean / std, lays out CHW (HWC when channels_last is asked, which torch then sees as NCHW with
 channels_last strides) and converts (float16 on the GPU when asked; else float32, which the consumer casts to
-bfloat16 / float16). The CPU consumer wraps DALI's output without a copy (DLPack). CPU decoding for a CUDA device
-ships uint8 NHWC and normalizes with transforms.Normalizer on the GPU (4x less host-to-device traffic).
+bfloat16 / float16), copied into a torch tensor on torch's stream. CPU decoding for a CUDA device ships uint8 NHWC
+and normalizes with transforms.Normalizer on the GPU (4x less host-to-device traffic).
 
 Decoding: 'cpu' (libjpeg-turbo, DALI CPU-only mode with device_id=None) when the loader's device is the CPU,
 'mixed' (nvJPEG, fancy upsampling as on the CPU) when it is CUDA; resizing, cropping, flipping and normalizing then
-run where the decoded images are (except the train resize on the CPU, see above). EXIF orientation is ignored, as
+run where the decoded images are (the CPU path resizes in torch, see above). EXIF orientation is ignored, as
 PIL does.
 
-Val geometry is computed in the graph from the encoded image's shape, with integer arithmetic that reproduces
-torchvision exactly (DALI's own resize_shorter would round the long side where torchvision truncates, and its
-center crop would round the offset differently): long side = short * long // short_in, offset =
+Val geometry ('mixed' decoding) is computed in the graph from the encoded image's shape, with integer arithmetic
+that reproduces torchvision exactly (DALI's own resize_shorter would round the long side where torchvision
+truncates, and its center crop would round the offset differently): long side = short * long // short_in, offset =
 round-half-to-even((size - crop) / 2). Only the input region that becomes the crop is resized (fn.resize's
 roi_start / roi_end: the same sampling positions and filter as resizing everything and cropping; outputs differ
-from that by at most one grey level in a few pixels), which makes val ~1.3x faster.
+from that by at most one grey level in a few pixels), ~1.3x faster on the CPU than resizing everything.
 
 Undecodable files: DALI cannot skip a sample, so a file that its decoder rejects stops the epoch with an error that
 names the batch's files and points to scripts/check_dataset.py (which finds and fixes them beforehand) and to the
@@ -62,7 +65,8 @@ from PIL import Image
 
 from .index import train_positions, val_shard
 from .loader_base import EpochLoader
-from .transforms import DRAW_FLIP, augmentation_draws, random_resized_crop_box, val_resize_size
+from .transforms import (DRAW_FLIP, augmentation_draws, center_crop_offset, random_resized_crop_box,
+                         val_resize_size, val_resized_shape)
 
 __all__ = ["DaliLoader", "resolve_decoder"]
 
@@ -152,13 +156,12 @@ class DaliLoader(EpochLoader):
         self.rank, self.world_size, self.seed, self.device = rank, world_size, seed, device
         self.normalize = normalizer  # its dtype and layout are the output contract; the graph normalizes
         self.decoder = resolve_decoder(cfg.dali_decoder, device)
-        # Normalize in the graph when its output is already where the batch goes (CPU decoding for a CPU consumer,
-        # 'mixed' for a GPU one). CPU decoding for a GPU consumer ships uint8 and normalizes on the GPU instead:
-        # 4x less host-to-device traffic than float32.
-        self._fused = self.decoder == "mixed" or device.type == "cpu"
-        # CPU decoding for training: the graph ends at the decoded crops and torch resizes them (see the module
-        # docstring: PIL's result, ~7x faster than DALI's CPU resize).
-        self._torch_resize = train and self.decoder == "cpu"
+        # CPU decoding: the graph ends at the decoded images (train: crops) and torch resizes them (see the module
+        # docstring: PIL's result, ~7x faster than DALI's CPU resize); 'mixed': the graph resizes and normalizes.
+        self._torch_resize = self.decoder == "cpu"
+        # CPU decoding for a CPU consumer normalizes each image after its resize; for a GPU consumer it ships uint8
+        # and normalizes on the GPU (4x less host-to-device traffic than float32).
+        self._normalize_each = device.type == "cpu"
         self._paths = np.array([p for p, _ in samples])
         self._labels = np.array([l for _, l in samples], dtype=np.int32)
         # (height, width) of each sample as PIL reads it from the file header, filled on first use (-1: not yet).
@@ -223,29 +226,22 @@ class DaliLoader(EpochLoader):
         self._release()
 
     def _graph_dtype(self):
-        """The graph's output type: float16 when asked for on the GPU, else float32 (DALI has no bfloat16, and its
-        float16 conversion on the CPU is slower than torch's)."""
-        if self.decoder == "mixed" and self.normalize.dtype == torch.float16:
+        """The 'mixed' graph's output type: float16 when asked for, else float32 (DALI has no bfloat16)."""
+        if self.normalize.dtype == torch.float16:
             return types.FLOAT16, torch.float16
         return types.FLOAT, torch.float32
 
     def _to_torch(self, images, labels, flips=None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The graph's normalized NCHW / NHWC batch as the model's input: NCHW view (channels_last strides when
-        asked), ``dtype``, on the device. CPU: zero-copy (DLPack keeps DALI's output buffer alive, the dynamic
-        executor never reuses it while referenced). GPU: copied into a torch tensor on torch's stream. With
-        torch-side resizing (CPU train), ``images`` are the decoded crops and ``flips`` their flips."""
+        """The model's input batch (NCHW, channels_last strides when asked, ``dtype``, on the device). CPU
+        decoding: ``images`` are the decoded images (train: crops, with their ``flips``), resized here. 'mixed':
+        the graph's normalized NCHW / NHWC batch, copied into a torch tensor on torch's stream."""
         labels = torch.from_numpy(labels.as_array().reshape(-1).astype(np.int64))
         if self._torch_resize:
-            return self._resize_crops(images, flips.as_array().reshape(-1)), labels
-        if not self._fused:
-            return self.normalize(torch.from_numpy(images.as_array())), labels
+            return self._resize_crops(images, None if flips is None else flips.as_array().reshape(-1)), labels
+        from nvidia.dali.plugin.pytorch import feed_ndarray
         tensor = images.as_tensor()
-        if self.decoder == "cpu":
-            out = torch.from_dlpack(tensor)
-        else:
-            from nvidia.dali.plugin.pytorch import feed_ndarray
-            out = torch.empty(tensor.shape(), dtype=self._graph_dtype()[1], device=self.device)
-            feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(self.device))
+        out = torch.empty(tensor.shape(), dtype=self._graph_dtype()[1], device=self.device)
+        feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(self.device))
         if self.normalize.channels_last:
             out = out.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: exactly the channels_last layout
         return out.to(self.normalize.dtype), labels
@@ -257,8 +253,9 @@ class DaliLoader(EpochLoader):
         transforms.Normalizer, so the same values; ~2x faster than normalizing the batch afterwards). For a CUDA
         device the uint8 batch goes to transforms.Normalizer instead, which normalizes on the GPU."""
         size, mode = self.cfg.img_size, self.cfg.interpolation  # 'bilinear' | 'bicubic': torch's names too
+        short = val_resize_size(size, self.cfg.crop_pct)
         norm = self.normalize
-        if self._fused:  # CPU consumer
+        if self._normalize_each:
             fmt = torch.channels_last if norm.channels_last else torch.contiguous_format
             out = torch.empty((len(crops), 3, size, size), dtype=torch.float32, memory_format=fmt)
             scale, shift = norm.scale[0], norm.shift[0]
@@ -266,15 +263,22 @@ class DaliLoader(EpochLoader):
             out = torch.empty((len(crops), size, size, 3), dtype=torch.uint8)
         for i in range(len(crops)):
             crop = torch.from_dlpack(crops[i]).permute(2, 0, 1)[None]  # HWC memory: channels_last, uint8 fast path
-            image = torch.nn.functional.interpolate(crop, size=(size, size), mode=mode, antialias=True,
-                                                    align_corners=False)[0]
-            if flips[i]:
+            if flips is None:  # val: shorter side to `short` as torchvision computes it, then the center crop
+                new_h, new_w = val_resized_shape(crop.shape[2], crop.shape[3], short)
+                image = torch.nn.functional.interpolate(crop, size=(new_h, new_w), mode=mode, antialias=True,
+                                                        align_corners=False)[0]
+                top, left = center_crop_offset(new_h, size), center_crop_offset(new_w, size)
+                image = image[:, top:top + size, left:left + size]
+            else:
+                image = torch.nn.functional.interpolate(crop, size=(size, size), mode=mode, antialias=True,
+                                                        align_corners=False)[0]
+            if flips is not None and flips[i]:
                 image = image.flip(-1)
-            if self._fused:
+            if self._normalize_each:
                 out[i].copy_(image).mul_(scale).add_(shift)
             else:
                 out[i].copy_(image.permute(1, 2, 0))
-        return out.to(norm.dtype) if self._fused else norm(out)
+        return out.to(norm.dtype) if self._normalize_each else norm(out)
 
     def _shape(self, idx: int) -> Tuple[int, int]:
         """(height, width) of sample ``idx`` from its header (as PIL, hence the torchvision backend, sees it),
@@ -339,6 +343,8 @@ class DaliLoader(EpochLoader):
                 else:
                     images = self._train_graph(jpegs, decoder_args, interp, anchor, shape)
                     pipe.set_outputs(self._normalize_graph(images, flip), label_node)
+            elif self._torch_resize:
+                pipe.set_outputs(fn.decoders.image(jpegs, **decoder_args), label_node)
             else:
                 pipe.set_outputs(self._normalize_graph(self._val_graph(jpegs, decoder_args, interp), 0), label_node)
         pipe.build()
@@ -354,10 +360,8 @@ class DaliLoader(EpochLoader):
 
     def _normalize_graph(self, images, mirror):
         """Flip, normalize with mean / std, lay out as CHW (HWC for channels_last) and convert, in one operator
-        (crop_mirror_normalize): the consumer only wraps the output (see _to_torch)."""
+        (crop_mirror_normalize; 'mixed' decoding): the consumer only copies the output (see _to_torch)."""
         cfg = self.cfg
-        if not self._fused:  # uint8 HWC for the Normalizer on the GPU
-            return fn.flip(images, horizontal=mirror) if self.train else images
         return fn.crop_mirror_normalize(images, mirror=mirror, mean=[255.0 * m for m in cfg.mean],
                                         std=[255.0 * s for s in cfg.std], dtype=self._graph_dtype()[0],
                                         output_layout="HWC" if self.normalize.channels_last else "CHW")
