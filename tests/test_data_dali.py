@@ -192,6 +192,12 @@ def test_mixed_decoding_matches_cpu_path(photo_root, tmp_path):
     cpu_images, cpu_labels = next(iter(build_loader(cfg, "val")))
     assert torch.equal(gpu_labels.cpu(), cpu_labels)
     assert (grey_level_diff(gpu_images, cpu_images, STD) < 0.5).all()
+    # The same graph on the CPU (data.dali_resize=graph, what the CPU tests check): only the decoders differ.
+    cpu_graph = next(iter(build_loader(cfg_for(photo_root, batch_size=16, img_size=224, dali_resize="graph"),
+                                       "val")))[0]
+    assert (grey_level_diff(gpu_images, cpu_graph, STD) < 0.5).all()
+    with pytest.raises(ValueError, match=r"data\.dali_resize='torch'.*'mixed' decoding"):
+        build_loader(cfg_for(photo_root, dali_resize="torch"), "val", device=cuda)  # auto decoding -> 'mixed'
 
     write_photo_split(tmp_path, "train", copies=2)
     train_cfg = cfg_for(tmp_path, batch_size=16, img_size=64)
@@ -201,6 +207,9 @@ def test_mixed_decoding_matches_cpu_path(photo_root, tmp_path):
     cpu_train, cpu_labels = next(iter(build_loader(train_cfg, "train", seed=2)))
     assert torch.equal(labels.cpu(), cpu_labels)
     assert (grey_level_diff(images.float(), cpu_train, STD) < 1.0).all()  # same crops and flips on the GPU
+    cpu_graph_train = build_loader(cfg_for(tmp_path, batch_size=16, img_size=64, dali_resize="graph"), "train",
+                                   seed=2, channels_last=True, dtype=torch.float16)
+    assert (grey_level_diff(images.float(), next(iter(cpu_graph_train))[0].float(), STD) < 1.0).all()
 
 
 def test_train_boxes_are_torchvisions_from_the_file_header(tmp_path):
@@ -280,3 +289,94 @@ def test_set_epoch_contract(noise_root):
     loader = build_loader(cfg_for(noise_root), "val")
     assert len(loader) == 13  # ceil(101 / 8)
     check_set_epoch_contract(loader)
+
+
+# data.dali_resize=graph on the CPU: the graph the GPU runs ('mixed' decoding), built by the same functions
+# (_train_graph / _val_graph / _normalize_graph), only decoded by libjpeg-turbo and placed on the CPU.
+
+def test_graph_path_val_parity_with_pil_on_photographs(photo_root):
+    """fn.resize with the val roi + crop_mirror_normalize: within DALI's resize tolerance of PIL for several
+    (img_size, crop_pct, interpolation); channels_last + float16 give the same values in that layout and type."""
+    for img_size, crop_pct, interpolation in ((224, 0.875, "bilinear"), (160, 0.95, "bilinear"),
+                                              (97, 0.9, "bilinear"), (288, 1.0, "bicubic")):
+        size_kw = dict(batch_size=16, img_size=img_size, crop_pct=crop_pct, interpolation=interpolation)
+        tv = build_loader(cfg_for(photo_root, "torchvision", num_workers=0, **size_kw), "val")
+        graph = build_loader(cfg_for(photo_root, dali_resize="graph", **size_kw), "val")
+        assert graph.decoder == "cpu" and graph.resize == "graph" and graph.paths == tv.paths
+        (pil_images, pil_labels), (images, labels) = next(iter(tv)), next(iter(graph))
+        assert torch.equal(labels, pil_labels) and images.shape == pil_images.shape == (8, 3, img_size, img_size)
+        diffs = grey_level_diff(images, pil_images, STD)
+        assert (diffs < 0.5).all(), (img_size, crop_pct, dict(zip((Path(p).name for p in tv.paths), diffs.round(3))))
+        if img_size == 224:
+            torch_path = next(iter(build_loader(cfg_for(photo_root, **size_kw), "val")))[0]
+            assert not torch.equal(images, torch_path)  # DALI's resize ran, not torch's
+            half = build_loader(cfg_for(photo_root, dali_resize="graph", **size_kw), "val", channels_last=True,
+                                dtype=torch.float16)
+            assert half._graph_dtype()[1] == torch.float16  # crop_mirror_normalize writes float16 on the CPU too
+            half_images = next(iter(half))[0]
+            assert half_images.dtype == torch.float16 and half_images.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(half_images, images.half())
+
+
+def test_graph_path_train_matches_torchvision_resumes_exactly_and_follows_layout_and_dtype(tmp_path):
+    write_photo_split(tmp_path, "train", copies=3, shrink=2)
+    graph = dict(img_size=48, num_workers=2, dali_resize="graph")
+    dali = build_loader(cfg_for(tmp_path, **graph), "train", seed=9)
+    assert dali.decoder == "cpu" and dali.resize == "graph"
+    dali.set_epoch(4)
+    full = [(x.clone(), y.clone()) for x, y in dali]
+    dali.set_epoch(4, start_batch=1)
+    tail = list(dali)
+    assert len(full) == 3 and len(tail) == 2
+    for (xa, ya), (xb, yb) in zip(tail, full[1:]):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)  # bit-exact resume
+
+    tv = build_loader(cfg_for(tmp_path, "torchvision", img_size=48, num_workers=0), "train", seed=9)
+    tv.set_epoch(4)
+    for (xd, yd), (xt, yt) in zip(full, tv, strict=True):
+        assert torch.equal(yd, yt)
+        # The same crops and flips, resized by DALI instead of PIL: a crop one pixel off or a missed flip would
+        # differ by whole grey levels.
+        assert (grey_level_diff(xd, xt, STD) < 0.5).all(), grey_level_diff(xd, xt, STD).round(3)
+    torch_path = build_loader(cfg_for(tmp_path, img_size=48, num_workers=2), "train", seed=9)
+    torch_path.set_epoch(4)
+    assert not torch.equal(next(iter(torch_path))[0], full[0][0])  # DALI's resize ran, not torch's
+
+    for channels_last, dtype in ((True, torch.float32), (False, torch.bfloat16), (True, torch.float16)):
+        loader = build_loader(cfg_for(tmp_path, **graph), "train", seed=9, channels_last=channels_last, dtype=dtype)
+        loader.set_epoch(4, start_batch=2)
+        images = next(iter(loader))[0]
+        assert images.dtype == dtype and images.shape == full[2][0].shape
+        assert images.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        # The same values as the float32 NCHW batch, cast (float16: written by crop_mirror_normalize itself).
+        assert torch.equal(images, full[2][0].to(dtype)), (channels_last, dtype)
+
+
+def test_dali_resize_choices_are_validated(noise_root):
+    from res2net.data.loader_dali import resolve_resize
+
+    with pytest.raises(ValueError, match=r"data\.dali_resize='torch'.*\('auto', 'graph'\).*dali_decoder='mixed'"):
+        build_loader(cfg_for(noise_root, dali_decoder="mixed", dali_resize="torch"), "val")
+    with pytest.raises(ValueError, match=r"data\.dali_resize='gpu'.*\('auto', 'graph', 'torch'\)"):
+        build_loader(cfg_for(noise_root, dali_resize="gpu"), "val")
+    # dali_decoder=auto becomes 'mixed' only inside the loader (CUDA device): the same rule applies there.
+    with pytest.raises(ValueError, match=r"data\.dali_resize='torch'.*'mixed' decoding.*\('auto', 'graph'\)"):
+        resolve_resize("torch", "mixed")
+    assert [resolve_resize(c, "cpu") for c in ("auto", "graph", "torch")] == ["torch", "graph", "torch"]
+    assert [resolve_resize(c, "mixed") for c in ("auto", "graph")] == ["graph", "graph"]
+    assert build_loader(cfg_for(noise_root), "val").resize == "torch"
+
+
+def test_dali_resize_composes_from_the_command_line():
+    from hydra import compose, initialize_config_dir
+
+    from res2net.config import register_configs
+    from res2net.data import as_data_config
+
+    register_configs()
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        default = compose(config_name="config")
+        graph = compose(config_name="config", overrides=["data.dali_resize=graph"])
+    assert as_data_config(default.data).dali_resize == "auto"
+    assert as_data_config(graph.data).dali_resize == "graph"

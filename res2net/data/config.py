@@ -6,13 +6,14 @@ lists, not tuples, because OmegaConf stores lists.
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-__all__ = ["DataConfig", "IMAGENET_MEAN", "IMAGENET_STD", "BACKENDS", "INTERPOLATIONS", "DALI_DECODERS"]
+__all__ = ["DataConfig", "IMAGENET_MEAN", "IMAGENET_STD", "BACKENDS", "INTERPOLATIONS", "DALI_DECODERS", "DALI_RESIZES"]
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 BACKENDS = ("dali", "torchvision", "synthetic")
 INTERPOLATIONS = ("bilinear", "bicubic")
 DALI_DECODERS = ("auto", "cpu", "mixed")
+DALI_RESIZES = ("auto", "graph", "torch")
 
 
 @dataclass
@@ -37,6 +38,10 @@ class DataConfig:
     prefetch: int = 2
     # DALI decoding placement: auto = 'mixed' when the loader's device is CUDA, 'cpu' otherwise.
     dali_decoder: str = "auto"
+    # DALI resize / flip / normalize placement: auto = 'torch' with CPU decoding, 'graph' with 'mixed' decoding;
+    # 'graph' = the whole pipeline in DALI, the graph the GPU runs (also with CPU decoding: how the CPU tests
+    # exercise the GPU path); 'torch' = DALI decodes, torch resizes (faster on the CPU; CPU decoding only).
+    dali_resize: str = "auto"
     synthetic_num_classes: int = 1000
     synthetic_train_size: int = 1281167
     synthetic_val_size: int = 50000

@@ -11,39 +11,44 @@ Augmentation: no DALI random operator is used. An external_source callback compu
 flip in Python with the torchvision backend's own functions: the draws of (seed, epoch, global position in the
 epoch order) (transforms.augmentation_draws) and the file's size read from its JPEG header (PIL for anything else)
 go through transforms.random_resized_crop_box. The graph decodes only that region (decoders.image_slice, a fused
-ROI decoder); then it is resized (antialiased, as PIL does) and flipped, see "Train resizing" below. So a batch
+ROI decoder); then it is resized (antialiased, as PIL does) and flipped, see "Resizing" below. So a batch
 depends only on (seed, epoch, batch index): a mid-epoch resume (start_batch > 0) gives bit-identical batches, for
 any thread count, and the crops and flips are exactly the ones the torchvision backend picks. Ranks differ because
 their positions differ; no per-rank DALI seed is needed. Image sizes are cached per sample, so the header is read
 once per file per loader (~10 us).
 
-Resizing: with 'mixed' decoding the graph resizes the crops (fn.resize, antialiased; ~0.2 grey levels from
-PIL). With CPU decoding the graph ends at the decoded crops and the loader resizes each with torch
-(F.interpolate on uint8 with antialias=True: PIL's filters, within ~0.03 grey levels of the torchvision backend's
-batches), flips and normalizes them one image at a time (the Normalizer's float32 operations, while the image is in
-cache). Val does the same on the CPU: the graph decodes, torch resizes the shorter side (val_resized_shape) and
-takes the center crop (center_crop_offset), within ~0.01 grey levels of PIL (DALI's resize: ~0.2), val ~1.4x
-faster than the graph's ROI resize below (999 vs ~700 img/s; torchvision 889). Resizing in torch is where the CPU
-path differs from the GPU path by more than device placement; it is done because DALI's CPU resize is the
-bottleneck there: per 64 images of 224 px, in CPU-ms, ROI decode ~37, DALI's antialiased resize ~49 (~36
-without antialias), crop_mirror_normalize ~12, against ~7 for torch's resize plus a few for the per-image
-normalization, which run in the main thread while DALI's threads decode the next batches.
+Resizing (data.dali_resize = auto | graph | torch; auto = 'torch' with CPU decoding, 'graph' with 'mixed'):
+'graph' runs the whole pipeline in DALI: the graph resizes the crops (fn.resize, antialiased; ~0.2 grey levels from
+PIL) and normalizes them (below). 'torch' (CPU decoding only) ends the graph at the decoded crops and the loader
+resizes each with torch (F.interpolate on uint8 with antialias=True: PIL's filters, within ~0.03 grey levels of the
+torchvision backend's batches), flips and normalizes them one image at a time (the Normalizer's float32
+operations, while the image is in cache). Val does the same with 'torch': the graph decodes, torch resizes the
+shorter side (val_resized_shape) and takes the center crop (center_crop_offset), within ~0.01 grey levels of PIL
+(DALI's resize: ~0.2), val ~1.4x faster than the graph's ROI resize below (999 vs ~700 img/s; torchvision 889).
+The GPU graph is the 'graph' path, tested on the CPU with data.dali_resize=graph: with CPU decoding it is built by
+the same functions (_train_graph, _val_graph, _normalize_graph) with the same operators and arguments; only the
+device placement (decoder device 'cpu', device_id=None, no nvJPEG-only option) and the output copy (host memory
+instead of the GPU) differ. 'torch' is the CPU default because DALI's CPU resize is the bottleneck there: per 64
+images of 224 px, in CPU-ms, ROI decode ~37, DALI's antialiased resize ~49 (~36 without antialias),
+crop_mirror_normalize ~12, against ~7 for torch's resize plus a few for the per-image normalization, which run in
+the main thread while DALI's threads decode the next batches.
 Measured on 2 cores (batch 64, 2 threads / workers, scripts/bench_data.py, ~400-640 px JPEGs, 3 interleaved
 rounds): DALI resize + crop_mirror_normalize ~1.15-1.2x the torchvision DataLoader; torch resize with a batched
 Normalizer ~1.56x; torch resize with per-image normalization 1.92x (2268 vs 1183 img/s).
 
-Normalization ('mixed' decoding): one crop_mirror_normalize at the end of the graph flips (train),
-normalizes with mean / std, lays out CHW (HWC when channels_last is asked, which torch then sees as NCHW with
-channels_last strides) and converts (float16 on the GPU when asked; else float32, which the consumer casts to
-bfloat16 / float16), copied into a torch tensor on torch's stream. CPU decoding for a CUDA device ships uint8 NHWC
-and normalizes with transforms.Normalizer on the GPU (4x less host-to-device traffic).
+Normalization (the 'graph' path): one crop_mirror_normalize at the end of the graph flips (train), normalizes
+with mean / std, lays out CHW (HWC when channels_last is asked, which torch then sees as NCHW with channels_last
+strides) and converts (float16 when asked, which DALI's CPU operator writes too; else float32, which the consumer
+casts to bfloat16, DALI having none), copied into a torch tensor ('mixed': on the GPU, on torch's stream; CPU
+decoding: in host memory, then moved to the loader's device). 'torch' for a CUDA device ships uint8 NHWC and
+normalizes with transforms.Normalizer on the GPU (4x less host-to-device traffic).
 
 Decoding: 'cpu' (libjpeg-turbo, DALI CPU-only mode with device_id=None) when the loader's device is the CPU,
-'mixed' (nvJPEG, fancy upsampling as on the CPU) when it is CUDA; resizing, cropping, flipping and normalizing then
-run where the decoded images are (the CPU path resizes in torch, see above). EXIF orientation is ignored, as
-PIL does.
+'mixed' (nvJPEG, fancy upsampling as on the CPU) when it is CUDA; data.dali_decoder=cpu | mixed overrides that.
+Resizing, cropping, flipping and normalizing then run where the decoded images are (in torch with
+data.dali_resize=torch, see above). EXIF orientation is ignored, as PIL does.
 
-Val geometry ('mixed' decoding) is computed in the graph from the encoded image's shape, with integer arithmetic
+Val geometry (the 'graph' path) is computed in the graph from the encoded image's shape, with integer arithmetic
 that reproduces torchvision exactly (DALI's own resize_shorter would round the long side where torchvision
 truncates, and its center crop would round the offset differently): long side = short * long // short_in, offset =
 round-half-to-even((size - crop) / 2). Only the input region that becomes the crop is resized (fn.resize's
@@ -63,12 +68,13 @@ import torch
 from nvidia.dali import Pipeline, fn, types
 from PIL import Image
 
+from .config import DALI_RESIZES
 from .index import train_positions, val_shard
 from .loader_base import EpochLoader
 from .transforms import (DRAW_FLIP, augmentation_draws, center_crop_offset, random_resized_crop_box,
                          val_resize_size, val_resized_shape)
 
-__all__ = ["DaliLoader", "resolve_decoder"]
+__all__ = ["DaliLoader", "resolve_decoder", "resolve_resize"]
 
 
 def resolve_decoder(choice: str, device: torch.device) -> str:
@@ -82,6 +88,20 @@ def resolve_decoder(choice: str, device: torch.device) -> str:
         if device.type != "cuda":
             raise RuntimeError(f"data.dali_decoder='mixed' puts batches on the GPU, but the loader's device is "
                                f"{device}; pass a CUDA device or use data.dali_decoder=cpu")
+    return choice
+
+
+def resolve_resize(choice: str, decoder: str) -> str:
+    """'graph' or 'torch' for data.dali_resize = auto | graph | torch and the resolved decoder ('cpu' | 'mixed'):
+    auto = 'torch' with CPU decoding, 'graph' with 'mixed'; 'torch' needs CPU decoding."""
+    if choice == "auto":
+        return "torch" if decoder == "cpu" else "graph"
+    if choice == "torch" and decoder != "cpu":
+        raise ValueError(f"data.dali_resize={choice!r} is invalid with {decoder!r} decoding (data.dali_decoder="
+                         f"auto on a CUDA device, or mixed): expected one of ('auto', 'graph') there; 'torch' "
+                         "resizes CPU-decoded images, so use data.dali_decoder=cpu for it")
+    if choice not in DALI_RESIZES:
+        raise ValueError(f"data.dali_resize={choice!r} is invalid: expected one of {DALI_RESIZES}")
     return choice
 
 
@@ -156,9 +176,12 @@ class DaliLoader(EpochLoader):
         self.rank, self.world_size, self.seed, self.device = rank, world_size, seed, device
         self.normalize = normalizer  # its dtype and layout are the output contract; the graph normalizes
         self.decoder = resolve_decoder(cfg.dali_decoder, device)
-        # CPU decoding: the graph ends at the decoded images (train: crops) and torch resizes them (see the module
-        # docstring: PIL's result, ~7x faster than DALI's CPU resize); 'mixed': the graph resizes and normalizes.
-        self._torch_resize = self.decoder == "cpu"
+        # 'torch': the graph ends at the decoded images (train: crops) and torch resizes them (see the module
+        # docstring: PIL's result, ~7x faster than DALI's CPU resize); 'graph': the graph resizes and normalizes,
+        # with the same operators wherever it runs ('mixed' decoding always; CPU decoding when asked, which is how
+        # the GPU graph is tested on a machine without one).
+        self.resize = resolve_resize(cfg.dali_resize, self.decoder)
+        self._torch_resize = self.resize == "torch"
         # CPU decoding for a CPU consumer normalizes each image after its resize; for a GPU consumer it ships uint8
         # and normalizes on the GPU (4x less host-to-device traffic than float32).
         self._normalize_each = device.type == "cpu"
@@ -226,25 +249,29 @@ class DaliLoader(EpochLoader):
         self._release()
 
     def _graph_dtype(self):
-        """The 'mixed' graph's output type: float16 when asked for, else float32 (DALI has no bfloat16)."""
+        """The graph's output type: float16 when asked for, else float32 (DALI has no bfloat16). DALI's CPU
+        crop_mirror_normalize writes float16 too, so the CPU and GPU graphs are the same here."""
         if self.normalize.dtype == torch.float16:
             return types.FLOAT16, torch.float16
         return types.FLOAT, torch.float32
 
     def _to_torch(self, images, labels, flips=None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The model's input batch (NCHW, channels_last strides when asked, ``dtype``, on the device). CPU
-        decoding: ``images`` are the decoded images (train: crops, with their ``flips``), resized here. 'mixed':
-        the graph's normalized NCHW / NHWC batch, copied into a torch tensor on torch's stream."""
+        """The model's input batch (NCHW, channels_last strides when asked, ``dtype``, on the device). 'torch':
+        ``images`` are the decoded images (train: crops, with their ``flips``), resized here. 'graph': the graph's
+        normalized NCHW / NHWC batch, copied into a torch tensor where the graph ran ('mixed': on the GPU, on
+        torch's stream; CPU decoding: in host memory, then moved to the device if that is CUDA)."""
         labels = torch.from_numpy(labels.as_array().reshape(-1).astype(np.int64))
         if self._torch_resize:
             return self._resize_crops(images, None if flips is None else flips.as_array().reshape(-1)), labels
         from nvidia.dali.plugin.pytorch import feed_ndarray
         tensor = images.as_tensor()
-        out = torch.empty(tensor.shape(), dtype=self._graph_dtype()[1], device=self.device)
-        feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(self.device))
+        on_gpu = self.decoder == "mixed"
+        out = torch.empty(tensor.shape(), dtype=self._graph_dtype()[1],
+                          device=self.device if on_gpu else torch.device("cpu"))
+        feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(self.device) if on_gpu else None)
         if self.normalize.channels_last:
             out = out.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: exactly the channels_last layout
-        return out.to(self.normalize.dtype), labels
+        return out.to(self.device, self.normalize.dtype), labels  # keeps the strides
 
     def _resize_crops(self, crops, flips: np.ndarray) -> torch.Tensor:
         """The model's input batch from the decoded crops: each resized to img_size x img_size with torch's
@@ -352,7 +379,7 @@ class DaliLoader(EpochLoader):
 
     def _train_graph(self, jpegs, decoder_args, interp, anchor, shape):
         """RandomResizedCrop from the per-sample box (see _boxes_source), decoded as a region of interest and
-        resized in the graph ('mixed' decoding; CPU decoding resizes in _resize_crops); the flip is done by
+        resized in the graph (the 'graph' path; 'torch' resizes in _resize_crops); the flip is done by
         _normalize_graph."""
         images = fn.decoders.image_slice(jpegs, anchor, shape, axis_names="HW", **decoder_args)
         return fn.resize(images, resize_x=self.cfg.img_size, resize_y=self.cfg.img_size, interp_type=interp,
@@ -360,7 +387,7 @@ class DaliLoader(EpochLoader):
 
     def _normalize_graph(self, images, mirror):
         """Flip, normalize with mean / std, lay out as CHW (HWC for channels_last) and convert, in one operator
-        (crop_mirror_normalize; 'mixed' decoding): the consumer only copies the output (see _to_torch)."""
+        (crop_mirror_normalize; the 'graph' path): the consumer only copies the output (see _to_torch)."""
         cfg = self.cfg
         return fn.crop_mirror_normalize(images, mirror=mirror, mean=[255.0 * m for m in cfg.mean],
                                         std=[255.0 * s for s in cfg.std], dtype=self._graph_dtype()[0],
