@@ -17,19 +17,19 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from res2net.config import RUN_TIME_ENV
-from res2net.engine.distributed import DistInfo, cleanup, init_distributed, share_run_time
+from res2net.engine import distributed
 from res2net.engine.eval_config import register_eval_config
 from res2net.engine.eval_run import run_evaluation, summary_lines
 
 log = logging.getLogger("evaluate")
 register_eval_config()
-_dist = DistInfo()
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
     out_dir = HydraConfig.get().runtime.output_dir
-    result = run_evaluation(cfg, out_dir if _dist.is_main else None, _dist)
+    with distributed.process_group() as info:  # read here, not at import (see train.py)
+        result = run_evaluation(cfg, out_dir if info.is_main else None, info)
     if result is not None:
         for line in summary_lines(result):
             log.info(line)
@@ -38,9 +38,6 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     # The process group comes first: rank 0's launch time names the output directory of every rank.
-    _dist = init_distributed()
-    try:
-        share_run_time(RUN_TIME_ENV)
+    with distributed.process_group():
+        distributed.share_run_time(RUN_TIME_ENV)
         main()
-    finally:
-        cleanup()

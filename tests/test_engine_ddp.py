@@ -15,8 +15,7 @@ WORKER = """
     import res2net
     from res2net.engine import distributed
 
-    info = distributed.init_distributed()
-    try:
+    with distributed.process_group() as info:
         assert info.world_size == 2 and torch.distributed.get_backend() == "gloo"
         torch.manual_seed(0)
         model = res2net.create_model("res2net50_26w_4s", num_classes=5, base_width=4, layers=[1, 1, 1, 1])
@@ -37,8 +36,6 @@ WORKER = """
             F.cross_entropy(single(images), labels).backward()
             torch.save({"ddp": {n: p.grad for n, p in model.named_parameters()},
                         "single": {n: p.grad for n, p in single.named_parameters()}}, sys.argv[1])
-    finally:
-        distributed.cleanup()
 """
 
 

@@ -34,21 +34,28 @@ def _rank_of(pid: int) -> int | None:
     return ranks[0] if ranks else None
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the ranks through /proc (Linux)")
-def test_a_rank_killed_mid_run_takes_the_job_down_promptly(tmp_path):
-    overrides = ["experiment=debug", f"hydra.run.dir={tmp_path}", "data.synthetic_train_size=4096",
+def _start_two_rank_job(run_dir: Path) -> subprocess.Popen:
+    """A 2-process torchrun job of the debug experiment, returned once it has logged two training steps."""
+    overrides = ["experiment=debug", f"hydra.run.dir={run_dir}", "data.synthetic_train_size=4096",
                  "schedule.epochs=1", "trainer.log_interval=1"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                               str(REPO / "train.py"), *overrides], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    metrics = run_dir / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        if agent.poll() is not None or time.monotonic() > deadline:
+            agent.kill()
+            pytest.fail(f"the job did not start training: {agent.communicate()[0][-3000:]}")
+        time.sleep(0.05)
+    return agent
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the ranks through /proc (Linux)")
+def test_a_rank_killed_mid_run_takes_the_job_down_promptly(tmp_path):
+    agent = _start_two_rank_job(tmp_path)
     try:
-        deadline = time.monotonic() + 180
-        metrics = tmp_path / "metrics.jsonl"
-        while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-            assert agent.poll() is None, agent.communicate()[0][-3000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
         victim = next(pid for pid in _children(agent.pid) if _rank_of(pid) == 1)
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
@@ -66,19 +73,8 @@ def test_preemption_signal_to_every_process_and_again_from_torchrun_still_checkp
     """SLURM's preemption SIGTERM reaches the agent and both workers; the agent forwards it again. Both ranks
     checkpoint together and end within torchrun's grace period, and only rank 0 says where the checkpoint is."""
     import torch
-    overrides = ["experiment=debug", f"hydra.run.dir={tmp_path}", "data.synthetic_train_size=4096",
-                 "schedule.epochs=1", "trainer.log_interval=1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                              str(REPO / "train.py"), *overrides], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    agent = _start_two_rank_job(tmp_path)
     try:
-        deadline = time.monotonic() + 180
-        metrics = tmp_path / "metrics.jsonl"
-        while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-            assert agent.poll() is None, agent.communicate()[0][-3000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
         workers = [pid for pid in _children(agent.pid) if _rank_of(pid) is not None]
         assert len(workers) == 2
         for pid in workers:
@@ -93,5 +89,5 @@ def test_preemption_signal_to_every_process_and_again_from_torchrun_still_checkp
     assert out.count("preempted: wrote") == 1 and "checkpoint None" not in out, out[-3000:]
     assert "closing signal SIGKILL" not in out, out[-3000:]  # torchrun's next step when workers outlive 30 s
     ckpt = torch.load(tmp_path / "checkpoints" / "last.pth", weights_only=True)
-    logged = [line for line in metrics.read_text().splitlines() if '"kind": "train"' in line]
+    logged = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"kind": "train"' in line]
     assert ckpt["world_size"] == 2 and ckpt["global_step"] == len(logged) >= 2

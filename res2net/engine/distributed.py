@@ -73,6 +73,10 @@ def process_group() -> Iterator[DistInfo]:
     info = init_distributed()
     try:
         yield info
+        if created:
+            # Ranks leave together: a rank that tore its gloo pairs down while a peer still worked (rank 0 writing
+            # its last files) was seen to abort ("terminate called without an active exception").
+            barrier()
     finally:
         if created:
             cleanup()
