@@ -41,6 +41,7 @@ WORKER = textwrap.dedent("""
     if rank == 0:
         with open(out, "w") as f:
             json.dump(result, f)
+    dist.barrier()  # leave together (see res2net.engine.distributed.process_group)
     dist.destroy_process_group()
 """)
 

@@ -128,6 +128,7 @@ def _worker(rank, world_size, port, out_path):
                 json.dump(result, f)
         else:
             assert result["predictions"] is None
+        dist.barrier()  # leave together (see res2net.engine.distributed.process_group)
     finally:
         dist.destroy_process_group()
 
