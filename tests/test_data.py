@@ -65,6 +65,11 @@ def test_scan_split_errors_name_the_path(tmp_path, layout, expected):
     assert str(bad_path) in str(info.value)
 
 
+def test_unset_root_names_the_key():
+    with pytest.raises(ValueError, match=r"data\.root is not set; pass data\.root="):
+        scan_split(None, "train")
+
+
 def test_val_uses_train_class_mapping_when_a_class_is_missing(tmp_path):
     write_noise_split(tmp_path, "train", 6, wnids=("n01", "n02", "n03"))
     write_noise_split(tmp_path, "val", 4, wnids=("n01", "n03"))

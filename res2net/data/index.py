@@ -27,7 +27,10 @@ def scan_split(root: str, split: str, classes: Optional[Sequence[str]] = None
 
     ``classes`` fixes the label mapping (e.g. the train split's classes for val); a folder outside it is an error.
     """
-    if root is None or not os.path.isdir(root):
+    if root is None:
+        raise ValueError(f"data.root is not set; pass data.root=<folder laid out as {_LAYOUT}> "
+                         "(scripts/prepare_imagenet.py creates it from the ImageNet archives)")
+    if not os.path.isdir(root):
         raise FileNotFoundError(f"data root {root!r} is not a directory; expected the layout {_LAYOUT} "
                                 "(set data.root; scripts/prepare_imagenet.py creates it)")
     split_dir = os.path.join(root, split)
