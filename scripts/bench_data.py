@@ -112,8 +112,8 @@ def main(argv=None) -> int:
     base = {(s, w): r for s, b, w, r in rows if b == "torchvision"}
     print(f"\nbatch {args.batch_size}, {args.img_size} px, device {device}, {os.cpu_count()} CPUs visible, "
           f"{args.batches} timed batches per row, median of {args.rounds} run(s)")
-    print(f"| split | backend | workers/threads | img/s | vs torchvision |")
-    print(f"|---|---|---|---:|---:|")
+    print("| split | backend | workers/threads | img/s | vs torchvision |")
+    print("|---|---|---|---:|---:|")
     for split, backend, workers, rate in rows:
         ratio = f"{rate / base[(split, workers)]:.2f}x" if (split, workers) in base else ""
         print(f"| {split} | {backend} | {workers} | {rate:.1f} | {ratio} |")

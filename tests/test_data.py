@@ -11,7 +11,8 @@ from PIL import Image
 from res2net.data import DataConfig, as_data_config, build_loader, scan_split
 from res2net.data.index import epoch_permutation, train_positions, train_shard, val_shard
 from res2net.data.transforms import center_crop_offset, val_resize_size, val_resized_shape
-from test_data_helpers import WNIDS, check_set_epoch_contract, write_noise_split, write_photo_split
+from test_data_helpers import (WNIDS, check_set_epoch_contract, check_train_statistics, write_noise_split,
+                               write_photo_split)
 
 STD = DataConfig().std
 
@@ -186,13 +187,7 @@ def test_torchvision_resume_is_bit_exact_for_any_workers(noise_root):
 
 def test_torchvision_train_statistics(tmp_path):
     write_photo_split(tmp_path, "train", names=["astronaut"], copies=16, shrink=4)
-    cfg = tv_cfg(tmp_path, batch_size=16, img_size=40)
-    images, labels = next(iter(build_loader(cfg, "train", seed=1)))
-    assert images.shape == (16, 3, 40, 40) and images.dtype == torch.float32 and labels.dtype == torch.int64
-    mean, std = torch.tensor(cfg.mean).view(1, 3, 1, 1), torch.tensor(cfg.std).view(1, 3, 1, 1)
-    assert (images >= -mean / std - 1e-5).all() and (images <= (1 - mean) / std + 1e-5).all()
-    pairwise = (images[:, None] - images[None]).abs().flatten(2).mean(-1)
-    assert (pairwise + torch.eye(16) > 0.05).all()  # every crop differs from every other one
+    check_train_statistics(tv_cfg(tmp_path, batch_size=16, img_size=40))
 
     flipped = next(iter(build_loader(tv_cfg(tmp_path, batch_size=16, img_size=40, hflip=1.0), "train", seed=1)))[0]
     plain = next(iter(build_loader(tv_cfg(tmp_path, batch_size=16, img_size=40, hflip=0.0), "train", seed=1)))[0]

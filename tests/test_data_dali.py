@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from res2net.data import DataConfig, build_loader, scan_split
-from test_data_helpers import (check_set_epoch_contract, colour_ids, grey_level_diff, write_colour_split,
-                               write_noise_split, write_photo_split)
+from test_data_helpers import (check_set_epoch_contract, check_train_statistics, colour_ids, grey_level_diff,
+                               write_colour_split, write_noise_split, write_photo_split)
 
 pytest.importorskip("nvidia.dali")
 MEAN, STD = DataConfig().mean, DataConfig().std
@@ -71,13 +71,7 @@ def test_cmyk_grayscale_and_png_named_jpeg_decode_like_pil(tmp_path):
 
 def test_train_statistics(tmp_path):
     write_photo_split(tmp_path, "train", names=["astronaut"], copies=16, shrink=4)
-    cfg = cfg_for(tmp_path, batch_size=16, img_size=40)
-    images, labels = next(iter(build_loader(cfg, "train", seed=1)))
-    assert images.shape == (16, 3, 40, 40) and images.dtype == torch.float32 and labels.dtype == torch.int64
-    mean, std = torch.tensor(cfg.mean).view(1, 3, 1, 1), torch.tensor(cfg.std).view(1, 3, 1, 1)
-    assert (images >= -mean / std - 1e-5).all() and (images <= (1 - mean) / std + 1e-5).all()
-    pairwise = (images[:, None] - images[None]).abs().flatten(2).mean(-1)
-    assert (pairwise + torch.eye(16) > 0.05).all()  # crops vary
+    check_train_statistics(cfg_for(tmp_path, batch_size=16, img_size=40))
 
     # Full-image crops (square photo, scale 1, ratio 1) isolate the flip: p=1 mirrors p=0, and both equal PIL.
     fixed = dict(batch_size=16, img_size=40, train_crop_scale=[1.0, 1.0], train_crop_ratio=[1.0, 1.0])

@@ -100,3 +100,18 @@ def check_set_epoch_contract(loader) -> None:
     assert len(list(loader)) == 1
     assert len(list(loader)) == n  # a later iteration without set_epoch starts from batch 0 again
     loader.close()
+
+
+def check_train_statistics(cfg) -> None:
+    """A train batch of 16 photo crops (write_photo_split(..., copies=16) of one photograph): shapes, dtypes, values in
+    the normalized [0, 1] range, and every crop different from every other one."""
+    import torch
+    from res2net.data import build_loader
+
+    images, labels = next(iter(build_loader(cfg, "train", seed=1)))
+    assert images.shape == (16, 3, cfg.img_size, cfg.img_size) and images.dtype == torch.float32
+    assert labels.dtype == torch.int64
+    mean, std = torch.tensor(cfg.mean).view(1, 3, 1, 1), torch.tensor(cfg.std).view(1, 3, 1, 1)
+    assert (images >= -mean / std - 1e-5).all() and (images <= (1 - mean) / std + 1e-5).all()
+    pairwise = (images[:, None] - images[None]).abs().flatten(2).mean(-1)
+    assert (pairwise + torch.eye(16) > 0.05).all()
