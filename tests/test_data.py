@@ -23,14 +23,6 @@ def tv_cfg(root, **kw) -> DataConfig:
     return DataConfig(**base)
 
 
-@pytest.fixture(scope="module")
-def noise_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("noise")
-    write_noise_split(root, "train", 50, seed=1)
-    write_noise_split(root, "val", 101, seed=2)
-    return root
-
-
 # ---------------------------------------------------------------- index and labels
 
 def test_scan_split_labels_are_sorted_wnid_positions(tmp_path):

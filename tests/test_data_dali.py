@@ -28,14 +28,6 @@ def photo_root(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def noise_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("noise")
-    write_noise_split(root, "train", 50, seed=1)
-    write_noise_split(root, "val", 101, seed=2)
-    return root
-
-
 @pytest.mark.parametrize("img_size, crop_pct, interpolation", [
     (224, 0.875, "bilinear"), (288, 1.0, "bilinear"), (160, 0.95, "bilinear"), (97, 0.9, "bilinear"),
     (224, 0.875, "bicubic"),
