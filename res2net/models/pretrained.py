@@ -312,8 +312,9 @@ def _read_source(source: str | os.PathLike) -> tuple[object, str]:
     path = Path(text).expanduser()
     if path.is_file():
         return read_checkpoint(path, trusted=True), f'checkpoint {path}'
-    if text in RELEASED:
-        return read_checkpoint(download_checkpoint(text), trusted=False), f'released checkpoint {text}'
+    if text in RELEASED or text in _HUB_ONLY:
+        from .hub import released_weights  # hub.py imports this module
+        return read_checkpoint(released_weights(text), trusted=False), f'released checkpoint {text}'
     raise FileNotFoundError(f'checkpoint {text!r} not found: it is not a file, not an http(s) URL and not a released '
                             f'model name ({", ".join(sorted(RELEASED))})')
 

@@ -5,13 +5,15 @@ from typing import Callable
 
 import torch.nn as nn
 
-from .pretrained import download_checkpoint, load_pretrained, released_checkpoint
+from .features import FEATURE_INDICES, FeatureListNet
+from .hub import released_weights
+from .pretrained import load_pretrained
 
 __all__ = ['OVERRIDES', 'create_model', 'list_models', 'register_model']
 
 # The ablation knobs a variant's arguments may be overridden with (the Res2Net constructor's arguments).
 OVERRIDES = ('layers', 'base_width', 'scale', 'cardinality', 'stem', 'avg_down', 'num_classes', 'in_chans',
-             'drop_rate', 'zero_init_last')
+             'drop_rate', 'zero_init_last', 'output_stride')
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -29,12 +31,14 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
-def create_model(name: str, num_classes: int = 1000, pretrained: bool = False, **overrides) -> nn.Module:
+def create_model(name: str, num_classes: int = 1000, pretrained: bool = False, features_only: bool = False,
+                 out_indices: tuple[int, ...] = FEATURE_INDICES, **overrides) -> nn.Module:
     """Build a variant by name.
 
     ``overrides`` replace the variant's arguments (see ``OVERRIDES``); a value of None keeps the variant's own
     value, so a config may leave a knob at null. ``pretrained=True`` loads the released ImageNet weights
-    (downloaded into the cache on first use, see ``res2net.models.pretrained``).
+    (downloaded into the cache on first use, see ``res2net.models.pretrained``). ``features_only=True`` returns the
+    backbone: a ``FeatureListNet`` giving the feature maps at ``out_indices`` (see ``res2net.models.features``).
     Raises ValueError for an unknown name, an unknown override or a bad value.
     """
     if name not in _MODELS:
@@ -43,8 +47,7 @@ def create_model(name: str, num_classes: int = 1000, pretrained: bool = False, *
     if unknown:
         raise ValueError(f'unknown override(s) {unknown} for {name}; valid overrides: {", ".join(OVERRIDES)}')
     overrides = {key: value for key, value in overrides.items() if value is not None}
-    model = _MODELS[name](num_classes=num_classes, **overrides)
+    model = _MODELS[name](num_classes=1000 if features_only else num_classes, **overrides)
     if pretrained:
-        released_checkpoint(name)  # raises a clear error for variants without a released file
-        load_pretrained(model, download_checkpoint(name))
-    return model
+        load_pretrained(model, released_weights(name))  # the file locations, then the Hugging Face hub
+    return FeatureListNet(model, out_indices) if features_only else model

@@ -18,9 +18,10 @@ import torch.nn.functional as F
 
 from .registry import register_model
 
-__all__ = ['Bottle2neck', 'Res2Net', 'STEMS']
+__all__ = ['Bottle2neck', 'OUTPUT_STRIDES', 'Res2Net', 'STEMS']
 
 STEMS = ('', 'deep')
+OUTPUT_STRIDES = (8, 16, 32)
 _DEEP_STEM_WIDTH = 32
 _STAGE_PLANES = (64, 128, 256, 512)
 
@@ -53,7 +54,7 @@ class Bottle2neck(nn.Module):
     In the first block of a stage every split but the last is convolved on its own and the last split is
     average-pooled (3x3, count_include_pad=True, even at stride 1: that is what the released weights saw).
     In the other blocks split i is convolved after adding the previous split's output and the last split
-    passes through unchanged.
+    passes through unchanged. ``dilation`` dilates the 3x3 convs (not the pool), as timm does for output_stride < 32.
     """
 
     expansion = 4
@@ -67,11 +68,13 @@ class Bottle2neck(nn.Module):
             cardinality: int = 1,
             base_width: int = 26,
             scale: int = 4,
+            dilation: int = 1,
     ) -> None:
         super().__init__()
         _check_int('scale', scale, 1)
         _check_int('base_width', base_width, 1)
         _check_int('cardinality', cardinality, 1)
+        _check_int('dilation', dilation, 1)
         self.scale = scale
         self.is_first = stride > 1 or downsample is not None
         self.width = width = math.floor(planes * base_width / 64) * cardinality
@@ -81,7 +84,8 @@ class Bottle2neck(nn.Module):
         self.conv1 = nn.Conv2d(inplanes, width * scale, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width * scale)
         self.convs = nn.ModuleList([
-            nn.Conv2d(width, width, kernel_size=3, stride=stride, padding=1, groups=cardinality, bias=False)
+            nn.Conv2d(width, width, kernel_size=3, stride=stride, padding=dilation, dilation=dilation,
+                      groups=cardinality, bias=False)
             for _ in range(num_convs)])
         self.bns = nn.ModuleList([nn.BatchNorm2d(width) for _ in range(num_convs)])
         self.pool = nn.AvgPool2d(kernel_size=3, stride=stride, padding=1) if self.is_first and scale > 1 else None
@@ -121,6 +125,8 @@ class Res2Net(nn.Module):
         stem: '' for the 7x7 stem, 'deep' for three 3x3 convs (widths 32, 32, 64) as in the 'd' variants.
         avg_down: shortcut downsampling by a 2x2 average pool before a stride-1 1x1 conv ('d' variants).
         num_classes: classifier outputs; 0 drops the classifier (``fc`` becomes an identity).
+        output_stride: input size / feature map size (32, 16 or 8); below 32 the last stage(s) keep their input
+            resolution and dilate their 3x3 convs instead (a backbone for dense prediction), as timm does.
         in_chans: input image channels.
         drop_rate: dropout probability before ``fc``.
         zero_init_last: zero the last BN weight of every block, so each block starts as the identity.
@@ -138,6 +144,7 @@ class Res2Net(nn.Module):
             in_chans: int = 3,
             drop_rate: float = 0.0,
             zero_init_last: bool = True,
+            output_stride: int = 32,
     ) -> None:
         super().__init__()
         layers = _check_layers(layers)
@@ -150,6 +157,8 @@ class Res2Net(nn.Module):
         _check_bool('zero_init_last', zero_init_last)
         if stem not in STEMS:
             raise ValueError(f'stem must be one of {STEMS}, got {stem!r}')
+        if output_stride not in OUTPUT_STRIDES:
+            raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride!r}")
         if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0.0 <= drop_rate < 1.0:
             raise ValueError(f'drop_rate must be a number in [0, 1), got {drop_rate!r}')
         self.num_classes = num_classes
@@ -171,12 +180,20 @@ class Res2Net(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
-        inplanes = 64
+        # timm's feature_info: channels, reduction (input size / map size) and module of each feature map.
+        self.feature_info = [dict(num_chs=64, reduction=2, module="relu")]
+        inplanes, reduction, dilation = 64, 4, 1
         for index, (planes, blocks) in enumerate(zip(_STAGE_PLANES, layers)):
             stride = 1 if index == 0 else 2
-            stage = self._make_stage(inplanes, planes, blocks, stride, base_width, scale, cardinality, avg_down)
+            first_dilation = dilation
+            if reduction >= output_stride:  # trade the stride for dilation from here on
+                stride, dilation = 1, dilation * stride
+            reduction *= stride
+            stage = self._make_stage(inplanes, planes, blocks, stride, base_width, scale, cardinality, avg_down,
+                                     first_dilation, dilation)
             self.add_module(f'layer{index + 1}', stage)
             inplanes = planes * Bottle2neck.expansion
+            self.feature_info.append(dict(num_chs=inplanes, reduction=reduction, module=f"layer{index + 1}"))
         self.num_features = inplanes
         self.fc = nn.Linear(inplanes, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -184,20 +201,21 @@ class Res2Net(nn.Module):
 
     @staticmethod
     def _make_stage(inplanes: int, planes: int, blocks: int, stride: int, base_width: int, scale: int,
-                    cardinality: int, avg_down: bool) -> nn.Sequential:
+                    cardinality: int, avg_down: bool, first_dilation: int, dilation: int) -> nn.Sequential:
+        # The first block keeps the previous stage's dilation (first_dilation), the others use the stage's own.
         outplanes = planes * Bottle2neck.expansion
         downsample = None
         if stride != 1 or inplanes != outplanes:
             if avg_down:
-                pool = (nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False) if stride > 1
-                        else nn.Identity())
                 downsample = nn.Sequential(
-                    pool, nn.Conv2d(inplanes, outplanes, 1, stride=1, bias=False), nn.BatchNorm2d(outplanes))
+                    _shortcut_pool(stride, dilation), nn.Conv2d(inplanes, outplanes, 1, stride=1, bias=False),
+                    nn.BatchNorm2d(outplanes))
             else:
                 downsample = nn.Sequential(
                     nn.Conv2d(inplanes, outplanes, 1, stride=stride, bias=False), nn.BatchNorm2d(outplanes))
-        stage = [Bottle2neck(inplanes, planes, stride, downsample, cardinality, base_width, scale)]
-        stage += [Bottle2neck(outplanes, planes, 1, None, cardinality, base_width, scale) for _ in range(1, blocks)]
+        stage = [Bottle2neck(inplanes, planes, stride, downsample, cardinality, base_width, scale, first_dilation)]
+        stage += [Bottle2neck(outplanes, planes, 1, None, cardinality, base_width, scale, dilation)
+                  for _ in range(1, blocks)]
         return nn.Sequential(*stage)
 
     def _init_weights(self, zero_init_last: bool) -> None:
@@ -227,6 +245,17 @@ class Res2Net(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def _shortcut_pool(stride: int, dilation: int) -> nn.Module:
+    """The 2x2 average pool before the 'd' variants' shortcut conv."""
+    if dilation > 1:
+        # A dilated stage keeps its resolution: timm's AvgPool2dSame(2, stride=1), i.e. one row and one column of
+        # zeros padded after the input (counted in the average), so the weights give the same maps as in timm.
+        return nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.AvgPool2d(2, stride=1))
+    if stride > 1:
+        return nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)
+    return nn.Identity()
 
 
 _R50 = (3, 4, 6, 3)
