@@ -1,0 +1,204 @@
+#!/usr/bin/env python
+"""Export a Res2Net classifier as ONNX, TorchScript, safetensors or a Hugging Face hub folder, and check the result.
+
+    python scripts/export.py --model res2net50_26w_4s --checkpoint released --format onnx --out res2net50_26w_4s.onnx
+    python scripts/export.py --model res2net50_26w_4s --checkpoint outputs/<run>/checkpoints/best.pth \\
+        --format hf --out hub/res2net50_26w_4s
+
+onnx: BatchNorm folded, dynamic batch axis, opset 18, onnx.checker, then ONNX Runtime against PyTorch at batch 1 and 2.
+torchscript: BatchNorm folded, traced, reloaded and compared. safetensors: the weights only. hf: a folder timm and
+res2net.load_pretrained read (config.json, model.safetensors, README.md model card), reloaded and compared.
+Checkpoints are read tensors-only (weights_only=True); a train.py checkpoint brings its own architecture.
+Exit status: 0 written and checked; 1 a runtime error (missing file, checkpoint of another architecture, a check
+that failed); 2 bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import pickle
+import sys
+from pathlib import Path
+
+import torch
+
+import res2net
+from res2net import export
+from res2net.engine.eval_run import build_model_for
+from res2net.models.hub import HUB_REPOS, released_weights
+from res2net.models.pretrained import RELEASED, read_checkpoint, sha256_file
+from res2net.models.registry import OVERRIDES
+from res2net.models.stats import count_params
+
+TOLERANCE = 1e-4  # largest accepted max|exported - PyTorch| / max|PyTorch|
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage block
+        print(f"export.py: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, choices=res2net.list_models(), metavar="NAME",
+                   help=f"variant: {', '.join(res2net.list_models())}")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classifier outputs (default: the checkpoint's fc size; 1000 for released weights)")
+    p.add_argument("--checkpoint", required=True, help="'released' or the path of a .pth / .safetensors file")
+    p.add_argument("--format", required=True, choices=export.FORMATS, help=" | ".join(export.FORMATS))
+    p.add_argument("--out", required=True, type=Path, help="output file (a folder for --format hf)")
+    p.add_argument("--img-size", type=int, default=224, help="input size of the traced graphs and of config.json")
+    p.add_argument("--license", default="unknown", help="licence identifier for the hf model card")
+    args = p.parse_args(argv)
+    if args.num_classes is not None and args.num_classes < 1:
+        p.error(f"--num-classes must be >= 1, got {args.num_classes}")
+    if args.img_size < 32:
+        p.error(f"--img-size must be >= 32, got {args.img_size}")
+    return args
+
+
+def load_model(name: str, num_classes: int | None, checkpoint: str) -> tuple[torch.nn.Module, dict]:
+    """(model with the checkpoint's weights, facts for the model card: source, sha256, metrics, recipe)."""
+    if checkpoint == "released":
+        path = released_weights(name)
+    else:
+        path = Path(checkpoint).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {checkpoint} not found (give 'released' or an existing file)")
+    try:
+        state = read_checkpoint(path, trusted=False)
+    except pickle.UnpicklingError as err:
+        raise RuntimeError(f"{path} holds objects other than tensors and is not read (weights_only=True): "
+                           f"save its state_dict alone or as .safetensors ({str(err).splitlines()[0]})") from None
+    if not isinstance(state, dict):
+        raise RuntimeError(f"{path} holds a {type(state).__name__}, not a state_dict or checkpoint dict")
+    model, cfg = build_model_for({"name": name, "num_classes": num_classes}, state)
+    saved = state.get("config") if isinstance(state.get("config"), dict) else None
+    saved_model = saved.get("model") if saved and isinstance(saved.get("model"), dict) else {}
+    facts = dict(name=cfg["name"], checkpoint=checkpoint, file=path.name, sha256=sha256_file(path),
+                 best_top1=state.get("best_top1"), config=saved, model_args=export.timm_model_args(saved_model),
+                 overrides={k: v for k, v in saved_model.items() if k in OVERRIDES and k != "num_classes"})
+    return model.eval(), facts
+
+
+def model_card(model: torch.nn.Module, facts: dict, license: str) -> str:
+    """README.md of the hf folder: what it is, how it was trained and scored, how to load it, its licence."""
+    name = facts["name"]
+    released = RELEASED.get(name) if facts["checkpoint"] == "released" else None
+    if facts["checkpoint"] == "released":
+        recipe = (f"The released ImageNet-1k weights ({HUB_REPOS[name]}): the paper's recipe (SGD, lr 0.1 per 256 "
+                  "images, 100 epochs, lr / 10 at epochs 30, 60 and 90); see the Res2Net paper and the official "
+                  "repository.")
+    else:
+        recipe = f"Trained with the res2net recipe (train.py); checkpoint `{facts['file']}`."
+        if facts["config"]:
+            recipe += "\n\nTraining config saved in the checkpoint:\n\n```json\n" + json.dumps(
+                facts["config"], indent=2, default=str) + "\n```"
+    if released:
+        metrics = (f"| top-1 | top-5 |\n|---:|---:|\n| {released.top1:.3f} | {released.top5:.3f} |\n\n"
+                   "ImageNet-1k val, 50,000 images, 224 px, crop 0.875, bilinear (timm's results table).")
+    elif facts["best_top1"] is not None:
+        metrics = f"Best validation top-1 during training: {facts['best_top1']:.3f}%."
+    else:
+        metrics = "Not measured here: run `python evaluate.py checkpoint=<file>` on the validation set."
+    timm_args = "".join(f"\n                          {k}={v!r}," for k, v in facts["model_args"].items())
+    ours_args = "".join(f", {k}={v!r}" for k, v in facts["overrides"].items() if v is not None)
+    return f"""---
+tags:
+- image-classification
+- timm
+- res2net
+library_name: timm
+license: {license}
+datasets:
+- imagenet-1k
+---
+# {name}
+
+Res2Net image classifier ({count_params(model):,} parameters, {model.num_classes} classes), exported by the res2net
+recipe's `scripts/export.py`. Paper: Gao et al., "Res2Net: A New Multi-Scale Backbone Architecture", TPAMI 2021
+(https://arxiv.org/abs/1904.01169). Official code: https://github.com/Res2Net/Res2Net-PretrainedModels.
+
+## Recipe
+
+{recipe}
+
+## Metrics
+
+{metrics}
+
+## Use
+
+Preprocessing: `config.json` (`pretrained_cfg`: input size, interpolation, crop_pct, mean, std).
+
+```python
+import timm
+model = timm.create_model("local-dir:.", pretrained=True)  # this folder: config.json + model.safetensors
+model = timm.create_model("{name}", pretrained=True, num_classes={model.num_classes},{timm_args}
+                          pretrained_cfg_overlay=dict(file="model.safetensors", num_classes={model.num_classes}))
+# (num_classes in the overlay too: timm drops a classifier whose size differs from its default config's)
+# after uploading this folder: timm.create_model("hf-hub:<user>/<repo>", pretrained=True)
+
+import res2net
+model = res2net.create_model("{name}", num_classes={model.num_classes}{ours_args})
+res2net.load_pretrained(model, "model.safetensors")
+```
+
+Weights: `model.safetensors`, from `{facts['file']}` (sha256 {facts['sha256']}).
+
+## Licence
+
+`{license}`. The released Res2Net weights come from the authors (official repository above) and timm; check their
+terms before use in a product.
+"""
+
+
+def export_and_check(model: torch.nn.Module, facts: dict, args: argparse.Namespace) -> str:
+    """Write args.out in args.format, reload it, compare it with the PyTorch model; the line to print."""
+    out = args.out
+    if args.format == "onnx":
+        export.export_onnx(model, out, img_size=args.img_size)
+        reloaded, what = export.OnnxRuntimeModel(out), f"ONNX opset {export.OPSET}, checked by onnx.checker; ONNX Runtime"
+    elif args.format == "torchscript":
+        export.export_torchscript(model, out, img_size=args.img_size)
+        reloaded, what = torch.jit.load(out), "TorchScript (traced) reloaded"
+    else:
+        if args.format == "hf":
+            export.export_hf(model, out, facts["name"], model_card(model, facts, args.license), img_size=args.img_size,
+                             model_args=facts["model_args"])
+            weights = out / "model.safetensors"
+        else:
+            weights = export.export_safetensors(model, out, metadata={"architecture": facts["name"]})
+        reloaded = copy.deepcopy(model)
+        with torch.no_grad():
+            for tensor in reloaded.state_dict().values():
+                tensor.zero_()  # only the written file can give the weights back
+        res2net.load_pretrained(reloaded, weights)
+        what = "weights reloaded by res2net.load_pretrained"
+    error = export.max_relative_error(reloaded, model, batch_sizes=(1, 2), img_size=args.img_size)
+    if not error < TOLERANCE:
+        raise RuntimeError(f"{out}: outputs differ from PyTorch by {error:.2e} (relative, > {TOLERANCE:.0e})")
+    return f"wrote {out}: {what} vs PyTorch at batch 1 and 2: max relative error {error:.1e} (< {TOLERANCE:.0e})"
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return " ".join(lines[:2]) + (" ..." if len(lines) > 2 else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        model, facts = load_model(args.model, args.num_classes, args.checkpoint)
+        print(export_and_check(model, facts, args))
+    except (ValueError, RuntimeError, OSError, ImportError) as err:
+        print(f"export.py: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
