@@ -8,10 +8,10 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 # Re-installs only when a requirements file or pyproject.toml changed, so a second `make install` takes seconds.
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt requirements-export.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt -r requirements-export.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
