@@ -3,13 +3,19 @@
 
 Every row is measured in this process on the same weights and the same random input batch: the baseline
 (eager, float32, NCHW) and the optimised paths (inference: `res2net.prepare_for_inference` = BatchNorm folded into
-the convs + channels_last, optional torch.compile, optional bf16/fp16 autocast; training: channels_last, optional
-compile, optional autocast with a GradScaler for fp16). Variants are measured in alternating rounds after a warm-up
-and each row reports the median round, so a slow spell of a shared machine hits every row alike.
+the convs + channels_last, optional torch.compile (also with Inductor freezing), optional bf16/fp16 autocast;
+training: channels_last, optional compile, optional autocast with a GradScaler for fp16). Variants are measured in
+alternating rounds after a warm-up and each row reports the median round, so a slow spell of a shared machine hits
+every row alike.
+
+--backends adds inference rows of other runtimes (CPU, fp32): `onnxruntime` runs our ONNX export (res2net.export:
+BatchNorm folded) at each --ort-optimizations level; `timm` adds timm's model with the same weights, eager and (with
+onnxruntime) exported by timm.utils.onnx, as the reference the "vs timm eager" column divides by.
 
     python scripts/benchmark.py              # res2net50_26w_4s, batch 16, 224 px, CPU: fp32 (+ bf16 rows if native)
     python scripts/benchmark.py --device cuda --batch-size 256 --precision bf16 --compile
     python scripts/benchmark.py --model res2net50_26w_8s --modes inference --json bench.json
+    python scripts/benchmark.py --modes inference --precision fp32 --threads 2 --compile --backends torch,onnxruntime,timm
 
 On Linux the script re-executes itself once with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 unless they
 are set (or --keep-allocator is given): glibc's default allocator swings Res2Net CPU timings by up to 1.8x.
@@ -23,6 +29,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -34,6 +41,9 @@ from torch import nn
 ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("inference", "train")
+BACKENDS = ("torch", "onnxruntime", "timm")
+BASELINE = "eager fp32 NCHW (baseline)"
+TIMM_EAGER = "timm eager fp32 NCHW"
 
 
 @dataclass
@@ -43,6 +53,7 @@ class Row:
     img_per_s: float
     ms_per_batch: float
     speedup: float  # over the eager float32 NCHW baseline of the same mode
+    vs_timm: float | None = None  # over timm's eager model (--backends timm), inference only
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,7 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=["auto", *sorted(PRECISIONS)], default="auto",
                    help="autocast dtype of the extra optimised rows (the baseline is always float32); auto: bf16 "
                         "where the device computes it natively (CUDA, or a CPU with AVX512-BF16/AMX), else fp32")
-    p.add_argument("--compile", action="store_true", help="add rows with torch.compile")
+    p.add_argument("--compile", action="store_true", help="add rows with torch.compile (inference: also with "
+                   "Inductor freezing, the weights folded into the compiled graph as constants)")
+    p.add_argument("--backends", type=_choices(BACKENDS), default=["torch"],
+                   help=f"comma-separated, from {', '.join(BACKENDS)} (default: torch; the others: inference, CPU)")
+    p.add_argument("--ort-optimizations", type=_choices(("disable", "basic", "extended", "all")),
+                   default=["all", "extended"], help="ONNX Runtime graph optimisation levels, one row each")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations per row before measuring")
     p.add_argument("--iters", type=int, default=10, help="timed iterations per round")
@@ -72,6 +88,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
+
+
+def _choices(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        bad = [v for v in values if v not in allowed]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a comma-separated list from {', '.join(allowed)}")
+        return values
+    return parse
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -120,14 +146,60 @@ def inference_paths(model: nn.Module, args: argparse.Namespace, device: torch.de
                 net(inp)
         return run
 
-    folded = res2net.prepare_for_inference(baseline, channels_last=True)
-    paths = {"eager fp32 NCHW (baseline)": step(baseline, x, "fp32"),
-             "folded BN + channels_last": step(folded, x_cl, "fp32")}
-    if args.precision != "fp32":
-        paths[f"folded BN + channels_last + {args.precision}"] = step(folded, x_cl, args.precision)
-    if args.compile:
-        paths[f"folded BN + channels_last{_suffix(args.precision)} + compile"] = step(
-            res2net.prepare_for_inference(baseline, channels_last=True, compile=True), x_cl, args.precision)
+    paths = {BASELINE: step(baseline, x, "fp32")}
+    reference = timm_reference(baseline, args) if "timm" in args.backends else None
+    if reference is not None:
+        paths[TIMM_EAGER] = step(reference, x, "fp32")
+    if "torch" in args.backends:
+        folded = res2net.prepare_for_inference(baseline, channels_last=True)
+        paths["folded BN + channels_last"] = step(folded, x_cl, "fp32")
+        if args.precision != "fp32":
+            paths[f"folded BN + channels_last + {args.precision}"] = step(folded, x_cl, args.precision)
+        if args.compile:
+            paths[f"folded BN + channels_last{_suffix(args.precision)} + compile"] = step(
+                res2net.prepare_for_inference(baseline, channels_last=True, compile=True), x_cl, args.precision)
+            # Freezing turns the weights into constants of the compiled graph (inference only): Inductor then
+            # pre-packs the convolution weights for oneDNN and constant-folds around them.
+            frozen = torch.compile(res2net.prepare_for_inference(baseline, channels_last=True),
+                                   options={"freezing": True})
+            paths[f"folded BN + channels_last{_suffix(args.precision)} + compile + freezing"] = step(
+                frozen, x_cl, args.precision)
+    if "onnxruntime" in args.backends:
+        paths.update(onnxruntime_paths(baseline, reference, x, args))
+    return paths
+
+
+def timm_reference(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """timm's implementation of the variant with the same weights (timm: a test-only dependency)."""
+    try:
+        import timm
+    except ImportError as err:
+        raise RuntimeError("--backends timm needs timm: .venv/bin/pip install -r requirements-dev.txt") from err
+    from res2net.export import timm_model_args
+    overrides = {"base_width": args.base_width, "scale": args.scale, "layers": args.layers}
+    reference = timm.create_model(args.model, num_classes=args.num_classes, **timm_model_args(overrides))
+    reference.load_state_dict(model.state_dict())
+    return reference.eval()
+
+
+def onnxruntime_paths(model: nn.Module, reference: nn.Module | None, x: torch.Tensor,
+                      args: argparse.Namespace) -> dict[str, Callable]:
+    """ONNX Runtime on our export (and on timm's export of the reference) at each optimisation level."""
+    if x.device.type != "cpu":
+        raise ValueError("--backends onnxruntime runs on the CPU: use --device cpu")
+    from res2net.export import OnnxRuntimeModel, export_onnx
+    threads = args.threads or torch.get_num_threads()
+    paths = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {"our export (BN folded)": export_onnx(model, os.path.join(tmp, "ours.onnx"), img_size=args.img_size)}
+        if reference is not None:
+            from timm.utils.onnx import onnx_export
+            onnx_export(reference, os.path.join(tmp, "timm.onnx"), example_input=x[:2].clone(), check=True)
+            files["timm's export (timm.utils.onnx)"] = os.path.join(tmp, "timm.onnx")
+        for label, path in files.items():
+            for level in args.ort_optimizations:
+                runner = OnnxRuntimeModel(path, threads=threads, optimization=level)  # the session holds the graph
+                paths[f"ONNX Runtime, {label}, {level}"] = (lambda r: lambda: r(x))(runner)
     return paths
 
 
@@ -192,21 +264,32 @@ def measure(paths: dict[str, Callable], args: argparse.Namespace, device: torch.
 
 def to_rows(mode: str, seconds: dict[str, float], batch_size: int) -> list[Row]:
     base = next(iter(seconds.values()))
-    return [Row(mode, name, batch_size / s, 1000 * s, base / s) for name, s in seconds.items()]
+    timm_eager = seconds.get(TIMM_EAGER)
+    return [Row(mode, name, batch_size / s, 1000 * s, base / s, timm_eager / s if timm_eager else None)
+            for name, s in seconds.items()]
 
 
 def environment(args: argparse.Namespace, device: torch.device) -> dict:
     env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
+           "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "allocator_env": {k: os.environ.get(k) for k in ALLOCATOR_ENV}}
+    if "onnxruntime" in args.backends:
+        import onnxruntime
+        env["onnxruntime"] = onnxruntime.__version__
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
 
 
 def markdown_table(rows: list[Row]) -> str:
-    lines = ["| mode | path | img/s | ms/batch | speed-up vs eager fp32 NCHW |", "|---|---|---:|---:|---:|"]
-    lines += [f"| {r.mode} | {r.path} | {r.img_per_s:.1f} | {r.ms_per_batch:.1f} | {r.speedup:.2f}x |" for r in rows]
+    with_timm = any(r.vs_timm is not None for r in rows)
+    extra = (" vs timm eager |", "---:|") if with_timm else ("", "")
+    lines = ["| mode | path | img/s | ms/batch | speed-up vs eager fp32 NCHW |" + extra[0],
+             "|---|---|---:|---:|---:|" + extra[1]]
+    for r in rows:
+        vs_timm = (f" {r.vs_timm:.2f}x |" if r.vs_timm is not None else " - |") if with_timm else ""
+        lines.append(f"| {r.mode} | {r.path} | {r.img_per_s:.1f} | {r.ms_per_batch:.1f} | {r.speedup:.2f}x |{vs_timm}")
     return "\n".join(lines)
 
 
@@ -240,8 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmark.py: error: {err}", file=sys.stderr)
         return 2
     a = args
-    print(f"{a.model}, batch {a.batch_size}, {a.img_size} px, {a.device}, {a.precision}, "
-          f"{report['environment']['torch_threads']} threads, median of {a.rounds} rounds x {a.iters} iterations")
+    env = report["environment"]
+    print(f"{a.model}, batch {a.batch_size}, {a.img_size} px, {a.device} ({env['cpu_capability']}), {a.precision}, "
+          f"{env['torch_threads']} threads, median of {a.rounds} rounds x {a.iters} iterations")
     print(markdown_table([Row(**r) for r in report["rows"]]))
     if args.json:
         with open(args.json, "w") as f:

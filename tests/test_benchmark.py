@@ -55,3 +55,28 @@ def test_modes_subset_and_clear_errors():
     assert proc.returncode != 0 and "fp16 is for GPUs" in proc.stderr
     proc = _run(*TINY, "--model", "resnet50", "--keep-allocator")
     assert proc.returncode != 0 and "res2net50_26w_4s" in proc.stderr  # names the valid choices
+
+
+def test_onnxruntime_and_timm_rows_beside_the_baseline(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = _run(*TINY, "--iters", "1", "--rounds", "1", "--modes", "inference", "--precision", "fp32",
+                "--backends", "torch,onnxruntime,timm", "--ort-optimizations", "all,basic", "--json", str(out),
+                "--keep-allocator")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    rows = {r["path"]: r for r in report["rows"]}
+    assert list(rows) == ["eager fp32 NCHW (baseline)", "timm eager fp32 NCHW", "folded BN + channels_last",
+                          "ONNX Runtime, our export (BN folded), all", "ONNX Runtime, our export (BN folded), basic",
+                          "ONNX Runtime, timm's export (timm.utils.onnx), all",
+                          "ONNX Runtime, timm's export (timm.utils.onnx), basic"]
+    assert rows["timm eager fp32 NCHW"]["vs_timm"] == 1.0
+    for r in rows.values():
+        assert r["vs_timm"] == pytest.approx(r["img_per_s"] / rows["timm eager fp32 NCHW"]["img_per_s"])
+    assert report["environment"]["cpu_capability"] and report["environment"]["onnxruntime"]
+    assert "| vs timm eager |" in proc.stdout.splitlines()[1] and f"({report['environment']['cpu_capability']})" \
+        in proc.stdout.splitlines()[0]
+
+
+def test_unknown_backend_is_refused():
+    proc = _run(*TINY, "--backends", "torch,tensorrt", "--keep-allocator")
+    assert proc.returncode == 2 and "torch, onnxruntime, timm" in proc.stderr
