@@ -15,7 +15,8 @@ onnxruntime) exported by timm.utils.onnx, as the reference the "vs timm eager" c
     python scripts/benchmark.py              # res2net50_26w_4s, batch 16, 224 px, CPU: fp32 (+ bf16 rows if native)
     python scripts/benchmark.py --device cuda --batch-size 256 --precision bf16 --compile
     python scripts/benchmark.py --model res2net50_26w_8s --modes inference --json bench.json
-    python scripts/benchmark.py --modes inference --precision fp32 --threads 2 --compile --backends torch,onnxruntime,timm
+    python scripts/benchmark.py --modes inference --precision fp32 --threads 2 --compile \
+        --backends torch,onnxruntime,timm
 
 On Linux the script re-executes itself once with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 unless they
 are set (or --keep-allocator is given): glibc's default allocator swings Res2Net CPU timings by up to 1.8x.

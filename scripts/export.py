@@ -160,7 +160,8 @@ def export_and_check(model: torch.nn.Module, facts: dict, args: argparse.Namespa
     out = args.out
     if args.format == "onnx":
         export.export_onnx(model, out, img_size=args.img_size)
-        reloaded, what = export.OnnxRuntimeModel(out), f"ONNX opset {export.OPSET}, checked by onnx.checker; ONNX Runtime"
+        reloaded = export.OnnxRuntimeModel(out)
+        what = f"ONNX opset {export.OPSET}, checked by onnx.checker; ONNX Runtime"
     elif args.format == "torchscript":
         export.export_torchscript(model, out, img_size=args.img_size)
         reloaded, what = torch.jit.load(out), "TorchScript (traced) reloaded"

@@ -14,6 +14,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 import res2net
+from res2net.engine.evaluation import evaluate
 from res2net.export import OPSET, OnnxRuntimeModel, max_relative_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +74,13 @@ def test_onnx_round_trip_at_two_batch_sizes(trained, tmp_path, capsys):
         got = runner.eval()(x.contiguous(memory_format=torch.channels_last))
         torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
     assert printed > 0.0  # a real comparison ran (folding changes the rounding)
+    # The evaluation loop runs it as it runs the PyTorch model (how evaluate.py runtime=onnxruntime would).
+    batches = [(torch.randn(3, 3, IMG, IMG), torch.tensor([0, 4, 9])),
+               (torch.randn(2, 3, IMG, IMG), torch.tensor([1, 2]))]
+    exported, reference = evaluate(runner, batches, device="cpu"), evaluate(model, batches, device="cpu")
+    assert exported["count"] == 5 and exported["per_class_count"] == reference["per_class_count"]
+    assert (exported["top1"], exported["top5"]) == (reference["top1"], reference["top5"])
+    assert exported["loss"] == pytest.approx(reference["loss"], rel=1e-4)
 
 
 def test_torchscript_is_reloaded_and_equal(trained, tmp_path, capsys):

@@ -37,7 +37,8 @@ def _assert_equal_to_timm(name: str, output_stride: int, overrides: dict, size: 
         expected, got = reference(x), ours(x)
     assert len(got) == 5
     for index, (g, e) in enumerate(zip(got, expected)):
-        assert g.shape == e.shape == (2, ours.feature_info.channels(index), *[size // ours.feature_info.reduction(index)] * 2)
+        side = size // ours.feature_info.reduction(index)
+        assert g.shape == e.shape == (2, ours.feature_info.channels(index), side, side)
         torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 
