@@ -3,6 +3,7 @@
 
 onnx, onnxscript and onnxruntime (requirements-export.txt) are imported only by the functions that need them.
 """
+
 from __future__ import annotations
 
 import io
@@ -18,9 +19,21 @@ from res2net.data.config import DataConfig
 from res2net.files import atomic_write
 from res2net.models.inference import prepare_for_inference
 
-__all__ = ["FORMATS", "GRAPH_OPTIMIZATIONS", "INPUT_NAME", "OPSET", "OUTPUT_NAME", "OnnxRuntimeModel", "export_hf",
-           "export_onnx", "export_safetensors", "export_torchscript", "hf_config", "max_relative_error",
-           "timm_model_args"]
+__all__ = [
+    "FORMATS",
+    "GRAPH_OPTIMIZATIONS",
+    "INPUT_NAME",
+    "OPSET",
+    "OUTPUT_NAME",
+    "OnnxRuntimeModel",
+    "export_hf",
+    "export_onnx",
+    "export_safetensors",
+    "export_torchscript",
+    "hf_config",
+    "max_relative_error",
+    "timm_model_args",
+]
 
 FORMATS = ("onnx", "torchscript", "safetensors", "hf")
 OPSET = 18
@@ -36,10 +49,18 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int = 224, 
     """Write ``model`` (BatchNorm folded, eval mode) as an ONNX file with a dynamic batch axis, checked by
     onnx.checker. Input ``images`` (N, 3, img_size, img_size) float32, output ``logits`` (N, num_classes)."""
     import onnx
+
     folded = prepare_for_inference(model.cpu(), channels_last=False)
-    program = torch.onnx.export(folded, (_example(img_size),), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                opset_version=opset, dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},),
-                                verbose=False)
+    program = torch.onnx.export(
+        folded,
+        (_example(img_size),),
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        opset_version=opset,
+        dynamo=True,
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        verbose=False,
+    )
     proto = program.model_proto
     onnx.checker.check_model(proto, full_check=True)
     path = Path(path)
@@ -65,6 +86,7 @@ def export_safetensors(model: nn.Module, path: str | os.PathLike, metadata: Mapp
     """Write the weights (the state_dict as trained, BatchNorm not folded) as safetensors: no code, no pickle.
     ``res2net.load_pretrained`` and timm load the file into the same architecture."""
     from safetensors.torch import save
+
     state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
     path = Path(path)
     with atomic_write(path) as f:
@@ -75,8 +97,11 @@ def export_safetensors(model: nn.Module, path: str | os.PathLike, metadata: Mapp
 def timm_model_args(overrides: Mapping) -> dict:
     """timm's create_model arguments for our architecture overrides (a train.py checkpoint's model config), so timm
     builds a reduced or modified variant (e.g. the demo's) as it was trained."""
-    args = {key: overrides[key] for key in ("layers", "base_width", "cardinality", "avg_down", "in_chans")
-            if overrides.get(key) is not None}
+    args = {
+        key: overrides[key]
+        for key in ("layers", "base_width", "cardinality", "avg_down", "in_chans")
+        if overrides.get(key) is not None
+    }
     if overrides.get("layers") is not None:
         args["layers"] = list(overrides["layers"])
     if overrides.get("scale") is not None:
@@ -86,26 +111,47 @@ def timm_model_args(overrides: Mapping) -> dict:
     return args
 
 
-def hf_config(name: str, model: nn.Module, img_size: int = 224, model_args: Mapping | None = None,
-              data: DataConfig | None = None) -> dict:
+def hf_config(
+    name: str, model: nn.Module, img_size: int = 224, model_args: Mapping | None = None, data: DataConfig | None = None
+) -> dict:
     """The config.json timm reads from a hub folder: architecture, num_classes, model_args (``timm_model_args``)
     and the pretrained_cfg (input size, interpolation, crop_pct, mean, std) of the validation transform
     (``DataConfig``'s defaults unless given)."""
     data = data or DataConfig()
     first_conv = "conv1.0" if isinstance(model.conv1, nn.Sequential) else "conv1"
-    pretrained_cfg = dict(input_size=[3, img_size, img_size], fixed_input_size=False,
-                          interpolation=data.interpolation, crop_pct=data.crop_pct, crop_mode="center",
-                          mean=list(data.mean), std=list(data.std), num_classes=model.num_classes,
-                          pool_size=[img_size // 32] * 2, first_conv=first_conv, classifier="fc")
-    config = dict(architecture=name, num_classes=model.num_classes, num_features=model.num_features,
-                  global_pool="avg", pretrained_cfg=pretrained_cfg)
+    pretrained_cfg = dict(
+        input_size=[3, img_size, img_size],
+        fixed_input_size=False,
+        interpolation=data.interpolation,
+        crop_pct=data.crop_pct,
+        crop_mode="center",
+        mean=list(data.mean),
+        std=list(data.std),
+        num_classes=model.num_classes,
+        pool_size=[img_size // 32] * 2,
+        first_conv=first_conv,
+        classifier="fc",
+    )
+    config = dict(
+        architecture=name,
+        num_classes=model.num_classes,
+        num_features=model.num_features,
+        global_pool="avg",
+        pretrained_cfg=pretrained_cfg,
+    )
     if model_args:
         config["model_args"] = dict(model_args)
     return config
 
 
-def export_hf(model: nn.Module, folder: str | os.PathLike, name: str, card: str, img_size: int = 224,
-              model_args: Mapping | None = None) -> Path:
+def export_hf(
+    model: nn.Module,
+    folder: str | os.PathLike,
+    name: str,
+    card: str,
+    img_size: int = 224,
+    model_args: Mapping | None = None,
+) -> Path:
     """Write a Hugging Face hub folder: config.json (``hf_config``), model.safetensors and README.md (``card``).
 
     timm loads it with ``create_model('local-dir:<folder>', pretrained=True)``, with ``create_model(name,
@@ -137,10 +183,12 @@ class OnnxRuntimeModel(nn.Module):
         spinning: let idle ORT threads spin (ORT's default); off for a machine shared with other busy processes.
     """
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, optimization: str = "all",
-                 spinning: bool = True) -> None:
+    def __init__(
+        self, path: str | os.PathLike, threads: int | None = None, optimization: str = "all", spinning: bool = True
+    ) -> None:
         super().__init__()
         import onnxruntime as ort
+
         if optimization not in GRAPH_OPTIMIZATIONS:
             raise ValueError(f"optimization must be one of {GRAPH_OPTIMIZATIONS}, got {optimization!r}")
         path = Path(path)
@@ -148,9 +196,11 @@ class OnnxRuntimeModel(nn.Module):
             raise FileNotFoundError(f"ONNX file {path} not found; write one with scripts/export.py --format onnx")
         options = ort.SessionOptions()
         options.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[optimization]
         if threads:
             options.intra_op_num_threads = threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
@@ -164,8 +214,12 @@ class OnnxRuntimeModel(nn.Module):
         return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
 
 
-def max_relative_error(candidate: Callable[[torch.Tensor], torch.Tensor], reference: nn.Module,
-                       batch_sizes: Sequence[int] = (1, 2), img_size: int = 224) -> float:
+def max_relative_error(
+    candidate: Callable[[torch.Tensor], torch.Tensor],
+    reference: nn.Module,
+    batch_sizes: Sequence[int] = (1, 2),
+    img_size: int = 224,
+) -> float:
     """Largest ``max|candidate - reference| / max|reference|`` over random batches of each size (reference in eval
     mode, no grad): how far an exported model's outputs are from the PyTorch model's."""
     reference = reference.eval()

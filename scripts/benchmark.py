@@ -21,6 +21,7 @@ onnxruntime) exported by timm.utils.onnx, as the reference the "vs timm eager" c
 On Linux the script re-executes itself once with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 unless they
 are set (or --keep-allocator is given): glibc's default allocator swings Res2Net CPU timings by up to 1.8x.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,22 +59,39 @@ class Row:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="res2net50_26w_4s", help="variant name (res2net.list_models())")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--precision", choices=["auto", *sorted(PRECISIONS)], default="auto",
-                   help="autocast dtype of the extra optimised rows (the baseline is always float32); auto: bf16 "
-                        "where the device computes it natively (CUDA, or a CPU with AVX512-BF16/AMX), else fp32")
-    p.add_argument("--compile", action="store_true", help="add rows with torch.compile (inference: also with "
-                   "Inductor freezing, the weights folded into the compiled graph as constants)")
-    p.add_argument("--backends", type=_choices(BACKENDS), default=["torch"],
-                   help=f"comma-separated, from {', '.join(BACKENDS)} (default: torch; the others: inference, CPU)")
-    p.add_argument("--ort-optimizations", type=_choices(("disable", "basic", "extended", "all")),
-                   default=["all", "extended"], help="ONNX Runtime graph optimisation levels, one row each")
+    p.add_argument(
+        "--precision",
+        choices=["auto", *sorted(PRECISIONS)],
+        default="auto",
+        help="autocast dtype of the extra optimised rows (the baseline is always float32); auto: bf16 "
+        "where the device computes it natively (CUDA, or a CPU with AVX512-BF16/AMX), else fp32",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="add rows with torch.compile (inference: also with "
+        "Inductor freezing, the weights folded into the compiled graph as constants)",
+    )
+    p.add_argument(
+        "--backends",
+        type=_choices(BACKENDS),
+        default=["torch"],
+        help=f"comma-separated, from {', '.join(BACKENDS)} (default: torch; the others: inference, CPU)",
+    )
+    p.add_argument(
+        "--ort-optimizations",
+        type=_choices(("disable", "basic", "extended", "all")),
+        default=["all", "extended"],
+        help="ONNX Runtime graph optimisation levels, one row each",
+    )
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations per row before measuring")
     p.add_argument("--iters", type=int, default=10, help="timed iterations per round")
@@ -98,6 +116,7 @@ def _choices(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
         if bad or not values:
             raise argparse.ArgumentTypeError(f"{text!r}: give a comma-separated list from {', '.join(allowed)}")
         return values
+
     return parse
 
 
@@ -118,10 +137,12 @@ def ensure_allocator_env(argv: list[str]) -> None:
 
 def build_model(args: argparse.Namespace) -> nn.Module:
     import res2net
+
     torch.manual_seed(0)
     overrides = {"base_width": args.base_width, "scale": args.scale, "layers": args.layers}
-    return res2net.create_model(args.model, num_classes=args.num_classes,
-                                **{k: v for k, v in overrides.items() if v is not None})
+    return res2net.create_model(
+        args.model, num_classes=args.num_classes, **{k: v for k, v in overrides.items() if v is not None}
+    )
 
 
 def _synchronize(device: torch.device) -> None:
@@ -137,6 +158,7 @@ def _autocast(device: torch.device, precision: str):
 def inference_paths(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, Callable]:
     """name -> step function; each runs one forward pass of a batch in inference mode."""
     import res2net
+
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     baseline = copy.deepcopy(model).to(device).eval()
@@ -145,6 +167,7 @@ def inference_paths(model: nn.Module, args: argparse.Namespace, device: torch.de
         def run():
             with torch.inference_mode(), _autocast(device, precision):
                 net(inp)
+
         return run
 
     paths = {BASELINE: step(baseline, x, "fp32")}
@@ -158,13 +181,16 @@ def inference_paths(model: nn.Module, args: argparse.Namespace, device: torch.de
             paths[f"folded BN + channels_last + {args.precision}"] = step(folded, x_cl, args.precision)
         if args.compile:
             paths[f"folded BN + channels_last{_suffix(args.precision)} + compile"] = step(
-                res2net.prepare_for_inference(baseline, channels_last=True, compile=True), x_cl, args.precision)
+                res2net.prepare_for_inference(baseline, channels_last=True, compile=True), x_cl, args.precision
+            )
             # Freezing turns the weights into constants of the compiled graph (inference only): Inductor then
             # pre-packs the convolution weights for oneDNN and constant-folds around them.
-            frozen = torch.compile(res2net.prepare_for_inference(baseline, channels_last=True),
-                                   options={"freezing": True})
+            frozen = torch.compile(
+                res2net.prepare_for_inference(baseline, channels_last=True), options={"freezing": True}
+            )
             paths[f"folded BN + channels_last{_suffix(args.precision)} + compile + freezing"] = step(
-                frozen, x_cl, args.precision)
+                frozen, x_cl, args.precision
+            )
     if "onnxruntime" in args.backends:
         paths.update(onnxruntime_paths(baseline, reference, x, args))
     return paths
@@ -177,24 +203,28 @@ def timm_reference(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     except ImportError as err:
         raise RuntimeError("--backends timm needs timm: .venv/bin/pip install -r requirements-dev.txt") from err
     from res2net.export import timm_model_args
+
     overrides = {"base_width": args.base_width, "scale": args.scale, "layers": args.layers}
     reference = timm.create_model(args.model, num_classes=args.num_classes, **timm_model_args(overrides))
     reference.load_state_dict(model.state_dict())
     return reference.eval()
 
 
-def onnxruntime_paths(model: nn.Module, reference: nn.Module | None, x: torch.Tensor,
-                      args: argparse.Namespace) -> dict[str, Callable]:
+def onnxruntime_paths(
+    model: nn.Module, reference: nn.Module | None, x: torch.Tensor, args: argparse.Namespace
+) -> dict[str, Callable]:
     """ONNX Runtime on our export (and on timm's export of the reference) at each optimisation level."""
     if x.device.type != "cpu":
         raise ValueError("--backends onnxruntime runs on the CPU: use --device cpu")
     from res2net.export import OnnxRuntimeModel, export_onnx
+
     threads = args.threads or torch.get_num_threads()
     paths = {}
     with tempfile.TemporaryDirectory() as tmp:
         files = {"our export (BN folded)": export_onnx(model, os.path.join(tmp, "ours.onnx"), img_size=args.img_size)}
         if reference is not None:
             from timm.utils.onnx import onnx_export
+
             onnx_export(reference, os.path.join(tmp, "timm.onnx"), example_input=x[:2].clone(), check=True)
             files["timm's export (timm.utils.onnx)"] = os.path.join(tmp, "timm.onnx")
         for label, path in files.items():
@@ -220,6 +250,7 @@ def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torc
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
+
     return run
 
 
@@ -234,14 +265,16 @@ def train_paths(model: nn.Module, args: argparse.Namespace, device: torch.device
         net = copy.deepcopy(model).to(device)
         return net.to(memory_format=torch.channels_last) if channels_last else net
 
-    paths = {"eager fp32 NCHW (baseline)": _train_step(copy_on_device(False), x, y, device, "fp32"),
-             "channels_last": _train_step(copy_on_device(True), x_cl, y, device, "fp32")}
+    paths = {
+        "eager fp32 NCHW (baseline)": _train_step(copy_on_device(False), x, y, device, "fp32"),
+        "channels_last": _train_step(copy_on_device(True), x_cl, y, device, "fp32"),
+    }
     if args.precision != "fp32":
-        paths[f"channels_last + {args.precision}"] = _train_step(copy_on_device(True), x_cl, y, device,
-                                                                 args.precision)
+        paths[f"channels_last + {args.precision}"] = _train_step(copy_on_device(True), x_cl, y, device, args.precision)
     if args.compile:
         paths[f"channels_last{_suffix(args.precision)} + compile"] = _train_step(
-            torch.compile(copy_on_device(True)), x_cl, y, device, args.precision)
+            torch.compile(copy_on_device(True)), x_cl, y, device, args.precision
+        )
     return paths
 
 
@@ -266,17 +299,26 @@ def measure(paths: dict[str, Callable], args: argparse.Namespace, device: torch.
 def to_rows(mode: str, seconds: dict[str, float], batch_size: int) -> list[Row]:
     base = next(iter(seconds.values()))
     timm_eager = seconds.get(TIMM_EAGER)
-    return [Row(mode, name, batch_size / s, 1000 * s, base / s, timm_eager / s if timm_eager else None)
-            for name, s in seconds.items()]
+    return [
+        Row(mode, name, batch_size / s, 1000 * s, base / s, timm_eager / s if timm_eager else None)
+        for name, s in seconds.items()
+    ]
 
 
 def environment(args: argparse.Namespace, device: torch.device) -> dict:
-    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
-           "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-           "allocator_env": {k: os.environ.get(k) for k in ALLOCATOR_ENV}}
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "allocator_env": {k: os.environ.get(k) for k in ALLOCATOR_ENV},
+    }
     if "onnxruntime" in args.backends:
         import onnxruntime
+
         env["onnxruntime"] = onnxruntime.__version__
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
@@ -286,8 +328,10 @@ def environment(args: argparse.Namespace, device: torch.device) -> dict:
 def markdown_table(rows: list[Row]) -> str:
     with_timm = any(r.vs_timm is not None for r in rows)
     extra = (" vs timm eager |", "---:|") if with_timm else ("", "")
-    lines = ["| mode | path | img/s | ms/batch | speed-up vs eager fp32 NCHW |" + extra[0],
-             "|---|---|---:|---:|---:|" + extra[1]]
+    lines = [
+        "| mode | path | img/s | ms/batch | speed-up vs eager fp32 NCHW |" + extra[0],
+        "|---|---|---:|---:|---:|" + extra[1],
+    ]
     for r in rows:
         vs_timm = (f" {r.vs_timm:.2f}x |" if r.vs_timm is not None else " - |") if with_timm else ""
         lines.append(f"| {r.mode} | {r.path} | {r.img_per_s:.1f} | {r.ms_per_batch:.1f} | {r.speedup:.2f}x |{vs_timm}")
@@ -325,8 +369,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     a = args
     env = report["environment"]
-    print(f"{a.model}, batch {a.batch_size}, {a.img_size} px, {a.device} ({env['cpu_capability']}), {a.precision}, "
-          f"{env['torch_threads']} threads, median of {a.rounds} rounds x {a.iters} iterations")
+    print(
+        f"{a.model}, batch {a.batch_size}, {a.img_size} px, {a.device} ({env['cpu_capability']}), {a.precision}, "
+        f"{env['torch_threads']} threads, median of {a.rounds} rounds x {a.iters} iterations"
+    )
     print(markdown_table([Row(**r) for r in report["rows"]]))
     if args.json:
         with open(args.json, "w") as f:

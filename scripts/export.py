@@ -12,6 +12,7 @@ Checkpoints are read tensors-only (weights_only=True); a train.py checkpoint bri
 Exit status: 0 written and checked; 1 a runtime error (missing file, checkpoint of another architecture, a check
 that failed); 2 bad arguments.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,10 +43,19 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, choices=res2net.list_models(), metavar="NAME",
-                   help=f"variant: {', '.join(res2net.list_models())}")
-    p.add_argument("--num-classes", type=int, default=None,
-                   help="classifier outputs (default: the checkpoint's fc size; 1000 for released weights)")
+    p.add_argument(
+        "--model",
+        required=True,
+        choices=res2net.list_models(),
+        metavar="NAME",
+        help=f"variant: {', '.join(res2net.list_models())}",
+    )
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="classifier outputs (default: the checkpoint's fc size; 1000 for released weights)",
+    )
     p.add_argument("--checkpoint", required=True, help="'released' or the path of a .pth / .safetensors file")
     p.add_argument("--format", required=True, choices=export.FORMATS, help=" | ".join(export.FORMATS))
     p.add_argument("--out", required=True, type=Path, help="output file (a folder for --format hf)")
@@ -70,16 +80,25 @@ def load_model(name: str, num_classes: int | None, checkpoint: str) -> tuple[tor
     try:
         state = read_checkpoint(path, trusted=False)
     except pickle.UnpicklingError as err:
-        raise RuntimeError(f"{path} holds objects other than tensors and is not read (weights_only=True): "
-                           f"save its state_dict alone or as .safetensors ({str(err).splitlines()[0]})") from None
+        raise RuntimeError(
+            f"{path} holds objects other than tensors and is not read (weights_only=True): "
+            f"save its state_dict alone or as .safetensors ({str(err).splitlines()[0]})"
+        ) from None
     if not isinstance(state, dict):
         raise RuntimeError(f"{path} holds a {type(state).__name__}, not a state_dict or checkpoint dict")
     model, cfg = build_model_for({"name": name, "num_classes": num_classes}, state)
     saved = state.get("config") if isinstance(state.get("config"), dict) else None
     saved_model = saved.get("model") if saved and isinstance(saved.get("model"), dict) else {}
-    facts = dict(name=cfg["name"], checkpoint=checkpoint, file=path.name, sha256=sha256_file(path),
-                 best_top1=state.get("best_top1"), config=saved, model_args=export.timm_model_args(saved_model),
-                 overrides={k: v for k, v in saved_model.items() if k in OVERRIDES and k != "num_classes"})
+    facts = dict(
+        name=cfg["name"],
+        checkpoint=checkpoint,
+        file=path.name,
+        sha256=sha256_file(path),
+        best_top1=state.get("best_top1"),
+        config=saved,
+        model_args=export.timm_model_args(saved_model),
+        overrides={k: v for k, v in saved_model.items() if k in OVERRIDES and k != "num_classes"},
+    )
     return model.eval(), facts
 
 
@@ -88,17 +107,24 @@ def model_card(model: torch.nn.Module, facts: dict, license: str) -> str:
     name = facts["name"]
     released = RELEASED.get(name) if facts["checkpoint"] == "released" else None
     if facts["checkpoint"] == "released":
-        recipe = (f"The released ImageNet-1k weights ({HUB_REPOS[name]}): the paper's recipe (SGD, lr 0.1 per 256 "
-                  "images, 100 epochs, lr / 10 at epochs 30, 60 and 90); see the Res2Net paper and the official "
-                  "repository.")
+        recipe = (
+            f"The released ImageNet-1k weights ({HUB_REPOS[name]}): the paper's recipe (SGD, lr 0.1 per 256 "
+            "images, 100 epochs, lr / 10 at epochs 30, 60 and 90); see the Res2Net paper and the official "
+            "repository."
+        )
     else:
         recipe = f"Trained with the res2net recipe (train.py); checkpoint `{facts['file']}`."
         if facts["config"]:
-            recipe += "\n\nTraining config saved in the checkpoint:\n\n```json\n" + json.dumps(
-                facts["config"], indent=2, default=str) + "\n```"
+            recipe += (
+                "\n\nTraining config saved in the checkpoint:\n\n```json\n"
+                + json.dumps(facts["config"], indent=2, default=str)
+                + "\n```"
+            )
     if released:
-        metrics = (f"| top-1 | top-5 |\n|---:|---:|\n| {released.top1:.3f} | {released.top5:.3f} |\n\n"
-                   "ImageNet-1k val, 50,000 images, 224 px, crop 0.875, bilinear (timm's results table).")
+        metrics = (
+            f"| top-1 | top-5 |\n|---:|---:|\n| {released.top1:.3f} | {released.top5:.3f} |\n\n"
+            "ImageNet-1k val, 50,000 images, 224 px, crop 0.875, bilinear (timm's results table)."
+        )
     elif facts["best_top1"] is not None:
         metrics = f"Best validation top-1 during training: {facts['best_top1']:.3f}%."
     else:
@@ -146,7 +172,7 @@ model = res2net.create_model("{name}", num_classes={model.num_classes}{ours_args
 res2net.load_pretrained(model, "model.safetensors")
 ```
 
-Weights: `model.safetensors`, from `{facts['file']}` (sha256 {facts['sha256']}).
+Weights: `model.safetensors`, from `{facts["file"]}` (sha256 {facts["sha256"]}).
 
 ## Licence
 
@@ -167,8 +193,14 @@ def export_and_check(model: torch.nn.Module, facts: dict, args: argparse.Namespa
         reloaded, what = torch.jit.load(out), "TorchScript (traced) reloaded"
     else:
         if args.format == "hf":
-            export.export_hf(model, out, facts["name"], model_card(model, facts, args.license), img_size=args.img_size,
-                             model_args=facts["model_args"])
+            export.export_hf(
+                model,
+                out,
+                facts["name"],
+                model_card(model, facts, args.license),
+                img_size=args.img_size,
+                model_args=facts["model_args"],
+            )
             weights = out / "model.safetensors"
         else:
             weights = export.export_safetensors(model, out, metadata={"architecture": facts["name"]})

@@ -1,5 +1,6 @@
 """A Hugging Face hub on 127.0.0.1 for tests: serves ``/<repo>/resolve/<revision>/<file>`` (HEAD and GET) the way
 huggingface_hub's ``hf_hub_download`` asks for a file; point ``HF_ENDPOINT`` at ``server.base``."""
+
 import hashlib
 import http.server
 import threading

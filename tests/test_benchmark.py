@@ -2,6 +2,7 @@
 
 No timing is asserted: speed is measured by running the script on a quiet machine, not in tests.
 """
+
 import json
 import os
 import subprocess
@@ -11,13 +12,40 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--base-width", "4", "--layers", "1", "1", "1", "1", "--num-classes", "10", "--img-size", "32",
-        "--batch-size", "2", "--warmup", "1", "--iters", "2", "--rounds", "2", "--threads", "1"]
+TINY = [
+    "--base-width",
+    "4",
+    "--layers",
+    "1",
+    "1",
+    "1",
+    "1",
+    "--num-classes",
+    "10",
+    "--img-size",
+    "32",
+    "--batch-size",
+    "2",
+    "--warmup",
+    "1",
+    "--iters",
+    "2",
+    "--rounds",
+    "2",
+    "--threads",
+    "1",
+]
 
 
 def _run(*args, env=None):
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_table_and_json_rows(tmp_path):
@@ -27,19 +55,20 @@ def test_table_and_json_rows(tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     rows = [(r["mode"], r["path"]) for r in report["rows"]]
-    assert rows == [("inference", "eager fp32 NCHW (baseline)"),
-                    ("inference", "folded BN + channels_last"),
-                    ("inference", "folded BN + channels_last + bf16"),
-                    ("train", "eager fp32 NCHW (baseline)"),
-                    ("train", "channels_last"),
-                    ("train", "channels_last + bf16")]
+    assert rows == [
+        ("inference", "eager fp32 NCHW (baseline)"),
+        ("inference", "folded BN + channels_last"),
+        ("inference", "folded BN + channels_last + bf16"),
+        ("train", "eager fp32 NCHW (baseline)"),
+        ("train", "channels_last"),
+        ("train", "channels_last + bf16"),
+    ]
     for r in report["rows"]:
         assert r["img_per_s"] > 0 and r["ms_per_batch"] > 0
         assert r["img_per_s"] == pytest.approx(2 / (r["ms_per_batch"] / 1000), rel=1e-6)
     assert [r["speedup"] for r in report["rows"] if "baseline" in r["path"]] == [1.0, 1.0]
     # the script re-executed itself with the allocator settings DESIGN.md asks for
-    assert report["environment"]["allocator_env"] == {"MALLOC_MMAP_MAX_": "0",
-                                                      "MALLOC_TRIM_THRESHOLD_": "17179869184"}
+    assert report["environment"]["allocator_env"] == {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
     assert report["environment"]["torch_threads"] == 1
     table = proc.stdout
     assert "| inference | folded BN + channels_last + bf16 |" in table
@@ -59,22 +88,44 @@ def test_modes_subset_and_clear_errors():
 
 def test_onnxruntime_and_timm_rows_beside_the_baseline(tmp_path):
     out = tmp_path / "bench.json"
-    proc = _run(*TINY, "--iters", "1", "--rounds", "1", "--modes", "inference", "--precision", "fp32",
-                "--backends", "torch,onnxruntime,timm", "--ort-optimizations", "all,basic", "--json", str(out),
-                "--keep-allocator")
+    proc = _run(
+        *TINY,
+        "--iters",
+        "1",
+        "--rounds",
+        "1",
+        "--modes",
+        "inference",
+        "--precision",
+        "fp32",
+        "--backends",
+        "torch,onnxruntime,timm",
+        "--ort-optimizations",
+        "all,basic",
+        "--json",
+        str(out),
+        "--keep-allocator",
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     rows = {r["path"]: r for r in report["rows"]}
-    assert list(rows) == ["eager fp32 NCHW (baseline)", "timm eager fp32 NCHW", "folded BN + channels_last",
-                          "ONNX Runtime, our export (BN folded), all", "ONNX Runtime, our export (BN folded), basic",
-                          "ONNX Runtime, timm's export (timm.utils.onnx), all",
-                          "ONNX Runtime, timm's export (timm.utils.onnx), basic"]
+    assert list(rows) == [
+        "eager fp32 NCHW (baseline)",
+        "timm eager fp32 NCHW",
+        "folded BN + channels_last",
+        "ONNX Runtime, our export (BN folded), all",
+        "ONNX Runtime, our export (BN folded), basic",
+        "ONNX Runtime, timm's export (timm.utils.onnx), all",
+        "ONNX Runtime, timm's export (timm.utils.onnx), basic",
+    ]
     assert rows["timm eager fp32 NCHW"]["vs_timm"] == 1.0
     for r in rows.values():
         assert r["vs_timm"] == pytest.approx(r["img_per_s"] / rows["timm eager fp32 NCHW"]["img_per_s"])
     assert report["environment"]["cpu_capability"] and report["environment"]["onnxruntime"]
-    assert "| vs timm eager |" in proc.stdout.splitlines()[1] and f"({report['environment']['cpu_capability']})" \
-        in proc.stdout.splitlines()[0]
+    assert (
+        "| vs timm eager |" in proc.stdout.splitlines()[1]
+        and f"({report['environment']['cpu_capability']})" in proc.stdout.splitlines()[0]
+    )
 
 
 def test_unknown_backend_is_refused():

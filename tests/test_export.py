@@ -1,5 +1,6 @@
 """scripts/export.py and res2net.export: a round trip per format (ONNX Runtime, TorchScript, safetensors, a hub
 folder read by timm and by res2net.load_pretrained) and the short errors for bad arguments."""
+
 import json
 import re
 import subprocess
@@ -44,8 +45,9 @@ def trained(tmp_path_factory):
 
 
 def _export(fmt: str, checkpoint: Path, out: Path, capsys) -> str:
-    code = export_script.main(["--model", NAME, "--checkpoint", str(checkpoint), "--format", fmt, "--out", str(out),
-                               "--img-size", str(IMG)])
+    code = export_script.main(
+        ["--model", NAME, "--checkpoint", str(checkpoint), "--format", fmt, "--out", str(out), "--img-size", str(IMG)]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     return captured.out
@@ -75,8 +77,10 @@ def test_onnx_round_trip_at_two_batch_sizes(trained, tmp_path, capsys):
         torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
     assert printed > 0.0  # a real comparison ran (folding changes the rounding)
     # The evaluation loop runs it as it runs the PyTorch model (how evaluate.py runtime=onnxruntime would).
-    batches = [(torch.randn(3, 3, IMG, IMG), torch.tensor([0, 4, 9])),
-               (torch.randn(2, 3, IMG, IMG), torch.tensor([1, 2]))]
+    batches = [
+        (torch.randn(3, 3, IMG, IMG), torch.tensor([0, 4, 9])),
+        (torch.randn(2, 3, IMG, IMG), torch.tensor([1, 2])),
+    ]
     exported, reference = evaluate(runner, batches, device="cpu"), evaluate(model, batches, device="cpu")
     assert exported["count"] == 5 and exported["per_class_count"] == reference["per_class_count"]
     assert (exported["top1"], exported["top5"]) == (reference["top1"], reference["top5"])
@@ -124,9 +128,13 @@ def test_hf_folder_is_read_by_timm_and_by_res2net(trained, tmp_path, capsys):
         assert tuple(data_cfg["input_size"]) == (3, IMG, IMG) and data_cfg["crop_pct"] == 0.875
         assert data_cfg["mean"] == pytest.approx((0.485, 0.456, 0.406)) and data_cfg["interpolation"] == "bilinear"
         # ... and loads the weights file as the model card says.
-        overlay = timm.create_model(NAME, pretrained=True, num_classes=10, **config["model_args"],
-                                    pretrained_cfg_overlay=dict(file=str(folder / "model.safetensors"),
-                                                                num_classes=10)).eval()
+        overlay = timm.create_model(
+            NAME,
+            pretrained=True,
+            num_classes=10,
+            **config["model_args"],
+            pretrained_cfg_overlay=dict(file=str(folder / "model.safetensors"), num_classes=10),
+        ).eval()
         torch.testing.assert_close(overlay(x), expected, rtol=1e-5, atol=1e-5)
         ours = res2net.create_model(NAME, **ARCH)
         res2net.load_pretrained(ours, folder / "model.safetensors")
@@ -146,9 +154,24 @@ class _Payload:
 def test_bad_arguments_give_one_short_error(trained, tmp_path, capsys):
     _model, checkpoint = trained
     # A usage error: exit status 2, one line, no traceback (the real command line).
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "export.py"), "--model", NAME, "--checkpoint",
-                           str(checkpoint), "--format", "tflite", "--out", str(tmp_path / "m")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "export.py"),
+            "--model",
+            NAME,
+            "--checkpoint",
+            str(checkpoint),
+            "--format",
+            "tflite",
+            "--out",
+            str(tmp_path / "m"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("export.py: error: argument --format: invalid choice: 'tflite'")

@@ -1,4 +1,5 @@
 """Feature extraction (features_only, out_indices, output_stride) against timm's features_only models."""
+
 import pytest
 import timm
 import torch
@@ -25,8 +26,9 @@ def _randomize_batchnorm(model: nn.Module, seed: int = 0) -> None:
 
 def _assert_equal_to_timm(name: str, output_stride: int, overrides: dict, size: int = 64) -> None:
     torch.manual_seed(0)
-    reference = timm.create_model(name, features_only=True, output_stride=output_stride, out_indices=(0, 1, 2, 3, 4),
-                                  **overrides).eval()
+    reference = timm.create_model(
+        name, features_only=True, output_stride=output_stride, out_indices=(0, 1, 2, 3, 4), **overrides
+    ).eval()
     _randomize_batchnorm(reference)
     ours = res2net.create_model(name, features_only=True, output_stride=output_stride, **overrides).eval()
     ours.load_state_dict(reference.state_dict(), strict=True)
@@ -92,16 +94,20 @@ def test_dilated_classifier_folds_and_keeps_its_resolution():
     prepared = res2net.prepare_for_inference(model, channels_last=True)
     with torch.no_grad():
         assert model.forward_features(x).shape == (2, 2048, 8, 8)
-        torch.testing.assert_close(prepared(x.contiguous(memory_format=torch.channels_last)), model(x),
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            prepared(x.contiguous(memory_format=torch.channels_last)), model(x), rtol=1e-4, atol=1e-4
+        )
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    (dict(output_stride=4), "output_stride must be one of"),
-    (dict(features_only=True, out_indices=(5,)), "out_indices must be"),
-    (dict(features_only=True, out_indices=(3, 1)), "distinct increasing"),
-    (dict(features_only=True, out_indices=()), "non-empty"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(output_stride=4), "output_stride must be one of"),
+        (dict(features_only=True, out_indices=(5,)), "out_indices must be"),
+        (dict(features_only=True, out_indices=(3, 1)), "distinct increasing"),
+        (dict(features_only=True, out_indices=()), "non-empty"),
+    ],
+)
 def test_bad_feature_arguments_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         res2net.create_model("res2net50_26w_4s", **TINY, **kwargs)

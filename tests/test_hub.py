@@ -1,4 +1,5 @@
 """The Hugging Face hub as the third weight source, against a hub served on 127.0.0.1 (tests/hub_server.py)."""
+
 import pytest
 import torch
 from safetensors.torch import save
@@ -56,8 +57,11 @@ def test_hub_is_tried_after_the_file_locations_fail(env):
     weights = _publish(env, "res2net50_26w_4s", num_classes=10)
     model = res2net.create_model("res2net50_26w_4s", num_classes=10, pretrained=True, **TINY)
     _assert_weights(model, weights)
-    assert _file_requests(env) == ["GET /no-such-mirror/res2net50_26w_4s-06e79181.pth",
-                            f"HEAD {_hub_url('res2net50_26w_4s')}", f"GET {_hub_url('res2net50_26w_4s')}"]
+    assert _file_requests(env) == [
+        "GET /no-such-mirror/res2net50_26w_4s-06e79181.pth",
+        f"HEAD {_hub_url('res2net50_26w_4s')}",
+        f"GET {_hub_url('res2net50_26w_4s')}",
+    ]
 
 
 def test_pretrained_backbone_loads_the_classifier_weights(env):
@@ -70,8 +74,11 @@ def test_pretrained_backbone_loads_the_classifier_weights(env):
 
 def test_every_source_failing_names_each_one(env):
     # (An unreachable endpoint fails the same way, after huggingface_hub's own 5 retries: ~23 s.)
-    with pytest.raises(RuntimeError, match="(?s)no-such-mirror/res2net50_26w_4s-06e79181.pth.*"
-                                           "timm/res2net50_26w_4s.in1k/model.safetensors.*HF_ENDPOINT"):
+    with pytest.raises(
+        RuntimeError,
+        match="(?s)no-such-mirror/res2net50_26w_4s-06e79181.pth.*"
+        "timm/res2net50_26w_4s.in1k/model.safetensors.*HF_ENDPOINT",
+    ):
         released_weights("res2net50_26w_4s")
     with pytest.raises(RuntimeError, match="(?s)could not fetch the released weights of res2net101d.*404"):
         released_weights("res2net101d")

@@ -1,4 +1,5 @@
 """Res2Net as a backbone: the feature maps of the stem and the four stages, with timm's ``feature_info``."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -15,12 +16,16 @@ FEATURE_INDICES = (0, 1, 2, 3, 4)
 def check_out_indices(out_indices: object) -> tuple[int, ...]:
     """``out_indices`` as a tuple of distinct, increasing feature indices; ValueError otherwise."""
     if isinstance(out_indices, (str, bytes)) or not isinstance(out_indices, Sequence) or not out_indices:
-        raise ValueError(f"out_indices must be a non-empty list of feature indices from {FEATURE_INDICES} "
-                         f"(0 = stem, 1-4 = layer1-layer4), got {out_indices!r}")
+        raise ValueError(
+            f"out_indices must be a non-empty list of feature indices from {FEATURE_INDICES} "
+            f"(0 = stem, 1-4 = layer1-layer4), got {out_indices!r}"
+        )
     indices = tuple(out_indices)
     if any(i not in FEATURE_INDICES or isinstance(i, bool) for i in indices) or list(indices) != sorted(set(indices)):
-        raise ValueError(f"out_indices must be distinct increasing indices from {FEATURE_INDICES} "
-                         f"(0 = stem, 1-4 = layer1-layer4), got {out_indices!r}")
+        raise ValueError(
+            f"out_indices must be distinct increasing indices from {FEATURE_INDICES} "
+            f"(0 = stem, 1-4 = layer1-layer4), got {out_indices!r}"
+        )
     return indices
 
 

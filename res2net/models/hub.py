@@ -5,6 +5,7 @@ when they fail; res2net50d and res2net101d live only on the hub. The hub files g
 ``huggingface_hub`` (imported lazily), which honours ``HF_ENDPOINT``, ``HF_HUB_OFFLINE`` and ``HF_TOKEN``; they are
 safetensors files, so reading them runs no pickle.
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,9 +19,20 @@ __all__ = ["HUB_FILE", "HUB_REPOS", "download_from_hub", "released_weights"]
 logger = logging.getLogger(__name__)
 
 HUB_FILE = "model.safetensors"
-HUB_REPOS = {name: f"timm/{name}.in1k" for name in (
-    "res2net50_26w_4s", "res2net50_26w_6s", "res2net50_26w_8s", "res2net50_48w_2s", "res2net50_14w_8s",
-    "res2net101_26w_4s", "res2next50", "res2net50d", "res2net101d")}
+HUB_REPOS = {
+    name: f"timm/{name}.in1k"
+    for name in (
+        "res2net50_26w_4s",
+        "res2net50_26w_6s",
+        "res2net50_26w_8s",
+        "res2net50_48w_2s",
+        "res2net50_14w_8s",
+        "res2net101_26w_4s",
+        "res2next50",
+        "res2net50d",
+        "res2net101d",
+    )
+}
 
 
 def download_from_hub(name: str, cache: str | os.PathLike | None = None) -> Path:
@@ -34,8 +46,10 @@ def download_from_hub(name: str, cache: str | os.PathLike | None = None) -> Path
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as err:
-        raise ImportError(f"fetching {name} from the Hugging Face hub needs huggingface_hub: "
-                          ".venv/bin/pip install -r requirements.txt") from err
+        raise ImportError(
+            f"fetching {name} from the Hugging Face hub needs huggingface_hub: "
+            ".venv/bin/pip install -r requirements.txt"
+        ) from err
     directory = Path(cache) if cache is not None else cache_dir() / "hub"
     # huggingface_hub reads HF_ENDPOINT once, at import: read it per call so a changed environment applies.
     path = hf_hub_download(HUB_REPOS[name], HUB_FILE, cache_dir=directory, endpoint=os.environ.get("HF_ENDPOINT"))
@@ -61,5 +75,8 @@ def released_weights(name: str) -> Path:
         return download_from_hub(name)
     except OSError as err:  # huggingface_hub's HTTP, connection, offline and not-found errors are OSErrors
         errors.append(f"Hugging Face hub {HUB_REPOS[name]}/{HUB_FILE}: {err}")
-    raise RuntimeError(f"could not fetch the released weights of {name}:\n" + "\n".join(errors) +
-                       "\nCheck the network, or set HF_ENDPOINT to a hub mirror (RES2NET_MIRRORS for the .pth files).")
+    raise RuntimeError(
+        f"could not fetch the released weights of {name}:\n"
+        + "\n".join(errors)
+        + "\nCheck the network, or set HF_ENDPOINT to a hub mirror (RES2NET_MIRRORS for the .pth files)."
+    )

@@ -1,4 +1,5 @@
 """Variant registry: ``create_model(name, ...)`` and ``list_models()``."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -9,11 +10,22 @@ from .features import FEATURE_INDICES, FeatureListNet
 from .hub import released_weights
 from .pretrained import load_pretrained
 
-__all__ = ['OVERRIDES', 'create_model', 'list_models', 'register_model']
+__all__ = ["OVERRIDES", "create_model", "list_models", "register_model"]
 
 # The ablation knobs a variant's arguments may be overridden with (the Res2Net constructor's arguments).
-OVERRIDES = ('layers', 'base_width', 'scale', 'cardinality', 'stem', 'avg_down', 'num_classes', 'in_chans',
-             'drop_rate', 'zero_init_last', 'output_stride')
+OVERRIDES = (
+    "layers",
+    "base_width",
+    "scale",
+    "cardinality",
+    "stem",
+    "avg_down",
+    "num_classes",
+    "in_chans",
+    "drop_rate",
+    "zero_init_last",
+    "output_stride",
+)
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -21,7 +33,7 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {}
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Register a variant function under its own name."""
     if fn.__name__ in _MODELS:
-        raise ValueError(f'model {fn.__name__!r} is registered twice')
+        raise ValueError(f"model {fn.__name__!r} is registered twice")
     _MODELS[fn.__name__] = fn
     return fn
 
@@ -31,8 +43,14 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
-def create_model(name: str, num_classes: int = 1000, pretrained: bool = False, features_only: bool = False,
-                 out_indices: tuple[int, ...] = FEATURE_INDICES, **overrides) -> nn.Module:
+def create_model(
+    name: str,
+    num_classes: int = 1000,
+    pretrained: bool = False,
+    features_only: bool = False,
+    out_indices: tuple[int, ...] = FEATURE_INDICES,
+    **overrides,
+) -> nn.Module:
     """Build a variant by name.
 
     ``overrides`` replace the variant's arguments (see ``OVERRIDES``); a value of None keeps the variant's own
@@ -42,10 +60,10 @@ def create_model(name: str, num_classes: int = 1000, pretrained: bool = False, f
     Raises ValueError for an unknown name, an unknown override or a bad value.
     """
     if name not in _MODELS:
-        raise ValueError(f'unknown model {name!r}; valid names: {", ".join(list_models())}')
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
     unknown = sorted(set(overrides) - set(OVERRIDES))
     if unknown:
-        raise ValueError(f'unknown override(s) {unknown} for {name}; valid overrides: {", ".join(OVERRIDES)}')
+        raise ValueError(f"unknown override(s) {unknown} for {name}; valid overrides: {', '.join(OVERRIDES)}")
     overrides = {key: value for key, value in overrides.items() if value is not None}
     model = _MODELS[name](num_classes=1000 if features_only else num_classes, **overrides)
     if pretrained:
