@@ -16,20 +16,19 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from res2net.config import RUN_TIME_ENV
+from res2net.config import RUN_TIME_ENV, register_configs
 from res2net.engine import distributed
-from res2net.engine.eval_config import register_eval_config
-from res2net.engine.eval_run import run_evaluation, summary_lines
+from res2net.engine.eval_job import evaluate_checkpoint, summary_lines
 
 log = logging.getLogger("evaluate")
-register_eval_config()
+register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
     out_dir = HydraConfig.get().runtime.output_dir
     with distributed.process_group() as info:  # read here, not at import (see train.py)
-        result = run_evaluation(cfg, out_dir if info.is_main else None, info)
+        result = evaluate_checkpoint(cfg, out_dir if info.is_main else None, info)
     if result is not None:
         for line in summary_lines(result):
             log.info(line)

@@ -20,13 +20,14 @@ from omegaconf import DictConfig
 
 from res2net.config import RUN_TIME_ENV, register_configs
 from res2net.engine import distributed
-from res2net.engine.trainer import PREEMPTED_EXIT_CODE, StopRequest, train
+from res2net.engine.stop import PREEMPTED_EXIT_CODE, StopRequest
+from res2net.engine.train_job import train
 
 log = logging.getLogger("train")
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="config")
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
     # Rank and device are read here, in the process that trains: Hydra's submitit launcher pickles this function with
     # its globals and runs it on another machine, so nothing machine-specific may be computed at import.

@@ -1,62 +1,75 @@
-"""Typed schema of the training config (``train.py``), registered in Hydra's ConfigStore.
+"""Typed schemas of train.py's and evaluate.py's configs, the checks Hydra's types cannot express, and resolvers.
 
-``configs/config.yaml`` composes the groups ``model``, ``data``, ``optim``, ``schedule``, ``trainer`` (and an optional
-``experiment``) on top of ``train_schema``, so a misspelt key or a value of the wrong type in a YAML file or an
-override fails at composition time with Hydra's message, before any data is read. Every field here is read by
-``res2net.engine``.
+``configs/train.yaml`` composes the groups ``model``, ``data``, ``optim``, ``schedule``, ``trainer`` (and an
+``experiment``) on top of ``train_schema``; ``configs/eval.yaml`` composes ``model`` and ``data`` on top of
+``eval_schema``. A misspelt key or a value of the wrong type fails at composition, before any data is read.
+Every field here is read by ``res2net``.
 
-Also registers two OmegaConf resolvers used by ``configs/config.yaml``:
+Resolvers used by ``configs/hydra/default.yaml``:
 
-- ``${res2net.now:FORMAT}``: like Hydra's ``${now:}``, but the time is fixed once per launch (``RES2NET_RUN_TIME``,
-  seconds since the epoch, set by ``train.py`` on rank 0 and broadcast to every torchrun rank), so all ranks of a job
-  agree on one run directory.
-- ``${res2net.rank_zero_or:VALUE,OTHER}``: VALUE on global rank 0 (env ``RANK``), OTHER on the other ranks; keeps
-  Hydra's ``.hydra/`` folder and log file to rank 0.
+- ``${res2net.now:FORMAT}``: like Hydra's ``${now:}``, but fixed once per launch (``RES2NET_RUN_TIME``, set by the
+  entry point on rank 0 and broadcast to every torchrun rank), so all ranks agree on one run directory.
+- ``${res2net.rank_zero_or:VALUE,OTHER}``: VALUE on global rank 0 (env ``RANK``), OTHER on the other ranks.
 """
+
 from __future__ import annotations
 
 import enum
+import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from res2net.data.config import DataConfig
 
-__all__ = ["Amp", "ModelConfig", "OptimConfig", "RUN_TIME_ENV", "ScheduleConfig", "ScheduleName", "TrainConfig",
-           "TrainerConfig", "register_configs", "run_time"]
+__all__ = [
+    "Amp",
+    "EvalConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RUN_TIME_ENV",
+    "ScheduleConfig",
+    "ScheduleName",
+    "TrainConfig",
+    "TrainerConfig",
+    "check_train_config",
+    "register_configs",
+    "run_time",
+    "to_dict",
+]
 
 RUN_TIME_ENV = "RES2NET_RUN_TIME"
 
 
 class Amp(enum.Enum):
-    off = "off"    # fp32 everywhere
+    off = "off"  # fp32 everywhere
     bf16 = "bf16"  # autocast to bfloat16, no loss scaling
     fp16 = "fp16"  # autocast to float16 with a GradScaler (its skipped steps are counted, not errors)
 
 
 class ScheduleName(enum.Enum):
-    step = "step"      # lr * gamma at each milestone epoch (the paper: / 10 at 30, 60, 90)
+    step = "step"  # lr * gamma at each milestone epoch (the paper: / 10 at 30, 60, 90)
     cosine = "cosine"  # half-cosine from lr to min_lr over all epochs, per step
 
 
 @dataclass
 class ModelConfig:
-    # A name from res2net.list_models(); the other fields are that variant's arguments, stated in configs/model/.
+    # A name from res2net.list_models(). Every other field left at null takes the variant's own value
+    # (res2net/models/variants.py), so configs/model/*.yaml state only the name and what differs.
     name: str = MISSING
-    # null: the number of class folders of the training data.
-    num_classes: Optional[int] = None
-    layers: List[int] = MISSING
-    base_width: int = MISSING
-    scale: int = MISSING
-    cardinality: int = 1
-    stem: str = ""           # '' (7x7 conv) | 'deep' (three 3x3 convs, the 'd' variants)
-    avg_down: bool = False   # avg-pool before the shortcut's 1x1 conv (the 'd' variants)
-    zero_init_last: bool = False  # zero the last BN of each block (timm's default; the authors' code does not)
-    drop_rate: float = 0.0   # dropout before the classifier
+    num_classes: Optional[int] = None  # null: the number of class folders of the training data
+    layers: Optional[list[int]] = None  # blocks per stage
+    base_width: Optional[int] = None  # channels per split in the first stage
+    scale: Optional[int] = None  # number of splits
+    cardinality: Optional[int] = None  # groups of the 3x3 convs (Res2NeXt)
+    stem: Optional[str] = None  # '' (7x7 conv) | 'deep' (three 3x3 convs, the 'd' variants)
+    avg_down: Optional[bool] = None  # avg-pool before the shortcut's 1x1 conv (the 'd' variants)
+    zero_init_last: Optional[bool] = None  # zero the last BN of each block
+    drop_rate: Optional[float] = None  # dropout before the classifier
 
 
 @dataclass
@@ -75,8 +88,8 @@ class OptimConfig:
 class ScheduleConfig:
     name: ScheduleName = ScheduleName.step
     epochs: int = 100
-    milestones: List[int] = field(default_factory=lambda: [30, 60, 90])  # step only
-    gamma: float = 0.1                                                   # step only
+    milestones: list[int] = field(default_factory=lambda: [30, 60, 90])  # step only
+    gamma: float = 0.1  # step only
     min_lr: float = 0.0  # cosine only: final lr, absolute (not scaled with the batch)
     # Linear warm-up from ~0 to the scheduled lr over this many epochs (fractions allowed), per step; 0 = none.
     warmup_epochs: float = 0.0
@@ -86,16 +99,16 @@ class ScheduleConfig:
 class TrainerConfig:
     amp: Amp = Amp.off
     channels_last: bool = False
-    compile: bool = False    # torch.compile the model (after the DDP wrap)
-    sync_bn: bool = False    # SyncBatchNorm across ranks; CUDA only (an error on CPU)
+    compile: bool = False  # torch.compile the model (after the DDP wrap)
+    sync_bn: bool = False  # SyncBatchNorm across ranks; CUDA only (an error on CPU)
     # Exponential moving average of the weights, evaluated alongside them every epoch; 0 = off (e.g. 0.9998).
     ema_decay: float = 0.0
-    grad_clip: float = 0.0   # max global L2 norm of the gradients; 0 = off
-    log_interval: int = 50   # steps between 'train' records / console lines
+    grad_clip: float = 0.0  # max global L2 norm of the gradients; 0 = off
+    log_interval: int = 50  # steps between 'train' records / console lines
     save_every_epochs: int = 1  # write checkpoints/last.pth after every N-th epoch (and always after the last)
-    save_every_steps: int = 0   # also write last.pth every N global steps, mid-epoch; 0 = off
-    keep_last: int = 3       # bounded history: checkpoints/epoch_XXXX.pth of the last N saved epochs; 0 = none
-    max_steps: int = 0       # stop after this many global steps (smoke runs); 0 = no cap
+    save_every_steps: int = 0  # also write last.pth every N global steps, mid-epoch; 0 = off
+    keep_last: int = 3  # bounded history: checkpoints/epoch_XXXX.pth of the last N saved epochs; 0 = none
+    max_steps: int = 0  # stop after this many global steps (smoke runs); 0 = no cap
     seed: int = 0
     # Deterministic kernels (torch.use_deterministic_algorithms, no cuDNN benchmark): same seed, same weights.
     deterministic: bool = False
@@ -115,6 +128,74 @@ class TrainConfig:
     resume: str = ""
 
 
+@dataclass
+class EvalConfig:
+    # The same model/ and data/ groups as training, so evaluate.py composes the files train.py does.
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    # 'released': the released file of model.name (downloaded and verified into the cache if missing);
+    # otherwise the path of a released file or of any checkpoint train.py wrote.
+    checkpoint: str = "released"
+    use_ema: bool = False  # evaluate the EMA weights of a train.py checkpoint
+    amp: Amp = Amp.off  # autocast dtype of the forward pass (same knob as trainer.amp)
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the prepared model
+    # Fold BatchNorm into the convs (res2net.prepare_for_inference); outputs unchanged within float tolerance.
+    fold_bn: bool = True
+    device: str = "auto"  # auto (the local GPU under torchrun, else the CPU) | cpu | cuda
+    save_predictions: bool = False  # also write predictions.csv (path, target, top-5 indices and probabilities)
+    progress: bool = True  # progress bar on rank 0
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain, resolved dict (enums as their names) of an OmegaConf node, a dataclass-like mapping or a dict."""
+    if OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
+    return dict(cfg)
+
+
+def _finite(key: str, value: float, low: float, high: float = math.inf, *, low_open: bool = False) -> None:
+    ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bound = f"> {low}" if low_open else f">= {low}"
+        upper = "" if high == math.inf else f" and <= {high}"
+        raise ValueError(f"{key}={value} must be a finite number {bound}{upper}")
+
+
+def check_train_config(cfg: Any) -> None:
+    """Refuse values the schema's types let through but training cannot use; the error names the key."""
+    t = cfg.trainer
+    for key in ("log_interval", "save_every_epochs"):
+        if getattr(t, key) < 1:
+            raise ValueError(f"trainer.{key}={getattr(t, key)} must be >= 1")
+    for key in ("save_every_steps", "keep_last", "max_steps"):
+        if getattr(t, key) < 0:
+            raise ValueError(f"trainer.{key}={getattr(t, key)} must be >= 0 (0 turns it off)")
+    _finite("trainer.grad_clip", t.grad_clip, 0.0)
+    if not 0.0 <= cfg.label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing={cfg.label_smoothing} must be in [0, 1)")
+    _finite("optim.lr", cfg.optim.lr, 0.0, low_open=True)
+    _finite("optim.weight_decay", cfg.optim.weight_decay, 0.0)
+    _finite("optim.momentum", cfg.optim.momentum, 0.0, 1.0)
+    if cfg.optim.nesterov and cfg.optim.momentum <= 0:
+        raise ValueError(f"optim.nesterov=true needs optim.momentum > 0, got {cfg.optim.momentum}")
+    if cfg.optim.base_batch < 1:
+        raise ValueError(f"optim.base_batch={cfg.optim.base_batch} must be >= 1")
+    s = cfg.schedule
+    if s.epochs < 1:
+        raise ValueError(f"schedule.epochs={s.epochs} must be >= 1")
+    _finite("schedule.warmup_epochs", s.warmup_epochs, 0.0)
+    _finite("schedule.min_lr", s.min_lr, 0.0)
+    _finite("schedule.gamma", s.gamma, 0.0, low_open=True)
+    if list(s.milestones) != sorted(s.milestones):
+        raise ValueError(f"schedule.milestones={list(s.milestones)} must be increasing")
+    if cfg.data.batch_size < 1:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} must be >= 1")
+    _finite("data.crop_pct", cfg.data.crop_pct, 0.0, 1.0, low_open=True)
+    if t.ema_decay != 0.0 and not 0.0 < t.ema_decay < 1.0:
+        raise ValueError(f"trainer.ema_decay={t.ema_decay} must be in (0, 1), e.g. 0.9998, or 0 to turn the EMA off")
+
+
 def run_time() -> float:
     """The launch time shared by all ranks (``RES2NET_RUN_TIME``), fixed at first use when unset."""
     if RUN_TIME_ENV not in os.environ:
@@ -131,15 +212,12 @@ def _rank_zero_or(value, other):
 
 
 def register_configs() -> None:
-    """Register the schemas and resolvers (idempotent). Schemas: train_schema, model_schema, data_schema."""
+    """Register the schemas (train_schema, eval_schema) and the resolvers. Idempotent."""
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
-    store.store(name="model_schema", node=ModelConfig)
-    store.store(name="data_schema", node=DataConfig)
+    store.store(name="eval_schema", node=EvalConfig)
     if not OmegaConf.has_resolver("res2net.now"):
         OmegaConf.register_new_resolver("res2net.now", _now)
     if not OmegaConf.has_resolver("res2net.rank_zero_or"):
         OmegaConf.register_new_resolver("res2net.rank_zero_or", _rank_zero_or)
 
-
-register_configs()

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from res2net.engine.checkpoint import (CheckpointError, CheckpointManager, capture_rng, check_compatible,
-                                       load_checkpoint, resolve_resume, restore_rng, save_atomic, unwrap_model)
+                                       load_checkpoint, resolve_resume, restore_rng, save_atomic)
+from res2net.engine.distributed import unwrap_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ MODELS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
 def _compose(*overrides):
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+        return compose(config_name="train", overrides=list(overrides))
 
 
 def _run_train(*args, cwd=None):
@@ -104,12 +104,12 @@ def test_typo_in_a_yaml_file_fails(tmp_path):
     bad.mkdir()
     for item in CONFIGS.iterdir():
         (bad / item.name).symlink_to(item)
-    (bad / "config.yaml").unlink()
-    (bad / "config.yaml").write_text((CONFIGS / "config.yaml").read_text() + "\nlabel_smoothin: 0.1\n")
+    (bad / "train.yaml").unlink()
+    (bad / "train.yaml").write_text((CONFIGS / "train.yaml").read_text() + "\nlabel_smoothin: 0.1\n")
     register_configs()
     with initialize_config_dir(config_dir=str(bad), version_base="1.3"):
         with pytest.raises(Exception, match="label_smoothin"):
-            compose(config_name="config")
+            compose(config_name="train")
 
 
 def _leaf_keys(cls, prefix=""):
@@ -122,8 +122,8 @@ def _leaf_keys(cls, prefix=""):
 
 
 def test_every_schema_key_is_read_by_the_engine():
-    """A key nobody reads must not exist: each non-data key appears as an attribute access in res2net/engine."""
-    source = "\n".join(p.read_text() for p in (REPO / "res2net" / "engine").glob("*.py"))
+    """A key nobody reads must not exist: each non-data key appears as an attribute access in the engine or models."""
+    source = "\n".join(p.read_text() for folder in ("engine", "models") for p in (REPO / "res2net" / folder).glob("*.py"))
     for key in _leaf_keys(TrainConfig):
         group, _, name = key.rpartition(".")
         if group == "data":
@@ -146,7 +146,52 @@ def test_run_dir_is_fixed_by_the_shared_launch_time(monkeypatch):
 def _compose_with_hydra():
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose(config_name="config", return_hydra_config=True)
+        cfg = compose(config_name="train", return_hydra_config=True)
     cfg.hydra.runtime.output_dir = "/tmp/run"  # set by Hydra at run time; the log file name refers to it
     cfg.hydra.job.name = "train"
     return cfg
+
+
+def _config_copy(tmp_path) -> Path:
+    """A copy of configs/ whose top files can be edited (the groups are symlinked)."""
+    copy = tmp_path / "configs"
+    copy.mkdir()
+    for item in CONFIGS.iterdir():
+        if item.suffix == ".yaml":
+            (copy / item.name).write_text(item.read_text())
+        else:
+            (copy / item.name).symlink_to(item)
+    return copy
+
+
+def test_values_stated_in_eval_yaml_take_effect(tmp_path):
+    """Every value eval.yaml states wins over the schema's default: flipping each boolean there flips the config."""
+    stated = {k: v for k, v in yaml.safe_load((CONFIGS / "eval.yaml").read_text()).items()
+              if k not in ("defaults", "hydra")}
+    flags = [k for k, v in stated.items() if isinstance(v, bool)]
+    assert "channels_last" in flags and "fold_bn" in flags
+    copy = _config_copy(tmp_path)
+    text = (copy / "eval.yaml").read_text()
+    for key in flags:
+        text = re.sub(rf"^{key}: (true|false)", lambda m: f"{key}: {str(m.group(1) != 'true').lower()}", text,
+                      flags=re.M)
+    (copy / "eval.yaml").write_text(text)
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        as_shipped = compose(config_name="eval")
+    with initialize_config_dir(config_dir=str(copy), version_base="1.3"):
+        flipped = compose(config_name="eval")
+    for key, value in stated.items():
+        assert OmegaConf.to_container(as_shipped, enum_to_str=True)[key] == value, key
+    for key in flags:
+        assert flipped[key] is (not stated[key]), key
+
+
+def test_misspelt_experiment_fails_listing_the_available_ones(tmp_path):
+    proc = _run_train("--cfg", "job", "experiment=paper_relase", cwd=tmp_path)
+    assert proc.returncode == 1
+    out = proc.stderr + proc.stdout
+    assert "Could not find 'experiment/paper_relase'" in out
+    assert "paper_release" in out.split("Available options", 1)[1]
+    proc = _run_train("--cfg", "job", cwd=tmp_path)  # no experiment at all still composes
+    assert proc.returncode == 0, proc.stderr

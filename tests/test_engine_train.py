@@ -8,9 +8,9 @@ from hydra import compose, initialize_config_dir
 
 import res2net
 from res2net.config import register_configs
-from res2net.engine.checkpoint import unwrap_model
+from res2net.engine.distributed import unwrap_model
 from res2net.engine.distributed import DistInfo, wrap_model
-from res2net.engine.trainer import train
+from res2net.engine.train_job import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -18,7 +18,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def _cfg(*overrides):
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(config_name="config", overrides=["experiment=debug", "data.synthetic_train_size=32",
+        return compose(config_name="train", overrides=["experiment=debug", "data.synthetic_train_size=32",
                                                         "data.synthetic_val_size=16", *overrides])
 
 

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from res2net.data.index import val_shard
-from res2net.engine.evaluation import evaluate, topk_correct
+from res2net.engine.loops import evaluate
 
 NUM_CLASSES = 7
 NUM_IMAGES = 101  # prime: no world size or batch size divides it
@@ -48,17 +48,6 @@ def _model():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, NUM_CLASSES))
     net.num_classes = NUM_CLASSES
     return net
-
-
-def test_topk_correct_by_hand():
-    logits = torch.tensor([[0.1, 0.9, 0.0],   # top1 = 1, top2 = {1, 0}
-                           [0.8, 0.1, 0.3],   # top1 = 0, top2 = {0, 2}
-                           [0.2, 0.3, 0.5]])  # top1 = 2, top2 = {2, 1}
-    targets = torch.tensor([1, 2, 0])
-    assert topk_correct(logits, targets, (1, 2, 3)) == [1, 2, 3]
-    assert topk_correct(logits, targets, (1, 5)) == [1, 3]  # k beyond the class count: everything is correct
-    with pytest.raises(ValueError, match="logits"):
-        topk_correct(logits[0], targets)
 
 
 def test_evaluate_loss_and_accuracy_by_hand():

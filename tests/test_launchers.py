@@ -273,7 +273,7 @@ def test_slurm_sweep_launcher_composes_with_train_config_and_renders_a_job_array
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose(config_name="config", return_hydra_config=True, overrides=[
+        cfg = compose(config_name="train", return_hydra_config=True, overrides=[
             "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "experiment=ablation_depth"])
     launcher = instantiate(cfg.hydra.launcher)
     # (Hydra's plugin discovery imports the module anew, so compare the class by name.)

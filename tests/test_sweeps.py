@@ -35,7 +35,7 @@ def compose_train(overrides):
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
 
 
 def sweep_params(preset: str) -> dict[str, list[str]]:

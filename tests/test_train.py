@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 import res2net
-from res2net.engine.trainer import PREEMPTED_EXIT_CODE
+from res2net.engine.stop import PREEMPTED_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("n0001", "n0002", "n0003", "n0004")

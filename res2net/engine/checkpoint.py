@@ -7,24 +7,40 @@ entry is a plain state_dict (no ``module.`` / ``_orig_mod.`` prefixes) that load
 from __future__ import annotations
 
 import logging
-import os
 import random
 import shutil
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["CHECKPOINT_KEYS", "CheckpointError", "CheckpointManager", "RESUME_MAY_DIFFER", "capture_rng",
-           "check_compatible", "load_checkpoint", "model_state_dict", "resolve_resume", "restore_rng",
-           "save_atomic", "unwrap_model"]
+from res2net.engine.distributed import DistInfo, broadcast_object
+from res2net.files import atomic_write, remove_stale_temporaries, temporary_path
+
+__all__ = [
+    "CHECKPOINT_KEYS",
+    "CheckpointError",
+    "CheckpointManager",
+    "RESUME_MAY_DIFFER",
+    "capture_rng",
+    "check_compatible",
+    "gather_rng",
+    "load_checkpoint",
+    "resolve_resume",
+    "restore_rng",
+    "restore_training",
+    "save_atomic",
+    "training_checkpoint",
+]
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "ema", "epoch", "step_in_epoch", "global_step",
-                   "rng", "config", "best_top1", "world_size", "meters")
+# "epoch", "step_in_epoch", "global_step", "best_top1", "meters" are the TrainState (res2net.engine.loops).
+CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "ema", "epoch", "step_in_epoch", "global_step", "rng", "config",
+                   "best_top1", "world_size", "meters")
 
 # Config keys that may change between a run and its resumption without changing its trajectory (or that only
 # extend it); any other difference is refused. Prefixes end with a dot.
@@ -32,76 +48,36 @@ RESUME_MAY_DIFFER = ("resume", "data.root", "data.num_workers", "data.prefetch",
                      "trainer.save_every_epochs", "trainer.save_every_steps", "trainer.keep_last",
                      "trainer.max_steps", "trainer.compile")
 
-_TMP_MARK = ".tmp-"
-
-
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written, read or used; the message names the file and what to do."""
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain network inside DDP and torch.compile wrappers."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return unwrap_model(model).state_dict()
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Run ``write(file)`` on a temporary file beside ``path``, fsync it, rename it over ``path``, fsync the folder.
-
-    A crash or an error at any point leaves the previous ``path`` as it was.
-    """
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        previous = f"the previous {path} is intact" if path.exists() else f"there was no previous {path.name}"
-        raise CheckpointError(f"could not write checkpoint {path} (temporary file {tmp}): {err}; {previous}. "
-                              f"Free disk space or make {path.parent} writable, then resume with resume=auto") from err
-
-
-def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+def save_atomic(obj: Any, path: str | Path) -> None:
     """``torch.save(obj, path)`` that never leaves a partial file at ``path``."""
-    _write_atomic(Path(path), lambda f: torch.save(obj, f))
+    _write(Path(path), lambda f: torch.save(obj, f))
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
     def copy(f):
         with open(src, "rb") as source:
             shutil.copyfileobj(source, f, length=16 << 20)
-    _write_atomic(dst, copy)
+
+    _write(dst, copy)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def _write(path: Path, write) -> None:
+    try:
+        with atomic_write(path) as f:
+            write(f)
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
+        previous = f"the previous {path} is intact" if path.exists() else f"there was no previous {path.name}"
+        raise CheckpointError(
+            f"could not write checkpoint {path} (temporary file {temporary_path(path)}): {err}; {previous}. "
+            f"Free disk space or make {path.parent} writable, then resume with resume=auto"
+        ) from err
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint written by train.py, on the CPU; errors name the file."""
     path = Path(path)
     if not path.is_file():
@@ -118,7 +94,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
-def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Optional[Path]:
+def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
     """The checkpoint to resume from: None for '' (fresh start) and for 'auto' without a last.pth yet."""
     if not resume:
         return None
@@ -145,7 +121,7 @@ def _may_differ(key: str, allowed: Iterable[str]) -> bool:
     return any(key == a or key.startswith(a + ".") for a in allowed)
 
 
-def check_compatible(saved: Mapping, current: Mapping, *, path: str | os.PathLike = "checkpoint",
+def check_compatible(saved: Mapping, current: Mapping, *, path: str | Path = "checkpoint",
                      allowed: Iterable[str] = RESUME_MAY_DIFFER) -> None:
     """Refuse to resume when resolved configs differ beyond ``allowed`` keys; the error lists every difference."""
     old, new = _flatten(saved), _flatten(current)
@@ -185,10 +161,50 @@ def restore_rng(state: Mapping[str, Any]) -> None:
                     "draws will differ from the interrupted run")
 
 
+def gather_rng(dist: DistInfo) -> list[dict[str, Any]]:
+    """Every rank's generator states on every rank, in rank order (rank r resumes with entry r). A collective."""
+    state = capture_rng()
+    if dist.world_size == 1:
+        return [state]
+    gathered: list[Any] = [None] * dist.world_size
+    torch.distributed.all_gather_object(gathered, state)
+    return gathered
+
+
+def training_checkpoint(*, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                        ema: Any, state: Any, rng: list, config: Mapping, world_size: int) -> dict[str, Any]:
+    """The dict train.py writes: the plain network's weights, optimizer, scaler, EMA, TrainState, RNGs, config."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None, "rng": rng, "config": dict(config),
+            "world_size": world_size, **state.state_dict()}
+
+
+def restore_training(ckpt: Mapping[str, Any], path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     scaler: torch.amp.GradScaler, ema: Any, state: Any, dist: DistInfo) -> None:
+    """Load a ``training_checkpoint`` into the run's objects and this rank's generators; errors name the file."""
+    if ckpt["world_size"] != dist.world_size:
+        raise ValueError(f"cannot resume from {path}: it was written by {ckpt['world_size']} processes, this run "
+                         f"has {dist.world_size}; the data order and steps per epoch depend on it. Resume "
+                         f"with {ckpt['world_size']} processes")
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"cannot resume from {path}: its weights do not fit the configured model: {err}") from err
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    if ema is not None:
+        if ckpt["ema"] is None:
+            raise ValueError(f"cannot resume from {path} with trainer.ema_decay={ema.decay}: the checkpoint has no "
+                             f"EMA weights")
+        ema.load_state_dict(ckpt["ema"])
+    state.load_state_dict(ckpt)
+    restore_rng(ckpt["rng"][dist.rank])
+
+
 class CheckpointManager:
     """Writes ``<dir>/last.pth``, ``best.pth`` and a bounded history ``epoch_XXXX.pth`` (rank 0 only)."""
 
-    def __init__(self, directory: str | os.PathLike, keep_last: int):
+    def __init__(self, directory: str | Path, keep_last: int):
         self.dir = Path(directory)
         self.keep_last = keep_last
         self.last = self.dir / "last.pth"
@@ -197,8 +213,7 @@ class CheckpointManager:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise CheckpointError(f"cannot create the checkpoint folder {self.dir}: {err}") from err
-        for stale in self.dir.glob(f".*{_TMP_MARK}*"):  # left by a write that was killed
-            stale.unlink(missing_ok=True)
+        remove_stale_temporaries(self.dir)  # left by a write that was killed
 
     def save(self, state: Mapping[str, Any], *, is_best: bool = False, epoch_end: bool = False) -> Path:
         """Write last.pth; copy it to best.pth when ``is_best`` and to the history when ``epoch_end``."""

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["DistInfo", "all_reduce_sum", "barrier", "broadcast_object", "cleanup", "init_distributed",
-           "process_group", "share_run_time", "wrap_model"]
+           "process_group", "share_run_time", "unwrap_model", "wrap_model"]
 
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 
@@ -128,3 +128,14 @@ def wrap_model(model: nn.Module, info: DistInfo, compile: bool = False) -> nn.Mo
     if compile:
         model = torch.compile(model)
     return model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain network inside DDP and torch.compile wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model

@@ -1,4 +1,5 @@
 """SGD with the linear lr scaling rule and optional weight-decay exemption of norm weights and biases."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -22,14 +23,18 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool
     params = [p for p in model.parameters() if p.requires_grad]
     if not no_decay_norm_bias:
         return [{"params": params, "weight_decay": weight_decay}]
-    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
 
 
 def build_optimizer(model: nn.Module, cfg: Any, global_batch: int) -> torch.optim.SGD:
     """SGD from an ``optim`` config node (lr, base_batch, momentum, nesterov, weight_decay, no_decay_norm_bias)."""
-    if cfg.nesterov and cfg.momentum <= 0:
-        raise ValueError(f"optim.nesterov=true needs optim.momentum > 0, got {cfg.momentum}")
-    return torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.no_decay_norm_bias),
-                           lr=scaled_lr(cfg.lr, global_batch, cfg.base_batch), momentum=cfg.momentum,
-                           nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        param_groups(model, cfg.weight_decay, cfg.no_decay_norm_bias),
+        lr=scaled_lr(cfg.lr, global_batch, cfg.base_batch),
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        weight_decay=cfg.weight_decay,
+    )

@@ -2,7 +2,7 @@
 
 Takes plain values or an OmegaConf node (never Hydra's global state): resolve the checkpoint (a released model's file,
 downloaded and verified into the cache when missing, or a local file), build the model it was made for, prepare it
-for inference, run the count-exact `evaluate` loop over this rank's shard, and on rank 0 write results.json (and
+for inference, run the count-exact loop (``loops.evaluate``) over this rank's shard, and on rank 0 write results.json (and
 predictions.csv when asked).
 """
 from __future__ import annotations
@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 from res2net.engine.distributed import DistInfo, barrier
-from res2net.engine.evaluation import evaluate, PREDICTION_TOPK
+from res2net.config import to_dict
+from res2net.engine.loops import PREDICTION_TOPK, evaluate
 
 __all__ = ["Published", "published_for", "read_checkpoint", "build_model_for", "resolve_checkpoint",
-           "run_evaluation", "summary_lines", "write_predictions_csv", "RESULTS_FILE", "PREDICTIONS_FILE"]
+           "evaluate_checkpoint", "summary_lines", "write_predictions_csv", "RESULTS_FILE", "PREDICTIONS_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +36,6 @@ _MODEL_KEYS = ("layers", "base_width", "scale", "cardinality", "stem", "avg_down
 class Published:
     top1: float
     top5: float | None
-
-
-def _plain(node: Any) -> Any:
-    """A plain Python container from an OmegaConf node (enums as their values); plain input passes through."""
-    if hasattr(node, "_metadata"):
-        from omegaconf import OmegaConf
-        return OmegaConf.to_container(node, resolve=True, throw_on_missing=True, enum_to_str=True)
-    return node
 
 
 def resolve_checkpoint(spec: str, model_name: str, dist_info: DistInfo = DistInfo()) -> Path:
@@ -160,12 +153,12 @@ def _results(result: dict, classes: list[str], cfg: dict, ckpt_path: Path, publi
     return out
 
 
-def run_evaluation(cfg: Any, out_dir: str | Path | None, dist_info: DistInfo = DistInfo()) -> dict | None:
+def evaluate_checkpoint(cfg: Any, out_dir: str | Path | None, dist_info: DistInfo = DistInfo()) -> dict | None:
     """Evaluate per `cfg` (an EvalConfig node or mapping: model, data, checkpoint, use_ema, amp, channels_last,
     compile, fold_bn, device, save_predictions, progress). On rank 0 returns the results dict (also written to
     out_dir/results.json, and out_dir/predictions.csv with save_predictions); None on the other ranks."""
     from res2net.data import build_loader
-    cfg = _plain(cfg)
+    cfg = to_dict(cfg)
     device = _resolve_device(cfg["device"], dist_info)
     # The data first: a wrong data.root fails in seconds, before any checkpoint download.
     loader = build_loader(cfg["data"], "val", rank=dist_info.rank, world_size=dist_info.world_size, device=device,

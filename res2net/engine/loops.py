@@ -1,0 +1,296 @@
+"""The two loops over a loader: ``train_one_epoch`` (with the small ``TrainState`` it advances) and the count-exact
+``evaluate``, shared by evaluate.py and the per-epoch validation of training.
+
+Training: every step ends with one small all-reduce of (loss, stop request), so that all ranks agree at the same
+step on a non-finite loss (``NonFiniteLossError``) and on a preemption signal (the epoch ends as 'preempted').
+
+Evaluation: every rank runs its own shard of the validation set (shards differ by at most one image and may yield a different
+number of batches), so no collective runs inside the loop. Afterwards the integer correct counts, the per-class counts
+and the summed loss are all-reduced and divided by the global image count: the result is the same for any world size,
+unlike averaging per-rank percentages over padded shards.
+"""
+from __future__ import annotations
+
+import enum
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from res2net.engine.amp import autocast
+from res2net.engine.distributed import DistInfo, all_reduce_sum, unwrap_model
+from res2net.engine.metrics import TrainProgress
+from res2net.engine.schedule import set_lr
+from res2net.engine.stop import StopRequest
+
+__all__ = ["NonFiniteLossError", "Outcome", "TrainState", "evaluate", "train_one_epoch", "train_step"]
+
+PREDICTION_TOPK = 5
+
+
+class Outcome(str, enum.Enum):
+    """How an epoch (``train_one_epoch``) or a run (``TrainResult.status``) ended."""
+
+    FINISHED = "finished"  # ran to its end
+    MAX_STEPS = "max_steps"  # stopped at trainer.max_steps
+    PREEMPTED = "preempted"  # stopped by SIGTERM / SIGUSR1, after a checkpoint at the exact position
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the position."""
+
+
+def _fresh_meters() -> dict[str, float]:
+    return {"loss_sum": 0.0, "steps": 0, "skipped_steps": 0, "train_seconds": 0.0}
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: the position (epoch, step in it, global step), the best val top-1 and the epoch's meters.
+
+    Its ``state_dict`` entries are top-level keys of a train.py checkpoint.
+    """
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_top1: float | None = None
+    meters: dict[str, float] = field(default_factory=_fresh_meters)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                "best_top1": self.best_top1, "meters": dict(self.meters)}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.epoch, self.step_in_epoch, self.global_step = saved["epoch"], saved["step_in_epoch"], saved["global_step"]
+        self.best_top1, self.meters = saved["best_top1"], dict(saved["meters"])
+
+    def next_epoch(self) -> None:
+        self.epoch, self.step_in_epoch, self.meters = self.epoch + 1, 0, _fresh_meters()
+
+    def where(self, steps_per_epoch: int) -> str:
+        return (f"epoch {self.epoch} (0-based), step {self.step_in_epoch}/{steps_per_epoch} "
+                f"(global step {self.global_step})")
+
+
+def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, criterion: nn.Module, *, amp: str, grad_clip: float) -> tuple[torch.Tensor, bool]:
+    """One optimizer step; returns the detached loss and whether the fp16 scaler skipped the update."""
+    with autocast(images.device, amp):
+        loss = criterion(model(images), labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scale = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach(), scale is not None and scaler.get_scale() < scale
+
+
+def _agree(loss: torch.Tensor, stop: StopRequest, world_size: int) -> tuple[float, bool]:
+    """Mean loss over ranks and whether any rank was asked to stop (one all-reduce)."""
+    flags = torch.stack([loss.float(), torch.tensor(float(stop.requested), device=loss.device)])
+    loss_sum, stops = all_reduce_sum(flags).tolist()
+    return loss_sum / world_size, stops > 0
+
+
+def _guarded(loader: Iterable, state: TrainState, dist: DistInfo, steps_per_epoch: int, data_root: Any):
+    """The loader's batches; a failure (e.g. a crashed worker) is reported with the position."""
+    batches = iter(loader)
+    while True:
+        try:
+            yield next(batches)
+        except StopIteration:
+            return
+        except Exception as err:
+            raise RuntimeError(f"the training data loader failed on rank {dist.rank} at epoch {state.epoch}, batch "
+                               f"{state.step_in_epoch} of {steps_per_epoch} (data.root={data_root}): {err}. "
+                               f"scripts/check_dataset.py finds unreadable files; resume=auto continues from the "
+                               f"last checkpoint") from err
+
+
+def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    criterion: nn.Module, ema: Any, state: TrainState, *, lr_at: Callable[[int], float], amp: str,
+                    grad_clip: float, stop: StopRequest, dist: DistInfo, progress: TrainProgress,
+                    max_steps: int = 0, save_every_steps: int = 0, save: Callable[[], Any] = lambda: None,
+                    data_root: Any = None) -> Outcome:
+    """Train from ``state``'s position to the end of its epoch, advancing ``state`` after every step.
+
+    ``model`` is what runs the step (DDP and/or compiled); ``ema`` (or None) follows ``unwrap_model(model)``.
+    The lr of each step is ``lr_at(global_step)``, set before it. ``save()`` is called every ``save_every_steps``
+    global steps (0 = never). Returns FINISHED at the epoch's end, MAX_STEPS at ``max_steps`` (0 = no cap), PREEMPTED
+    when any rank was asked to stop.
+    """
+    model.train()
+    net = unwrap_model(model)
+    steps_per_epoch = len(loader)
+    loader.set_epoch(state.epoch, state.step_in_epoch)
+    for images, labels in progress.batches(_guarded(loader, state, dist, steps_per_epoch, data_root)):
+        lr = lr_at(state.global_step)
+        set_lr(optimizer, lr)
+        loss, skipped = train_step(model, images, labels, optimizer, scaler, criterion, amp=amp, grad_clip=grad_clip)
+        if ema is not None:
+            ema.update(net)
+        state.step_in_epoch += 1
+        state.global_step += 1
+        loss_mean, stop_now = _agree(loss, stop, dist.world_size)
+        if not math.isfinite(loss_mean):
+            raise NonFiniteLossError(f"non-finite training loss ({loss_mean}) at {state.where(steps_per_epoch)}; no "
+                                     f"checkpoint was written from these weights")
+        state.meters["loss_sum"] += loss_mean
+        state.meters["steps"] += 1
+        state.meters["skipped_steps"] += int(skipped)
+        progress.step(state, images.shape[0], loss_mean, lr)
+        if save_every_steps and state.global_step % save_every_steps == 0:
+            save()
+        if stop_now:
+            return Outcome.PREEMPTED
+        if max_steps and state.global_step >= max_steps:
+            return Outcome.MAX_STEPS
+    if state.step_in_epoch != steps_per_epoch:
+        raise RuntimeError(f"the training loader ended after {state.step_in_epoch} of the {steps_per_epoch} "
+                           f"batches it announced (epoch {state.epoch})")
+    return Outcome.FINISHED
+
+
+def _topk_hits(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+    # Stays on the logits' device: no host synchronisation per batch.
+    if logits.ndim != 2 or targets.ndim != 1 or logits.shape[0] != targets.shape[0]:
+        raise ValueError(f"evaluate expects logits (N, C) and targets (N,), got {tuple(logits.shape)} "
+                         f"and {tuple(targets.shape)}")
+    maxk = min(max(ks), logits.shape[1])
+    hits = logits.topk(maxk, dim=1).indices.eq(targets.unsqueeze(1))
+    return torch.stack([hits[:, :min(k, maxk)].sum() for k in ks])
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _num_classes(model: nn.Module, loader: Any) -> int:
+    n = getattr(loader, "num_classes", None) or getattr(model, "num_classes", None)
+    if not n:
+        raise ValueError("evaluate() needs the number of classes: give the loader or the model a num_classes "
+                         "attribute")
+    return int(n)
+
+
+def _reduce_device(device: torch.device) -> torch.device:
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return device
+    return torch.device("cpu")
+
+
+def _prediction_rows(paths: list[str], targets: torch.Tensor, probs: torch.Tensor) -> list[dict]:
+    top = probs.topk(min(PREDICTION_TOPK, probs.shape[1]), dim=1)
+    return [{"path": p, "target": int(t), "top5": i.tolist(), "top5_prob": v.tolist()}
+            for p, t, i, v in zip(paths, targets.tolist(), top.indices.cpu(), top.values.cpu())]
+
+
+def _gather_predictions(rows: list[dict]) -> list[dict] | None:
+    """All ranks' prediction rows on rank 0, in global sample order; None on the other ranks.
+
+    Val shards are contiguous blocks of the sorted sample list in rank order (res2net.data.index.val_shard), so
+    concatenating the ranks' rows in rank order gives the global order for any world size.
+    """
+    rank, world = _world()
+    if world == 1:
+        return rows
+    gathered: list[list[dict]] | None = [None] * world if rank == 0 else None  # type: ignore[list-item]
+    dist.gather_object(rows, gathered, dst=0)
+    if rank != 0:
+        return None
+    return [r for part in gathered for r in part]
+
+
+def _batches(loader: Iterable, progress: bool):
+    if not progress or _world()[0] != 0:
+        return loader
+    from tqdm import tqdm
+    return tqdm(loader, desc="eval", unit="batch", dynamic_ncols=True)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, *, device: torch.device | str, amp: str = "off",
+             channels_last: bool = False, collect_predictions: bool = False, progress: bool = False) -> dict:
+    """Loss, top-1/top-5 (percent) and per-class counts over the whole validation set, exact for any world size.
+
+    `loader` follows the data loader protocol: iterating yields (images, labels) of this rank's shard, every image of
+    the set exactly once over all ranks; `loader.paths` (when present) names this rank's images in iteration order.
+    Returns loss, top1, top5, count, per_class_correct, per_class_count, seconds and img_per_s (global images over
+    this rank's wall time); with `collect_predictions`, 'predictions' on rank 0 (None elsewhere): one dict per image
+    (path, target, top5, top5_prob) in global sample order. The model's train/eval mode is restored afterwards.
+    """
+    device = torch.device(device)
+    net = unwrap_model(model)  # DDP's forward may broadcast buffers: uneven shards would hang in that collective
+    num_classes = _num_classes(net, loader)
+    paths = getattr(loader, "paths", None)
+    paths = [] if paths is None else list(paths)
+    was_training = net.training
+    net.eval()
+
+    # Accumulated on the device, moved to the host once: [top-1 hits, top-5 hits, per-class hits, per-class count].
+    stats = torch.zeros(2 + 2 * num_classes, dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    class_ids = torch.arange(num_classes, device=device)
+    rows: list[dict] = []
+    seen = 0
+    start = time.perf_counter()
+    try:
+        for images, targets in _batches(loader, progress):
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp):
+                logits = net(images)
+            logits = logits.float()
+            loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
+            stats[:2] += _topk_hits(logits, targets, (1, 5))
+            in_class = targets.unsqueeze(1).eq(class_ids)  # (N, C); boolean masks avoid a sync-inducing index
+            hit = logits.argmax(dim=1).eq(targets)
+            stats[2:2 + num_classes] += (in_class & hit.unsqueeze(1)).sum(dim=0)
+            stats[2 + num_classes:] += in_class.sum(dim=0)
+            if collect_predictions:
+                n = targets.shape[0]
+                names = paths[seen:seen + n] if paths else [f"#{seen + j}" for j in range(n)]
+                rows += _prediction_rows(names, targets.cpu(), logits.softmax(dim=1).cpu())
+            seen += targets.shape[0]
+    finally:
+        net.train(was_training)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+
+    reduce_dev = _reduce_device(device)
+    counts = all_reduce_sum(torch.cat([stats.to(reduce_dev), torch.tensor([seen], device=reduce_dev)])).cpu()
+    loss_total = float(all_reduce_sum(loss_sum.to(reduce_dev)).cpu())
+    count = int(counts[-1])
+    if count == 0:
+        raise RuntimeError("evaluate() saw no images: the validation loader is empty on every rank")
+    result = {
+        "loss": loss_total / count,
+        "top1": 100.0 * int(counts[0]) / count,
+        "top5": 100.0 * int(counts[1]) / count,
+        "count": count,
+        "per_class_correct": counts[2:2 + num_classes].tolist(),
+        "per_class_count": counts[2 + num_classes:-1].tolist(),
+        "seconds": seconds,
+        "img_per_s": count / seconds if seconds > 0 else float("nan"),
+    }
+    if collect_predictions:
+        result["predictions"] = _gather_predictions(rows)
+    return result
