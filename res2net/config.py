@@ -145,6 +145,14 @@ class EvalConfig:
     device: str = "auto"  # auto (the local GPU under torchrun, else the CPU) | cpu | cuda
     save_predictions: bool = False  # also write predictions.csv (path, target, top-5 indices and probabilities)
     progress: bool = True  # progress bar on rank 0
+    # ReaL labels (Beyer et al. 2020): the path of real.json, one list of class indices per ImageNet val image in
+    # ILSVRC2012_val_00000001 ... order; adds real_top1, real_top5 and real_count (images with a non-empty list).
+    real_labels: Optional[str] = None
+    tta: str = "none"  # none | flip (the softmax averaged over the image and its mirror)
+    # An evaluation set beyond ImageNet val, set by data=imagenet_v2|imagenet_sketch|imagenet_r|imagenet_a ('' =
+    # <data.root>/val/); layouts and scoring: res2net/data/testsets.py.
+    testset: str = ""
+    testset_variant: str = ""  # imagenet_v2: matched-frequency | threshold-0.7 | top-images
 
 
 def to_dict(cfg: Any) -> dict:

@@ -28,7 +28,7 @@ from .config import BACKENDS, DALI_DECODERS, DALI_RESIZES, INTERPOLATIONS, DataC
 from .index import scan_split
 from .transforms import Normalizer, val_resize_size
 
-__all__ = ["DataConfig", "build_loader", "scan_split", "as_data_config"]
+__all__ = ["DataConfig", "build_loader", "scan_split", "as_data_config", "loader_from_samples"]
 
 SPLITS = ("train", "val")
 
@@ -100,6 +100,14 @@ def build_loader(cfg: Any, split: str, *, rank: int = 0, world_size: int = 1, se
         from .loader_synthetic import SyntheticLoader
         return SyntheticLoader(cfg, train, channels_last=channels_last, dtype=dtype, **common)
     samples, classes = scan_split(cfg.root, split, None if train else _train_classes(cfg.root))
+    return loader_from_samples(samples, classes, cfg, train, channels_last=channels_last, dtype=dtype, **common)
+
+
+def loader_from_samples(samples: Sequence[tuple[str, int]], classes: Sequence[str], cfg: DataConfig, train: bool, *,
+                        rank: int, world_size: int, seed: int, device: torch.device, channels_last: bool,
+                        dtype: torch.dtype):
+    """The torchvision or DALI Loader over an explicit [(path, label)] list whose labels index ``classes``:
+    ``build_loader``'s scan of <root>/<split> is one source, ``res2net.data.testsets`` (evaluation sets) another."""
     normalizer = Normalizer(cfg.mean, cfg.std, device, dtype, channels_last)
     if cfg.backend == "torchvision":
         from .loader_torchvision import TorchvisionLoader

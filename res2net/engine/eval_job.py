@@ -1,15 +1,18 @@
-"""Evaluate one checkpoint on a validation set: the library side of evaluate.py and scripts/eval_released.py.
+"""Evaluate one checkpoint on a validation set: the library side of evaluate.py, scripts/eval_released.py and
+scripts/eval_suite.py.
 
 Takes plain values or an OmegaConf node (never Hydra's global state): resolve the checkpoint (a released model's file,
 downloaded and verified into the cache when missing, or a local file), build the model it was made for, prepare it
 for inference, run the count-exact loop (``loops.evaluate``) over this rank's shard, and on rank 0 write results.json (and
-predictions.csv when asked).
+predictions.csv when asked). The set is ImageNet val (``<data.root>/val/``, optionally scored against ReaL labels) or
+an evaluation set (``testset``: ImageNetV2, -Sketch, -R, -A; res2net.data.testsets), labelled in ImageNet-1k's classes.
 """
 from __future__ import annotations
 
 import csv
 import json
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +23,9 @@ from torch import nn
 
 from res2net.engine.distributed import DistInfo, barrier
 from res2net.config import to_dict
-from res2net.engine.loops import PREDICTION_TOPK, evaluate
+from res2net.engine.eval_metrics import read_real_labels, real_label_rows
+from res2net.engine.loops import PREDICTION_TOPK, TTA_MODES, evaluate
+from res2net.models.stats import count_params
 
 __all__ = ["Published", "published_for", "read_checkpoint", "build_model_for", "resolve_checkpoint",
            "evaluate_checkpoint", "summary_lines", "write_predictions_csv", "RESULTS_FILE", "PREDICTIONS_FILE"]
@@ -29,6 +34,8 @@ log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 PREDICTIONS_FILE = "predictions.csv"
+_RESULT_KEYS = ("top1", "top5", "loss", "nll", "ece", "count", "param_count", "img_per_s", "seconds")
+_REAL_KEYS = ("real_top1", "real_top5", "real_count")
 _MODEL_KEYS = ("layers", "base_width", "scale", "cardinality", "stem", "avg_down", "zero_init_last", "drop_rate")
 
 
@@ -142,10 +149,11 @@ def _results(result: dict, classes: list[str], cfg: dict, ckpt_path: Path, publi
     from res2net.models.pretrained import sha256_file
     per_class = {c: (100.0 * k / n if n else None)
                  for c, k, n in zip(classes, result["per_class_correct"], result["per_class_count"])}
-    out = {key: result[key] for key in ("top1", "top5", "loss", "count", "img_per_s", "seconds")}
-    out.update(model=cfg["model"]["name"], checkpoint=str(ckpt_path), checkpoint_sha256=sha256_file(ckpt_path),
-               per_class_accuracy=per_class, per_class_count=dict(zip(classes, result["per_class_count"])),
-               world_size=dist_info.world_size, device=str(device), published=None, config=cfg)
+    out = {key: result[key] for key in _RESULT_KEYS + tuple(k for k in _REAL_KEYS if k in result)}
+    out.update(dataset=cfg["testset"] or "imagenet", model=cfg["model"]["name"], checkpoint=str(ckpt_path),
+               checkpoint_sha256=sha256_file(ckpt_path), per_class_accuracy=per_class,
+               per_class_count=dict(zip(classes, result["per_class_count"])), world_size=dist_info.world_size,
+               device=str(device), published=None, config=cfg)
     if published is not None:
         out["published"] = {"top1": published.top1, "top5": published.top5,
                             "delta_top1": result["top1"] - published.top1,
@@ -153,36 +161,87 @@ def _results(result: dict, classes: list[str], cfg: dict, ckpt_path: Path, publi
     return out
 
 
+def _check_options(cfg: dict) -> None:
+    """Refuse option combinations that cannot be evaluated, before any data is read; the error names the key."""
+    if cfg["tta"] not in TTA_MODES:
+        raise ValueError(f"tta={cfg['tta']!r} is invalid; use one of {' | '.join(TTA_MODES)}")
+    if cfg["testset"]:
+        if cfg["real_labels"]:
+            raise ValueError(f"real_labels applies to ImageNet val, not to testset={cfg['testset']}; drop "
+                             f"real_labels or use data=imagenet")
+    elif cfg["testset_variant"]:
+        raise ValueError(f"testset_variant={cfg['testset_variant']!r} needs an evaluation set with variants "
+                         f"(data=imagenet_v2)")
+
+
+def _build_loader(cfg: dict, dist_info: DistInfo, device: torch.device) -> tuple[Any, list[int] | None]:
+    """(this rank's val loader, the class indices scored: None for all)."""
+    from res2net.data import build_loader
+    from res2net.data.testsets import eval_set_loader, scan_eval_set, scored_classes
+    common = dict(rank=dist_info.rank, world_size=dist_info.world_size, device=device,
+                  channels_last=cfg["channels_last"])
+    if not cfg["testset"]:
+        return build_loader(cfg["data"], "val", **common), None
+    samples = scan_eval_set(cfg["data"]["root"], cfg["testset"], cfg["testset_variant"])
+    return eval_set_loader(cfg["data"], samples, **common), scored_classes(cfg["testset"], samples)
+
+
+def _check_imagenet1k_classes(model_cfg: Mapping, checkpoint: Mapping, what: str) -> None:
+    """Evaluation sets and ReaL are labelled in ImageNet-1k's sorted wnids: the model must predict exactly those (the
+    released checkpoints do; a train.py checkpoint did when it was trained on ImageNet-1k)."""
+    from res2net.data.imagenet_wnids import IMAGENET1K_WNIDS
+    if model_cfg["num_classes"] != len(IMAGENET1K_WNIDS):
+        raise ValueError(f"{what} is labelled in ImageNet-1k's {len(IMAGENET1K_WNIDS)} classes but the model "
+                         f"predicts {model_cfg['num_classes']}; evaluate a checkpoint trained on ImageNet-1k")
+    saved = checkpoint.get("config")
+    root = saved.get("data", {}).get("root") if isinstance(saved, Mapping) else None
+    train_dir = Path(root) / "train" if root else None
+    if train_dir is not None and train_dir.is_dir():
+        trained = sorted(e.name for e in os.scandir(train_dir) if e.is_dir())
+        if trained != list(IMAGENET1K_WNIDS):
+            odd = sorted(set(trained) ^ set(IMAGENET1K_WNIDS))[:3]
+            raise ValueError(f"{what} is labelled in ImageNet-1k's sorted wnids, but the checkpoint was trained on "
+                             f"{train_dir}, whose {len(trained)} class folders are not those (e.g. {odd}); its "
+                             f"class indices would mean other classes")
+
+
 def evaluate_checkpoint(cfg: Any, out_dir: str | Path | None, dist_info: DistInfo = DistInfo()) -> dict | None:
     """Evaluate per `cfg` (an EvalConfig node or mapping: model, data, checkpoint, use_ema, amp, channels_last,
-    compile, fold_bn, device, save_predictions, progress). On rank 0 returns the results dict (also written to
-    out_dir/results.json, and out_dir/predictions.csv with save_predictions); None on the other ranks."""
-    from res2net.data import build_loader
+    compile, fold_bn, device, save_predictions, progress, real_labels, tta, testset, testset_variant). On rank 0
+    returns the results dict (also written to out_dir/results.json, and out_dir/predictions.csv with
+    save_predictions); None on the other ranks."""
     cfg = to_dict(cfg)
+    _check_options(cfg)
     device = _resolve_device(cfg["device"], dist_info)
+    real = read_real_labels(cfg["real_labels"]) if cfg["real_labels"] else None
     # The data first: a wrong data.root fails in seconds, before any checkpoint download.
-    loader = build_loader(cfg["data"], "val", rank=dist_info.rank, world_size=dist_info.world_size, device=device,
-                          channels_last=cfg["channels_last"])
+    loader, scored = _build_loader(cfg, dist_info, device)
     try:
         ckpt_path = resolve_checkpoint(cfg["checkpoint"], cfg["model"]["name"], dist_info)
         # A downloaded released file is read tensors-only; a local file the user named may hold RNG states too.
         checkpoint = read_checkpoint(ckpt_path, trusted=cfg["checkpoint"] != "released")
         model, model_cfg = build_model_for(cfg["model"], checkpoint, cfg["use_ema"])
         cfg = {**cfg, "model": model_cfg}
+        param_count = count_params(model)  # before BatchNorm folding
+        if cfg["testset"] or real is not None:
+            _check_imagenet1k_classes(model_cfg, checkpoint, cfg["testset"] or f"real_labels={cfg['real_labels']}")
         if loader.num_classes > model_cfg["num_classes"]:
             raise ValueError(f"{cfg['data'].get('root')} has {loader.num_classes} classes but the model predicts "
                              f"{model_cfg['num_classes']}; evaluate on the data set the checkpoint was trained for")
+        real_rows = None if real is None else real_label_rows(real, loader.paths, model_cfg["num_classes"],
+                                                              cfg["real_labels"])
         result = evaluate(_prepare(model, cfg, device), loader, device=device, amp=cfg["amp"],
                           channels_last=cfg["channels_last"], collect_predictions=cfg["save_predictions"],
-                          progress=cfg["progress"])
+                          progress=cfg["progress"], tta=cfg["tta"], class_subset=scored, real_labels=real_rows)
         classes = list(loader.classes)
     finally:
         loader.close()
     if not dist_info.is_main:
         return None
     name = model_cfg["name"]
-    published = published_for(cfg["checkpoint"], name) or published_for(ckpt_path, name)
-    out = _results(result, classes, cfg, ckpt_path, published, dist_info, device)
+    # Published numbers are ImageNet val's; the suite (scripts/eval_suite.py) holds those of the other sets.
+    published = None if cfg["testset"] else published_for(cfg["checkpoint"], name) or published_for(ckpt_path, name)
+    out = _results({**result, "param_count": param_count}, classes, cfg, ckpt_path, published, dist_info, device)
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -194,8 +253,12 @@ def evaluate_checkpoint(cfg: Any, out_dir: str | Path | None, dist_info: DistInf
 
 def summary_lines(out: dict) -> list[str]:
     """Human-readable lines: measured numbers, and published / measured / delta when published numbers exist."""
-    lines = [f"{out['model']}: top-1 {out['top1']:.3f}  top-5 {out['top5']:.3f}  loss {out['loss']:.4f}  "
-             f"on {out['count']} images  ({out['img_per_s']:.1f} img/s, world size {out['world_size']})"]
+    lines = [f"{out['model']} on {out['dataset']}: top-1 {out['top1']:.3f}  top-5 {out['top5']:.3f}  "
+             f"nll {out['nll']:.4f}  ece {out['ece']:.4f}  on {out['count']} images  ({out['img_per_s']:.1f} img/s, "
+             f"world size {out['world_size']})"]
+    if out.get("real_count"):
+        lines.append(f"ReaL: top-1 {out['real_top1']:.3f}  top-5 {out['real_top5']:.3f}  on {out['real_count']} "
+                     f"images with a non-empty ReaL list")
     p = out["published"]
     if p is not None:
         top5 = "" if p["top5"] is None else (f"   top-5 published {p['top5']:.3f} measured {out['top5']:.3f} "

@@ -5,8 +5,8 @@ Training: every step ends with one small all-reduce of (loss, stop request), so 
 step on a non-finite loss (``NonFiniteLossError``) and on a preemption signal (the epoch ends as 'preempted').
 
 Evaluation: every rank runs its own shard of the validation set (shards differ by at most one image and may yield a different
-number of batches), so no collective runs inside the loop. Afterwards the integer correct counts, the per-class counts
-and the summed loss are all-reduced and divided by the global image count: the result is the same for any world size,
+number of batches), so no collective runs inside the loop. Afterwards the integer counts (res2net.engine.eval_metrics)
+and the summed NLL are all-reduced and divided by the global image count: the result is the same for any world size,
 unlike averaging per-rank percentages over padded shards.
 """
 from __future__ import annotations
@@ -20,18 +20,19 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from res2net.engine.amp import autocast
 from res2net.engine.distributed import DistInfo, all_reduce_sum, unwrap_model
+from res2net.engine.eval_metrics import EvalTally, class_mask, restrict
 from res2net.engine.metrics import TrainProgress
 from res2net.engine.schedule import set_lr
 from res2net.engine.stop import StopRequest
 
-__all__ = ["NonFiniteLossError", "Outcome", "TrainState", "evaluate", "train_one_epoch", "train_step"]
+__all__ = ["NonFiniteLossError", "Outcome", "TTA_MODES", "TrainState", "evaluate", "train_one_epoch", "train_step"]
 
 PREDICTION_TOPK = 5
+TTA_MODES = ("none", "flip")
 
 
 class Outcome(str, enum.Enum):
@@ -164,16 +165,6 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
     return Outcome.FINISHED
 
 
-def _topk_hits(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
-    # Stays on the logits' device: no host synchronisation per batch.
-    if logits.ndim != 2 or targets.ndim != 1 or logits.shape[0] != targets.shape[0]:
-        raise ValueError(f"evaluate expects logits (N, C) and targets (N,), got {tuple(logits.shape)} "
-                         f"and {tuple(targets.shape)}")
-    maxk = min(max(ks), logits.shape[1])
-    hits = logits.topk(maxk, dim=1).indices.eq(targets.unsqueeze(1))
-    return torch.stack([hits[:, :min(k, maxk)].sum() for k in ks])
-
-
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -223,74 +214,72 @@ def _batches(loader: Iterable, progress: bool):
     return tqdm(loader, desc="eval", unit="batch", dynamic_ncols=True)
 
 
+def _log_probs(net: nn.Module, images: torch.Tensor, *, device: torch.device, amp: str, channels_last: bool,
+               tta: str, mask: torch.Tensor | None) -> torch.Tensor:
+    """(N, C) log-probabilities of the scored distribution: softmax over the allowed classes, averaged over the image
+    and its mirror with tta='flip'."""
+    views = [images, images.flip(3)] if tta == "flip" else [images]
+    out = []
+    for view in views:
+        if channels_last:
+            view = view.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            logits = net(view)
+        out.append(restrict(logits.float(), mask).log_softmax(dim=1))
+    return out[0] if len(out) == 1 else torch.stack(out).logsumexp(dim=0) - math.log(len(out))
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Any, *, device: torch.device | str, amp: str = "off",
-             channels_last: bool = False, collect_predictions: bool = False, progress: bool = False) -> dict:
-    """Loss, top-1/top-5 (percent) and per-class counts over the whole validation set, exact for any world size.
+             channels_last: bool = False, collect_predictions: bool = False, progress: bool = False,
+             tta: str = "none", class_subset: Sequence[int] | None = None,
+             real_labels: torch.Tensor | None = None) -> dict:
+    """Loss, top-1/top-5 (percent), calibration and per-class counts over the whole validation set, exact for any
+    world size.
 
     `loader` follows the data loader protocol: iterating yields (images, labels) of this rank's shard, every image of
     the set exactly once over all ranks; `loader.paths` (when present) names this rank's images in iteration order.
-    Returns loss, top1, top5, count, per_class_correct, per_class_count, seconds and img_per_s (global images over
-    this rank's wall time); with `collect_predictions`, 'predictions' on rank 0 (None elsewhere): one dict per image
-    (path, target, top5, top5_prob) in global sample order. The model's train/eval mode is restored afterwards.
+    Scores are the softmax of the logits; `tta='flip'` averages it over the image and its mirror; `class_subset`
+    restricts it to those class indices (ImageNet-R / -A: the arg-max over their logits). `real_labels`
+    (``eval_metrics.real_label_rows`` of this rank's images, in iteration order) adds ReaL top-1/top-5.
+    Returns loss and nll (both the mean negative log-likelihood), top1, top5, ece (``eval_metrics.ECE_BINS`` bins),
+    count, per_class_correct, per_class_count, [real_top1, real_top5, real_count,] seconds and img_per_s (global
+    images over this rank's wall time); with `collect_predictions`, 'predictions' on rank 0 (None elsewhere): one dict
+    per image (path, target, top5, top5_prob) in global sample order. The model's train/eval mode is restored.
     """
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta={tta!r} is not a test-time augmentation; use one of {TTA_MODES}")
     device = torch.device(device)
     net = unwrap_model(model)  # DDP's forward may broadcast buffers: uneven shards would hang in that collective
     num_classes = _num_classes(net, loader)
+    mask = class_mask(num_classes, class_subset, device)
     paths = getattr(loader, "paths", None)
     paths = [] if paths is None else list(paths)
     was_training = net.training
     net.eval()
 
-    # Accumulated on the device, moved to the host once: [top-1 hits, top-5 hits, per-class hits, per-class count].
-    stats = torch.zeros(2 + 2 * num_classes, dtype=torch.int64, device=device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    class_ids = torch.arange(num_classes, device=device)
+    tally = EvalTally(num_classes, device, real_labels)
     rows: list[dict] = []
-    seen = 0
     start = time.perf_counter()
     try:
         for images, targets in _batches(loader, progress):
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with autocast(device, amp):
-                logits = net(images)
-            logits = logits.float()
-            loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
-            stats[:2] += _topk_hits(logits, targets, (1, 5))
-            in_class = targets.unsqueeze(1).eq(class_ids)  # (N, C); boolean masks avoid a sync-inducing index
-            hit = logits.argmax(dim=1).eq(targets)
-            stats[2:2 + num_classes] += (in_class & hit.unsqueeze(1)).sum(dim=0)
-            stats[2 + num_classes:] += in_class.sum(dim=0)
+            log_probs = _log_probs(net, images, device=device, amp=amp, channels_last=channels_last, tta=tta,
+                                   mask=mask)
             if collect_predictions:
-                n = targets.shape[0]
+                n, seen = targets.shape[0], tally.seen
                 names = paths[seen:seen + n] if paths else [f"#{seen + j}" for j in range(n)]
-                rows += _prediction_rows(names, targets.cpu(), logits.softmax(dim=1).cpu())
-            seen += targets.shape[0]
+                rows += _prediction_rows(names, targets.cpu(), log_probs.exp().cpu())
+            tally.add(log_probs, targets)
     finally:
         net.train(was_training)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
 
-    reduce_dev = _reduce_device(device)
-    counts = all_reduce_sum(torch.cat([stats.to(reduce_dev), torch.tensor([seen], device=reduce_dev)])).cpu()
-    loss_total = float(all_reduce_sum(loss_sum.to(reduce_dev)).cpu())
-    count = int(counts[-1])
-    if count == 0:
-        raise RuntimeError("evaluate() saw no images: the validation loader is empty on every rank")
-    result = {
-        "loss": loss_total / count,
-        "top1": 100.0 * int(counts[0]) / count,
-        "top5": 100.0 * int(counts[1]) / count,
-        "count": count,
-        "per_class_correct": counts[2:2 + num_classes].tolist(),
-        "per_class_count": counts[2 + num_classes:-1].tolist(),
-        "seconds": seconds,
-        "img_per_s": count / seconds if seconds > 0 else float("nan"),
-    }
+    result = tally.result(_reduce_device(device))
+    result.update(seconds=seconds, img_per_s=result["count"] / seconds if seconds > 0 else float("nan"))
     if collect_predictions:
         result["predictions"] = _gather_predictions(rows)
     return result
