@@ -108,6 +108,7 @@ def loader_from_samples(samples: Sequence[tuple[str, int]], classes: Sequence[st
                         dtype: torch.dtype):
     """The torchvision or DALI Loader over an explicit [(path, label)] list whose labels index ``classes``:
     ``build_loader``'s scan of <root>/<split> is one source, ``res2net.data.testsets`` (evaluation sets) another."""
+    common = dict(rank=rank, world_size=world_size, seed=seed, device=device)
     normalizer = Normalizer(cfg.mean, cfg.std, device, dtype, channels_last)
     if cfg.backend == "torchvision":
         from .loader_torchvision import TorchvisionLoader
