@@ -34,5 +34,14 @@ eval: $(STAMP)
 	@test -n "$(DATA)" || { echo "usage: make eval DATA=<imagenet root with val/> [BACKEND=torchvision|dali] [MODELS=\"res2net50_26w_4s ...\"]"; exit 2; }
 	$(PY) scripts/eval_released.py --data "$(DATA)" --backend $(BACKEND) $(if $(MODELS),--models $(MODELS))
 
+.PHONY: eval-suite
+CHECKPOINT ?=
+ROOTS ?=
+SUITE_ARGS ?=
+
+eval-suite: $(STAMP)
+	@test -n "$(CHECKPOINT)" -a -n "$(ROOTS)" || { echo "usage: make eval-suite CHECKPOINT=<released model name or checkpoint path> ROOTS=<folder holding the evaluation sets> [SUITE_ARGS=\"--out-dir DIR data.backend=dali ...\"]"; exit 2; }
+	$(PY) scripts/eval_suite.py --checkpoint "$(CHECKPOINT)" --roots "$(ROOTS)" $(SUITE_ARGS)
+
 bench: $(STAMP)
 	MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 $(PY) scripts/benchmark.py $(BENCH_ARGS)

@@ -1,5 +1,6 @@
 """evaluate.py end to end on real JPEGs: results.json / predictions.csv, and a real 2-process torchrun run that
-counts each of 101 images once and matches world size 1 exactly, with both backends (torchvision and DALI on CPU)."""
+counts each of 101 images once and matches world size 1 exactly, with both backends (torchvision and DALI on CPU);
+ReaL labels against a hand count at world size 1 and 2."""
 import csv
 import json
 import os
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 
 import res2net
+from eval_set_helpers import tiny_1k_checkpoint, write_imagenet_val
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_IMAGES = 101  # prime: shards of 51 + 50, uneven batches
@@ -126,3 +128,45 @@ def test_torchrun_two_processes_equal_world_size_one(tmp_path, folder, checkpoin
     for r1, r2 in zip(p1, p2):
         assert float(r2["prob1"]) == pytest.approx(float(r1["prob1"]), abs=1e-5)
     assert not any(Path(tmp_path).glob("ws2/*/results.json"))  # one output directory for both ranks
+
+
+@pytest.fixture(scope="module")
+def val_1k(tmp_path_factory):
+    """A 1,000-class checkpoint and <root>/val/<wnid>/ILSVRC2012_val_<n>.JPEG: 15 photographs in 3 classes."""
+    root = tmp_path_factory.mktemp("val1k")
+    write_imagenet_val(root, per_class=5)
+    return root, tiny_1k_checkpoint(root / "tiny1k.pth")
+
+
+def _real_by_hand(rows: list[dict], real: list[list[int]]) -> tuple[float, float, int]:
+    hit1 = hit5 = count = 0
+    for r in rows:
+        labels = real[int(Path(r["path"]).name[len("ILSVRC2012_val_"):][:8]) - 1]
+        if labels:
+            count += 1
+            hit1 += int(r["top1"]) in labels
+            hit5 += any(int(r[f"top{k}"]) in labels for k in range(1, 6))
+    return 100 * hit1 / count, 100 * hit5 / count, count
+
+
+def test_real_labels_against_a_hand_count_at_world_size_1_and_2(tmp_path, val_1k):
+    root, ckpt = val_1k
+    plain, _ = _evaluate(tmp_path / "plain", root, ckpt, "save_predictions=true", "data.backend=torchvision")
+    assert "real_top1" not in plain
+    rows = _predictions(tmp_path / "plain")
+    # ReaL lists in file-name order: empty, the predicted class alone, it second of two, two others, ...
+    real = []
+    for i, r in enumerate(sorted(rows, key=lambda r: Path(r["path"]).name)):
+        top1 = int(r["top1"])
+        real.append([[], [top1], [(top1 + 1) % 1000, top1], [(top1 + 1) % 1000, (top1 + 2) % 1000]][i % 4])
+    (tmp_path / "real.json").write_text(json.dumps(real + [[5]]))  # one list more: a shorter folder than val
+    top1, top5, count = _real_by_hand(rows, real)
+    assert count == 11 and 0 < top1 < 100
+    for nproc in (1, 2):
+        out, proc = _evaluate(tmp_path / f"ws{nproc}", root, ckpt, f"real_labels={tmp_path / 'real.json'}",
+                              "data.backend=torchvision", nproc=nproc)
+        assert out["world_size"] == nproc and out["count"] == 15 and out["real_count"] == count
+        assert out["real_top1"] == pytest.approx(top1) and out["real_top5"] == pytest.approx(top5)
+        assert "ReaL: top-1" in proc.stderr + proc.stdout
+        for key in ("ece", "nll", "param_count"):
+            assert key in out
