@@ -143,3 +143,21 @@ def test_flip_tta_is_the_mean_of_the_two_softmaxes():
     assert not torch.allclose(probs, plain, atol=1e-3)  # the mirror changed the scores: the test can fail
     with pytest.raises(ValueError, match="tta='crop'"):
         evaluate(net, Loader(), device="cpu", tta="crop")
+
+
+def test_real_scoring_matches_timm_reference(tmp_path):
+    from timm.data import RealLabelsImagenet  # timm's validate.py scorer, as a reference
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(20, 10, generator=g)
+    targets = torch.randint(0, 10, (20,), generator=g).tolist()
+    real = [torch.randperm(10, generator=g)[:i % 4].tolist() for i in range(20)]  # 0 to 3 labels each
+    (tmp_path / "real.json").write_text(json.dumps(real))
+    loader = Batches(targets, 10)
+    reference = RealLabelsImagenet(loader.paths, real_json=str(tmp_path / "real.json"))
+    reference.add_result(logits)
+    r = evaluate(Fixed(logits.tolist()), loader, device="cpu",
+                 real_labels=real_label_rows(read_real_labels(tmp_path / "real.json"), loader.paths, 10))
+    assert r["real_count"] == 15
+    assert r["real_top1"] == pytest.approx(reference.get_accuracy(1))
+    assert r["real_top5"] == pytest.approx(reference.get_accuracy(5))
+    assert 0 < r["real_top1"] < r["real_top5"] < 100
