@@ -40,7 +40,8 @@ ROOTS ?=
 SUITE_ARGS ?=
 
 eval-suite: $(STAMP)
-	@test -n "$(CHECKPOINT)" -a -n "$(ROOTS)" || { echo "usage: make eval-suite CHECKPOINT=<released model name or checkpoint path> ROOTS=<folder holding the evaluation sets> [SUITE_ARGS=\"--out-dir DIR data.backend=dali ...\"]"; exit 2; }
+	@test -n "$(CHECKPOINT)" -a -n "$(ROOTS)" || { echo "usage: make eval-suite CHECKPOINT=<model name or .pth>" \
+		"ROOTS=<folder holding the sets> [SUITE_ARGS=...] (scripts/eval_suite.py --help)"; exit 2; }
 	$(PY) scripts/eval_suite.py --checkpoint "$(CHECKPOINT)" --roots "$(ROOTS)" $(SUITE_ARGS)
 
 bench: $(STAMP)
