@@ -31,7 +31,7 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     # Rank and device are read here, in the process that trains: Hydra's submitit launcher pickles this function with
     # its globals and runs it on another machine, so nothing machine-specific may be computed at import.
-    with distributed.process_group() as info, StopRequest() as stop:  # stop: open until the process exits
+    with distributed.process_group(cfg.trainer.device) as info, StopRequest() as stop:  # stop: open until the process exits
         if not info.is_main:  # one console: rank 0 reports progress, the others only warnings and errors
             logging.getLogger().setLevel(logging.WARNING)
         run_dir = HydraConfig.get().runtime.output_dir

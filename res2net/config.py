@@ -46,6 +46,7 @@ RUN_TIME_ENV = "RES2NET_RUN_TIME"
 
 
 class Amp(enum.Enum):
+    auto = "auto"  # bf16 on CUDA GPUs that compute it natively (Ampere and later), off elsewhere (the CPU)
     off = "off"  # fp32 everywhere
     bf16 = "bf16"  # autocast to bfloat16, no loss scaling
     fp16 = "fp16"  # autocast to float16 with a GradScaler (its skipped steps are counted, not errors)
@@ -97,8 +98,9 @@ class ScheduleConfig:
 
 @dataclass
 class TrainerConfig:
-    amp: Amp = Amp.off
-    channels_last: bool = False
+    device: str = "auto"  # auto (this rank's GPU when torch sees one, else the CPU) | cuda (a GPU or an error) | cpu
+    amp: Amp = Amp.auto
+    channels_last: str = "auto"  # auto (on where amp=auto picks bf16) | true | false
     compile: bool = False  # torch.compile the model (after the DDP wrap)
     sync_bn: bool = False  # SyncBatchNorm across ranks; CUDA only (an error on CPU)
     # Exponential moving average of the weights, evaluated alongside them every epoch; 0 = off (e.g. 0.9998).
@@ -137,12 +139,12 @@ class EvalConfig:
     # otherwise the path of a released file or of any checkpoint train.py wrote.
     checkpoint: str = "released"
     use_ema: bool = False  # evaluate the EMA weights of a train.py checkpoint
-    amp: Amp = Amp.off  # autocast dtype of the forward pass (same knob as trainer.amp)
-    channels_last: bool = True
+    amp: Amp = Amp.auto  # autocast dtype of the forward pass (same knob as trainer.amp)
+    channels_last: str = "auto"  # auto | true | false (same knob as trainer.channels_last)
     compile: bool = False  # torch.compile the prepared model
     # Fold BatchNorm into the convs (res2net.prepare_for_inference); outputs unchanged within float tolerance.
     fold_bn: bool = True
-    device: str = "auto"  # auto (the local GPU under torchrun, else the CPU) | cpu | cuda
+    device: str = "auto"  # auto | cuda | cpu (same knob as trainer.device)
     save_predictions: bool = False  # also write predictions.csv (path, target, top-5 indices and probabilities)
     progress: bool = True  # progress bar on rank 0
 

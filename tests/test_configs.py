@@ -47,7 +47,7 @@ def test_cfg_job_shows_the_paper_recipe_for_26w_8s(tmp_path):
     assert job["schedule"]["epochs"] == 100 and job["schedule"]["milestones"] == [30, 60, 90]
     assert job["data"]["backend"] == "dali" and job["data"]["batch_size"] == 64
     assert (job["data"]["img_size"], job["data"]["crop_pct"], job["data"]["interpolation"]) == (224, 0.875, "bilinear")
-    assert job["label_smoothing"] == 0.0 and job["trainer"]["amp"] == "off"
+    assert job["label_smoothing"] == 0.0 and job["trainer"]["amp"] == "auto"  # bf16 on GPUs with native bf16
     assert not list(tmp_path.iterdir()), "--cfg job must not create a run directory"
 
 

@@ -47,7 +47,7 @@ def format_eta(seconds: float) -> str:
 
 
 class Throughput:
-    """Images per second and the fraction of wall time spent waiting for data, over a window of steps."""
+    """Images per second, the fraction of wall time spent waiting for data and the mean loss, over a window of steps."""
 
     def __init__(self):
         self.reset()
@@ -58,16 +58,16 @@ class Throughput:
         self.images = 0
         self.steps = 0
         self.loss_sum = 0.0
+        self.losses = 0
 
-    def add(self, images: int, data_wait: float, loss: float) -> None:
+    def add(self, images: int, data_wait: float) -> None:
         self.images += images
         self.data_wait += data_wait
         self.steps += 1
-        self.loss_sum += loss
 
     def summary(self) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        return {"loss": self.loss_sum / max(self.steps, 1), "img_per_s": self.images / elapsed,
+        return {"loss": self.loss_sum / max(self.losses, 1), "img_per_s": self.images / elapsed,
                 "data_wait_frac": min(self.data_wait / elapsed, 1.0), "step_time_s": elapsed / max(self.steps, 1)}
 
 
@@ -133,6 +133,7 @@ class TrainProgress:
         self.log_interval, self.world_size = log_interval, world_size
         self.window = Throughput()
         self._fetch_start = time.perf_counter()
+        self._waited = 0.0
 
     def batches(self, loader: Iterable) -> Iterator:
         """``loader``'s batches, timing how long each one was waited for."""
@@ -143,10 +144,18 @@ class TrainProgress:
             yield batch
             self._fetch_start = time.perf_counter()
 
-    def step(self, state: Any, images: int, loss: float, lr: float) -> None:
-        """Count one finished step of ``images`` per rank; log when the interval or the epoch ends."""
-        self.window.add(images * self.world_size, self._waited, loss)
-        if state.step_in_epoch % self.log_interval and state.step_in_epoch != self.steps_per_epoch:
+    def due(self, state: Any) -> bool:
+        """Whether the step ``state`` just finished ends a logging window."""
+        return state.step_in_epoch % self.log_interval == 0 or state.step_in_epoch == self.steps_per_epoch
+
+    def add_loss(self, loss: float) -> None:
+        self.window.loss_sum += loss
+        self.window.losses += 1
+
+    def step(self, state: Any, images: int, lr: float) -> None:
+        """Count one finished step of ``images`` per rank; log when the window ends (its losses already added)."""
+        self.window.add(images * self.world_size, self._waited)
+        if not self.due(state):
             return
         stats = self.window.summary()
         record = {"kind": "train", "epoch": state.epoch, "step": state.global_step, "loss": stats["loss"], "lr": lr,

@@ -28,7 +28,7 @@ from res2net.config import check_train_config, to_dict
 from res2net.data import build_loader
 from res2net.models import create_model
 
-from .amp import amp_name
+from .amp import resolve_amp, resolve_channels_last
 from .checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -83,14 +83,14 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _build_model(cfg: Any, num_classes: int, dist: DistInfo) -> nn.Module:
+def _build_model(cfg: Any, num_classes: int, dist: DistInfo, channels_last: bool) -> nn.Module:
     m = cfg.model
     knobs = ("layers", "base_width", "scale", "cardinality", "stem", "avg_down", "zero_init_last", "drop_rate")
     model = create_model(m.name, num_classes=num_classes, **{k: m[k] for k in knobs})
     if cfg.trainer.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(dist.device)
-    if cfg.trainer.channels_last:
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
 
@@ -152,8 +152,12 @@ def train(cfg: Any, run_dir: str | os.PathLike, dist: DistInfo | None = None,
     run_dir = Path(run_dir)
     check_train_config(cfg)
     _check_machine(cfg, dist)
-    amp = amp_name(cfg.trainer.amp, "trainer.amp")
+    amp = resolve_amp(cfg.trainer.amp, dist.device, "trainer.amp")
+    channels_last = resolve_channels_last(cfg.trainer.channels_last, dist.device, "trainer.channels_last")
     config = to_dict(cfg)
+    # What auto became on this machine: recorded in config.yaml and checkpoints, so a resume on a machine where it
+    # would resolve differently (another trajectory) is refused by check_compatible.
+    config["trainer"].update(amp=amp, channels_last=channels_last, device=dist.device.type)
     _set_determinism(cfg.trainer.deterministic, dist.device)
     resume_path = resolve_resume(cfg.resume, run_dir)
     if cfg.resume == "auto" and resume_path is None and dist.is_main:
@@ -163,7 +167,7 @@ def train(cfg: Any, run_dir: str | os.PathLike, dist: DistInfo | None = None,
     if ckpt is not None:
         check_compatible(ckpt["config"], config, path=resume_path)
     loader_args = dict(rank=dist.rank, world_size=dist.world_size, seed=cfg.trainer.seed, device=dist.device,
-                       channels_last=cfg.trainer.channels_last)
+                       channels_last=channels_last)
     train_loader = build_loader(cfg.data, "train", **loader_args)
     val_loader = writer = None
     try:
@@ -178,7 +182,7 @@ def train(cfg: Any, run_dir: str | os.PathLike, dist: DistInfo | None = None,
         writer = MetricsWriter(run_dir, dist.is_main, ckpt["global_step"] if ckpt is not None else None)
 
         torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank
-        model = _build_model(cfg, _num_classes(cfg, train_loader), dist)
+        model = _build_model(cfg, _num_classes(cfg, train_loader), dist, channels_last)
         ema = ModelEma(model, cfg.trainer.ema_decay) if cfg.trainer.ema_decay > 0 else None
         global_batch = cfg.data.batch_size * dist.world_size
         optimizer = build_optimizer(model, cfg.optim, global_batch)
@@ -196,9 +200,10 @@ def train(cfg: Any, run_dir: str | os.PathLike, dist: DistInfo | None = None,
             _seed_all(cfg.trainer.seed + dist.rank)  # the training stream of this rank
         del ckpt
         base_lr = scaled_lr(cfg.optim.lr, global_batch, cfg.optim.base_batch)
-        log.info("%s: %.2fM parameters, %d process(es) x batch %d = %d, base lr %.4g, %d steps/epoch, %d epochs",
-                 cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6, dist.world_size,
-                 cfg.data.batch_size, global_batch, base_lr, steps_per_epoch, cfg.schedule.epochs)
+        log.info("%s: %.2fM parameters on %s (amp %s, channels_last %s), %d process(es) x batch %d = %d, base lr "
+                 "%.4g, %d steps/epoch, %d epochs", cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6,
+                 dist.device, amp, channels_last, dist.world_size, cfg.data.batch_size, global_batch, base_lr,
+                 steps_per_epoch, cfg.schedule.epochs)
         progress = TrainProgress(writer, dist.device, epochs=cfg.schedule.epochs, steps_per_epoch=steps_per_epoch,
                                  log_interval=cfg.trainer.log_interval, world_size=dist.world_size)
         epoch_args = dict(
@@ -208,7 +213,7 @@ def train(cfg: Any, run_dir: str | os.PathLike, dist: DistInfo | None = None,
         running = wrap_model(model, dist, compile=cfg.trainer.compile)
         with contextlib.nullcontext(stop) if stop is not None else StopRequest() as request:
             result = _run_epochs(cfg, running, ema, train_loader, val_loader, optimizer, scaler, criterion, state,
-                                 save, writer, request, dist, amp, epoch_args)
+                                 save, writer, request, dist, amp, channels_last, epoch_args)
         barrier()
         return result
     finally:
@@ -221,7 +226,7 @@ def train(cfg: Any, run_dir: str | os.PathLike, dist: DistInfo | None = None,
 
 def _run_epochs(cfg, model, ema, train_loader, val_loader, optimizer, scaler, criterion, state: TrainState,
                 save: _Saver, writer: MetricsWriter, stop: StopRequest, dist: DistInfo, amp: str,
-                epoch_args: dict) -> TrainResult:
+                channels_last: bool, epoch_args: dict) -> TrainResult:
     """The epoch loop: train, validate, record, checkpoint by the save rules; stop at max_steps or a signal."""
     epochs, t, val = cfg.schedule.epochs, cfg.trainer, None
     steps_per_epoch = len(train_loader)
@@ -247,7 +252,7 @@ def _run_epochs(cfg, model, ema, train_loader, val_loader, optimizer, scaler, cr
                 log.warning("stop requested by signal: checkpoint at %s", state.where(steps_per_epoch))
             return result(Outcome.PREEMPTED, save())
         partial_epoch = state.step_in_epoch < steps_per_epoch
-        val = _validate(model, ema, val_loader, dist.device, amp, t.channels_last)
+        val = _validate(model, ema, val_loader, dist.device, amp, channels_last)
         log_epoch(writer, state, val, epochs=epochs, lr=optimizer.param_groups[0]["lr"],
                   seconds=time.perf_counter() - start, global_batch=cfg.data.batch_size * dist.world_size,
                   world_size=dist.world_size, device=dist.device, partial=partial_epoch)
