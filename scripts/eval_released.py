@@ -6,8 +6,8 @@
 Missing checkpoints are downloaded into the cache and verified (res2net.models.pretrained; RES2NET_MIRRORS and
 RES2NET_CACHE apply). Each model is evaluated at 224 px with a 0.875 crop (the published protocol) by the same code
 as evaluate.py, and a table is printed and written as Markdown and CSV to --out-dir: model, params, GMACs, published
-and measured top-1/top-5, delta, img/s. The exit status is 1 when a |delta| (top-1 or top-5) exceeds its tolerance:
-0.1 points, 0.3 for res2net50_26w_8s, whose published figure moved between timm's result tables.
+and measured top-1/top-5, delta, img/s. The exit status is 1 when a |delta| (top-1 or top-5) exceeds the model's
+tolerance (res2net.models.variants, or --tolerance for every model).
 
 --backend torchvision is the reference path (PIL decoding, how the published numbers were measured). With
 --backend dali the table also gives DALI's top-1 delta to the reference path, from the reference results already in
@@ -15,7 +15,8 @@ and measured top-1/top-5, delta, img/s. The exit status is 1 when a |delta| (top
 
 --published FILE replaces the built-in list of released checkpoints with a JSON object (for private model zoos and
 tests): {"<model name>": {"file": "<name>-<sha256 prefix>.pth", "top1": 77.99, "top5": 93.86,
-"tolerance": 0.1, "overrides": {"num_classes": 10, "base_width": 4, ...}}}; top1/top5 may be null.
+"tolerance": 0.1, "overrides": {"num_classes": 10, "base_width": 4, ...}}}; top1/top5 may be null; "overrides" takes
+the model config keys (res2net.models.CONFIG_KEYS).
 """
 from __future__ import annotations
 
@@ -31,12 +32,12 @@ import torch
 
 from res2net.engine.distributed import init_distributed
 from res2net.engine.eval_run import RESULTS_FILE, run_evaluation
-from res2net.models.pretrained import RELEASED, download_checkpoint
+from res2net.models import RELEASED, VARIANTS, download_checkpoint, model_from_config
+from res2net.models.stats import count_macs, count_params
+from res2net.models.variants import DEFAULT_TOLERANCE
 
 log = logging.getLogger("eval_released")
 
-DEFAULT_TOLERANCE = 0.1
-TOLERANCES = {"res2net50_26w_8s": 0.3}
 REFERENCE_BACKEND = "torchvision"
 COLUMNS = ("model", "params_m", "gmacs", "published_top1", "published_top5", "top1", "top5", "delta_top1",
            "delta_top5", "img_per_s", "tolerance", "status")
@@ -53,12 +54,18 @@ class Entry:
     overrides: dict = field(default_factory=dict)
 
 
-def released_entries(tolerance: float = DEFAULT_TOLERANCE) -> dict[str, Entry]:
-    return {name: Entry(name, r.file, r.top1, r.top5, TOLERANCES.get(name, tolerance))
-            for name, r in RELEASED.items()}
+def _tolerance(name: str, tolerance: float | None) -> float:
+    """--tolerance when given, else the variant's own, else the default."""
+    if tolerance is not None:
+        return tolerance
+    return VARIANTS[name].tolerance if name in VARIANTS else DEFAULT_TOLERANCE
 
 
-def entries_from_json(path: str | Path, tolerance: float = DEFAULT_TOLERANCE) -> dict[str, Entry]:
+def released_entries(tolerance: float | None = None) -> dict[str, Entry]:
+    return {name: Entry(name, v.file, v.top1, v.top5, _tolerance(name, tolerance)) for name, v in RELEASED.items()}
+
+
+def entries_from_json(path: str | Path, tolerance: float | None = None) -> dict[str, Entry]:
     table = json.loads(Path(path).read_text())
     allowed = {"file", "top1", "top5", "tolerance", "overrides"}
     entries = {}
@@ -67,7 +74,7 @@ def entries_from_json(path: str | Path, tolerance: float = DEFAULT_TOLERANCE) ->
         if unknown or "file" not in spec:
             raise ValueError(f"{path}: entry {name!r} needs 'file' and may have {sorted(allowed)}; got {sorted(spec)}")
         entries[name] = Entry(name, spec["file"], spec.get("top1"), spec.get("top5"),
-                              spec.get("tolerance", TOLERANCES.get(name, tolerance)), dict(spec.get("overrides", {})))
+                              spec.get("tolerance", _tolerance(name, tolerance)), dict(spec.get("overrides", {})))
     return entries
 
 
@@ -78,20 +85,20 @@ def select(entries: dict[str, Entry], names: list[str] | None) -> list[Entry]:
     return [entries[n] for n in (names or sorted(entries))]
 
 
+def model_config(entry: Entry) -> dict:
+    """The model config of an entry: its variant (1000 classes) with the entry's overrides."""
+    return {"name": entry.name, "num_classes": 1000, **entry.overrides}
+
+
 def model_stats(entry: Entry, img_size: int) -> tuple[float, float]:
     """(parameters in millions, GMACs at img_size), counted on a weightless (meta) copy."""
-    import res2net
-    from res2net.models.stats import count_macs, count_params
-    overrides = dict(entry.overrides)
-    num_classes = overrides.pop("num_classes", 1000)
     with torch.device("meta"):
-        model = res2net.create_model(entry.name, num_classes=num_classes, **overrides)
+        model = model_from_config(model_config(entry))
     return count_params(model) / 1e6, count_macs(model, img_size) / 1e9
 
 
 def eval_config(entry: Entry, checkpoint: Path, args: argparse.Namespace, backend: str) -> dict:
-    overrides = dict(entry.overrides)
-    model = {"name": entry.name, "num_classes": overrides.pop("num_classes", 1000), **overrides}
+    model = model_config(entry)
     data = {"root": args.data, "backend": backend, "batch_size": args.batch_size, "num_workers": args.workers,
             "img_size": args.img_size, "crop_pct": args.crop_pct, "interpolation": "bilinear"}
     return {"model": model, "data": data, "checkpoint": str(checkpoint), "use_ema": False, "amp": args.amp,
@@ -184,8 +191,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--crop-pct", type=float, default=0.875)
     p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                   help="allowed |delta| in points (default %(default)s; res2net50_26w_8s always 0.3)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="allowed |delta| in points for every model (default: each model's own in "
+                        f"res2net.models.variants, {DEFAULT_TOLERANCE} unless stated there)")
     p.add_argument("--published", default=None, help="JSON table replacing the released list (see above)")
     p.add_argument("--out-dir", default="outputs/eval_released")
     p.add_argument("--no-progress", action="store_true")

@@ -156,6 +156,9 @@ def test_errors_name_the_choices(env, folder, server, capsys):
 
 def test_released_table_defaults():
     entries = eval_released.released_entries()
-    assert set(entries) == set(res2net.models.pretrained.RELEASED)
+    assert set(entries) == set(res2net.models.RELEASED)
     assert entries["res2net50_26w_8s"].tolerance == 0.3 and entries["res2net50_26w_4s"].tolerance == 0.1
     assert entries["res2net50_26w_4s"].top1 == pytest.approx(77.994)
+    assert entries["res2net50_26w_4s"].file == "res2net50_26w_4s-06e79181.pth"
+    # --tolerance replaces every model's own
+    assert {e.tolerance for e in eval_released.released_entries(0.5).values()} == {0.5}

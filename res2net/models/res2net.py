@@ -5,18 +5,16 @@ Paper: Gao et al., "Res2Net: A New Multi-Scale Backbone Architecture", TPAMI 43(
 
 Module and parameter names (``conv1``, ``bn1``, ``layer1``, ``convs.i``, ``bns.i``, ``downsample``, ``fc``, ...)
 are fixed: the released checkpoints load into this module tree with ``strict=True`` and without any key renaming.
-Do not rename them.
+Do not rename them. The variants and their arguments are listed in ``variants.py``.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from .registry import register_model
 
 __all__ = ['Bottle2neck', 'Res2Net', 'STEMS']
 
@@ -228,60 +226,3 @@ class Res2Net(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-
-_R50 = (3, 4, 6, 3)
-_R101 = (3, 4, 23, 3)
-
-
-@register_model
-def res2net50_26w_4s(**overrides) -> Res2Net:
-    """Res2Net-50, 26w x 4s."""
-    return Res2Net(**{**dict(layers=_R50, base_width=26, scale=4), **overrides})
-
-
-@register_model
-def res2net50_26w_6s(**overrides) -> Res2Net:
-    """Res2Net-50, 26w x 6s."""
-    return Res2Net(**{**dict(layers=_R50, base_width=26, scale=6), **overrides})
-
-
-@register_model
-def res2net50_26w_8s(**overrides) -> Res2Net:
-    """Res2Net-50, 26w x 8s."""
-    return Res2Net(**{**dict(layers=_R50, base_width=26, scale=8), **overrides})
-
-
-@register_model
-def res2net50_48w_2s(**overrides) -> Res2Net:
-    """Res2Net-50, 48w x 2s."""
-    return Res2Net(**{**dict(layers=_R50, base_width=48, scale=2), **overrides})
-
-
-@register_model
-def res2net50_14w_8s(**overrides) -> Res2Net:
-    """Res2Net-50, 14w x 8s."""
-    return Res2Net(**{**dict(layers=_R50, base_width=14, scale=8), **overrides})
-
-
-@register_model
-def res2net101_26w_4s(**overrides) -> Res2Net:
-    """Res2Net-101, 26w x 4s."""
-    return Res2Net(**{**dict(layers=_R101, base_width=26, scale=4), **overrides})
-
-
-@register_model
-def res2next50(**overrides) -> Res2Net:
-    """Res2NeXt-50, 4w x 4s x 8 groups."""
-    return Res2Net(**{**dict(layers=_R50, base_width=4, scale=4, cardinality=8), **overrides})
-
-
-@register_model
-def res2net50d(**overrides) -> Res2Net:
-    """Res2Net-50-D, 26w x 4s, deep stem and average-pool shortcut downsampling."""
-    return Res2Net(**{**dict(layers=_R50, base_width=26, scale=4, stem='deep', avg_down=True), **overrides})
-
-
-@register_model
-def res2net101d(**overrides) -> Res2Net:
-    """Res2Net-101-D, 26w x 4s, deep stem and average-pool shortcut downsampling."""
-    return Res2Net(**{**dict(layers=_R101, base_width=26, scale=4, stem='deep', avg_down=True), **overrides})
