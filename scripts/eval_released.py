@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from res2net.engine.distributed import init_distributed
-from res2net.engine.eval_run import RESULTS_FILE, run_evaluation
+from res2net.engine.eval_job import RESULTS_FILE, evaluate_checkpoint
 from res2net.models import RELEASED, VARIANTS, download_checkpoint, model_from_config
 from res2net.models.stats import count_macs, count_params
 from res2net.models.variants import DEFAULT_TOLERANCE
@@ -114,7 +114,7 @@ def _same_evaluation(saved: dict, cfg: dict, sha256: str) -> bool:
 
 def evaluate_backend(entry: Entry, checkpoint: Path, args: argparse.Namespace, backend: str, dist_info) -> dict:
     cfg = eval_config(entry, checkpoint, args, backend)
-    return run_evaluation(cfg, Path(args.out_dir) / entry.name / backend, dist_info)
+    return evaluate_checkpoint(cfg, Path(args.out_dir) / entry.name / backend, dist_info)
 
 
 def reference_top1(entry: Entry, checkpoint: Path, measured: dict, args: argparse.Namespace, dist_info) -> float:

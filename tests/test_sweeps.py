@@ -56,8 +56,7 @@ def test_ablation_preset_sweeps_the_intended_values(preset):
 
 def model_macs(name: str) -> int:
     model_cfg = compose_train([f"model={name}"]).model
-    model = res2net.create_model(model_cfg.name, layers=list(model_cfg.layers), base_width=model_cfg.base_width,
-                                 scale=model_cfg.scale)
+    model = res2net.models.model_from_config(model_cfg)
     return count_macs(model, img_size=112)
 
 

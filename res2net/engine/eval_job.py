@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from res2net.engine.distributed import DistInfo, barrier
+from res2net.engine.amp import resolve_amp, resolve_channels_last
+from res2net.engine.distributed import DistInfo, barrier, select_device
 from res2net.config import to_dict
 from res2net.engine.loops import PREDICTION_TOPK, evaluate
 
@@ -29,7 +30,6 @@ log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 PREDICTIONS_FILE = "predictions.csv"
-_MODEL_KEYS = ("layers", "base_width", "scale", "cardinality", "stem", "avg_down", "zero_init_last", "drop_rate")
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,7 @@ def build_model_for(model_cfg: Mapping, checkpoint: Mapping, use_ema: bool = Fal
     """(model with the checkpoint's weights loaded strictly, the model config used). num_classes null -> the
     classifier's size in the checkpoint."""
     import res2net
+    from res2net.models import model_from_config, resolve_model_config
     from res2net.models.pretrained import extract_state_dict
     cfg = _model_config(model_cfg, checkpoint)
     state = extract_state_dict(checkpoint, use_ema=use_ema)
@@ -90,8 +91,8 @@ def build_model_for(model_cfg: Mapping, checkpoint: Mapping, use_ema: bool = Fal
             raise ValueError("model.num_classes is null and the checkpoint has no fc.weight to infer it from; "
                              "set model.num_classes")
         cfg["num_classes"] = int(state["fc.weight"].shape[0])
-    overrides = {k: cfg[k] for k in _MODEL_KEYS if cfg.get(k) is not None}
-    model = res2net.create_model(cfg["name"], num_classes=cfg["num_classes"], **overrides)
+    cfg = resolve_model_config(cfg)
+    model = model_from_config(cfg)
     res2net.load_pretrained(model, state)
     return model, cfg
 
@@ -109,12 +110,7 @@ def published_for(checkpoint: str | Path, model_name: str) -> Published | None:
 def _resolve_device(spec: str, dist_info: DistInfo) -> torch.device:
     if spec == "auto":
         return dist_info.device
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={spec!r} but CUDA is not available here; use device=cpu or device=auto")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", dist_info.local_rank)
-    return device
+    return select_device(spec, dist_info.local_rank, dist_info.world_size)
 
 
 def _prepare(model: nn.Module, cfg: Mapping, device: torch.device) -> nn.Module:
@@ -160,6 +156,9 @@ def evaluate_checkpoint(cfg: Any, out_dir: str | Path | None, dist_info: DistInf
     from res2net.data import build_loader
     cfg = to_dict(cfg)
     device = _resolve_device(cfg["device"], dist_info)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input shapes: let cuDNN pick its fastest kernels
+    cfg["amp"] = resolve_amp(cfg["amp"], device)  # what auto became, also in results.json
+    cfg["channels_last"] = resolve_channels_last(cfg["channels_last"], device, inference=cfg["fold_bn"])
     # The data first: a wrong data.root fails in seconds, before any checkpoint download.
     loader = build_loader(cfg["data"], "val", rank=dist_info.rank, world_size=dist_info.world_size, device=device,
                           channels_last=cfg["channels_last"])

@@ -26,7 +26,7 @@ from torch import nn
 
 from res2net.config import check_train_config, to_dict
 from res2net.data import build_loader
-from res2net.models import create_model
+from res2net.models import model_from_config, resolve_model_config
 
 from .amp import resolve_amp, resolve_channels_last
 from .checkpoint import (
@@ -84,9 +84,7 @@ def _seed_all(seed: int) -> None:
 
 
 def _build_model(cfg: Any, num_classes: int, dist: DistInfo, channels_last: bool) -> nn.Module:
-    m = cfg.model
-    knobs = ("layers", "base_width", "scale", "cardinality", "stem", "avg_down", "zero_init_last", "drop_rate")
-    model = create_model(m.name, num_classes=num_classes, **{k: m[k] for k in knobs})
+    model = model_from_config(cfg.model, num_classes=num_classes)
     if cfg.trainer.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(dist.device)
@@ -155,6 +153,7 @@ def train(cfg: Any, run_dir: str | os.PathLike, dist: DistInfo | None = None,
     amp = resolve_amp(cfg.trainer.amp, dist.device, "trainer.amp")
     channels_last = resolve_channels_last(cfg.trainer.channels_last, dist.device, "trainer.channels_last")
     config = to_dict(cfg)
+    config["model"] = resolve_model_config(config["model"])  # the variant's values in place of null
     # What auto became on this machine: recorded in config.yaml and checkpoints, so a resume on a machine where it
     # would resolve differently (another trajectory) is refused by check_compatible.
     config["trainer"].update(amp=amp, channels_last=channels_last, device=dist.device.type)
