@@ -1,5 +1,6 @@
 """Index, sharding, config, torchvision and synthetic backends (real JPEG files, real DataLoader workers)."""
 import logging
+import random
 from pathlib import Path
 
 import numpy as np
@@ -317,3 +318,41 @@ def test_set_epoch_contract(noise_root, backend):
     loader = build_loader(cfg, "train")
     assert len(loader) == (6 if backend == "torchvision" else 2)
     check_set_epoch_contract(loader)
+
+
+# ---------------------------------------------------------------- global RNG state (every backend)
+
+def global_rng_states():
+    return torch.get_rng_state(), random.getstate(), np.random.get_state()
+
+
+def assert_same_rng_states(before, after):
+    assert torch.equal(before[0], after[0]), "torch's global generator moved"
+    assert before[1] == after[1], "python's random module moved"
+    assert all(np.array_equal(a, b) for a, b in zip(before[2], after[2], strict=True)), "numpy's global RNG moved"
+
+
+@pytest.mark.parametrize("backend, num_workers", [("torchvision", 0), ("torchvision", 2), ("dali", 1),
+                                                  ("synthetic", 0)])
+def test_loaders_leave_the_global_rngs_alone(noise_root, backend, num_workers):
+    """Creating, iterating (whole and cut-short epochs, a resumed one) and closing a loader draws nothing from
+    torch's, python's or numpy's global generators, so a training step sees the same random state after a
+    resume as in the uninterrupted run."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    cfg = tv_cfg(noise_root, backend=backend, num_workers=num_workers, synthetic_num_classes=3,
+                 synthetic_train_size=50, synthetic_val_size=101)
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)
+    before = global_rng_states()
+    for split in ("train", "val"):
+        loader = build_loader(cfg, split, seed=5, rank=1, world_size=2)
+        for epoch, start_batch in ((0, 0), (1, 1), (1, 0)):
+            loader.set_epoch(epoch, start_batch)
+            assert len(list(loader)) == len(loader) - start_batch
+        batches = iter(loader)
+        next(batches)  # an epoch cut short (a stop request), then a fresh iterator
+        del batches
+        loader.set_epoch(2)
+        next(iter(loader))
+        loader.close()
+    assert_same_rng_states(before, global_rng_states())

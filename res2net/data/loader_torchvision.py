@@ -140,6 +140,11 @@ class _BatchDataset(torch.utils.data.Dataset):
                            "run scripts/check_dataset.py on the data root")
 
 
+def _loader_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of the DataLoader's own generator for (seed, epoch, rank); touches no global generator."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0])
+
+
 class _EpochBatchSampler(torch.utils.data.Sampler):
     """Yields (epoch, batch) keys from start_batch on; read at every iter(), so persistent workers follow it."""
 
@@ -181,8 +186,11 @@ class TorchvisionLoader(EpochLoader):
         # Created before the workers start (they inherit it); names the file a dying worker was decoding.
         self.worker_table = WorkerTable(workers, lambda idx: str(paths[idx])) if workers > 0 else None
         self._dataset.table = self.worker_table
+        # The DataLoader draws its workers' base seed from this generator, not from torch's global one, when an
+        # iterator is created; __iter__ seeds it from (seed, epoch, rank).
+        self._generator = torch.Generator()
         self._loader = torch.utils.data.DataLoader(
-            self._dataset, batch_size=None, sampler=self._sampler, num_workers=workers,
+            self._dataset, batch_size=None, sampler=self._sampler, num_workers=workers, generator=self._generator,
             pin_memory=device.type == "cuda", persistent_workers=workers > 0,
             prefetch_factor=cfg.prefetch if workers > 0 else None)
         self.skipped = 0
@@ -194,6 +202,8 @@ class TorchvisionLoader(EpochLoader):
     def __iter__(self):
         if self._loader is None:
             raise RuntimeError("loader is closed")
+        dataset = self._dataset
+        self._generator.manual_seed(_loader_seed(dataset.seed, self._sampler.epoch, dataset.rank))
         batches = iter(self._loader)
         self._sampler.start = 0  # a later iteration without set_epoch repeats the epoch from its first batch
         if self.worker_table is not None:
