@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from res2net.data import DataConfig, as_data_config, build_loader, scan_split
-from res2net.data.index import epoch_permutation, train_positions, train_shard, val_shard
+from res2net.data.index import epoch_batches, epoch_permutation, train_positions, train_shard, val_shard
 from res2net.data.transforms import center_crop_offset, val_resize_size, val_resized_shape
 from test_data_helpers import (WNIDS, check_set_epoch_contract, check_train_statistics, write_noise_split,
                                write_photo_split)
@@ -102,6 +102,33 @@ def test_val_shards_cover_everything_once(n, world_size):
     assert max(sizes) - min(sizes) <= 1
 
 
+@pytest.mark.parametrize("n, batch_size", [(101, 8), (50, 7), (16, 16), (5, 1)])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_epoch_batches_of_every_rank(n, batch_size, world_size):
+    """Train: floor(floor(n / world_size) / batch_size) whole batches on every rank; val: every sample in exactly
+    one batch of one rank; a resumed epoch yields exactly the batches after start_batch."""
+    if n // world_size < batch_size:
+        with pytest.raises(ValueError, match=rf"rank 0 of {world_size} gets {n // world_size} of the {n} training "
+                                             rf"samples, fewer than data\.batch_size={batch_size}"):
+            epoch_batches(n, batch_size, 0, world_size, train=True)
+    else:
+        for rank in range(world_size):
+            train = epoch_batches(n, batch_size, rank, world_size, train=True)
+            assert len(train.remaining(0)) == train.num_batches == n // world_size // batch_size
+            assert train.num_samples == train.num_batches * batch_size <= train.stop - train.start
+            assert [train.bounds(b) for b in train.remaining(0)] == [
+                (b * batch_size, (b + 1) * batch_size) for b in range(train.num_batches)]
+    seen = []
+    for rank in range(world_size):
+        val = epoch_batches(n, batch_size, rank, world_size, train=False)
+        rows = [i for b in val.remaining(0) for i in range(*val.bounds(b))]
+        assert rows == list(range(val.num_samples)) and val.num_batches == -(-val.num_samples // batch_size)
+        assert all(0 < val.bounds(b)[1] - val.bounds(b)[0] <= batch_size for b in val.remaining(0))
+        assert list(val.remaining(val.num_batches - 1)) == [val.num_batches - 1] and not val.remaining(val.num_batches)
+        seen += [val.start + i for i in rows]
+    assert seen == list(range(n))
+
+
 def test_val_geometry_matches_torchvision():
     import torchvision.transforms as T
     import torchvision.transforms.functional as F
@@ -133,6 +160,9 @@ def test_config_from_omegaconf_and_errors(noise_root):
         build_loader(tv_cfg(noise_root), "test")
     with pytest.raises(ValueError, match="fewer than data.batch_size=64"):
         build_loader(tv_cfg(noise_root, batch_size=64), "train")
+    synthetic = DataConfig(backend="synthetic", batch_size=6, synthetic_train_size=10)
+    with pytest.raises(ValueError, match=r"rank 1 of 2 gets 5 of the 10 training samples.*data\.batch_size=6"):
+        build_loader(synthetic, "train", rank=1, world_size=2)
 
 
 # ---------------------------------------------------------------- torchvision backend

@@ -9,12 +9,14 @@ for any world size (nothing is padded or dropped), and concatenating the ranks' 
 global order.
 """
 import os
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
 __all__ = [
     "IMG_EXTENSIONS", "scan_split", "epoch_permutation", "train_shard", "val_shard", "train_positions",
+    "EpochBatches", "epoch_batches",
 ]
 
 IMG_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
@@ -92,6 +94,41 @@ def val_shard(n: int, rank: int, world_size: int) -> Tuple[int, int]:
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
+
+
+@dataclass(frozen=True)
+class EpochBatches:
+    """How one rank's samples of an epoch split into batches. ``start``, ``stop``: the rank's block of the epoch
+    order (train) or of the sorted samples (val); ``num_samples``: the samples it yields per epoch (train: whole
+    batches only); ``num_batches``: the loader's len()."""
+
+    start: int
+    stop: int
+    batch_size: int
+    num_samples: int
+    num_batches: int
+
+    def bounds(self, batch: int) -> Tuple[int, int]:
+        """[lo, hi) of batch ``batch`` as offsets into the rank's block (the last val batch may be short)."""
+        lo = batch * self.batch_size
+        return lo, min(lo + self.batch_size, self.num_samples)
+
+    def remaining(self, start_batch: int) -> range:
+        """The batch indices an epoch resumed at ``start_batch`` yields."""
+        return range(start_batch, self.num_batches)
+
+
+def epoch_batches(n: int, batch_size: int, rank: int, world_size: int, *, train: bool) -> EpochBatches:
+    """The batches of ``rank`` over a split of ``n`` samples: train drops the last partial batch (and needs one
+    whole batch), val keeps it so every sample is yielded once."""
+    start, stop = (train_shard if train else val_shard)(n, rank, world_size)
+    if not train:
+        return EpochBatches(start, stop, batch_size, stop - start, -(-(stop - start) // batch_size))
+    num_batches = (stop - start) // batch_size
+    if num_batches == 0:
+        raise ValueError(f"rank {rank} of {world_size} gets {stop - start} of the {n} training samples, fewer than "
+                         f"data.batch_size={batch_size}; lower data.batch_size or add training data")
+    return EpochBatches(start, stop, batch_size, num_batches * batch_size, num_batches)
 
 
 def _check_rank(rank: int, world_size: int) -> None:

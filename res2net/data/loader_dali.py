@@ -69,7 +69,7 @@ from nvidia.dali import Pipeline, fn, types
 from PIL import Image
 
 from .config import DALI_RESIZES
-from .index import train_positions, val_shard
+from .index import epoch_batches, train_positions
 from .loader_base import EpochLoader
 from .transforms import (DRAW_FLIP, augmentation_draws, center_crop_offset, random_resized_crop_box,
                          val_resize_size, val_resized_shape)
@@ -189,19 +189,11 @@ class DaliLoader(EpochLoader):
         self._labels = np.array([l for _, l in samples], dtype=np.int32)
         # (height, width) of each sample as PIL reads it from the file header, filled on first use (-1: not yet).
         self._shapes = np.full((len(samples), 2), -1, dtype=np.int32) if train else None
-        if train:
-            n_rank = len(samples) // world_size
-            self._num_batches = n_rank // self.batch_size
-            if self._num_batches == 0:
-                raise ValueError(f"rank {rank} of {world_size} gets {n_rank} training samples, fewer than "
-                                 f"data.batch_size={self.batch_size}; lower the batch size or add data")
-            self.num_samples = self._num_batches * self.batch_size
-        else:
-            start, stop = val_shard(len(samples), rank, world_size)
-            self._num_batches = -(-(stop - start) // self.batch_size)
-            self.num_samples = stop - start
-            self.paths = [str(p) for p in self._paths[start:stop]]
-            self.targets = [int(t) for t in self._labels[start:stop]]
+        self._batches = epoch_batches(len(samples), self.batch_size, rank, world_size, train=train)
+        if not train:
+            shard = slice(self._batches.start, self._batches.stop)
+            self.paths = [str(p) for p in self._paths[shard]]
+            self.targets = [int(t) for t in self._labels[shard]]
         self.epoch, self._start = 0, 0
         self.skipped = 0  # DALI never skips: an undecodable file raises (see the module docstring)
         self._pipe = None
@@ -214,19 +206,20 @@ class DaliLoader(EpochLoader):
         if self.train:
             order, _ = train_positions(len(self._paths), self.rank, self.world_size, self.seed, epoch)
             return order[: self.num_samples]
-        start, stop = val_shard(len(self._paths), self.rank, self.world_size)
-        return np.arange(start, stop)
+        return np.arange(self._batches.start, self._batches.stop)
 
     def __iter__(self):
         start, self._start = self._start, 0  # a later iteration without set_epoch repeats the epoch from batch 0
-        indices = self.epoch_indices(self.epoch)[start * self.batch_size:]
-        if len(indices) == 0:
+        batches = self._batches.remaining(start)
+        if not batches:
             return
+        first = self._batches.bounds(start)[0]
+        indices = self.epoch_indices(self.epoch)[first:]
         self._release()
         files = [str(p) for p in self._paths[indices]]
         self._pipe = self._build_pipeline(files, self._labels[indices].tolist(), indices, start)
-        for b in range(-(-len(files) // self.batch_size)):
-            real = min(self.batch_size, len(files) - b * self.batch_size)
+        for b in batches:
+            lo, hi = self._batches.bounds(b)
             try:
                 outputs = self._pipe.run()
             except _HeaderError as err:
@@ -237,15 +230,15 @@ class DaliLoader(EpochLoader):
                     f"{self.cfg.root}` (--fix re-encodes them), or use data.backend=torchvision, which skips them."
                 ) from err
             except RuntimeError as err:
-                batch_files = files[b * self.batch_size: b * self.batch_size + real]
+                batch_files = files[lo - first:hi - first]
                 self._release()
                 raise RuntimeError(
-                    f"DALI failed on batch {start + b} of epoch {self.epoch} (rank {self.rank}); undecodable "
+                    f"DALI failed on batch {b} of epoch {self.epoch} (rank {self.rank}); undecodable "
                     f"file(s): {_suspects(batch_files)}\n{err}\nFind such files with "
                     f"`python scripts/check_dataset.py {self.cfg.root}` (--fix re-encodes them), or use "
                     "data.backend=torchvision, which skips them.") from err
             images, labels = self._to_torch(*outputs)
-            yield images[:real], labels[:real].to(self.device, non_blocking=True)
+            yield images[:hi - lo], labels[:hi - lo].to(self.device, non_blocking=True)
         self._release()
 
     def _graph_dtype(self):
@@ -331,7 +324,7 @@ class DaliLoader(EpochLoader):
         and the file's size. The reader wraps around after the last file when the pipeline prefetches past the
         end; those batches are never yielded, but their boxes must still fit the files read, hence the modulo."""
         _, first = train_positions(len(self._paths), self.rank, self.world_size, self.seed, self.epoch)
-        first += start_batch * self.batch_size
+        first += self._batches.bounds(start_batch)[0]
         seed, epoch, cfg, n = self.seed, self.epoch, self.cfg, len(indices)
 
         def boxes(info):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .index import train_positions, val_shard
+from .index import EpochBatches, epoch_batches, train_positions
 from .loader_base import EpochLoader
 from .transforms import (DRAW_FLIP, augmentation_draws, center_crop_offset, random_resized_crop_box, val_resize_size,
                          val_resized_shape)
@@ -70,11 +70,11 @@ def decode_train_image(path: str, draws: np.ndarray, img_size: int, interpolatio
 class _BatchDataset(torch.utils.data.Dataset):
     """Key (epoch, batch index) -> (uint8 NHWC batch, int64 labels, [(skipped path, reason), ...])."""
 
-    def __init__(self, paths: np.ndarray, labels: np.ndarray, train: bool, cfg, batch_size: int, rank: int,
+    def __init__(self, paths: np.ndarray, labels: np.ndarray, train: bool, cfg, batches: EpochBatches, rank: int,
                  world_size: int, seed: int):
         # numpy arrays rather than lists of tuples: forked workers do not copy them page by page through refcounts.
         self.paths, self.labels = paths, labels
-        self.train, self.batch_size = train, batch_size
+        self.train, self.batches = train, batches
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.img_size, self.crop_pct, self.interpolation = cfg.img_size, cfg.crop_pct, cfg.interpolation
         self.scale, self.ratio, self.hflip = list(cfg.train_crop_scale), list(cfg.train_crop_ratio), cfg.hflip
@@ -85,8 +85,7 @@ class _BatchDataset(torch.utils.data.Dataset):
     def rank_order(self, epoch: int) -> Tuple[np.ndarray, int]:
         """(sample indices of this rank in iteration order, global position of the first)."""
         if not self.train:
-            start, stop = val_shard(len(self.paths), self.rank, self.world_size)
-            return np.arange(start, stop), start
+            return np.arange(self.batches.start, self.batches.stop), self.batches.start
         if self._order is None or self._order[0] != epoch:
             order, first = train_positions(len(self.paths), self.rank, self.world_size, self.seed, epoch)
             self._order = (epoch, order, first)
@@ -95,8 +94,7 @@ class _BatchDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: Tuple[int, int]):
         epoch, batch = key
         order, first = self.rank_order(epoch)
-        lo = batch * self.batch_size
-        hi = min(lo + self.batch_size, len(order))
+        lo, hi = self.batches.bounds(batch)
         out = np.empty((hi - lo, self.img_size, self.img_size, 3), dtype=np.uint8)
         labels = np.empty(hi - lo, dtype=np.int64)
         skipped: List[Tuple[str, str]] = []
@@ -148,14 +146,14 @@ def _loader_seed(seed: int, epoch: int, rank: int) -> int:
 class _EpochBatchSampler(torch.utils.data.Sampler):
     """Yields (epoch, batch) keys from start_batch on; read at every iter(), so persistent workers follow it."""
 
-    def __init__(self):
-        self.epoch, self.start, self.stop = 0, 0, 0
+    def __init__(self, batches: EpochBatches):
+        self.batches, self.epoch, self.start = batches, 0, 0
 
     def __iter__(self):
-        return iter([(self.epoch, b) for b in range(self.start, self.stop)])
+        return iter([(self.epoch, b) for b in self.batches.remaining(self.start)])
 
     def __len__(self) -> int:
-        return self.stop - self.start
+        return len(self.batches.remaining(self.start))
 
 
 class TorchvisionLoader(EpochLoader):
@@ -167,21 +165,13 @@ class TorchvisionLoader(EpochLoader):
         self.train, self.batch_size, self.device, self.normalize = train, cfg.batch_size, device, normalizer
         paths = np.array([p for p, _ in samples])
         labels = np.array([l for _, l in samples], dtype=np.int64)
-        self._dataset = _BatchDataset(paths, labels, train, cfg, cfg.batch_size, rank, world_size, seed)
-        order, _ = self._dataset.rank_order(0)
-        if train:
-            self._num_batches = len(order) // self.batch_size
-            if self._num_batches == 0:
-                raise ValueError(f"rank {rank} of {world_size} gets {len(order)} training samples, fewer than "
-                                 f"data.batch_size={self.batch_size}; lower the batch size or add data")
-            self.num_samples = self._num_batches * self.batch_size
-        else:
-            self._num_batches = -(-len(order) // self.batch_size)
-            self.num_samples = len(order)
-            self.paths = [str(p) for p in paths[order]]
-            self.targets = [int(t) for t in labels[order]]
-        self._sampler = _EpochBatchSampler()
-        self._sampler.stop = self._num_batches
+        self._batches = epoch_batches(len(samples), cfg.batch_size, rank, world_size, train=train)
+        self._dataset = _BatchDataset(paths, labels, train, cfg, self._batches, rank, world_size, seed)
+        if not train:
+            shard = slice(self._batches.start, self._batches.stop)
+            self.paths = [str(p) for p in paths[shard]]
+            self.targets = [int(t) for t in labels[shard]]
+        self._sampler = _EpochBatchSampler(self._batches)
         workers = cfg.num_workers
         # Created before the workers start (they inherit it); names the file a dying worker was decoding.
         self.worker_table = WorkerTable(workers, lambda idx: str(paths[idx])) if workers > 0 else None
