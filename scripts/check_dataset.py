@@ -10,7 +10,7 @@ tools) and give non-RGB input.
 
 --fix first writes the list of what it will change (--changes, default next to the first folder), copies each file
 it changes to a backup folder (--backup-dir), then re-encodes the convertible ones (not JPEG, CMYK, grayscale) in
-place as RGB JPEG (quality --quality) through a temporary file. Nothing is deleted: zero-byte, unreadable and
+place as RGB JPEG (quality --quality), each write atomic (res2net.files.atomic_write). Nothing is deleted: zero-byte, unreadable and
 undecodable files are left where they are and stay in the report. Exit status 0 when no problem remains, else 1.
 """
 import argparse
@@ -27,8 +27,10 @@ from typing import Iterator, List, Optional, Tuple
 from PIL import Image
 from tqdm import tqdm
 
-# The files the loaders read: res2net.data.index.IMG_EXTENSIONS (a test keeps them equal), not imported so that
-# this script starts without torch.
+from res2net.files import atomic_write
+
+# The files the loaders read: res2net.data.index.IMG_EXTENSIONS (a test keeps them equal), not imported because
+# res2net.data imports torch.
 IMG_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
 JPEG_NAMES = (".jpeg", ".jpg")
@@ -112,10 +114,12 @@ def print_report(problems: List[Tuple[str, str, str]]) -> None:
 def fix(problems, changes: Path, backup_dir: Path, roots: List[Path], quality: int) -> List[str]:
     """Re-encode convertible files after writing the change list; returns the paths changed."""
     todo = [(p, c, d) for p, c, d in problems if c in CONVERTIBLE]
-    with open(changes, "w") as f:
-        for path, category, detail in problems:
-            action = "re-encode as RGB JPEG" if category in CONVERTIBLE else "left as is (not convertible)"
-            f.write(f"{path}\t{category}\t{detail}\t{action}\n")
+    lines = []
+    for path, category, detail in problems:
+        action = "re-encode as RGB JPEG" if category in CONVERTIBLE else "left as is (not convertible)"
+        lines.append(f"{path}\t{category}\t{detail}\t{action}\n")
+    with atomic_write(changes) as f:
+        f.write("".join(lines).encode())
     print(f"wrote the change list to {changes} ({len(todo)} files to re-encode; originals go to {backup_dir})")
     fixed = []
     for path, _, _ in todo:
@@ -125,9 +129,8 @@ def fix(problems, changes: Path, backup_dir: Path, roots: List[Path], quality: i
         shutil.copy2(src, backup)
         with Image.open(src) as img:
             rgb = img.convert("RGB")
-        tmp = src.with_name(f".{src.name}.fix.tmp")
-        rgb.save(tmp, "JPEG", quality=quality)
-        os.replace(tmp, src)
+        with atomic_write(src) as f:
+            rgb.save(f, "JPEG", quality=quality)
         fixed.append(path)
     return fixed
 
@@ -156,7 +159,8 @@ def main(argv=None) -> int:
         print(f"re-encoded {len(fixed) - len(recheck)} files")
         problems = [p for p in problems if p[0] not in fixed or p[0] in recheck]
     if args.json:
-        args.json.write_text(json.dumps([{"path": p, "problem": c, "detail": d} for p, c, d in problems], indent=1))
+        with atomic_write(args.json) as f:
+            f.write(json.dumps([{"path": p, "problem": c, "detail": d} for p, c, d in problems], indent=1).encode())
     return 1 if problems else 0
 
 

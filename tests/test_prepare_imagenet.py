@@ -116,6 +116,8 @@ def test_official_archives_interrupted_then_resumed(tmp_path):
 
     (src / "ILSVRC2012_img_train.tar").write_bytes(full_train)
     (src / "ILSVRC2012_img_val.tar").write_bytes(full_val)
+    stale = next((out / "val").glob("*/")) / ".ILSVRC2012_val_00000009.JPEG.tmp-4242"  # a killed run's leftover
+    stale.write_bytes(b"half a file")
     second = run("--archives", str(src), "--out", str(out), "--no-progress")
     assert second.returncode == 0, second.stderr
     assert "counts OK" in second.stdout
