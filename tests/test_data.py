@@ -6,12 +6,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as F
 from omegaconf import OmegaConf
 from PIL import Image
 
 from res2net.data import DataConfig, as_data_config, build_loader, scan_split
 from res2net.data.index import epoch_batches, epoch_permutation, train_positions, train_shard, val_shard
-from res2net.data.transforms import center_crop_offset, val_resize_size, val_resized_shape
+from res2net.data.transforms import (DRAW_FLIP, augmentation_draws, center_crop_offset, random_resized_crop_box,
+                                     sample_uniforms, val_resize_size, val_resized_shape)
 from test_data_helpers import (WNIDS, check_set_epoch_contract, check_train_statistics, write_noise_split,
                                write_photo_split)
 
@@ -130,8 +133,6 @@ def test_epoch_batches_of_every_rank(n, batch_size, world_size):
 
 
 def test_val_geometry_matches_torchvision():
-    import torchvision.transforms as T
-    import torchvision.transforms.functional as F
     assert val_resize_size(224, 0.875) == 256 and val_resize_size(288, 1.0) == 288
     for h, w in [(427, 640), (640, 427), (300, 451), (387, 293), (500, 500), (211, 527)]:
         img = Image.new("RGB", (w, h))
@@ -275,9 +276,6 @@ def test_synthetic_backend():
 
 
 def test_random_resized_crop_follows_torchvision():
-    import torchvision.transforms as T
-
-    from res2net.data.transforms import augmentation_draws, random_resized_crop_box
     scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
     draws = augmentation_draws(0, 0, np.arange(3000), scale, ratio, 0.5)
     ours = np.array([random_resized_crop_box(row, 300, 451) for row in draws])
@@ -297,7 +295,6 @@ def test_random_resized_crop_follows_torchvision():
 
 
 def test_sample_uniforms_are_counter_based_and_uniform():
-    from res2net.data.transforms import sample_uniforms
     u = sample_uniforms(3, 1, np.arange(50000), 4)
     assert u.shape == (50000, 4) and 0 <= u.min() and u.max() < 1
     assert abs(u.mean() - 0.5) < 0.01 and abs(u.var() - 1 / 12) < 0.005
@@ -310,7 +307,6 @@ def test_sample_uniforms_are_counter_based_and_uniform():
 @pytest.mark.parametrize("img_size, crop_pct, interpolation", [(224, 0.875, "bilinear"), (97, 0.9, "bicubic")])
 def test_torchvision_backend_equals_torchvision_transforms(tmp_path, img_size, crop_pct, interpolation):
     """The reference path: our val batches are torchvision's Resize + CenterCrop + ToTensor + Normalize."""
-    import torchvision.transforms as T
     write_photo_split(tmp_path, "val", names=["coffee", "rocket_portrait", "astronaut_odd"])
     cfg = tv_cfg(tmp_path, batch_size=3, img_size=img_size, crop_pct=crop_pct, interpolation=interpolation)
     loader = build_loader(cfg, "val")
@@ -323,8 +319,6 @@ def test_torchvision_backend_equals_torchvision_transforms(tmp_path, img_size, c
 
 
 def test_torchvision_train_crop_equals_torchvision_resized_crop(tmp_path):
-    import torchvision.transforms.functional as F
-    from res2net.data.transforms import DRAW_FLIP, augmentation_draws, random_resized_crop_box
     write_photo_split(tmp_path, "train", names=["chelsea"], copies=8)  # identical files: any order gives the same
     cfg = tv_cfg(tmp_path, batch_size=8, img_size=56)
     loader = build_loader(cfg, "train", seed=4)

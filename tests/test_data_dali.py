@@ -1,13 +1,18 @@
 """DALI backend in CPU-only mode (device_id=None): parity with PIL on real photographs, train statistics,
 order / resume / sharding, errors. Only the 'mixed' (GPU) decoding test needs CUDA."""
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from res2net.data import DataConfig, build_loader, scan_split
+from res2net.config import register_configs
+from res2net.data import DataConfig, as_data_config, build_loader, scan_split
+from res2net.data.index import train_positions
+from res2net.data.transforms import DRAW_FLIP, augmentation_draws, random_resized_crop_box
 from test_data_helpers import (check_set_epoch_contract, check_train_statistics, colour_ids, grey_level_diff,
                                write_colour_split, write_noise_split, write_photo_split)
 
@@ -202,11 +207,6 @@ def test_train_boxes_are_torchvisions_from_the_file_header(tmp_path):
     """The graph decodes exactly the box transforms.random_resized_crop_box (the torchvision backend's function)
     picks for the file's PIL size and the position's draws, for every batch, also past the end of the epoch (the
     pipeline prefetches across it) and after a resume."""
-    from types import SimpleNamespace
-
-    from res2net.data.index import train_positions
-    from res2net.data.transforms import DRAW_FLIP, augmentation_draws, random_resized_crop_box
-
     photos = write_photo_split(tmp_path, "train", copies=2, shrink=3)
     Image.open(photos[0][0]).save(photos[0][0], "PNG")  # a PNG named .JPEG: its size comes from PIL
     cfg = cfg_for(tmp_path, batch_size=4, train_crop_scale=[0.05, 1.0], train_crop_ratio=[0.2, 5.0])
@@ -354,11 +354,6 @@ def test_dali_resize_choices_are_validated(noise_root):
 
 
 def test_dali_resize_composes_from_the_command_line():
-    from hydra import compose, initialize_config_dir
-
-    from res2net.config import register_configs
-    from res2net.data import as_data_config
-
     register_configs()
     configs = Path(__file__).resolve().parents[1] / "configs"
     with initialize_config_dir(config_dir=str(configs), version_base="1.3"):

@@ -5,7 +5,10 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import pytest
 import skimage.data
+import torch
 from PIL import Image
+
+from res2net.data import build_loader
 
 WNIDS = ("n01440764", "n01443537", "n01484850")
 
@@ -105,9 +108,6 @@ def check_set_epoch_contract(loader) -> None:
 def check_train_statistics(cfg) -> None:
     """A train batch of 16 photo crops (write_photo_split(..., copies=16) of one photograph): shapes, dtypes, values in
     the normalized [0, 1] range, and every crop different from every other one."""
-    import torch
-    from res2net.data import build_loader
-
     images, labels = next(iter(build_loader(cfg, "train", seed=1)))
     assert images.shape == (16, 3, cfg.img_size, cfg.img_size) and images.dtype == torch.float32
     assert labels.dtype == torch.int64

@@ -61,10 +61,6 @@ class WorkerTable:
         values = list(self._slots)
         return list(zip(values[0::2], values[1::2]))
 
-    def decoding(self) -> List[Tuple[int, Optional[str]]]:
-        """[(pid or -1, the file being decoded or None when idle)] per worker id."""
-        return [(pid, None if index == IDLE else self._describe(index)) for pid, index in self.snapshot()]
-
     def dead_workers(self) -> List[Tuple[int, int, int, str]]:
         """(worker id, pid, sample index or -1, how it ended) of every recorded worker that has exited."""
         dead = []
