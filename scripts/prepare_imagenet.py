@@ -27,8 +27,8 @@ import os
 import shutil
 import sys
 import tarfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Dict, Iterable, List, Tuple
 
 from tqdm import tqdm
 
@@ -125,7 +125,7 @@ def official_train(archives: Path, out: Path, n_classes: int, progress: bool) ->
             bar.update()
 
 
-def devkit_val_wnids(devkit: Path) -> List[str]:
+def devkit_val_wnids(devkit: Path) -> list[str]:
     """Wnid of each val image in ILSVRC2012_val_00000001.. order (devkit ground truth mapped through meta.mat)."""
     import scipy.io
 
@@ -163,7 +163,7 @@ def official_val(archives: Path, devkit: Path, out: Path, progress: bool) -> Non
 
 # ------------------------------------------------------------------ Kaggle layout
 
-def kaggle_val_wnids(csv_path: Path) -> Dict[str, str]:
+def kaggle_val_wnids(csv_path: Path) -> dict[str, str]:
     require_file(csv_path, "LOC_val_solution.csv from the Kaggle ImageNet download")
     with open(csv_path, newline="") as f:
         return {row["ImageId"]: row["PredictionString"].split()[0] for row in csv.DictReader(f)}
@@ -204,7 +204,7 @@ def kaggle_val(kaggle: Path, out: Path, link: str, progress: bool) -> None:
 
 # ------------------------------------------------------------------ count check
 
-def count_split(split_dir: Path) -> Tuple[int, int]:
+def count_split(split_dir: Path) -> tuple[int, int]:
     """(number of class folders, number of files in them); temporary files are not counted."""
     if not split_dir.is_dir():
         return 0, 0
@@ -213,7 +213,7 @@ def count_split(split_dir: Path) -> Tuple[int, int]:
     return len(classes), files
 
 
-def check_counts(out: Path, splits: Iterable[str], expected: Dict[str, int]) -> List[str]:
+def check_counts(out: Path, splits: Iterable[str], expected: dict[str, int]) -> list[str]:
     problems = []
     for split in splits:
         n_classes, n_files = count_split(out / split)

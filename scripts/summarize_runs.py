@@ -100,7 +100,7 @@ def read_metrics(path: Path) -> list[dict]:
                 continue
             raise ValueError(f"{path}:{number}: not a JSON object ({err.msg}); each line must be one record") from err
         if not isinstance(record, dict) or "kind" not in record:
-            raise ValueError(f"{path}:{number}: expected a JSON object with a \"kind\" field, got {line[:80]!r}")
+            raise ValueError(f'{path}:{number}: expected a JSON object with a "kind" field, got {line[:80]!r}')
         records.append(record)
     return records
 
@@ -112,7 +112,7 @@ def epoch_records(records: list[dict], path: Path) -> list[dict]:
         if record["kind"] != "epoch":
             continue
         if "epoch" not in record:
-            raise ValueError(f"{path}: an \"epoch\" record without an \"epoch\" field: {record}")
+            raise ValueError(f'{path}: an "epoch" record without an "epoch" field: {record}')
         by_epoch[int(record["epoch"])] = record
     return [by_epoch[e] for e in sorted(by_epoch)]
 

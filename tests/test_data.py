@@ -13,10 +13,22 @@ from PIL import Image
 
 from res2net.data import DataConfig, as_data_config, build_loader, scan_split
 from res2net.data.index import epoch_batches, epoch_permutation, train_positions, train_shard, val_shard
-from res2net.data.transforms import (DRAW_FLIP, augmentation_draws, center_crop_offset, random_resized_crop_box,
-                                     sample_uniforms, val_resize_size, val_resized_shape)
-from test_data_helpers import (WNIDS, check_set_epoch_contract, check_train_statistics, write_noise_split,
-                               write_photo_split)
+from res2net.data.transforms import (
+    DRAW_FLIP,
+    augmentation_draws,
+    center_crop_offset,
+    random_resized_crop_box,
+    sample_uniforms,
+    val_resize_size,
+    val_resized_shape,
+)
+from test_data_helpers import (
+    WNIDS,
+    check_set_epoch_contract,
+    check_train_statistics,
+    write_noise_split,
+    write_photo_split,
+)
 
 STD = DataConfig().std
 
@@ -100,7 +112,7 @@ def test_train_shards_are_disjoint_and_equal(world_size):
 def test_val_shards_cover_everything_once(n, world_size):
     bounds = [val_shard(n, r, world_size) for r in range(world_size)]
     assert bounds[0][0] == 0 and bounds[-1][1] == n
-    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
     sizes = [stop - start for start, stop in bounds]
     assert max(sizes) - min(sizes) <= 1
 
@@ -180,7 +192,7 @@ def test_torchvision_val_sharding_exactly_once(noise_root, world_size):
         seen += loader.paths
         seen_labels += loader.targets
     assert seen == all_paths  # each image once, and rank order gives the global order
-    assert seen_labels == [l for _, l in scan_split(str(noise_root), "val")[0]]
+    assert seen_labels == [label for _, label in scan_split(str(noise_root), "val")[0]]
 
 
 def test_torchvision_train_equal_batches_per_rank(noise_root):
@@ -205,7 +217,7 @@ def test_torchvision_resume_is_bit_exact_for_any_workers(noise_root):
 
     single = build_loader(tv_cfg(noise_root, num_workers=0), "train", seed=7, rank=1, world_size=2)
     single.set_epoch(3)
-    for (x0, y0), (x1, y1) in zip(single, full):
+    for (x0, y0), (x1, y1) in zip(single, full, strict=True):
         assert torch.equal(x0, x1) and torch.equal(y0, y1)
 
 
@@ -326,7 +338,7 @@ def test_torchvision_train_crop_equals_torchvision_resized_crop(tmp_path):
     images, _ = next(iter(loader))
     img = Image.open(loader._dataset.paths[0]).convert("RGB")
     draws = augmentation_draws(4, 2, np.arange(8), cfg.train_crop_scale, cfg.train_crop_ratio, cfg.hflip)
-    for row, image in zip(draws, images):
+    for row, image in zip(draws, images, strict=True):
         top, left, h, w = random_resized_crop_box(row, img.height, img.width)
         crop = F.resized_crop(img, top, left, h, w, [56, 56], F.InterpolationMode.BILINEAR)
         crop = F.hflip(crop) if row[DRAW_FLIP] else crop

@@ -139,7 +139,7 @@ def test_official_labels_follow_meta_mat_not_id_order(tmp_path):
     assert (out / "val" / "n01000001" / "ILSVRC2012_val_00000001.JPEG").is_file()
     samples, classes = scan_split(str(out), "val")
     assert classes == ["n01000001", "n02000002", "n03000003"]
-    assert [l for p, l in samples if p.endswith("val_00000002.JPEG")] == [2]  # ID 1 -> n03000003 -> label 2
+    assert [label for p, label in samples if p.endswith("val_00000002.JPEG")] == [2]  # ID 1 -> n03000003 -> label 2
 
 
 @pytest.mark.parametrize("link", ["hardlink", "symlink", "copy"])

@@ -100,7 +100,7 @@ def test_figure_has_one_curve_per_run_with_the_logged_values(sweep, tmp_path):
 
     assert [text.get_text() for text in ax_top1.get_legend().get_texts()] == [
         f"{job}: model={model}" for job, model, *_ in RUNS]
-    for line, (_, _, epochs, *_) in zip(ax_top1.get_lines(), RUNS):
+    for line, (_, _, epochs, *_) in zip(ax_top1.get_lines(), RUNS, strict=True):
         assert list(line.get_xdata()) == list(range(1, len(epochs) + 1))
         assert list(line.get_ydata()) == [top1 for top1, *_ in epochs]
     assert len(ax_loss.get_lines()) == 2 * len(RUNS)  # train and val loss of each run
@@ -197,7 +197,7 @@ def test_bad_world_size_or_device_is_named(sweep, capsys):
 
     rewrite_epoch_records(metrics, lambda r: r.update(world_size=4, device=None))
     assert summarize_runs.main([str(sweep)]) == 2
-    assert f"{metrics}: the \"epoch\" record of epoch 0 has device=None" in capsys.readouterr().err
+    assert f'{metrics}: the "epoch" record of epoch 0 has device=None' in capsys.readouterr().err
 
 
 def test_epoch_records_without_hardware_get_no_gpu_hours(sweep):

@@ -20,7 +20,8 @@ main thread is at that moment.
 """
 import dataclasses
 import os
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -80,7 +81,7 @@ def _validate(cfg: DataConfig, split: str) -> None:
     val_resize_size(cfg.img_size, cfg.crop_pct)
 
 
-def _train_classes(root: Optional[str]) -> Optional[Sequence[str]]:
+def _train_classes(root: str | None) -> Sequence[str] | None:
     """The train split's class folders, so val labels use the same mapping even if val lacks a class."""
     train_dir = os.path.join(root, "train") if root else ""
     if not os.path.isdir(train_dir):
@@ -89,7 +90,7 @@ def _train_classes(root: Optional[str]) -> Optional[Sequence[str]]:
 
 
 def build_loader(cfg: Any, split: str, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 device: Any = torch.device("cpu"), channels_last: bool = False, dtype: torch.dtype = torch.float32):
+                 device: Any = "cpu", channels_last: bool = False, dtype: torch.dtype = torch.float32):
     """The Loader for ``split`` ('train' | 'val') of this rank; see the module docstring for the protocol."""
     cfg = as_data_config(cfg)
     _validate(cfg, split)

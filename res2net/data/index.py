@@ -9,8 +9,8 @@ for any world size (nothing is padded or dropped), and concatenating the ranks' 
 global order.
 """
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -23,8 +23,8 @@ IMG_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 _LAYOUT = "<root>/{train,val}/<wnid>/*.JPEG"
 
 
-def scan_split(root: str, split: str, classes: Optional[Sequence[str]] = None
-               ) -> Tuple[List[Tuple[str, int]], List[str]]:
+def scan_split(root: str, split: str, classes: Sequence[str] | None = None
+               ) -> tuple[list[tuple[str, int]], list[str]]:
     """Return ([(path, label), ...] sorted by class then file name, sorted class names).
 
     ``classes`` fixes the label mapping (e.g. the train split's classes for val); a folder outside it is an error.
@@ -51,7 +51,7 @@ def scan_split(root: str, split: str, classes: Optional[Sequence[str]] = None
             raise ValueError(f"{split_dir!r} has class folders {unknown[:5]} that are not among the "
                              f"{len(classes)} expected classes")
     label_of = {c: i for i, c in enumerate(classes)}
-    samples: List[Tuple[str, int]] = []
+    samples: list[tuple[str, int]] = []
     for wnid in found:
         class_dir = os.path.join(split_dir, wnid)
         names = sorted(e.name for e in os.scandir(class_dir)
@@ -75,20 +75,20 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0]).permutation(n)
 
 
-def train_shard(n: int, rank: int, world_size: int) -> Tuple[int, int]:
+def train_shard(n: int, rank: int, world_size: int) -> tuple[int, int]:
     """[start, stop) of the epoch permutation that ``rank`` trains on; the same length on every rank."""
     _check_rank(rank, world_size)
     per_rank = n // world_size
     return rank * per_rank, (rank + 1) * per_rank
 
 
-def train_positions(n: int, rank: int, world_size: int, seed: int, epoch: int) -> Tuple[np.ndarray, int]:
+def train_positions(n: int, rank: int, world_size: int, seed: int, epoch: int) -> tuple[np.ndarray, int]:
     """(sample indices of this rank in epoch order, global position of the first one)."""
     start, stop = train_shard(n, rank, world_size)
     return epoch_permutation(n, seed, epoch)[start:stop], start
 
 
-def val_shard(n: int, rank: int, world_size: int) -> Tuple[int, int]:
+def val_shard(n: int, rank: int, world_size: int) -> tuple[int, int]:
     """[start, stop) of the sorted val samples for ``rank``: sizes differ by at most one, union = everything once."""
     _check_rank(rank, world_size)
     base, extra = divmod(n, world_size)
@@ -108,7 +108,7 @@ class EpochBatches:
     num_samples: int
     num_batches: int
 
-    def bounds(self, batch: int) -> Tuple[int, int]:
+    def bounds(self, batch: int) -> tuple[int, int]:
         """[lo, hi) of batch ``batch`` as offsets into the rank's block (the last val batch may be short)."""
         lo = batch * self.batch_size
         return lo, min(lo + self.batch_size, self.num_samples)

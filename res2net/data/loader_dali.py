@@ -61,7 +61,7 @@ torchvision backend (which skips them). A train file whose size cannot be read (
 header) stops it the same way, naming that file.
 """
 import struct
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -71,8 +71,14 @@ from PIL import Image
 from .config import DALI_RESIZES
 from .index import epoch_batches, train_positions
 from .loader_base import EpochLoader
-from .transforms import (DRAW_FLIP, augmentation_draws, center_crop_offset, random_resized_crop_box,
-                         val_resize_size, val_resized_shape)
+from .transforms import (
+    DRAW_FLIP,
+    augmentation_draws,
+    center_crop_offset,
+    random_resized_crop_box,
+    val_resize_size,
+    val_resized_shape,
+)
 
 __all__ = ["DaliLoader", "resolve_decoder", "resolve_resize"]
 
@@ -114,7 +120,7 @@ def _round_half_even_half(d):
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (not DHT, JPG, DAC)
 
 
-def jpeg_size(path: str) -> Optional[Tuple[int, int]]:
+def jpeg_size(path: str) -> tuple[int, int] | None:
     """(height, width) from a JPEG's start-of-frame header, the size libjpeg-turbo and PIL decode to; None when
     the file is not a JPEG or its header is unusual (the caller then asks PIL). Reads only the header, ~4x faster
     than PIL's Image.open, which matters because the train loader reads one per sample in its main thread."""
@@ -154,7 +160,7 @@ class _HeaderError(Exception):
         self.path, self.reason = path, reason
 
 
-def _suspects(files: Sequence[str]) -> List[str]:
+def _suspects(files: Sequence[str]) -> list[str]:
     """The files of a failed batch that PIL cannot decode either (all of them when PIL decodes every one)."""
     bad = []
     for path in files:
@@ -169,7 +175,7 @@ def _suspects(files: Sequence[str]) -> List[str]:
 class DaliLoader(EpochLoader):
     """The Loader protocol (see res2net.data) over a DALI pipeline rebuilt per epoch."""
 
-    def __init__(self, samples: Sequence[Tuple[str, int]], classes: Sequence[str], cfg, train: bool, *, rank: int,
+    def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str], cfg, train: bool, *, rank: int,
                  world_size: int, seed: int, device: torch.device, normalizer):
         self.classes, self.num_classes = list(classes), len(classes)
         self.cfg, self.train, self.batch_size = cfg, train, cfg.batch_size
@@ -186,7 +192,7 @@ class DaliLoader(EpochLoader):
         # and normalizes on the GPU (4x less host-to-device traffic than float32).
         self._normalize_each = device.type == "cpu"
         self._paths = np.array([p for p, _ in samples])
-        self._labels = np.array([l for _, l in samples], dtype=np.int32)
+        self._labels = np.array([label for _, label in samples], dtype=np.int32)
         # (height, width) of each sample as PIL reads it from the file header, filled on first use (-1: not yet).
         self._shapes = np.full((len(samples), 2), -1, dtype=np.int32) if train else None
         self._batches = epoch_batches(len(samples), self.batch_size, rank, world_size, train=train)
@@ -248,7 +254,7 @@ class DaliLoader(EpochLoader):
             return types.FLOAT16, torch.float16
         return types.FLOAT, torch.float32
 
-    def _to_torch(self, images, labels, flips=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _to_torch(self, images, labels, flips=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's input batch (NCHW, channels_last strides when asked, ``dtype``, on the device). 'torch':
         ``images`` are the decoded images (train: crops, with their ``flips``), resized here. 'graph': the graph's
         normalized NCHW / NHWC batch, copied into a torch tensor where the graph ran ('mixed': on the GPU, on
@@ -300,7 +306,7 @@ class DaliLoader(EpochLoader):
                 out[i].copy_(image.permute(1, 2, 0))
         return out.to(norm.dtype) if self._normalize_each else norm(out)
 
-    def _shape(self, idx: int) -> Tuple[int, int]:
+    def _shape(self, idx: int) -> tuple[int, int]:
         """(height, width) of sample ``idx`` from its header (as PIL, hence the torchvision backend, sees it),
         cached."""
         h, w = self._shapes[idx]
@@ -339,7 +345,7 @@ class DaliLoader(EpochLoader):
             return list(out[:, 0:2]), list(out[:, 2:4]), [np.array(v) for v in out[:, 4]]
         return boxes
 
-    def _build_pipeline(self, files: List[str], labels: List[int], indices: np.ndarray, start_batch: int) -> Pipeline:
+    def _build_pipeline(self, files: list[str], labels: list[int], indices: np.ndarray, start_batch: int) -> Pipeline:
         cfg = self.cfg
         interp = types.INTERP_LINEAR if cfg.interpolation == "bilinear" else types.INTERP_CUBIC
         device_id = None

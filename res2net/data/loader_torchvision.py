@@ -18,7 +18,7 @@ A worker that dies (OOM killer, decoder segfault) raises ``worker_watch.WorkerCr
 decoding (or saying it was idle): each worker records (pid, sample) in ``loader.worker_table`` before every decode.
 """
 import logging
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -26,13 +26,19 @@ from PIL import Image
 
 from .index import EpochBatches, epoch_batches, train_positions
 from .loader_base import EpochLoader
-from .transforms import (DRAW_FLIP, augmentation_draws, center_crop_offset, random_resized_crop_box, val_resize_size,
-                         val_resized_shape)
+from .transforms import (
+    DRAW_FLIP,
+    augmentation_draws,
+    center_crop_offset,
+    random_resized_crop_box,
+    val_resize_size,
+    val_resized_shape,
+)
 from .worker_watch import IDLE, WorkerCrashError, WorkerTable, crash_error, watch_sigchld
 
 __all__ = ["TorchvisionLoader", "decode_val_image", "decode_train_image"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 _PIL_INTERP = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
 
@@ -79,10 +85,10 @@ class _BatchDataset(torch.utils.data.Dataset):
         self.img_size, self.crop_pct, self.interpolation = cfg.img_size, cfg.crop_pct, cfg.interpolation
         self.scale, self.ratio, self.hflip = list(cfg.train_crop_scale), list(cfg.train_crop_ratio), cfg.hflip
         self.fill = np.array([round(255 * m) for m in cfg.mean], dtype=np.uint8)
-        self._order: Optional[Tuple[int, np.ndarray, int]] = None
-        self.table: Optional[WorkerTable] = None  # set by the loader when decoding runs in worker processes
+        self._order: tuple[int, np.ndarray, int] | None = None
+        self.table: WorkerTable | None = None  # set by the loader when decoding runs in worker processes
 
-    def rank_order(self, epoch: int) -> Tuple[np.ndarray, int]:
+    def rank_order(self, epoch: int) -> tuple[np.ndarray, int]:
         """(sample indices of this rank in iteration order, global position of the first)."""
         if not self.train:
             return np.arange(self.batches.start, self.batches.stop), self.batches.start
@@ -91,13 +97,13 @@ class _BatchDataset(torch.utils.data.Dataset):
             self._order = (epoch, order, first)
         return self._order[1], self._order[2]
 
-    def __getitem__(self, key: Tuple[int, int]):
+    def __getitem__(self, key: tuple[int, int]):
         epoch, batch = key
         order, first = self.rank_order(epoch)
         lo, hi = self.batches.bounds(batch)
         out = np.empty((hi - lo, self.img_size, self.img_size, 3), dtype=np.uint8)
         labels = np.empty(hi - lo, dtype=np.int64)
-        skipped: List[Tuple[str, str]] = []
+        skipped: list[tuple[str, str]] = []
         if self.train:
             draws = augmentation_draws(self.seed, epoch, np.arange(first + lo, first + hi), self.scale, self.ratio,
                                        self.hflip)
@@ -113,7 +119,7 @@ class _BatchDataset(torch.utils.data.Dataset):
                 self.table.busy(slot, IDLE)
         return torch.from_numpy(out), torch.from_numpy(labels), skipped
 
-    def _decode_val(self, dst: np.ndarray, idx: int, skipped: list, slot: Optional[int]) -> int:
+    def _decode_val(self, dst: np.ndarray, idx: int, skipped: list, slot: int | None) -> int:
         if slot is not None:
             self.table.busy(slot, int(idx))
         try:
@@ -124,7 +130,7 @@ class _BatchDataset(torch.utils.data.Dataset):
         return int(self.labels[idx])
 
     def _decode_train(self, dst: np.ndarray, order: np.ndarray, pos: int, draws: np.ndarray, skipped: list,
-                      slot: Optional[int]) -> int:
+                      slot: int | None) -> int:
         for step in range(len(order)):
             idx = order[(pos + step) % len(order)]
             if slot is not None:
@@ -159,12 +165,12 @@ class _EpochBatchSampler(torch.utils.data.Sampler):
 class TorchvisionLoader(EpochLoader):
     """The Loader protocol (see res2net.data) over PIL decoding in DataLoader workers."""
 
-    def __init__(self, samples: Sequence[Tuple[str, int]], classes: Sequence[str], cfg, train: bool, *, rank: int,
+    def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str], cfg, train: bool, *, rank: int,
                  world_size: int, seed: int, device: torch.device, normalizer):
         self.classes, self.num_classes = list(classes), len(classes)
         self.train, self.batch_size, self.device, self.normalize = train, cfg.batch_size, device, normalizer
         paths = np.array([p for p, _ in samples])
-        labels = np.array([l for _, l in samples], dtype=np.int64)
+        labels = np.array([label for _, label in samples], dtype=np.int64)
         self._batches = epoch_batches(len(samples), cfg.batch_size, rank, world_size, train=train)
         self._dataset = _BatchDataset(paths, labels, train, cfg, self._batches, rank, world_size, seed)
         if not train:
@@ -184,7 +190,7 @@ class TorchvisionLoader(EpochLoader):
             pin_memory=device.type == "cuda", persistent_workers=workers > 0,
             prefetch_factor=cfg.prefetch if workers > 0 else None)
         self.skipped = 0
-        self.skipped_paths: List[str] = []
+        self.skipped_paths: list[str] = []
 
     def _seek(self, epoch: int, start_batch: int) -> None:
         self._sampler.epoch, self._sampler.start = epoch, start_batch
@@ -213,13 +219,13 @@ class TorchvisionLoader(EpochLoader):
             self._report(skipped)
             yield self.normalize(images), labels.to(self.device, non_blocking=True)
 
-    def _report(self, skipped: List[Tuple[str, str]]) -> None:
+    def _report(self, skipped: list[tuple[str, str]]) -> None:
         for path, reason in skipped:
             self.skipped += 1
             if path not in self.skipped_paths:
                 self.skipped_paths.append(path)
                 action = "replaced by the next sample" if self.train else "fed as a mean-colour image"
-                logger.warning("skipped undecodable image %s (%s); %s. Find such files with "
+                log.warning("skipped undecodable image %s (%s); %s. Find such files with "
                                "scripts/check_dataset.py", path, reason, action)
 
     def close(self) -> None:

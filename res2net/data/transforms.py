@@ -4,7 +4,7 @@ Every backend ships uint8 NHWC batches and ``Normalizer`` turns them into the mo
 uint8 instead of float between processes and to the GPU is 4x less traffic (DESIGN.md: the fastest torchvision path).
 """
 import math
-from typing import Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ def val_resize_size(img_size: int, crop_pct: float) -> int:
     return int(math.floor(img_size / crop_pct))
 
 
-def val_resized_shape(height: int, width: int, short: int) -> Tuple[int, int]:
+def val_resized_shape(height: int, width: int, short: int) -> tuple[int, int]:
     """(height, width) after resizing the shorter side to ``short``; the long side is truncated like torchvision."""
     if width <= height:
         return int(short * height / width), short
@@ -87,7 +87,7 @@ def _round(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
-def random_resized_crop_box(draws: np.ndarray, height: int, width: int) -> Tuple[int, int, int, int]:
+def random_resized_crop_box(draws: np.ndarray, height: int, width: int) -> tuple[int, int, int, int]:
     """(top, left, crop_h, crop_w): torchvision's RandomResizedCrop algorithm (the first of 10 attempts that fits,
     else a center crop clamped to the ratio range) evaluated on ``augmentation_draws``."""
     area = float(height * width)

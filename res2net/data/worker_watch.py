@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 import weakref
-from typing import Callable, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -43,7 +43,7 @@ class WorkerTable:
     def __getstate__(self):  # spawn / forkserver workers: the array travels as shared memory, not as a copy
         return {"_slots": self._slots, "_describe": None}
 
-    def worker_slot(self) -> Optional[int]:
+    def worker_slot(self) -> int | None:
         """In a worker: the offset of its slots, after recording its pid; None in the main process."""
         info = torch.utils.data.get_worker_info()
         if info is None:
@@ -56,12 +56,12 @@ class WorkerTable:
         """In a worker: about to decode sample ``index`` (IDLE: done)."""
         self._slots[slot + 1] = index
 
-    def snapshot(self) -> List[Tuple[int, int]]:
+    def snapshot(self) -> list[tuple[int, int]]:
         """[(pid or -1 before the worker started, sample index or -1 when idle)] per worker id."""
         values = list(self._slots)
-        return list(zip(values[0::2], values[1::2]))
+        return list(zip(values[0::2], values[1::2], strict=True))
 
-    def dead_workers(self) -> List[Tuple[int, int, int, str]]:
+    def dead_workers(self) -> list[tuple[int, int, int, str]]:
         """(worker id, pid, sample index or -1, how it ended) of every recorded worker that has exited."""
         dead = []
         for worker, (pid, index) in enumerate(self.snapshot()):
@@ -75,7 +75,7 @@ class WorkerTable:
         _TABLES.discard(self)
 
 
-def _exit_status(pid: int) -> Optional[str]:
+def _exit_status(pid: int) -> str | None:
     """None while child ``pid`` runs; else how it ended ('' once already reaped). Leaves a zombie unreaped."""
     if not hasattr(os, "waitid"):  # e.g. macOS: cannot tell a zombie from a live process
         try:
@@ -94,8 +94,8 @@ def _exit_status(pid: int) -> Optional[str]:
     return f"exit code {info.si_status}"
 
 
-def crash_error(err: BaseException, tables: Optional[Sequence[WorkerTable]] = None,
-                grace_s: float = 0.0) -> Optional[WorkerCrashError]:
+def crash_error(err: BaseException, tables: Sequence[WorkerTable] | None = None,
+                grace_s: float = 0.0) -> WorkerCrashError | None:
     """The error naming what the dead workers of ``tables`` (default: every open loader's) were decoding; None when
     no recorded worker has died within ``grace_s`` (``err`` is then some other failure). The grace covers a
     worker killed while sending a batch: the main process sees the broken connection before the worker has
@@ -125,7 +125,7 @@ def crash_error(err: BaseException, tables: Optional[Sequence[WorkerTable]] = No
     return WorkerCrashError(f"{'; '.join(parts)}. {'; '.join(hints)}. torch said: {str(err).strip()}")
 
 
-def _named_in_chain(err: Optional[BaseException]) -> Optional[WorkerCrashError]:
+def _named_in_chain(err: BaseException | None) -> WorkerCrashError | None:
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, WorkerCrashError):
