@@ -1,12 +1,9 @@
-"""ImageFolder-style index of <root>/<split>/<wnid>/*.JPEG and the per-epoch order / sharding shared by all backends.
+"""The ImageFolder index of <root>/<split>/<wnid>/*.JPEG and the per-epoch order, sharding and batching that every
+backend shares.
 
-Labels are the position of the class folder name (WordNet id) in sorted order, which is what the released
-checkpoints use. Train order: a permutation of the whole split that depends only on (seed, epoch); rank r takes the
-contiguous block [r * n_r, (r + 1) * n_r) of it with n_r = floor(N / world_size), so ranks never overlap and all get
-the same number of samples (at most world_size - 1 samples per epoch are left out, different ones each epoch).
-Val: contiguous blocks in sorted order whose sizes differ by at most one; every image belongs to exactly one rank
-for any world size (nothing is padded or dropped), and concatenating the ranks' blocks in rank order gives the
-global order.
+Labels are the positions of the class folder names (WordNet ids) in sorted order, as the released checkpoints use.
+Train: a (seed, epoch) permutation of the split, cut into equal contiguous blocks per rank. Val: contiguous blocks of
+the sorted samples whose sizes differ by at most one, so every image belongs to exactly one rank.
 """
 import os
 from collections.abc import Sequence
@@ -76,7 +73,8 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def train_shard(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """[start, stop) of the epoch permutation that ``rank`` trains on; the same length on every rank."""
+    """[start, stop) of the epoch permutation that ``rank`` trains on; the same length on every rank (the last
+    n % world_size positions, different samples each epoch, are left out)."""
     _check_rank(rank, world_size)
     per_rank = n // world_size
     return rank * per_rank, (rank + 1) * per_rank

@@ -1,64 +1,10 @@
-"""NVIDIA DALI backend: the same train / val semantics as the torchvision backend, decoded by DALI.
+"""NVIDIA DALI backend: the torchvision backend's order, sharding and crops, decoded by DALI.
 
-Order and sharding: each rank's file list for the epoch (the same (seed, epoch) permutation and shard as the
-torchvision backend; val: the same contiguous block) is handed to ``fn.readers.file(files=..., labels=...)``
-without shuffling, and the pipeline is rebuilt at the start of every iteration with the files from
-``start_batch * batch_size`` on. Each rank reads only its own files, so no sample is padded in from another rank;
-the reader pads the last val batch by repeating its last file and the loader trims that padding off, so every image
-counts exactly once.
-
-Augmentation: no DALI random operator is used. An external_source callback computes each sample's crop box and
-flip in Python with the torchvision backend's own functions: the draws of (seed, epoch, global position in the
-epoch order) (transforms.augmentation_draws) and the file's size read from its JPEG header (PIL for anything else)
-go through transforms.random_resized_crop_box. The graph decodes only that region (decoders.image_slice, a fused
-ROI decoder); then it is resized (antialiased, as PIL does) and flipped, see "Resizing" below. So a batch
-depends only on (seed, epoch, batch index): a mid-epoch resume (start_batch > 0) gives bit-identical batches, for
-any thread count, and the crops and flips are exactly the ones the torchvision backend picks. Ranks differ because
-their positions differ; no per-rank DALI seed is needed. Image sizes are cached per sample, so the header is read
-once per file per loader (~10 us).
-
-Resizing (data.dali_resize = auto | graph | torch; auto = 'torch' with CPU decoding, 'graph' with 'mixed'):
-'graph' runs the whole pipeline in DALI: the graph resizes the crops (fn.resize, antialiased; ~0.2 grey levels from
-PIL) and normalizes them (below). 'torch' (CPU decoding only) ends the graph at the decoded crops and the loader
-resizes each with torch (F.interpolate on uint8 with antialias=True: PIL's filters, within ~0.03 grey levels of the
-torchvision backend's batches), flips and normalizes them one image at a time (the Normalizer's float32
-operations, while the image is in cache). Val does the same with 'torch': the graph decodes, torch resizes the
-shorter side (val_resized_shape) and takes the center crop (center_crop_offset), within ~0.01 grey levels of PIL
-(DALI's resize: ~0.2), val ~1.4x faster than the graph's ROI resize below (999 vs ~700 img/s; torchvision 889).
-The GPU graph is the 'graph' path, tested on the CPU with data.dali_resize=graph: with CPU decoding it is built by
-the same functions (_train_graph, _val_graph, _normalize_graph) with the same operators and arguments; only the
-device placement (decoder device 'cpu', device_id=None, no nvJPEG-only option) and the output copy (host memory
-instead of the GPU) differ. 'torch' is the CPU default because DALI's CPU resize is the bottleneck there: per 64
-images of 224 px, in CPU-ms, ROI decode ~37, DALI's antialiased resize ~49 (~36 without antialias),
-crop_mirror_normalize ~12, against ~7 for torch's resize plus a few for the per-image normalization, which run in
-the main thread while DALI's threads decode the next batches.
-Measured on 2 cores (batch 64, 2 threads / workers, scripts/bench_data.py, ~400-640 px JPEGs, 3 interleaved
-rounds): DALI resize + crop_mirror_normalize ~1.15-1.2x the torchvision DataLoader; torch resize with a batched
-Normalizer ~1.56x; torch resize with per-image normalization 1.92x (2268 vs 1183 img/s).
-
-Normalization (the 'graph' path): one crop_mirror_normalize at the end of the graph flips (train), normalizes
-with mean / std, lays out CHW (HWC when channels_last is asked, which torch then sees as NCHW with channels_last
-strides) and converts (float16 when asked, which DALI's CPU operator writes too; else float32, which the consumer
-casts to bfloat16, DALI having none), copied into a torch tensor ('mixed': on the GPU, on torch's stream; CPU
-decoding: in host memory, then moved to the loader's device). 'torch' for a CUDA device ships uint8 NHWC and
-normalizes with transforms.Normalizer on the GPU (4x less host-to-device traffic).
-
-Decoding: 'cpu' (libjpeg-turbo, DALI CPU-only mode with device_id=None) when the loader's device is the CPU,
-'mixed' (nvJPEG, fancy upsampling as on the CPU) when it is CUDA; data.dali_decoder=cpu | mixed overrides that.
-Resizing, cropping, flipping and normalizing then run where the decoded images are (in torch with
-data.dali_resize=torch, see above). EXIF orientation is ignored, as PIL does.
-
-Val geometry (the 'graph' path) is computed in the graph from the encoded image's shape, with integer arithmetic
-that reproduces torchvision exactly (DALI's own resize_shorter would round the long side where torchvision
-truncates, and its center crop would round the offset differently): long side = short * long // short_in, offset =
-round-half-to-even((size - crop) / 2). Only the input region that becomes the crop is resized (fn.resize's
-roi_start / roi_end: the same sampling positions and filter as resizing everything and cropping; outputs differ
-from that by at most one grey level in a few pixels), ~1.3x faster on the CPU than resizing everything.
-
-Undecodable files: DALI cannot skip a sample, so a file that its decoder rejects stops the epoch with an error that
-names the batch's files and points to scripts/check_dataset.py (which finds and fixes them beforehand) and to the
-torchvision backend (which skips them). A train file whose size cannot be read (not an image PIL knows, truncated
-header) stops it the same way, naming that file.
+Each rank's files of the epoch go to ``fn.readers.file`` unshuffled; crop boxes and flips come from an
+external_source that calls the torchvision backend's functions, so a batch depends only on (seed, epoch, batch
+index), for any thread count and after a resume. ``data.dali_resize``: 'graph' resizes and normalizes in DALI (the
+GPU graph), 'torch' resizes the decoded crops with torch (the CPU default, see README "Speed"). An undecodable file
+stops the epoch with an error naming it: DALI cannot skip a sample.
 """
 import struct
 from collections.abc import Sequence
@@ -122,8 +68,8 @@ _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-fra
 
 def jpeg_size(path: str) -> tuple[int, int] | None:
     """(height, width) from a JPEG's start-of-frame header, the size libjpeg-turbo and PIL decode to; None when
-    the file is not a JPEG or its header is unusual (the caller then asks PIL). Reads only the header, ~4x faster
-    than PIL's Image.open, which matters because the train loader reads one per sample in its main thread."""
+    the file is not a JPEG or its header is unusual (the caller then asks PIL). Reads only the header, faster than
+    PIL's Image.open, which matters because the train loader reads one per sample in its main thread."""
     with open(path, "rb") as f:
         buf = f.read(4096)
         if buf[:2] != b"\xff\xd8":
@@ -173,7 +119,7 @@ def _suspects(files: Sequence[str]) -> list[str]:
 
 
 class DaliLoader(EpochLoader):
-    """The Loader protocol (see res2net.data) over a DALI pipeline rebuilt per epoch."""
+    """The Loader protocol (loader_base.EpochLoader) over a DALI pipeline rebuilt per epoch."""
 
     def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str], cfg, train: bool, *, rank: int,
                  world_size: int, seed: int, device: torch.device, normalizer):
@@ -182,14 +128,14 @@ class DaliLoader(EpochLoader):
         self.rank, self.world_size, self.seed, self.device = rank, world_size, seed, device
         self.normalize = normalizer  # its dtype and layout are the output contract; the graph normalizes
         self.decoder = resolve_decoder(cfg.dali_decoder, device)
-        # 'torch': the graph ends at the decoded images (train: crops) and torch resizes them (see the module
-        # docstring: PIL's result, ~7x faster than DALI's CPU resize); 'graph': the graph resizes and normalizes,
-        # with the same operators wherever it runs ('mixed' decoding always; CPU decoding when asked, which is how
-        # the GPU graph is tested on a machine without one).
+        # 'torch': the graph ends at the decoded images (train: crops) and torch resizes them (PIL's filters, and
+        # faster than DALI's CPU resize); 'graph': the graph resizes and normalizes, with the same operators
+        # wherever it runs ('mixed' decoding always; CPU decoding when asked, which is how the GPU graph is tested
+        # on a machine without one).
         self.resize = resolve_resize(cfg.dali_resize, self.decoder)
         self._torch_resize = self.resize == "torch"
         # CPU decoding for a CPU consumer normalizes each image after its resize; for a GPU consumer it ships uint8
-        # and normalizes on the GPU (4x less host-to-device traffic than float32).
+        # and normalizes on the GPU (a quarter of float32's host-to-device traffic).
         self._normalize_each = device.type == "cpu"
         self._paths = np.array([p for p, _ in samples])
         self._labels = np.array([label for _, label in samples], dtype=np.int32)
@@ -244,6 +190,7 @@ class DaliLoader(EpochLoader):
                     f"`python scripts/check_dataset.py {self.cfg.root}` (--fix re-encodes them), or use "
                     "data.backend=torchvision, which skips them.") from err
             images, labels = self._to_torch(*outputs)
+            # The reader pads the last val batch by repeating its last file; trimmed, so every image counts once.
             yield images[:hi - lo], labels[:hi - lo].to(self.device, non_blocking=True)
         self._release()
 
@@ -274,9 +221,9 @@ class DaliLoader(EpochLoader):
 
     def _resize_crops(self, crops, flips: np.ndarray) -> torch.Tensor:
         """The model's input batch from the decoded crops: each resized to img_size x img_size with torch's
-        antialiased uint8 resampling (PIL's filters, within ~0.01 grey levels of PIL), flipped where ``flips``
-        says and normalized one image at a time while it is in cache (the same float32 operations as
-        transforms.Normalizer, so the same values; ~2x faster than normalizing the batch afterwards). For a CUDA
+        antialiased uint8 resampling (PIL's filters), flipped where ``flips`` says and normalized one image at a
+        time while it is in cache (the same float32 operations as transforms.Normalizer, so the same values; faster
+        than normalizing the batch afterwards). For a CUDA
         device the uint8 batch goes to transforms.Normalizer instead, which normalizes on the GPU."""
         size, mode = self.cfg.img_size, self.cfg.interpolation  # 'bilinear' | 'bicubic': torch's names too
         short = val_resize_size(size, self.cfg.crop_pct)
@@ -353,9 +300,10 @@ class DaliLoader(EpochLoader):
             device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         pipe = Pipeline(batch_size=self.batch_size, num_threads=max(1, cfg.num_workers), device_id=device_id,
                         prefetch_queue_depth=cfg.prefetch)
+        # EXIF orientation is ignored, as PIL does.
         decoder_args = dict(device=self.decoder, output_type=types.RGB, adjust_orientation=False)
         if self.decoder == "mixed":
-            decoder_args["jpeg_fancy_upsampling"] = True
+            decoder_args["jpeg_fancy_upsampling"] = True  # nvJPEG upsamples chroma as libjpeg-turbo does on the CPU
         with pipe:
             jpegs, label_node = fn.readers.file(files=files, labels=labels, random_shuffle=False,
                                                 pad_last_batch=True, name="reader")
@@ -393,6 +341,9 @@ class DaliLoader(EpochLoader):
                                         output_layout="HWC" if self.normalize.channels_last else "CHW")
 
     def _val_graph(self, jpegs, decoder_args, interp):
+        """torchvision's Resize(shorter side) + CenterCrop in the graph ('graph' path), from the encoded image's
+        shape with integer arithmetic that reproduces torchvision exactly: DALI's own resize_shorter would round the
+        long side where torchvision truncates, and its center crop would round the offset differently."""
         cfg = self.cfg
         short, crop = val_resize_size(cfg.img_size, cfg.crop_pct), cfg.img_size
         shape = fn.peek_image_shape(jpegs, dtype=types.INT64, adjust_orientation=False)
@@ -402,7 +353,8 @@ class DaliLoader(EpochLoader):
         new_w = portrait * short + (1 - portrait) * ((short * width) // height)
         top, left = _round_half_even_half(new_h - crop), _round_half_even_half(new_w - crop)
         # Resize only the input region that becomes the center crop: the same sampling positions and filter as
-        # resizing the whole image to (new_h, new_w) and then cropping, for ~40% less resize work.
+        # resizing the whole image to (new_h, new_w) and then cropping (outputs differ by at most one grey level in
+        # a few pixels), for less resize work.
         scale_y = fn.cast(height, dtype=types.FLOAT64) / fn.cast(new_h, dtype=types.FLOAT64)
         scale_x = fn.cast(width, dtype=types.FLOAT64) / fn.cast(new_w, dtype=types.FLOAT64)
         roi_start = fn.cast(fn.stack(top * scale_y, left * scale_x), dtype=types.FLOAT)

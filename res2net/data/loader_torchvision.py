@@ -1,21 +1,10 @@
 """PIL decoding in DataLoader workers ("torchvision" backend: the reference the published numbers were measured with).
 
-Each DataLoader item is a whole batch: a worker decodes the batch's images into one uint8 NHWC array (one
-shared-memory transfer per batch) and the consumer normalizes it on the device. The sampler yields
-(epoch, batch index) keys, so persistent workers follow set_epoch without being restarted, and resuming at
-``start_batch`` never touches the earlier batches.
-
-Train augmentation comes from transforms.augmentation_draws, a function of (seed, epoch, global position in the
-epoch order), so a batch is bit-identical for any num_workers and any start_batch.
-
-Undecodable files (see scripts/check_dataset.py to find them beforehand): one warning line naming the file the
-first time, and ``loader.skipped`` counts every occurrence. Train replaces the sample with the next decodable one
-of this rank's epoch order (wrapping), augmented with the replaced position's draws: the batch keeps its size and
-stays deterministic. Val keeps the position (so ``paths``/``targets`` stay aligned and the image still counts as
-one evaluated image) and feeds a uniform image of the mean colour, which normalizes to zeros.
-
-A worker that dies (OOM killer, decoder segfault) raises ``worker_watch.WorkerCrashError`` naming the file it was
-decoding (or saying it was idle): each worker records (pid, sample) in ``loader.worker_table`` before every decode.
+Each DataLoader item is a whole batch, keyed (epoch, batch index): a worker decodes it into one uint8 NHWC array and
+the consumer normalizes it on the device. Augmentation comes from transforms.augmentation_draws, so a batch is
+bit-identical for any num_workers and any start_batch; persistent workers follow set_epoch without a restart.
+Undecodable files are skipped and counted (see ``_BatchDataset``); a worker that dies raises
+``worker_watch.WorkerCrashError`` naming the file it was decoding.
 """
 import logging
 from collections.abc import Sequence
@@ -74,7 +63,13 @@ def decode_train_image(path: str, draws: np.ndarray, img_size: int, interpolatio
 
 
 class _BatchDataset(torch.utils.data.Dataset):
-    """Key (epoch, batch index) -> (uint8 NHWC batch, int64 labels, [(skipped path, reason), ...])."""
+    """Key (epoch, batch index) -> (uint8 NHWC batch, int64 labels, [(skipped path, reason), ...]).
+
+    An undecodable train sample is replaced by the next decodable one of this rank's epoch order (wrapping),
+    augmented with the replaced position's draws, so the batch keeps its size and stays deterministic. An
+    undecodable val sample keeps its position (``paths`` / ``targets`` stay aligned, it still counts as one
+    evaluated image) as a uniform image of the mean colour, which normalizes to zeros.
+    """
 
     def __init__(self, paths: np.ndarray, labels: np.ndarray, train: bool, cfg, batches: EpochBatches, rank: int,
                  world_size: int, seed: int):
@@ -163,7 +158,7 @@ class _EpochBatchSampler(torch.utils.data.Sampler):
 
 
 class TorchvisionLoader(EpochLoader):
-    """The Loader protocol (see res2net.data) over PIL decoding in DataLoader workers."""
+    """The Loader protocol (loader_base.EpochLoader) over PIL decoding in DataLoader workers."""
 
     def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str], cfg, train: bool, *, rank: int,
                  world_size: int, seed: int, device: torch.device, normalizer):

@@ -1,7 +1,8 @@
-"""Geometry of the train / val transforms, shared by the backends, and the one place batches are normalized.
+"""Geometry and randomness of the train / val transforms, shared by the backends, and the one place batches are
+normalized.
 
-Every backend ships uint8 NHWC batches and ``Normalizer`` turns them into the model's input on the device: moving
-uint8 instead of float between processes and to the GPU is 4x less traffic (DESIGN.md: the fastest torchvision path).
+Every backend ships uint8 NHWC batches and ``Normalizer`` turns them into the model's input on the device: uint8
+moves a quarter of float32's bytes between processes and to the GPU.
 """
 import math
 from collections.abc import Sequence
@@ -129,8 +130,8 @@ class Normalizer:
     def __call__(self, images_nhwc_u8: torch.Tensor) -> torch.Tensor:
         x = images_nhwc_u8.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
         # Elementwise ops keep the permuted (channels_last) strides, so that layout costs no extra pass. NCHW is
-        # transposed while still uint8 (4x fewer bytes to move than float: 21 instead of 47 ms for 64 x 224 px on
-        # one CPU thread). In place after the one float conversion to save a batch-sized allocation.
+        # transposed while still uint8 (a quarter of float32's bytes to move). In place after the one float
+        # conversion to save a batch-sized allocation.
         if not self.channels_last:
             x = x.contiguous()
         return x.float().mul_(self.scale).add_(self.shift).to(self.dtype)

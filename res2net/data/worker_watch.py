@@ -1,15 +1,9 @@
-"""Which file each DataLoader worker is decoding, so that a worker that dies names it.
+"""Which file each DataLoader worker is decoding, so that a worker that dies (OOM killer, decoder crash) names it.
 
-A worker killed by the OOM killer (SIGKILL) or by a crash in a decoder (SIGSEGV) surfaces in torch as "DataLoader
-worker (pid X) exited unexpectedly" / "is killed by signal", without the file. ``WorkerTable`` is a shared-memory
-table (two int64 slots per worker: pid, index of the sample being decoded or -1 when idle) created in the main
-process before the workers start; each worker writes its pid once per batch and the sample index before decoding
-each sample (one store, ~60 ns). When torch reports a dead worker, ``crash_error`` looks up which recorded pids
-have exited and builds a ``WorkerCrashError`` naming their files.
-
-torch raises a worker's death in two places: inside ``next()`` on the DataLoader iterator (the loader catches it
-there) and from its SIGCHLD handler, i.e. wherever the main thread happens to be, usually the training step.
-``watch_sigchld`` wraps that handler once per process so the second path raises the same error.
+torch reports such a death as "DataLoader worker (pid X) exited unexpectedly", without the file. Each worker records
+its pid and the sample it is about to decode in a shared-memory ``WorkerTable``; ``crash_error`` turns torch's error
+into a ``WorkerCrashError`` naming the dead workers' files, and ``watch_sigchld`` does the same for the error torch's
+SIGCHLD handler raises wherever the main thread is (usually the training step).
 """
 import multiprocessing
 import os
@@ -32,7 +26,9 @@ class WorkerCrashError(RuntimeError):
 
 
 class WorkerTable:
-    """Per worker (pid, sample index being decoded or -1) in shared memory; ``describe(index)`` names a sample."""
+    """Per worker (pid, sample index being decoded or -1) in shared memory; ``describe(index)`` names a sample.
+    Created in the main process before the workers start, so they inherit it; a worker writes its pid once per
+    batch and the sample index before each decode (one store)."""
 
     def __init__(self, num_workers: int, describe: Callable[[int], str]):
         # RawArray (lock=False): each worker writes only its own slots, the main process reads after a death.
