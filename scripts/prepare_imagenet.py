@@ -15,7 +15,7 @@ Two sources:
     PredictionString is the label).
 
 Idempotent and resumable: a train class is assembled under ROOT/.partial/ and moved into place in one rename, a
-val file is written under a temporary name and renamed, and whatever already exists in place is skipped. An
+val file is written atomically (res2net.files.atomic_write), and whatever already exists in place is skipped. An
 interrupted run (Ctrl-C, a truncated download) is finished by running the same command again. At the end the
 counts are checked (1,281,167 train, 50,000 val, 1,000 classes by default) and any difference is reported; the exit
 status is 1 when they differ.
@@ -27,10 +27,12 @@ import os
 import shutil
 import sys
 import tarfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Dict, Iterable, List, Tuple
 
 from tqdm import tqdm
+
+from res2net.files import atomic_write, remove_stale_temporaries
 
 TRAIN_TAR, VAL_TAR, DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"
 EXPECTED = {"train": 1_281_167, "val": 50_000, "classes": 1_000}
@@ -61,17 +63,8 @@ def require_file(path: Path, what: str) -> Path:
 
 # ------------------------------------------------------------------ writing helpers (atomic, resumable)
 
-def write_atomic(dst: Path, data_or_src, link: str = "copy") -> None:
-    """Create ``dst`` from bytes or a source file, via a temporary name, so ``dst`` is complete or absent."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    if isinstance(data_or_src, bytes):
-        tmp.write_bytes(data_or_src)
-    else:
-        place_file(Path(data_or_src), tmp, link)
-    os.replace(tmp, dst)
-
-
-def place_file(src: Path, dst: Path, link: str) -> None:
+def place_file(src: Path, dst: Path, link: str, copy=shutil.copyfile) -> None:
+    """``dst`` as a link to ``src`` or, with ``link='copy'`` or where hard links fail, ``copy(src, dst)``."""
     if dst.exists() or dst.is_symlink():
         dst.unlink()
     if link == "symlink":
@@ -83,7 +76,19 @@ def place_file(src: Path, dst: Path, link: str) -> None:
             return
         except OSError:  # another file system or no hard links there: copy instead
             pass
-    shutil.copyfile(src, dst)
+    copy(src, dst)
+
+
+def atomic_copy(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` so that ``dst`` is complete or absent (links are created in one step anyway)."""
+    with open(src, "rb") as source, atomic_write(dst) as target:
+        shutil.copyfileobj(source, target)
+
+
+def remove_stale_val_temporaries(out: Path) -> None:
+    """Delete the temporary files a killed run left in the val class folders."""
+    for folder in (out / "val").glob("*/"):
+        remove_stale_temporaries(folder)
 
 
 def fresh_partial_dir(out: Path, split: str, name: str) -> Path:
@@ -120,7 +125,7 @@ def official_train(archives: Path, out: Path, n_classes: int, progress: bool) ->
             bar.update()
 
 
-def devkit_val_wnids(devkit: Path) -> List[str]:
+def devkit_val_wnids(devkit: Path) -> list[str]:
     """Wnid of each val image in ILSVRC2012_val_00000001.. order (devkit ground truth mapped through meta.mat)."""
     import scipy.io
 
@@ -140,6 +145,7 @@ def devkit_val_wnids(devkit: Path) -> List[str]:
 def official_val(archives: Path, devkit: Path, out: Path, progress: bool) -> None:
     wnids = devkit_val_wnids(devkit)
     tar_path = require_file(archives / VAL_TAR, "the ImageNet val archive (50,000 flat JPEGs)")
+    remove_stale_val_temporaries(out)
     with tarfile.open(tar_path, "r:") as tar:
         for member in tqdm(tar, desc="val images", unit="img", disable=not progress, total=len(wnids)):
             if not member.isfile():
@@ -151,12 +157,13 @@ def official_val(archives: Path, devkit: Path, out: Path, progress: bool) -> Non
             if dst.is_file() and dst.stat().st_size == member.size:
                 continue
             dst.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(dst, tar.extractfile(member).read())
+            with atomic_write(dst) as f:
+                shutil.copyfileobj(tar.extractfile(member), f)
 
 
 # ------------------------------------------------------------------ Kaggle layout
 
-def kaggle_val_wnids(csv_path: Path) -> Dict[str, str]:
+def kaggle_val_wnids(csv_path: Path) -> dict[str, str]:
     require_file(csv_path, "LOC_val_solution.csv from the Kaggle ImageNet download")
     with open(csv_path, newline="") as f:
         return {row["ImageId"]: row["PredictionString"].split()[0] for row in csv.DictReader(f)}
@@ -182,6 +189,7 @@ def kaggle_val(kaggle: Path, out: Path, link: str, progress: bool) -> None:
     src = kaggle / "ILSVRC" / "Data" / "CLS-LOC" / "val"
     if not src.is_dir():
         raise SystemExit(f"error: {src} is not a folder; expected the Kaggle val JPEGs there")
+    remove_stale_val_temporaries(out)
     for image in tqdm(sorted(src.iterdir()), desc="val images", unit="img", disable=not progress):
         if not image.is_file():
             continue
@@ -191,12 +199,12 @@ def kaggle_val(kaggle: Path, out: Path, link: str, progress: bool) -> None:
         if dst.is_file() and dst.stat().st_size == image.stat().st_size:
             continue
         dst.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(dst, image, link)
+        place_file(image, dst, link, copy=atomic_copy)
 
 
 # ------------------------------------------------------------------ count check
 
-def count_split(split_dir: Path) -> Tuple[int, int]:
+def count_split(split_dir: Path) -> tuple[int, int]:
     """(number of class folders, number of files in them); temporary files are not counted."""
     if not split_dir.is_dir():
         return 0, 0
@@ -205,7 +213,7 @@ def count_split(split_dir: Path) -> Tuple[int, int]:
     return len(classes), files
 
 
-def check_counts(out: Path, splits: Iterable[str], expected: Dict[str, int]) -> List[str]:
+def check_counts(out: Path, splits: Iterable[str], expected: dict[str, int]) -> list[str]:
     problems = []
     for split in splits:
         n_classes, n_files = count_split(out / split)

@@ -1,5 +1,6 @@
 """scripts/check_dataset.py on real problem files: PNG named .JPEG, CMYK JPEG, grayscale JPEG, truncated JPEG,
 zero-byte file; --fix writes the change list, backs up, re-encodes the convertible ones and deletes nothing."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from res2net.data.index import IMG_EXTENSIONS
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "check_dataset.py"
 
@@ -83,8 +86,6 @@ def test_clean_folder_exits_zero(tmp_path):
 
 
 def test_scans_the_files_the_loaders_read():
-    import importlib.util
-    from res2net.data.index import IMG_EXTENSIONS
     spec = importlib.util.spec_from_file_location("check_dataset", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from res2net.data import DataConfig, build_loader
-from res2net.data.worker_watch import WorkerCrashError
+from res2net.data.worker_watch import IDLE, WorkerCrashError
 from test_data_helpers import WNIDS, write_noise_split
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
@@ -48,7 +48,8 @@ def wait_for(condition, what: str, timeout: float = 60.0):
 
 
 def pid_decoding(loader, path: str):
-    return next((pid for pid, file in loader.worker_table.decoding() if file == path and pid > 0), None)
+    index = loader.paths.index(path)  # world size 1: the position in the val order is the sample index
+    return next((pid for pid, busy in loader.worker_table.snapshot() if busy == index and pid > 0), None)
 
 
 def wait_for_the_error(timeout: float = 30.0):
@@ -105,7 +106,7 @@ def test_worker_killed_while_idle_says_so(tmp_path):
     loader = val_loader(tmp_path, 1)
     assert len(list(loader)) == 2  # the epoch is over: the persistent worker waits for the next one
     try:
-        pid = wait_for(lambda: next((p for p, file in loader.worker_table.decoding() if p > 0 and file is None),
+        pid = wait_for(lambda: next((p for p, busy in loader.worker_table.snapshot() if p > 0 and busy == IDLE),
                                     None), "the worker to be idle")
         with pytest.raises(WorkerCrashError) as info:
             os.kill(pid, signal.SIGKILL)

@@ -1,15 +1,27 @@
 """DALI backend in CPU-only mode (device_id=None): parity with PIL on real photographs, train statistics,
 order / resume / sharding, errors. Only the 'mixed' (GPU) decoding test needs CUDA."""
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from res2net.data import DataConfig, build_loader, scan_split
-from test_data_helpers import (check_set_epoch_contract, check_train_statistics, colour_ids, grey_level_diff,
-                               write_colour_split, write_noise_split, write_photo_split)
+from res2net.config import register_configs
+from res2net.data import DataConfig, as_data_config, build_loader, scan_split
+from res2net.data.index import train_positions
+from res2net.data.transforms import DRAW_FLIP, augmentation_draws, random_resized_crop_box
+from test_data_helpers import (
+    check_set_epoch_contract,
+    check_train_statistics,
+    colour_ids,
+    grey_level_diff,
+    write_colour_split,
+    write_noise_split,
+    write_photo_split,
+)
 
 pytest.importorskip("nvidia.dali")
 MEAN, STD = DataConfig().mean, DataConfig().std
@@ -46,7 +58,7 @@ def test_val_parity_with_pil_on_photographs(photo_root, img_size, crop_pct, inte
     assert torch.equal(pil_labels, dali_labels)
     assert dali_images.shape == pil_images.shape == (8, 3, img_size, img_size)
     diffs = grey_level_diff(dali_images, pil_images, STD)
-    assert (diffs < 0.5).all(), dict(zip((Path(p).name for p in pil_paths), diffs.round(3)))
+    assert (diffs < 0.5).all(), dict(zip((Path(p).name for p in pil_paths), diffs.round(3), strict=True))
 
 
 def test_cmyk_grayscale_and_png_named_jpeg_decode_like_pil(tmp_path):
@@ -117,7 +129,7 @@ def test_train_augmentation_matches_torchvision_and_resume_is_exact(tmp_path):
     assert torch.equal(tail[0][0], full[2][0]) and torch.equal(tail[0][1], full[2][1])  # bit-exact resume
     single_thread = build_loader(cfg_for(tmp_path, img_size=48, num_workers=1), "train", seed=9)
     single_thread.set_epoch(4)
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(single_thread, full))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(single_thread, full, strict=True))
 
     tv = build_loader(cfg_for(tmp_path, "torchvision", img_size=48, num_workers=0), "train", seed=9)
     tv.set_epoch(4)
@@ -202,11 +214,6 @@ def test_train_boxes_are_torchvisions_from_the_file_header(tmp_path):
     """The graph decodes exactly the box transforms.random_resized_crop_box (the torchvision backend's function)
     picks for the file's PIL size and the position's draws, for every batch, also past the end of the epoch (the
     pipeline prefetches across it) and after a resume."""
-    from types import SimpleNamespace
-
-    from res2net.data.index import train_positions
-    from res2net.data.transforms import DRAW_FLIP, augmentation_draws, random_resized_crop_box
-
     photos = write_photo_split(tmp_path, "train", copies=2, shrink=3)
     Image.open(photos[0][0]).save(photos[0][0], "PNG")  # a PNG named .JPEG: its size comes from PIL
     cfg = cfg_for(tmp_path, batch_size=4, train_crop_scale=[0.05, 1.0], train_crop_ratio=[0.2, 5.0])
@@ -292,7 +299,8 @@ def test_graph_path_val_parity_with_pil_on_photographs(photo_root):
         (pil_images, pil_labels), (images, labels) = next(iter(tv)), next(iter(graph))
         assert torch.equal(labels, pil_labels) and images.shape == pil_images.shape == (8, 3, img_size, img_size)
         diffs = grey_level_diff(images, pil_images, STD)
-        assert (diffs < 0.5).all(), (img_size, crop_pct, dict(zip((Path(p).name for p in tv.paths), diffs.round(3))))
+        names = [Path(p).name for p in tv.paths]
+        assert (diffs < 0.5).all(), (img_size, crop_pct, dict(zip(names, diffs.round(3), strict=True)))
         if img_size == 224:
             torch_path = next(iter(build_loader(cfg_for(photo_root, **size_kw), "val")))[0]
             assert not torch.equal(images, torch_path)  # DALI's resize ran, not torch's
@@ -314,7 +322,7 @@ def test_graph_path_train_matches_torchvision_resumes_exactly_and_follows_layout
     dali.set_epoch(4, start_batch=1)
     tail = list(dali)
     assert len(full) == 3 and len(tail) == 2
-    for (xa, ya), (xb, yb) in zip(tail, full[1:]):
+    for (xa, ya), (xb, yb) in zip(tail, full[1:], strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)  # bit-exact resume
 
     tv = build_loader(cfg_for(tmp_path, "torchvision", img_size=48, num_workers=0), "train", seed=9)
@@ -354,11 +362,6 @@ def test_dali_resize_choices_are_validated(noise_root):
 
 
 def test_dali_resize_composes_from_the_command_line():
-    from hydra import compose, initialize_config_dir
-
-    from res2net.config import register_configs
-    from res2net.data import as_data_config
-
     register_configs()
     configs = Path(__file__).resolve().parents[1] / "configs"
     with initialize_config_dir(config_dir=str(configs), version_base="1.3"):

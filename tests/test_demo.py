@@ -11,6 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
+from sklearn.datasets import load_digits
 
 import res2net
 from res2net.config import register_configs
@@ -57,7 +58,6 @@ def test_demo_dataset_stratified_and_idempotent(tmp_path):
 
 
 def test_full_demo_split_is_stratified(tmp_path):
-    from sklearn.datasets import load_digits
     targets = load_digits().target
     root = make_demo_dataset(tmp_path / "demo")
     counts = json.loads((root / MANIFEST).read_text())["counts"]

@@ -13,6 +13,8 @@ import pytest
 import scipy.io
 from PIL import Image
 
+from res2net.data import scan_split
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "prepare_imagenet.py"
 # ILSVRC2012_ID order is deliberately not the sorted-wnid order; ID 4 is an inner node (not a class).
 SYNSETS = [(1, "n03000003", 0), (2, "n01000001", 0), (3, "n02000002", 0), (4, "n00000009", 3)]
@@ -116,6 +118,8 @@ def test_official_archives_interrupted_then_resumed(tmp_path):
 
     (src / "ILSVRC2012_img_train.tar").write_bytes(full_train)
     (src / "ILSVRC2012_img_val.tar").write_bytes(full_val)
+    stale = next((out / "val").glob("*/")) / ".ILSVRC2012_val_00000009.JPEG.tmp-4242"  # a killed run's leftover
+    stale.write_bytes(b"half a file")
     second = run("--archives", str(src), "--out", str(out), "--no-progress")
     assert second.returncode == 0, second.stderr
     assert "counts OK" in second.stdout
@@ -133,10 +137,9 @@ def test_official_labels_follow_meta_mat_not_id_order(tmp_path):
     assert run("--archives", str(src), "--out", str(out), "--splits", "val", "--no-progress").returncode == 0
     # val_00000001 has ILSVRC2012_ID 2 -> n01000001 (the first wnid in sorted order, though ID 2)
     assert (out / "val" / "n01000001" / "ILSVRC2012_val_00000001.JPEG").is_file()
-    from res2net.data import scan_split
     samples, classes = scan_split(str(out), "val")
     assert classes == ["n01000001", "n02000002", "n03000003"]
-    assert [l for p, l in samples if p.endswith("val_00000002.JPEG")] == [2]  # ID 1 -> n03000003 -> label 2
+    assert [label for p, label in samples if p.endswith("val_00000002.JPEG")] == [2]  # ID 1 -> n03000003 -> label 2
 
 
 @pytest.mark.parametrize("link", ["hardlink", "symlink", "copy"])

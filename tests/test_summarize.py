@@ -11,7 +11,6 @@ import matplotlib.colors
 import matplotlib.image
 import numpy as np
 import pytest
-import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,9 +43,6 @@ def write_run(sweep: Path, job: str, model: str, epochs, world_size: int, device
     (run_dir / ".hydra" / "overrides.yaml").write_text(
         yaml.safe_dump([f"model={model}", "experiment=ablation_scale_equal_cost", "+trainer.max_steps=7"]))
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"model": {"name": model}, "schedule": {"epochs": 3}}))
-    (run_dir / "checkpoints").mkdir()
-    torch.save({"model": {"fc.weight": torch.zeros(2, 2)}, "world_size": world_size, "epoch": len(epochs)},
-               run_dir / "checkpoints" / "last.pth")
     lines = []
     for epoch, (top1, top5, train_loss, val_loss) in enumerate(epochs):
         train = {"kind": "train", "epoch": epoch, "step": epoch * 10 + 5, "loss": train_loss + 0.1, "lr": 0.1,
@@ -56,7 +52,8 @@ def write_run(sweep: Path, job: str, model: str, epochs, world_size: int, device
         lines.append(train)
         lines.append({"kind": "epoch", "epoch": epoch, "train_loss": train_loss, "lr": 0.1, "val_loss": val_loss,
                       "val_top1": top1, "val_top5": top5, "epoch_time_s": epoch_time,
-                      "img_per_s": 100.0 * (epoch + 1), "global_step": (epoch + 1) * 10})
+                      "img_per_s": 100.0 * (epoch + 1), "global_step": (epoch + 1) * 10, "world_size": world_size,
+                      "device": device})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return run_dir
 
@@ -103,7 +100,7 @@ def test_figure_has_one_curve_per_run_with_the_logged_values(sweep, tmp_path):
 
     assert [text.get_text() for text in ax_top1.get_legend().get_texts()] == [
         f"{job}: model={model}" for job, model, *_ in RUNS]
-    for line, (_, _, epochs, *_) in zip(ax_top1.get_lines(), RUNS):
+    for line, (_, _, epochs, *_) in zip(ax_top1.get_lines(), RUNS, strict=True):
         assert list(line.get_xdata()) == list(range(1, len(epochs) + 1))
         assert list(line.get_ydata()) == [top1 for top1, *_ in epochs]
     assert len(ax_loss.get_lines()) == 2 * len(RUNS)  # train and val loss of each run
@@ -172,17 +169,49 @@ def test_cut_off_last_line_and_repeated_epoch_are_handled(sweep):
     assert run.epochs[-1]["val_top1"] == 21.0
 
 
-def test_unreadable_checkpoint_is_named(sweep, capsys):
-    last = sweep / "0" / "checkpoints" / "last.pth"
-    last.write_bytes(b"not a checkpoint")
+def rewrite_epoch_records(metrics: Path, change) -> None:
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    for record in records:
+        if record["kind"] == "epoch":
+            change(record)
+    metrics.write_text("".join(json.dumps(record) + "\n" for record in records))
+
+
+def test_hardware_comes_from_the_epoch_records_not_the_checkpoints(sweep):
+    (sweep / "0" / "checkpoints").mkdir()
+    (sweep / "0" / "checkpoints" / "last.pth").write_bytes(b"not a checkpoint")  # never opened
+    # Resumed on the CPU after two epochs on 4 GPUs: only the GPU epochs count.
+    rewrite_epoch_records(sweep / "0" / "metrics.jsonl",
+                          lambda r: r.update(device="cpu") if r["epoch"] == 2 else None)
+    row = summarize_runs.summarize(sweep).rows[0]
+    assert row["hardware"] == "4 GPU, CPU (4 proc)"
+    assert row["gpu_hours"] == pytest.approx(4 * 2 * 1200 / 3600) and row["wall_h"] == pytest.approx(1.0)
+
+
+def test_bad_world_size_or_device_is_named(sweep, capsys):
+    metrics = sweep / "1" / "metrics.jsonl"
+    rewrite_epoch_records(metrics, lambda r: r.update(world_size="four") if r["epoch"] == 1 else None)
     assert summarize_runs.main([str(sweep)]) == 2
-    assert f"{last}: not a readable train.py checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{metrics}: the \"epoch\" record of epoch 1 has world_size='four'" in err and "integer >= 1" in err
+
+    rewrite_epoch_records(metrics, lambda r: r.update(world_size=4, device=None))
+    assert summarize_runs.main([str(sweep)]) == 2
+    assert f'{metrics}: the "epoch" record of epoch 0 has device=None' in capsys.readouterr().err
+
+
+def test_epoch_records_without_hardware_get_no_gpu_hours(sweep):
+    rewrite_epoch_records(sweep / "2" / "metrics.jsonl", lambda r: r.pop("world_size"))  # an older train.py
+    row = summarize_runs.summarize(sweep).rows[2]
+    assert row["hardware"] == "-" and row["gpu_hours"] is None and row["wall_h"] == pytest.approx(180 / 3600)
+    assert row["notes"] == "epoch records without world_size / device (an older train.py): no GPU-hours"
 
 
 def test_partial_last_epoch_is_noted(sweep):
     metrics = sweep / "1" / "metrics.jsonl"
     metrics.write_text(metrics.read_text() + json.dumps(
-        {"kind": "epoch", "epoch": 3, "val_top1": 33.0, "val_top5": 60.0, "partial": True, "global_step": 35}) + "\n")
+        {"kind": "epoch", "epoch": 3, "val_top1": 33.0, "val_top5": 60.0, "partial": True, "global_step": 35,
+         "world_size": 4, "device": "cuda"}) + "\n")
     row = summarize_runs.summarize(sweep).rows[1]
     assert row["final_top1"] == 33.0 and row["notes"] == "last epoch partial (stopped at global step 35)"
 
@@ -193,5 +222,5 @@ def test_run_without_a_finished_epoch_gets_a_row(sweep):
     summary = summarize_runs.summarize(sweep)
     row = summary.rows[-1]
     assert row["run"] == "3" and row["best_top1"] is None and row["notes"] == "no epoch finished"
-    assert row["hardware"] == "-" and row["gpu_hours"] is None  # no checkpoint yet: the process count is unknown
+    assert row["hardware"] == "-" and row["gpu_hours"] is None  # no epoch record yet: the hardware is unknown
     assert "| 3 |" in summary.markdown
