@@ -365,7 +365,7 @@ def test_dali_resize_composes_from_the_command_line():
     register_configs()
     configs = Path(__file__).resolve().parents[1] / "configs"
     with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
-        default = compose(config_name="config")
-        graph = compose(config_name="config", overrides=["data.dali_resize=graph"])
+        default = compose(config_name="train")
+        graph = compose(config_name="train", overrides=["data.dali_resize=graph"])
     assert as_data_config(default.data).dali_resize == "auto"
     assert as_data_config(graph.data).dali_resize == "graph"

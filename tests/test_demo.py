@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_config_composes():
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["experiment=demo"])
+        cfg = compose(config_name="train", overrides=["experiment=demo"])
     assert cfg.model.name == "res2net50_26w_4s" and list(cfg.model.layers) == [1, 1, 1, 1]
     assert cfg.data.backend == "torchvision" and cfg.data.root == "data/demo" and cfg.data.img_size == 32
     assert list(cfg.data.train_crop_scale) == [0.6, 1.0] and cfg.data.hflip == 0.0
