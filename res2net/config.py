@@ -19,7 +19,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -62,15 +62,15 @@ class ModelConfig:
     # A name from res2net.list_models(). Every other field left at null takes the variant's own value
     # (res2net/models/variants.py), so configs/model/*.yaml state only the name and what differs.
     name: str = MISSING
-    num_classes: Optional[int] = None  # null: the number of class folders of the training data
-    layers: Optional[list[int]] = None  # blocks per stage
-    base_width: Optional[int] = None  # channels per split in the first stage
-    scale: Optional[int] = None  # number of splits
-    cardinality: Optional[int] = None  # groups of the 3x3 convs (Res2NeXt)
-    stem: Optional[str] = None  # '' (7x7 conv) | 'deep' (three 3x3 convs, the 'd' variants)
-    avg_down: Optional[bool] = None  # avg-pool before the shortcut's 1x1 conv (the 'd' variants)
-    zero_init_last: Optional[bool] = None  # zero the last BN of each block
-    drop_rate: Optional[float] = None  # dropout before the classifier
+    num_classes: int | None = None  # null: the number of class folders of the training data
+    layers: list[int] | None = None  # blocks per stage
+    base_width: int | None = None  # channels per split in the first stage
+    scale: int | None = None  # number of splits
+    cardinality: int | None = None  # groups of the 3x3 convs (Res2NeXt)
+    stem: str | None = None  # '' (7x7 conv) | 'deep' (three 3x3 convs, the 'd' variants)
+    avg_down: bool | None = None  # avg-pool before the shortcut's 1x1 conv (the 'd' variants)
+    zero_init_last: bool | None = None  # zero the last BN of each block
+    drop_rate: float | None = None  # dropout before the classifier
 
 
 @dataclass
@@ -222,4 +222,3 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("res2net.now", _now)
     if not OmegaConf.has_resolver("res2net.rank_zero_or"):
         OmegaConf.register_new_resolver("res2net.rank_zero_or", _rank_zero_or)
-

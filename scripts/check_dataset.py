@@ -14,6 +14,7 @@ place as RGB JPEG (quality --quality); every file it writes is complete or untou
 Nothing is deleted: zero-byte, unreadable and undecodable files are left where they are and stay in the report.
 Exit status 0 when no problem remains, else 1.
 """
+
 import argparse
 import io
 import json
@@ -96,8 +97,9 @@ def scan(paths: list[Path], workers: int, progress: bool) -> list[tuple[str, str
     problems = []
     with Pool(max(1, workers)) as pool:
         results = pool.imap_unordered(check_file, files, chunksize=64)
-        for path, category, detail in tqdm(results, total=len(files), desc="checking", unit="img",
-                                           disable=not progress):
+        for path, category, detail in tqdm(
+            results, total=len(files), desc="checking", unit="img", disable=not progress
+        ):
             if category:
                 problems.append((path, category, detail))
     print(f"checked {len(files):,} files")

@@ -5,6 +5,7 @@ Usage: python scripts/download_checkpoints.py [MODEL ...] [--cache DIR] [--quiet
 Each file is checked against the sha256 prefix in its name (an already cached file too). Locations: the two public
 ones, or $RES2NET_MIRRORS when set. Exit status: 0 all files present and verified, 1 some failed, 2 bad arguments.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,10 +18,12 @@ from res2net.models.pretrained import cache_dir, download_checkpoint
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="*", metavar="MODEL",
-                        help=f"released models (default: all): {', '.join(sorted(RELEASED))}")
-    parser.add_argument("--cache", type=Path, default=None,
-                        help="cache directory (default: $RES2NET_CACHE or ~/.cache/res2net)")
+    parser.add_argument(
+        "models", nargs="*", metavar="MODEL", help=f"released models (default: all): {', '.join(sorted(RELEASED))}"
+    )
+    parser.add_argument(
+        "--cache", type=Path, default=None, help="cache directory (default: $RES2NET_CACHE or ~/.cache/res2net)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.models) - set(RELEASED))

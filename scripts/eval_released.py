@@ -18,6 +18,7 @@ tests): {"<model name>": {"file": "<name>-<sha256 prefix>.pth", "top1": 77.99, "
 "tolerance": 0.1, "overrides": {"num_classes": 10, "base_width": 4, ...}}}; top1/top5 may be null; "overrides" takes
 the model config keys (res2net.models.CONFIG_KEYS).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,20 @@ from res2net.models.variants import DEFAULT_TOLERANCE
 log = logging.getLogger("eval_released")
 
 REFERENCE_BACKEND = "torchvision"
-COLUMNS = ("model", "params_m", "gmacs", "published_top1", "published_top5", "top1", "top5", "delta_top1",
-           "delta_top5", "img_per_s", "tolerance", "status")
+COLUMNS = (
+    "model",
+    "params_m",
+    "gmacs",
+    "published_top1",
+    "published_top5",
+    "top1",
+    "top5",
+    "delta_top1",
+    "delta_top5",
+    "img_per_s",
+    "tolerance",
+    "status",
+)
 DALI_COLUMN = "dali_minus_torchvision_top1"
 
 
@@ -73,8 +86,14 @@ def entries_from_json(path: str | Path, tolerance: float | None = None) -> dict[
         unknown = sorted(set(spec) - allowed)
         if unknown or "file" not in spec:
             raise ValueError(f"{path}: entry {name!r} needs 'file' and may have {sorted(allowed)}; got {sorted(spec)}")
-        entries[name] = Entry(name, spec["file"], spec.get("top1"), spec.get("top5"),
-                              spec.get("tolerance", _tolerance(name, tolerance)), dict(spec.get("overrides", {})))
+        entries[name] = Entry(
+            name,
+            spec["file"],
+            spec.get("top1"),
+            spec.get("top5"),
+            spec.get("tolerance", _tolerance(name, tolerance)),
+            dict(spec.get("overrides", {})),
+        )
     return entries
 
 
@@ -99,17 +118,37 @@ def model_stats(entry: Entry, img_size: int) -> tuple[float, float]:
 
 def eval_config(entry: Entry, checkpoint: Path, args: argparse.Namespace, backend: str) -> dict:
     model = model_config(entry)
-    data = {"root": args.data, "backend": backend, "batch_size": args.batch_size, "num_workers": args.workers,
-            "img_size": args.img_size, "crop_pct": args.crop_pct, "interpolation": "bilinear"}
-    return {"model": model, "data": data, "checkpoint": str(checkpoint), "use_ema": False, "amp": args.amp,
-            "channels_last": True, "compile": False, "fold_bn": True, "device": args.device,
-            "save_predictions": False, "progress": not args.no_progress}
+    data = {
+        "root": args.data,
+        "backend": backend,
+        "batch_size": args.batch_size,
+        "num_workers": args.workers,
+        "img_size": args.img_size,
+        "crop_pct": args.crop_pct,
+        "interpolation": "bilinear",
+    }
+    return {
+        "model": model,
+        "data": data,
+        "checkpoint": str(checkpoint),
+        "use_ema": False,
+        "amp": args.amp,
+        "channels_last": True,
+        "compile": False,
+        "fold_bn": True,
+        "device": args.device,
+        "save_predictions": False,
+        "progress": not args.no_progress,
+    }
 
 
 def _same_evaluation(saved: dict, cfg: dict, sha256: str) -> bool:
     keys = ("root", "img_size", "crop_pct", "interpolation")
-    return (saved.get("checkpoint_sha256") == sha256 and saved["config"]["model"]["name"] == cfg["model"]["name"]
-            and all(saved["config"]["data"].get(k) == cfg["data"][k] for k in keys))
+    return (
+        saved.get("checkpoint_sha256") == sha256
+        and saved["config"]["model"]["name"] == cfg["model"]["name"]
+        and all(saved["config"]["data"].get(k) == cfg["data"][k] for k in keys)
+    )
 
 
 def evaluate_backend(entry: Entry, checkpoint: Path, args: argparse.Namespace, backend: str, dist_info) -> dict:
@@ -138,10 +177,20 @@ def table_row(entry: Entry, result: dict, stats: tuple[float, float]) -> dict:
     d1, d5 = _delta(result["top1"], entry.top1), _delta(result["top5"], entry.top5)
     failed = any(d is not None and abs(d) > entry.tolerance + 1e-9 for d in (d1, d5))
     unpublished = entry.top1 is None and entry.top5 is None
-    return {"model": entry.name, "params_m": stats[0], "gmacs": stats[1], "published_top1": entry.top1,
-            "published_top5": entry.top5, "top1": result["top1"], "top5": result["top5"], "delta_top1": d1,
-            "delta_top5": d5, "img_per_s": result["img_per_s"], "tolerance": entry.tolerance,
-            "status": "FAIL" if failed else ("unpublished" if unpublished else "ok")}
+    return {
+        "model": entry.name,
+        "params_m": stats[0],
+        "gmacs": stats[1],
+        "published_top1": entry.top1,
+        "published_top5": entry.top5,
+        "top1": result["top1"],
+        "top5": result["top5"],
+        "delta_top1": d1,
+        "delta_top5": d5,
+        "img_per_s": result["img_per_s"],
+        "tolerance": entry.tolerance,
+        "status": "FAIL" if failed else ("unpublished" if unpublished else "ok"),
+    }
 
 
 def _fmt(value, digits: int = 3, signed: bool = False) -> str:
@@ -154,13 +203,36 @@ def _fmt(value, digits: int = 3, signed: bool = False) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     dali = any(DALI_COLUMN in r for r in rows)
-    head = ["model", "params (M)", "GMACs", "published top-1", "published top-5", "top-1", "top-5", "delta top-1",
-            "delta top-5", "img/s", "tolerance", "status"] + (["DALI - torchvision top-1"] if dali else [])
+    head = [
+        "model",
+        "params (M)",
+        "GMACs",
+        "published top-1",
+        "published top-5",
+        "top-1",
+        "top-5",
+        "delta top-1",
+        "delta top-5",
+        "img/s",
+        "tolerance",
+        "status",
+    ] + (["DALI - torchvision top-1"] if dali else [])
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + "---|"]
     for r in rows:
-        cells = [r["model"], _fmt(r["params_m"], 2), _fmt(r["gmacs"], 2), _fmt(r["published_top1"]),
-                 _fmt(r["published_top5"]), _fmt(r["top1"]), _fmt(r["top5"]), _fmt(r["delta_top1"], signed=True),
-                 _fmt(r["delta_top5"], signed=True), _fmt(r["img_per_s"], 1), _fmt(r["tolerance"], 2), r["status"]]
+        cells = [
+            r["model"],
+            _fmt(r["params_m"], 2),
+            _fmt(r["gmacs"], 2),
+            _fmt(r["published_top1"]),
+            _fmt(r["published_top5"]),
+            _fmt(r["top1"]),
+            _fmt(r["top5"]),
+            _fmt(r["delta_top1"], signed=True),
+            _fmt(r["delta_top5"], signed=True),
+            _fmt(r["img_per_s"], 1),
+            _fmt(r["tolerance"], 2),
+            r["status"],
+        ]
         if dali:
             cells.append(_fmt(r.get(DALI_COLUMN), signed=True))
         lines.append("| " + " | ".join(cells) + " |")
@@ -180,8 +252,11 @@ def write_tables(rows: list[dict], out_dir: Path, backend: str) -> tuple[Path, P
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--data", required=True, help="data root holding val/<wnid>/*.JPEG")
     p.add_argument("--backend", choices=("torchvision", "dali"), default=REFERENCE_BACKEND)
     p.add_argument("--models", nargs="+", default=None, help="subset to evaluate (default: all released)")
@@ -191,9 +266,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--crop-pct", type=float, default=0.875)
     p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--tolerance", type=float, default=None,
-                   help="allowed |delta| in points for every model (default: each model's own in "
-                        f"res2net.models.variants, {DEFAULT_TOLERANCE} unless stated there)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="allowed |delta| in points for every model (default: each model's own in "
+        f"res2net.models.variants, {DEFAULT_TOLERANCE} unless stated there)",
+    )
     p.add_argument("--published", default=None, help="JSON table replacing the released list (see above)")
     p.add_argument("--out-dir", default="outputs/eval_released")
     p.add_argument("--no-progress", action="store_true")
@@ -201,8 +280,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> tuple[list[dict], bool]:
-    entries = entries_from_json(args.published, args.tolerance) if args.published else released_entries(
-        args.tolerance)
+    entries = entries_from_json(args.published, args.tolerance) if args.published else released_entries(args.tolerance)
     selected = select(entries, args.models)
     dist_info = init_distributed()
     rows = []
@@ -231,8 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tables: {md}, {csv_path}")
     if failed:
         bad = ", ".join(f"{r['model']} (tolerance {r['tolerance']})" for r in rows if r["status"] == "FAIL")
-        print(f"FAIL: measured accuracy differs from the published numbers by more than the tolerance: {bad}",
-              file=sys.stderr)
+        print(
+            f"FAIL: measured accuracy differs from the published numbers by more than the tolerance: {bad}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

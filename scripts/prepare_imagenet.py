@@ -20,6 +20,7 @@ interrupted run (Ctrl-C, a truncated download) is finished by running the same c
 counts are checked (1,281,167 train, 50,000 val, 1,000 classes by default) and any difference is reported; the exit
 status is 1 when they differ.
 """
+
 import argparse
 import csv
 import io
@@ -46,8 +47,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--kaggle", type=Path, help="folder with ILSVRC/Data/CLS-LOC and LOC_val_solution.csv")
     p.add_argument("--out", type=Path, required=True, help="output root; gets train/ and val/")
     p.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val"])
-    p.add_argument("--link", default="hardlink", choices=["hardlink", "symlink", "copy"],
-                   help="Kaggle only: how files reach the output (hardlink falls back to copy across file systems)")
+    p.add_argument(
+        "--link",
+        default="hardlink",
+        choices=["hardlink", "symlink", "copy"],
+        help="Kaggle only: how files reach the output (hardlink falls back to copy across file systems)",
+    )
     p.add_argument("--expected-train", type=int, default=EXPECTED["train"])
     p.add_argument("--expected-val", type=int, default=EXPECTED["val"])
     p.add_argument("--expected-classes", type=int, default=EXPECTED["classes"])
@@ -62,6 +67,7 @@ def require_file(path: Path, what: str) -> Path:
 
 
 # ------------------------------------------------------------------ writing helpers (atomic, resumable)
+
 
 def place_file(src: Path, dst: Path, link: str, copy=shutil.copyfile) -> None:
     """``dst`` as a link to ``src`` or, with ``link='copy'`` or where hard links fail, ``copy(src, dst)``."""
@@ -107,10 +113,13 @@ def commit_class(partial: Path, final: Path) -> None:
 
 # ------------------------------------------------------------------ official archives
 
+
 def official_train(archives: Path, out: Path, n_classes: int, progress: bool) -> None:
     tar_path = require_file(archives / TRAIN_TAR, "the ImageNet train archive (one inner tar per class)")
-    with tarfile.open(tar_path, "r:") as outer, \
-            tqdm(total=n_classes, desc="train classes", unit="class", disable=not progress) as bar:
+    with (
+        tarfile.open(tar_path, "r:") as outer,
+        tqdm(total=n_classes, desc="train classes", unit="class", disable=not progress) as bar,
+    ):
         for member in outer:  # streamed: the members of a finished class are skipped by seeking, not read
             if not (member.isfile() and member.name.endswith(".tar")):
                 continue
@@ -163,6 +172,7 @@ def official_val(archives: Path, devkit: Path, out: Path, progress: bool) -> Non
 
 # ------------------------------------------------------------------ Kaggle layout
 
+
 def kaggle_val_wnids(csv_path: Path) -> dict[str, str]:
     require_file(csv_path, "LOC_val_solution.csv from the Kaggle ImageNet download")
     with open(csv_path, newline="") as f:
@@ -175,8 +185,14 @@ def kaggle_train(kaggle: Path, out: Path, link: str, progress: bool) -> None:
         raise SystemExit(f"error: {src} is not a folder; expected the Kaggle train folders <wnid>/*.JPEG there")
     classes = sorted(d.name for d in src.iterdir() if d.is_dir())
     todo = [c for c in classes if not (out / "train" / c).is_dir()]
-    for wnid in tqdm(todo, desc="train classes", unit="class", disable=not progress,
-                     total=len(classes), initial=len(classes) - len(todo)):
+    for wnid in tqdm(
+        todo,
+        desc="train classes",
+        unit="class",
+        disable=not progress,
+        total=len(classes),
+        initial=len(classes) - len(todo),
+    ):
         partial = fresh_partial_dir(out, "train", wnid)
         for image in sorted((src / wnid).iterdir()):
             if image.is_file():
@@ -204,6 +220,7 @@ def kaggle_val(kaggle: Path, out: Path, link: str, progress: bool) -> None:
 
 # ------------------------------------------------------------------ count check
 
+
 def count_split(split_dir: Path) -> tuple[int, int]:
     """(number of class folders, number of files in them); temporary files are not counted."""
     if not split_dir.is_dir():
@@ -219,8 +236,9 @@ def check_counts(out: Path, splits: Iterable[str], expected: dict[str, int]) -> 
         n_classes, n_files = count_split(out / split)
         print(f"{split}: {n_files:,} images in {n_classes:,} class folders under {out / split}")
         if n_files != expected[split]:
-            problems.append(f"{split}: {n_files:,} images, expected {expected[split]:,} "
-                            f"({n_files - expected[split]:+,})")
+            problems.append(
+                f"{split}: {n_files:,} images, expected {expected[split]:,} ({n_files - expected[split]:+,})"
+            )
         if n_classes != expected["classes"]:
             problems.append(f"{split}: {n_classes:,} class folders, expected {expected['classes']:,}")
     return problems
@@ -245,8 +263,11 @@ def main(argv=None) -> int:
     try:
         prepare(args)
     except (tarfile.TarError, EOFError) as err:
-        print(f"error: an archive ended early or is damaged ({err!r}); finished classes and files are kept: "
-              "complete the download and run the same command again", file=sys.stderr)
+        print(
+            f"error: an archive ended early or is damaged ({err!r}); finished classes and files are kept: "
+            "complete the download and run the same command again",
+            file=sys.stderr,
+        )
         return 2
     shutil.rmtree(args.out / PARTIAL, ignore_errors=True)
     expected = {"train": args.expected_train, "val": args.expected_val, "classes": args.expected_classes}

@@ -158,11 +158,15 @@ def read_hardware(epochs: list[dict], path: Path) -> list[tuple[int, str]] | Non
             return None
         world_size, device = record["world_size"], record["device"]
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"{path}: the \"epoch\" record of epoch {record['epoch']} has world_size={world_size!r}; "
-                             "expected the number of processes, an integer >= 1")
+            raise ValueError(
+                f'{path}: the "epoch" record of epoch {record["epoch"]} has world_size={world_size!r}; '
+                "expected the number of processes, an integer >= 1"
+            )
         if not isinstance(device, str) or not device:
-            raise ValueError(f"{path}: the \"epoch\" record of epoch {record['epoch']} has device={device!r}; "
-                             "expected a torch device type such as 'cuda' or 'cpu'")
+            raise ValueError(
+                f'{path}: the "epoch" record of epoch {record["epoch"]} has device={device!r}; '
+                "expected a torch device type such as 'cuda' or 'cpu'"
+            )
         hardware.append((world_size, device))
     return hardware
 
@@ -210,9 +214,11 @@ def resource_columns(run: Run) -> dict:
     wall_h = sum(times) / 3600 if times else None
     if wall_h is None or run.hardware is None:
         return {"hardware": MISSING, "wall_h": wall_h, "gpu_hours": None}
-    gpu_seconds = sum(world_size * float(record["epoch_time_s"])
-                      for record, (world_size, device) in zip(run.epochs, run.hardware, strict=True)
-                      if device == "cuda" and record.get("epoch_time_s") is not None)
+    gpu_seconds = sum(
+        world_size * float(record["epoch_time_s"])
+        for record, (world_size, device) in zip(run.epochs, run.hardware, strict=True)
+        if device == "cuda" and record.get("epoch_time_s") is not None
+    )
     labels = dict.fromkeys(hardware_label(*pair) for pair in run.hardware)  # in order of appearance, once each
     return {"hardware": ", ".join(labels), "wall_h": wall_h, "gpu_hours": gpu_seconds / 3600}
 
@@ -292,15 +298,25 @@ def plot_runs(runs: list[Run], knobs: list[str]) -> Figure:
     for index, run in enumerate(runs):
         color = colors(index % colors.N)
         x = [int(record["epoch"]) + 1 for record in run.epochs]
-        ax_top1.plot(x, [record.get("val_top1", math.nan) for record in run.epochs], "o-", color=color,
-                     label=run_label(run, knobs))
+        ax_top1.plot(
+            x,
+            [record.get("val_top1", math.nan) for record in run.epochs],
+            "o-",
+            color=color,
+            label=run_label(run, knobs),
+        )
         ax_loss.plot(x, [record.get("train_loss", math.nan) for record in run.epochs], "-", color=color)
         ax_loss.plot(x, [record.get("val_loss", math.nan) for record in run.epochs], "--", color=color)
     ax_top1.set(xlabel="epoch", ylabel="val top-1 (%)", title="Validation top-1")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss (train solid, val dashed)")
     ax_top1.legend(fontsize="small", loc="best")
-    ax_loss.legend(handles=[Line2D([], [], color="black", linestyle="-", label="train"),
-                            Line2D([], [], color="black", linestyle="--", label="val")], fontsize="small")
+    ax_loss.legend(
+        handles=[
+            Line2D([], [], color="black", linestyle="-", label="train"),
+            Line2D([], [], color="black", linestyle="--", label="val"),
+        ],
+        fontsize="small",
+    )
     for ax in (ax_top1, ax_loss):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -316,8 +332,19 @@ def summarize(sweep_dir: str | Path, out_dir: str | Path | None = None) -> Summa
     all_knobs = knob_keys(runs, varying_only=False)
     varying = knob_keys(runs, varying_only=True)
     common = {k: runs[0].overrides[k] for k in all_knobs if k not in varying and k in runs[0].overrides}
-    metrics = ["epochs", "best_top1", "best_epoch", "final_top1", "best_top5", "final_top5", "img_per_s",
-               "hardware", "wall_h", "gpu_hours", "notes"]
+    metrics = [
+        "epochs",
+        "best_top1",
+        "best_epoch",
+        "final_top1",
+        "best_top5",
+        "final_top5",
+        "img_per_s",
+        "hardware",
+        "wall_h",
+        "gpu_hours",
+        "notes",
+    ]
     rows = [run_row(run, all_knobs) for run in runs]
 
     markdown = to_markdown(rows, ["run", *varying, *metrics], common)

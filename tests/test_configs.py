@@ -1,4 +1,5 @@
 """Config composition: every model and experiment composes into the typed schema, typos fail at start-up."""
+
 import dataclasses
 import os
 import re
@@ -12,8 +13,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import res2net
-from res2net.models import model_from_config, resolve_model_config
 from res2net.config import TrainConfig, register_configs
+from res2net.models import model_from_config, resolve_model_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -28,8 +29,9 @@ def _compose(*overrides):
 
 def _run_train(*args, cwd=None):
     env = dict(os.environ, OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="0")
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120
+    )
 
 
 def test_one_config_file_per_registered_model():
@@ -61,6 +63,7 @@ def test_every_model_composes_and_states_its_variant(name):
     # The YAML names the variant and leaves its architecture to the variant table: building from the composed config
     # equals building by name alone.
     import torch
+
     with torch.device("meta"):
         composed = model_from_config(cfg.model)
         plain = res2net.create_model(name)
@@ -88,13 +91,16 @@ def test_cosine_schedule_and_knobs_compose():
     assert cfg.trainer.amp.value == "bf16" and cfg.optim.no_decay_norm_bias is True
 
 
-@pytest.mark.parametrize("override, message", [
-    ("trainer.max_step=3", "Key 'max_step' not in 'TrainerConfig'"),
-    ("trainer.max_steps=many", "Value 'many' of type 'str' could not be converted to Integer"),
-    ("trainer.amp=fp32", "Invalid value 'fp32', expected one of [auto, off, bf16, fp16]"),
-    ("optim.lr=fast", "could not be converted to Float"),
-    ("model=res2net51", "Could not find 'model/res2net51'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trainer.max_step=3", "Key 'max_step' not in 'TrainerConfig'"),
+        ("trainer.max_steps=many", "Value 'many' of type 'str' could not be converted to Integer"),
+        ("trainer.amp=fp32", "Invalid value 'fp32', expected one of [auto, off, bf16, fp16]"),
+        ("optim.lr=fast", "could not be converted to Float"),
+        ("model=res2net51", "Could not find 'model/res2net51'"),
+    ],
+)
 def test_bad_override_fails_at_startup_before_any_data(tmp_path, override, message):
     proc = _run_train(override, "data.root=/nonexistent/imagenet", cwd=tmp_path)
     assert proc.returncode == 1
@@ -118,15 +124,16 @@ def test_typo_in_a_yaml_file_fails(tmp_path):
 
 def _leaf_keys(cls, prefix=""):
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(f.type) or (isinstance(f.default_factory, type)
-                                                 and dataclasses.is_dataclass(f.default_factory)):
+        if dataclasses.is_dataclass(f.type) or (
+            isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory)
+        ):
             yield from _leaf_keys(f.default_factory, f"{prefix}{f.name}.")
         else:
             yield prefix + f.name
 
 
 def test_every_schema_key_is_read_by_the_engine():
-    """A key nobody reads must not exist: each trainer/optim/schedule key appears as an attribute access in the engine."""
+    """A key nobody reads must not exist: each trainer/optim/schedule key is accessed as an attribute in the engine."""
     source = "\n".join(p.read_text() for p in (REPO / "res2net" / "engine").glob("*.py"))
     for key in _leaf_keys(TrainConfig):
         group, _, name = key.rpartition(".")
@@ -170,15 +177,17 @@ def _config_copy(tmp_path) -> Path:
 
 def test_values_stated_in_eval_yaml_take_effect(tmp_path):
     """Every value eval.yaml states wins over the schema's default: flipping each boolean there flips the config."""
-    stated = {k: v for k, v in yaml.safe_load((CONFIGS / "eval.yaml").read_text()).items()
-              if k not in ("defaults", "hydra")}
+    stated = {
+        k: v for k, v in yaml.safe_load((CONFIGS / "eval.yaml").read_text()).items() if k not in ("defaults", "hydra")
+    }
     flags = [k for k, v in stated.items() if isinstance(v, bool)]
     assert "channels_last" in flags and "fold_bn" in flags
     copy = _config_copy(tmp_path)
     text = (copy / "eval.yaml").read_text()
     for key in flags:
-        text = re.sub(rf"^{key}: (true|false)", lambda m: f"{key}: {str(m.group(1) != 'true').lower()}", text,
-                      flags=re.M)
+        text = re.sub(
+            rf"^({key}): (true|false)", lambda m: f"{m.group(1)}: {str(m.group(2) != 'true').lower()}", text, flags=re.M
+        )
     (copy / "eval.yaml").write_text(text)
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):

@@ -1,4 +1,5 @@
 """Index, sharding, config, torchvision and synthetic backends (real JPEG files, real DataLoader workers)."""
+
 import logging
 import random
 from pathlib import Path
@@ -10,6 +11,13 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as F
 from omegaconf import OmegaConf
 from PIL import Image
+from test_data_helpers import (
+    WNIDS,
+    check_set_epoch_contract,
+    check_train_statistics,
+    write_noise_split,
+    write_photo_split,
+)
 
 from res2net.data import DataConfig, as_data_config, build_loader, scan_split
 from res2net.data.index import epoch_batches, epoch_permutation, train_positions, train_shard, val_shard
@@ -21,13 +29,6 @@ from res2net.data.transforms import (
     sample_uniforms,
     val_resize_size,
     val_resized_shape,
-)
-from test_data_helpers import (
-    WNIDS,
-    check_set_epoch_contract,
-    check_train_statistics,
-    write_noise_split,
-    write_photo_split,
 )
 
 STD = DataConfig().std
@@ -41,6 +42,7 @@ def tv_cfg(root, **kw) -> DataConfig:
 
 # ---------------------------------------------------------------- index and labels
 
+
 def test_scan_split_labels_are_sorted_wnid_positions(tmp_path):
     write_noise_split(tmp_path, "train", 9, wnids=("n03", "n01", "n02"))
     samples, classes = scan_split(str(tmp_path), "train")
@@ -51,12 +53,15 @@ def test_scan_split_labels_are_sorted_wnid_positions(tmp_path):
     assert [p for p, _ in samples] == sorted(p for p, _ in samples)
 
 
-@pytest.mark.parametrize("layout, expected", [
-    ("no_root", "is not a directory"),
-    ("no_split", "does not exist"),
-    ("no_classes", "no class sub-folders"),
-    ("empty_class", "holds no images"),
-])
+@pytest.mark.parametrize(
+    "layout, expected",
+    [
+        ("no_root", "is not a directory"),
+        ("no_split", "does not exist"),
+        ("no_classes", "no class sub-folders"),
+        ("empty_class", "holds no images"),
+    ],
+)
 def test_scan_split_errors_name_the_path(tmp_path, layout, expected):
     root = tmp_path / "data"
     bad_path = root
@@ -88,6 +93,7 @@ def test_val_uses_train_class_mapping_when_a_class_is_missing(tmp_path):
 
 
 # ---------------------------------------------------------------- order and sharding helpers
+
 
 def test_epoch_order_depends_only_on_seed_and_epoch():
     a = epoch_permutation(1000, seed=3, epoch=5)
@@ -123,8 +129,11 @@ def test_epoch_batches_of_every_rank(n, batch_size, world_size):
     """Train: floor(floor(n / world_size) / batch_size) whole batches on every rank; val: every sample in exactly
     one batch of one rank; a resumed epoch yields exactly the batches after start_batch."""
     if n // world_size < batch_size:
-        with pytest.raises(ValueError, match=rf"rank 0 of {world_size} gets {n // world_size} of the {n} training "
-                                             rf"samples, fewer than data\.batch_size={batch_size}"):
+        with pytest.raises(
+            ValueError,
+            match=rf"rank 0 of {world_size} gets {n // world_size} of the {n} training "
+            rf"samples, fewer than data\.batch_size={batch_size}",
+        ):
             epoch_batches(n, batch_size, 0, world_size, train=True)
     else:
         for rank in range(world_size):
@@ -132,7 +141,8 @@ def test_epoch_batches_of_every_rank(n, batch_size, world_size):
             assert len(train.remaining(0)) == train.num_batches == n // world_size // batch_size
             assert train.num_samples == train.num_batches * batch_size <= train.stop - train.start
             assert [train.bounds(b) for b in train.remaining(0)] == [
-                (b * batch_size, (b + 1) * batch_size) for b in range(train.num_batches)]
+                (b * batch_size, (b + 1) * batch_size) for b in range(train.num_batches)
+            ]
     seen = []
     for rank in range(world_size):
         val = epoch_batches(n, batch_size, rank, world_size, train=False)
@@ -159,6 +169,7 @@ def test_val_geometry_matches_torchvision():
 
 # ---------------------------------------------------------------- config
 
+
 def test_config_from_omegaconf_and_errors(noise_root):
     node = OmegaConf.structured(tv_cfg(noise_root))
     assert as_data_config(node) == tv_cfg(noise_root)
@@ -179,6 +190,7 @@ def test_config_from_omegaconf_and_errors(noise_root):
 
 
 # ---------------------------------------------------------------- torchvision backend
+
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_torchvision_val_sharding_exactly_once(noise_root, world_size):
@@ -267,9 +279,16 @@ def test_torchvision_skips_corrupt_files(tmp_path, caplog):
 
 # ---------------------------------------------------------------- synthetic backend
 
+
 def test_synthetic_backend():
-    cfg = DataConfig(backend="synthetic", batch_size=4, img_size=16, synthetic_num_classes=10,
-                     synthetic_train_size=18, synthetic_val_size=11)
+    cfg = DataConfig(
+        backend="synthetic",
+        batch_size=4,
+        img_size=16,
+        synthetic_num_classes=10,
+        synthetic_train_size=18,
+        synthetic_val_size=11,
+    )
     train = build_loader(cfg, "train", rank=1, world_size=2, channels_last=True, dtype=torch.float16)
     assert len(train) == 2 and train.num_samples == 8 and train.num_classes == 10
     batches = list(train)
@@ -292,8 +311,9 @@ def test_random_resized_crop_follows_torchvision():
     draws = augmentation_draws(0, 0, np.arange(3000), scale, ratio, 0.5)
     ours = np.array([random_resized_crop_box(row, 300, 451) for row in draws])
     torch.manual_seed(0)
-    theirs = np.array([T.RandomResizedCrop.get_params(torch.empty(3, 300, 451), list(scale), list(ratio))
-                       for _ in range(3000)])
+    theirs = np.array(
+        [T.RandomResizedCrop.get_params(torch.empty(3, 300, 451), list(scale), list(ratio)) for _ in range(3000)]
+    )
     for boxes in (ours, theirs):
         assert (boxes[:, 0] >= 0).all() and (boxes[:, 0] + boxes[:, 2] <= 300).all()
         assert (boxes[:, 1] >= 0).all() and (boxes[:, 1] + boxes[:, 3] <= 451).all()
@@ -324,8 +344,14 @@ def test_torchvision_backend_equals_torchvision_transforms(tmp_path, img_size, c
     loader = build_loader(cfg, "val")
     images, _ = next(iter(loader))
     mode = T.InterpolationMode.BILINEAR if interpolation == "bilinear" else T.InterpolationMode.BICUBIC
-    reference = T.Compose([T.Resize(int(img_size / crop_pct), interpolation=mode), T.CenterCrop(img_size),
-                           T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
+    reference = T.Compose(
+        [
+            T.Resize(int(img_size / crop_pct), interpolation=mode),
+            T.CenterCrop(img_size),
+            T.ToTensor(),
+            T.Normalize(cfg.mean, cfg.std),
+        ]
+    )
     expected = torch.stack([reference(Image.open(p).convert("RGB")) for p in loader.paths])
     assert torch.allclose(images, expected, atol=1e-5)
 
@@ -348,6 +374,7 @@ def test_torchvision_train_crop_equals_torchvision_resized_crop(tmp_path):
 
 # ---------------------------------------------------------------- set_epoch contract (shared by every backend)
 
+
 @pytest.mark.parametrize("backend", ["torchvision", "synthetic"])
 def test_set_epoch_contract(noise_root, backend):
     cfg = tv_cfg(noise_root, backend=backend, synthetic_num_classes=3, synthetic_train_size=20)
@@ -357,6 +384,7 @@ def test_set_epoch_contract(noise_root, backend):
 
 
 # ---------------------------------------------------------------- global RNG state (every backend)
+
 
 def global_rng_states():
     return torch.get_rng_state(), random.getstate(), np.random.get_state()
@@ -368,16 +396,23 @@ def assert_same_rng_states(before, after):
     assert all(np.array_equal(a, b) for a, b in zip(before[2], after[2], strict=True)), "numpy's global RNG moved"
 
 
-@pytest.mark.parametrize("backend, num_workers", [("torchvision", 0), ("torchvision", 2), ("dali", 1),
-                                                  ("synthetic", 0)])
+@pytest.mark.parametrize(
+    "backend, num_workers", [("torchvision", 0), ("torchvision", 2), ("dali", 1), ("synthetic", 0)]
+)
 def test_loaders_leave_the_global_rngs_alone(noise_root, backend, num_workers):
     """Creating, iterating (whole and cut-short epochs, a resumed one) and closing a loader draws nothing from
     torch's, python's or numpy's global generators, so a training step sees the same random state after a
     resume as in the uninterrupted run."""
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
-    cfg = tv_cfg(noise_root, backend=backend, num_workers=num_workers, synthetic_num_classes=3,
-                 synthetic_train_size=50, synthetic_val_size=101)
+    cfg = tv_cfg(
+        noise_root,
+        backend=backend,
+        num_workers=num_workers,
+        synthetic_num_classes=3,
+        synthetic_train_size=50,
+        synthetic_val_size=101,
+    )
     torch.manual_seed(123), random.seed(123), np.random.seed(123)
     before = global_rng_states()
     for split in ("train", "val"):

@@ -1,5 +1,6 @@
 """DALI backend in CPU-only mode (device_id=None): parity with PIL on real photographs, train statistics,
 order / resume / sharding, errors. Only the 'mixed' (GPU) decoding test needs CUDA."""
+
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -8,11 +9,6 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
-
-from res2net.config import register_configs
-from res2net.data import DataConfig, as_data_config, build_loader, scan_split
-from res2net.data.index import train_positions
-from res2net.data.transforms import DRAW_FLIP, augmentation_draws, random_resized_crop_box
 from test_data_helpers import (
     check_set_epoch_contract,
     check_train_statistics,
@@ -22,6 +18,11 @@ from test_data_helpers import (
     write_noise_split,
     write_photo_split,
 )
+
+from res2net.config import register_configs
+from res2net.data import DataConfig, as_data_config, build_loader, scan_split
+from res2net.data.index import train_positions
+from res2net.data.transforms import DRAW_FLIP, augmentation_draws, random_resized_crop_box
 
 pytest.importorskip("nvidia.dali")
 MEAN, STD = DataConfig().mean, DataConfig().std
@@ -40,14 +41,27 @@ def photo_root(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("img_size, crop_pct, interpolation", [
-    (224, 0.875, "bilinear"), (288, 1.0, "bilinear"), (160, 0.95, "bilinear"), (97, 0.9, "bilinear"),
-    (224, 0.875, "bicubic"),
-])
+@pytest.mark.parametrize(
+    "img_size, crop_pct, interpolation",
+    [
+        (224, 0.875, "bilinear"),
+        (288, 1.0, "bilinear"),
+        (160, 0.95, "bilinear"),
+        (97, 0.9, "bilinear"),
+        (224, 0.875, "bicubic"),
+    ],
+)
 def test_val_parity_with_pil_on_photographs(photo_root, img_size, crop_pct, interpolation):
     def batch(backend):
-        cfg = cfg_for(photo_root, backend, batch_size=16, img_size=img_size, crop_pct=crop_pct,
-                      interpolation=interpolation, num_workers=0 if backend == "torchvision" else 1)
+        cfg = cfg_for(
+            photo_root,
+            backend,
+            batch_size=16,
+            img_size=img_size,
+            crop_pct=crop_pct,
+            interpolation=interpolation,
+            num_workers=0 if backend == "torchvision" else 1,
+        )
         loader = build_loader(cfg, "val")
         images, labels = next(iter(loader))
         return images, labels, loader.paths
@@ -68,8 +82,10 @@ def test_cmyk_grayscale_and_png_named_jpeg_decode_like_pil(tmp_path):
     Image.fromarray(rgb).convert("CMYK").save(folder / "a_cmyk.JPEG", "JPEG")
     Image.fromarray(rgb).save(folder / "b_png.JPEG", "PNG")
     Image.fromarray(rgb[..., 0]).save(folder / "c_gray.JPEG", "JPEG")
-    batches = [next(iter(build_loader(cfg_for(tmp_path, backend, num_workers=1, crop_pct=1.0), "val")))[0]
-               for backend in ("torchvision", "dali")]
+    batches = [
+        next(iter(build_loader(cfg_for(tmp_path, backend, num_workers=1, crop_pct=1.0), "val")))[0]
+        for backend in ("torchvision", "dali")
+    ]
     assert (grey_level_diff(*batches, STD) < 0.5).all()
 
 
@@ -191,8 +207,9 @@ def test_mixed_decoding_matches_cpu_path(photo_root, tmp_path):
     assert torch.equal(gpu_labels.cpu(), cpu_labels)
     assert (grey_level_diff(gpu_images, cpu_images, STD) < 0.5).all()
     # The same graph on the CPU (data.dali_resize=graph, what the CPU tests check): only the decoders differ.
-    cpu_graph = next(iter(build_loader(cfg_for(photo_root, batch_size=16, img_size=224, dali_resize="graph"),
-                                       "val")))[0]
+    cpu_graph = next(iter(build_loader(cfg_for(photo_root, batch_size=16, img_size=224, dali_resize="graph"), "val")))[
+        0
+    ]
     assert (grey_level_diff(gpu_images, cpu_graph, STD) < 0.5).all()
     with pytest.raises(ValueError, match=r"data\.dali_resize='torch'.*'mixed' decoding"):
         build_loader(cfg_for(photo_root, dali_resize="torch"), "val", device=cuda)  # auto decoding -> 'mixed'
@@ -205,8 +222,13 @@ def test_mixed_decoding_matches_cpu_path(photo_root, tmp_path):
     cpu_train, cpu_labels = next(iter(build_loader(train_cfg, "train", seed=2)))
     assert torch.equal(labels.cpu(), cpu_labels)
     assert (grey_level_diff(images.float(), cpu_train, STD) < 1.0).all()  # same crops and flips on the GPU
-    cpu_graph_train = build_loader(cfg_for(tmp_path, batch_size=16, img_size=64, dali_resize="graph"), "train",
-                                   seed=2, channels_last=True, dtype=torch.float16)
+    cpu_graph_train = build_loader(
+        cfg_for(tmp_path, batch_size=16, img_size=64, dali_resize="graph"),
+        "train",
+        seed=2,
+        channels_last=True,
+        dtype=torch.float16,
+    )
     assert (grey_level_diff(images.float(), next(iter(cpu_graph_train))[0].float(), STD) < 1.0).all()
 
 
@@ -223,7 +245,7 @@ def test_train_boxes_are_torchvisions_from_the_file_header(tmp_path):
     indices = loader.epoch_indices(3)
     _, first = train_positions(len(loader._paths), 1, 2, 4, 3)
     for start in (0, 1):
-        source = loader._boxes_source(indices[start * 4:], start)
+        source = loader._boxes_source(indices[start * 4 :], start)
         n = len(indices) - start * 4
         for it in range(len(loader) - start + 2):
             anchors, shapes, flips = source(SimpleNamespace(iteration=it))
@@ -265,14 +287,14 @@ def test_train_unreadable_file_error_names_it(tmp_path):
         list(loader)
 
 
-@pytest.mark.parametrize("channels_last, dtype", [(True, torch.float32), (False, torch.bfloat16),
-                                                  (True, torch.float16)])
+@pytest.mark.parametrize(
+    "channels_last, dtype", [(True, torch.float32), (False, torch.bfloat16), (True, torch.float16)]
+)
 def test_train_output_layout_and_dtype(tmp_path, channels_last, dtype):
     """Normalization happens in the graph; layout and dtype follow the request, values those of float32 NCHW."""
     write_photo_split(tmp_path, "train", names=["coffee"], copies=8, shrink=4)
     reference = next(iter(build_loader(cfg_for(tmp_path), "train", seed=2)))[0]
-    images = next(iter(build_loader(cfg_for(tmp_path), "train", seed=2, channels_last=channels_last,
-                                    dtype=dtype)))[0]
+    images = next(iter(build_loader(cfg_for(tmp_path), "train", seed=2, channels_last=channels_last, dtype=dtype)))[0]
     assert images.dtype == dtype and images.shape == reference.shape
     assert images.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     assert torch.allclose(images.float(), reference, atol=0.02 if dtype != torch.float32 else 0.0)
@@ -287,11 +309,16 @@ def test_set_epoch_contract(noise_root):
 # data.dali_resize=graph on the CPU: the graph the GPU runs ('mixed' decoding), built by the same functions
 # (_train_graph / _val_graph / _normalize_graph), only decoded by libjpeg-turbo and placed on the CPU.
 
+
 def test_graph_path_val_parity_with_pil_on_photographs(photo_root):
     """fn.resize with the val roi + crop_mirror_normalize: within DALI's resize tolerance of PIL for several
     (img_size, crop_pct, interpolation); channels_last + float16 give the same values in that layout and type."""
-    for img_size, crop_pct, interpolation in ((224, 0.875, "bilinear"), (160, 0.95, "bilinear"),
-                                              (97, 0.9, "bilinear"), (288, 1.0, "bicubic")):
+    for img_size, crop_pct, interpolation in (
+        (224, 0.875, "bilinear"),
+        (160, 0.95, "bilinear"),
+        (97, 0.9, "bilinear"),
+        (288, 1.0, "bicubic"),
+    ):
         size_kw = dict(batch_size=16, img_size=img_size, crop_pct=crop_pct, interpolation=interpolation)
         tv = build_loader(cfg_for(photo_root, "torchvision", num_workers=0, **size_kw), "val")
         graph = build_loader(cfg_for(photo_root, dali_resize="graph", **size_kw), "val")
@@ -304,8 +331,9 @@ def test_graph_path_val_parity_with_pil_on_photographs(photo_root):
         if img_size == 224:
             torch_path = next(iter(build_loader(cfg_for(photo_root, **size_kw), "val")))[0]
             assert not torch.equal(images, torch_path)  # DALI's resize ran, not torch's
-            half = build_loader(cfg_for(photo_root, dali_resize="graph", **size_kw), "val", channels_last=True,
-                                dtype=torch.float16)
+            half = build_loader(
+                cfg_for(photo_root, dali_resize="graph", **size_kw), "val", channels_last=True, dtype=torch.float16
+            )
             assert half._graph_dtype()[1] == torch.float16  # crop_mirror_normalize writes float16 on the CPU too
             half_images = next(iter(half))[0]
             assert half_images.dtype == torch.float16 and half_images.is_contiguous(memory_format=torch.channels_last)

@@ -1,4 +1,5 @@
 """Small real JPEG folders for the data tests (helpers only; the tests live in test_data*.py)."""
+
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,22 +30,27 @@ def write_noise_split(root: Path, split: str, n: int, seed: int = 0, wnids: Sequ
 
 def photos() -> dict[str, np.ndarray]:
     """scikit-image's colour photographs plus non-square / odd-sized crops of them (uint8 HWC)."""
-    astronaut, coffee, chelsea, rocket = (skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(),
-                                          skimage.data.rocket())
+    astronaut, coffee, chelsea, rocket = (
+        skimage.data.astronaut(),
+        skimage.data.coffee(),
+        skimage.data.chelsea(),
+        skimage.data.rocket(),
+    )
     return {
-        "astronaut": astronaut,                   # 512 x 512
-        "coffee": coffee,                         # 400 x 600
-        "chelsea": chelsea,                       # 300 x 451
-        "rocket": rocket,                         # 427 x 640, portrait after transposing below
+        "astronaut": astronaut,  # 512 x 512
+        "coffee": coffee,  # 400 x 600
+        "chelsea": chelsea,  # 300 x 451
+        "rocket": rocket,  # 427 x 640, portrait after transposing below
         "rocket_portrait": np.ascontiguousarray(rocket.transpose(1, 0, 2)),
         "astronaut_odd": astronaut[13:400, 7:300],  # 387 x 293
-        "coffee_odd": coffee[5:216, 31:558],        # 211 x 527
+        "coffee_odd": coffee[5:216, 31:558],  # 211 x 527
         "chelsea_small": chelsea[40:191, 100:301],  # 151 x 201: upsampled for img_size >= 160
     }
 
 
-def write_photo_split(root: Path, split: str, names: Sequence[str] = None, copies: int = 1,
-                      shrink: int = 1) -> list[tuple[str, str]]:
+def write_photo_split(
+    root: Path, split: str, names: Sequence[str] = None, copies: int = 1, shrink: int = 1
+) -> list[tuple[str, str]]:
     """One class folder per photo (sorted names = labels), ``copies`` files each; returns [(path, name)]."""
     all_photos = photos()
     out = []
@@ -94,8 +100,11 @@ def check_set_epoch_contract(loader) -> None:
     """len() is the batch count; set_epoch validates its arguments; start_batch == len() gives an empty epoch."""
     n = len(loader)
     for epoch, start in ((-1, 0), (0, -1), (0, n + 1)):
-        with pytest.raises(ValueError, match=rf"need epoch >= 0 and 0 <= start_batch <= {n}, "
-                                             rf"got epoch={epoch}, start_batch={start}"):
+        with pytest.raises(
+            ValueError,
+            match=rf"need epoch >= 0 and 0 <= start_batch <= {n}, "
+            rf"got epoch={epoch}, start_batch={start}",
+        ):
             loader.set_epoch(epoch, start_batch=start)
     loader.set_epoch(2, start_batch=n)
     assert list(loader) == []

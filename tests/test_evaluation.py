@@ -1,7 +1,7 @@
 """The count-exact evaluation loop: top-k and loss by hand, and world size 2 (real gloo processes) == world size 1."""
+
 import json
 import math
-import os
 import socket
 
 import pytest
@@ -33,7 +33,7 @@ class ListLoader:
 
     def __iter__(self):
         for s in range(0, self.num_samples, self.batch_size):
-            yield self.images[s:s + self.batch_size], self.targets[s:s + self.batch_size]
+            yield self.images[s : s + self.batch_size], self.targets[s : s + self.batch_size]
 
 
 def _dataset():
@@ -69,8 +69,12 @@ def test_evaluate_loss_and_accuracy_by_hand():
 
     r = evaluate(Fixed(), Loader(), device="cpu", collect_predictions=True)
     # CE per row: -log softmax[target]
-    ce = [math.log(1 + 2 * math.exp(-2)), math.log(math.exp(1) + 2), math.log(3),
-          math.log(math.exp(1) + math.exp(3) + math.exp(2)) - 3]
+    ce = [
+        math.log(1 + 2 * math.exp(-2)),
+        math.log(math.exp(1) + 2),
+        math.log(3),
+        math.log(math.exp(1) + math.exp(3) + math.exp(2)) - 3,
+    ]
     assert r["loss"] == pytest.approx(sum(ce) / 4, rel=1e-6)
     # top-1 hits: rows 0 and 3 (row 2 is a three-way tie: topk picks index 0, not target 1)
     assert r["count"] == 4 and r["top1"] == pytest.approx(50.0) and r["top5"] == pytest.approx(100.0)

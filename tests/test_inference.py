@@ -1,4 +1,5 @@
 """prepare_for_inference: BatchNorm folding keeps outputs, leaves the original alone, covers every variant."""
+
 import pytest
 import torch
 import torch.nn as nn

@@ -1,5 +1,6 @@
 """scripts/prepare_imagenet.py on small fake archives built here: official tars + devkit (meta.mat), Kaggle CSV,
 an interrupted run (truncated downloads) finished by a second run, idempotence and the count check."""
+
 import csv
 import io
 import os
@@ -46,8 +47,10 @@ def make_official(folder: Path) -> None:
     with tarfile.open(folder / "ILSVRC2012_img_val.tar", "w") as tar:
         for i in range(len(VAL_IDS)):
             add_bytes(tar, f"ILSVRC2012_val_{i + 1:08d}.JPEG", jpeg_bytes(1000 + i))
-    synsets = np.array([(i, w, f"words {w}", k) for i, w, k in SYNSETS],
-                       dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")])
+    synsets = np.array(
+        [(i, w, f"words {w}", k) for i, w, k in SYNSETS],
+        dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")],
+    )
     meta = io.BytesIO()
     scipy.io.savemat(meta, {"synsets": synsets})
     truth = "".join(f"{i}\n" for i in VAL_IDS).encode()
@@ -76,8 +79,13 @@ def make_kaggle(folder: Path) -> None:
 
 def run(*args) -> subprocess.CompletedProcess:
     counts = ["--expected-train", "9", "--expected-val", "7", "--expected-classes", "3"]
-    return subprocess.run([sys.executable, str(SCRIPT), *args, *counts], capture_output=True, text=True,
-                          timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args, *counts],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
 
 
 def layout(root: Path) -> dict:

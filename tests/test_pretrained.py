@@ -1,4 +1,5 @@
 """Released-weight table, downloads against a real HTTP server on 127.0.0.1, and checkpoint loading."""
+
 import hashlib
 import http.server
 import io
@@ -38,7 +39,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Length", str(len(data) + (1000 if kind == "truncated" else 0)))
         self.end_headers()
-        self.wfile.write(data[:len(data) // 2] if kind == "truncated" else data)
+        self.wfile.write(data[: len(data) // 2] if kind == "truncated" else data)
         if kind == "truncated":
             self.close_connection = True
 
@@ -96,13 +97,21 @@ def _files_in(directory: Path) -> list[str]:
 
 
 def test_released_table_has_both_public_locations_and_published_accuracy():
-    assert sorted(RELEASED) == ["res2net101_26w_4s", "res2net50_14w_8s", "res2net50_26w_4s", "res2net50_26w_6s",
-                                "res2net50_26w_8s", "res2net50_48w_2s", "res2next50"]
+    assert sorted(RELEASED) == [
+        "res2net101_26w_4s",
+        "res2net50_14w_8s",
+        "res2net50_26w_4s",
+        "res2net50_26w_6s",
+        "res2net50_26w_8s",
+        "res2net50_48w_2s",
+        "res2next50",
+    ]
     for name, entry in RELEASED.items():
         assert re.fullmatch(r"[a-z0-9_]+-[0-9a-f]{8}\.pth", entry.file) and hash_prefix(entry.file)
         assert entry.urls == (
             f"https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-res2net/{entry.file}",
-            f"https://shanghuagao.oss-cn-beijing.aliyuncs.com/res2net/{entry.file}")
+            f"https://shanghuagao.oss-cn-beijing.aliyuncs.com/res2net/{entry.file}",
+        )
         assert 77 < entry.top1 < 80 and 93 < entry.top5 < 95
         assert entry.hub_id == f"timm/{name}.in1k"
     assert RELEASED["res2next50"].file == "res2next50_4s-6ef7e7bf.pth"
@@ -139,8 +148,13 @@ def test_interrupted_transfer_leaves_no_complete_looking_file(server, cache, tin
 
 def test_second_location_used_when_first_answers_404_or_fails(server, cache, tiny_model):
     name = _publish(server, "tiny", tiny_model.state_dict())
-    urls = [f"{server.base}/missing/{name}", f"{server.base}/corrupt/{name}", f"{server.base}/truncated/{name}",
-            "http://127.0.0.1:9/refused", f"{server.base}/good/{name}"]
+    urls = [
+        f"{server.base}/missing/{name}",
+        f"{server.base}/corrupt/{name}",
+        f"{server.base}/truncated/{name}",
+        "http://127.0.0.1:9/refused",
+        f"{server.base}/good/{name}",
+    ]
     path = download_checkpoint(name, urls=urls, progress=False)
     assert path == cache / name and hashlib.sha256(path.read_bytes()).hexdigest().startswith(hash_prefix(name))
     assert server.requests == [f"/missing/{name}", f"/corrupt/{name}", f"/truncated/{name}", f"/good/{name}"]
@@ -149,8 +163,11 @@ def test_second_location_used_when_first_answers_404_or_fails(server, cache, tin
 
 def test_all_locations_failing_lists_each_error(server, cache):
     with pytest.raises(RuntimeError) as info:
-        download_checkpoint("x-0123abcd.pth", urls=[f"{server.base}/a/x-0123abcd.pth",
-                                                    f"{server.base}/b/x-0123abcd.pth"], progress=False)
+        download_checkpoint(
+            "x-0123abcd.pth",
+            urls=[f"{server.base}/a/x-0123abcd.pth", f"{server.base}/b/x-0123abcd.pth"],
+            progress=False,
+        )
     message = str(info.value)
     assert "/a/x-0123abcd.pth: HTTP Error 404" in message and "/b/x-0123abcd.pth: HTTP Error 404" in message
     assert "RES2NET_MIRRORS" in message
@@ -160,7 +177,9 @@ def test_mirrors_env_replaces_public_locations(server, cache, tiny_model, monkey
     name = _publish(server, "tiny", tiny_model.state_dict())
     monkeypatch.setenv("RES2NET_MIRRORS", f"{server.base}/missing/, {server.base}/good")
     assert pretrained.checkpoint_urls("res2net50_26w_4s")[1] == (
-        f"{server.base}/missing/res2net50_26w_4s-06e79181.pth", f"{server.base}/good/res2net50_26w_4s-06e79181.pth")
+        f"{server.base}/missing/res2net50_26w_4s-06e79181.pth",
+        f"{server.base}/good/res2net50_26w_4s-06e79181.pth",
+    )
     assert download_checkpoint(name, progress=False) == cache / name
     assert server.requests == [f"/missing/{name}", f"/good/{name}"]
 
@@ -202,22 +221,32 @@ def test_foreign_architecture_gives_key_report(server, cache):
     assert f"/good/{name} does not fit this Res2Net" in message
     assert re.search(r"missing keys \(\d+\): layer1\.0\.convs\.0\.weight", message)
     assert re.search(r"unexpected keys \(\d+\): layer1\.0\.conv2\.weight", message)
-    assert ("wrongly shaped keys (36): layer1.0.conv1.weight: checkpoint (64, 64, 3, 3) vs model (8, 64, 1, 1)"
-            in message)
+    assert (
+        "wrongly shaped keys (36): layer1.0.conv1.weight: checkpoint (64, 64, 3, 3) vs model (8, 64, 1, 1)" in message
+    )
     assert "... (31 more)" in message  # long lists are cut to the first few
 
 
 def test_wrong_num_classes_names_the_classifier(tiny_model):
     model = res2net.create_model("res2net50_26w_4s", **{**TINY, "num_classes": 1000})
-    with pytest.raises(RuntimeError, match=r"wrongly shaped keys \(2\): fc.weight: checkpoint \(10, 2048\) vs "
-                                           r"model \(1000, 2048\), fc.bias"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"wrongly shaped keys \(2\): fc.weight: checkpoint \(10, 2048\) vs "
+        r"model \(1000, 2048\), fc.bias",
+    ):
         load_pretrained(model, tiny_model.state_dict())
 
 
 def test_ddp_compiled_training_checkpoint_loads(tmp_path, tiny_model):
     weights = {f"module._orig_mod.{k}": v for k, v in tiny_model.state_dict().items()}
-    checkpoint = {"model": weights, "optimizer": {"state": {}, "param_groups": []}, "epoch": 3, "ema": None,
-                  "rng": {"numpy": np.random.get_state()}, "config": {"model": {"name": "res2net50_26w_4s"}}}
+    checkpoint = {
+        "model": weights,
+        "optimizer": {"state": {}, "param_groups": []},
+        "epoch": 3,
+        "ema": None,
+        "rng": {"numpy": np.random.get_state()},
+        "config": {"model": {"name": "res2net50_26w_4s"}},
+    }
     path = tmp_path / "last.pth"
     torch.save(checkpoint, path)
     model = res2net.create_model("res2net50_26w_4s", **TINY)
@@ -227,8 +256,9 @@ def test_ddp_compiled_training_checkpoint_loads(tmp_path, tiny_model):
 
 def test_ema_checkpoints_load(tmp_path, tiny_model):
     other = res2net.create_model("res2net50_26w_4s", **TINY)
-    torch.save({"state_dict_ema": {f"module.{k}": v for k, v in tiny_model.state_dict().items()}},
-               tmp_path / "ema_only.pth")
+    torch.save(
+        {"state_dict_ema": {f"module.{k}": v for k, v in tiny_model.state_dict().items()}}, tmp_path / "ema_only.pth"
+    )
     model = res2net.create_model("res2net50_26w_4s", **TINY)
     load_pretrained(model, tmp_path / "ema_only.pth")
     assert _same_weights(model, tiny_model)
@@ -243,6 +273,7 @@ def test_ema_checkpoints_load(tmp_path, tiny_model):
 
 def test_safetensors_file_loads(tmp_path, tiny_model):
     from safetensors.torch import save_file
+
     save_file(tiny_model.state_dict(), tmp_path / "model.safetensors")
     model = res2net.create_model("res2net50_26w_4s", **TINY)
     load_pretrained(model, tmp_path / "model.safetensors")

@@ -1,4 +1,5 @@
 """Parameter and MAC counts: the hook counter on hand-computed layers, then every variant against the reference."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -8,12 +9,24 @@ from res2net.models import VARIANTS
 from res2net.models.stats import count_macs, count_params, main
 
 CARD_PARAMS = {
-    "res2net50_26w_4s": 25_699_120, "res2net50_26w_6s": 37_051_448, "res2net50_26w_8s": 48_403_776,
-    "res2net50_48w_2s": 25_287_304, "res2net50_14w_8s": 25_059_816, "res2net101_26w_4s": 45_206_688,
+    "res2net50_26w_4s": 25_699_120,
+    "res2net50_26w_6s": 37_051_448,
+    "res2net50_26w_8s": 48_403_776,
+    "res2net50_48w_2s": 25_287_304,
+    "res2net50_14w_8s": 25_059_816,
+    "res2net101_26w_4s": 45_206_688,
 }
-GMACS = {"res2net50_26w_4s": 4.28, "res2net50_26w_6s": 6.33, "res2net50_26w_8s": 8.37, "res2net50_48w_2s": 4.18,
-         "res2net50_14w_8s": 4.21, "res2net101_26w_4s": 8.10, "res2next50": 4.20, "res2net50d": 4.52,
-         "res2net101d": 8.35}
+GMACS = {
+    "res2net50_26w_4s": 4.28,
+    "res2net50_26w_6s": 6.33,
+    "res2net50_26w_8s": 8.37,
+    "res2net50_48w_2s": 4.18,
+    "res2net50_14w_8s": 4.21,
+    "res2net101_26w_4s": 8.10,
+    "res2next50": 4.20,
+    "res2net50d": 4.52,
+    "res2net101d": 8.35,
+}
 
 
 def _meta_model(name: str) -> nn.Module:
@@ -23,12 +36,13 @@ def _meta_model(name: str) -> nn.Module:
 
 def test_counter_on_tiny_layers_matches_hand_count():
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False),           # 8*6*6 outputs x 3*3*3 = 7776
-        nn.BatchNorm2d(8),                                   # 2 x 288 = 576
-        nn.ReLU(),                                           # not counted
-        nn.Conv2d(8, 4, 3, stride=2, padding=1, groups=2),   # 4*3*3 outputs x (8/2)*3*3 = 1296
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(),               # not counted
-        nn.Linear(4, 5),                                     # 5 x 4 = 20
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),  # 8*6*6 outputs x 3*3*3 = 7776
+        nn.BatchNorm2d(8),  # 2 x 288 = 576
+        nn.ReLU(),  # not counted
+        nn.Conv2d(8, 4, 3, stride=2, padding=1, groups=2),  # 4*3*3 outputs x (8/2)*3*3 = 1296
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),  # not counted
+        nn.Linear(4, 5),  # 5 x 4 = 20
     )
     model.train()
     assert count_macs(model, img_size=6) == 7776 + 576 + 1296 + 20

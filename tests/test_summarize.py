@@ -29,10 +29,22 @@ summarize_runs = load_script()
 
 # (job dir, model override, per-epoch (val_top1, val_top5, train_loss, val_loss), world size, device, epoch time)
 RUNS = [
-    ("0", "res2net50_48w_2s", [(10.0, 30.0, 6.0, 5.5), (25.0, 50.0, 4.0, 3.5), (22.0, 52.0, 3.0, 3.6)], 4, "cuda",
-     1200.0),
-    ("1", "res2net50_26w_4s", [(12.0, 33.0, 5.9, 5.2), (27.5, 55.0, 3.8, 3.2), (31.0, 58.5, 2.9, 3.0)], 4, "cuda",
-     1500.0),
+    (
+        "0",
+        "res2net50_48w_2s",
+        [(10.0, 30.0, 6.0, 5.5), (25.0, 50.0, 4.0, 3.5), (22.0, 52.0, 3.0, 3.6)],
+        4,
+        "cuda",
+        1200.0,
+    ),
+    (
+        "1",
+        "res2net50_26w_4s",
+        [(12.0, 33.0, 5.9, 5.2), (27.5, 55.0, 3.8, 3.2), (31.0, 58.5, 2.9, 3.0)],
+        4,
+        "cuda",
+        1500.0,
+    ),
     ("2", "res2net50_14w_8s", [(8.0, 25.0, 6.2, 5.9), (20.0, 45.0, 4.4, 4.0)], 2, "cpu", 90.0),
 ]
 
@@ -41,19 +53,39 @@ def write_run(sweep: Path, job: str, model: str, epochs, world_size: int, device
     run_dir = sweep / job
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / ".hydra" / "overrides.yaml").write_text(
-        yaml.safe_dump([f"model={model}", "experiment=ablation_scale_equal_cost", "+trainer.max_steps=7"]))
+        yaml.safe_dump([f"model={model}", "experiment=ablation_scale_equal_cost", "+trainer.max_steps=7"])
+    )
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"model": {"name": model}, "schedule": {"epochs": 3}}))
     lines = []
     for epoch, (top1, top5, train_loss, val_loss) in enumerate(epochs):
-        train = {"kind": "train", "epoch": epoch, "step": epoch * 10 + 5, "loss": train_loss + 0.1, "lr": 0.1,
-                 "img_per_s": 100.0, "data_wait_frac": 0.01}
+        train = {
+            "kind": "train",
+            "epoch": epoch,
+            "step": epoch * 10 + 5,
+            "loss": train_loss + 0.1,
+            "lr": 0.1,
+            "img_per_s": 100.0,
+            "data_wait_frac": 0.01,
+        }
         if device == "cuda":  # as train.py logs it
             train["gpu_mem_mb"] = 1234.0
         lines.append(train)
-        lines.append({"kind": "epoch", "epoch": epoch, "train_loss": train_loss, "lr": 0.1, "val_loss": val_loss,
-                      "val_top1": top1, "val_top5": top5, "epoch_time_s": epoch_time,
-                      "img_per_s": 100.0 * (epoch + 1), "global_step": (epoch + 1) * 10, "world_size": world_size,
-                      "device": device})
+        lines.append(
+            {
+                "kind": "epoch",
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "lr": 0.1,
+                "val_loss": val_loss,
+                "val_top1": top1,
+                "val_top5": top5,
+                "epoch_time_s": epoch_time,
+                "img_per_s": 100.0 * (epoch + 1),
+                "global_step": (epoch + 1) * 10,
+                "world_size": world_size,
+                "device": device,
+            }
+        )
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return run_dir
 
@@ -99,7 +131,8 @@ def test_figure_has_one_curve_per_run_with_the_logged_values(sweep, tmp_path):
     ax_top1, ax_loss = summary.figure.axes
 
     assert [text.get_text() for text in ax_top1.get_legend().get_texts()] == [
-        f"{job}: model={model}" for job, model, *_ in RUNS]
+        f"{job}: model={model}" for job, model, *_ in RUNS
+    ]
     for line, (_, _, epochs, *_) in zip(ax_top1.get_lines(), RUNS, strict=True):
         assert list(line.get_xdata()) == list(range(1, len(epochs) + 1))
         assert list(line.get_ydata()) == [top1 for top1, *_ in epochs]
@@ -160,9 +193,12 @@ def test_broken_run_config_is_named(sweep, capsys):
 def test_cut_off_last_line_and_repeated_epoch_are_handled(sweep):
     metrics = sweep / "2" / "metrics.jsonl"
     # a resumed run logged epoch 1 again; the writer was then killed mid-line
-    metrics.write_text(metrics.read_text()
-                       + json.dumps({"kind": "epoch", "epoch": 1, "val_top1": 21.0, "val_top5": 46.0}) + "\n"
-                       + '{"kind": "epoch", "epo')
+    metrics.write_text(
+        metrics.read_text()
+        + json.dumps({"kind": "epoch", "epoch": 1, "val_top1": 21.0, "val_top5": 46.0})
+        + "\n"
+        + '{"kind": "epoch", "epo'
+    )
     summary = summarize_runs.summarize(sweep)
     run = summary.runs[2]
     assert [record["epoch"] for record in run.epochs] == [0, 1]
@@ -181,8 +217,7 @@ def test_hardware_comes_from_the_epoch_records_not_the_checkpoints(sweep):
     (sweep / "0" / "checkpoints").mkdir()
     (sweep / "0" / "checkpoints" / "last.pth").write_bytes(b"not a checkpoint")  # never opened
     # Resumed on the CPU after two epochs on 4 GPUs: only the GPU epochs count.
-    rewrite_epoch_records(sweep / "0" / "metrics.jsonl",
-                          lambda r: r.update(device="cpu") if r["epoch"] == 2 else None)
+    rewrite_epoch_records(sweep / "0" / "metrics.jsonl", lambda r: r.update(device="cpu") if r["epoch"] == 2 else None)
     row = summarize_runs.summarize(sweep).rows[0]
     assert row["hardware"] == "4 GPU, CPU (4 proc)"
     assert row["gpu_hours"] == pytest.approx(4 * 2 * 1200 / 3600) and row["wall_h"] == pytest.approx(1.0)
@@ -209,9 +244,22 @@ def test_epoch_records_without_hardware_get_no_gpu_hours(sweep):
 
 def test_partial_last_epoch_is_noted(sweep):
     metrics = sweep / "1" / "metrics.jsonl"
-    metrics.write_text(metrics.read_text() + json.dumps(
-        {"kind": "epoch", "epoch": 3, "val_top1": 33.0, "val_top5": 60.0, "partial": True, "global_step": 35,
-         "world_size": 4, "device": "cuda"}) + "\n")
+    metrics.write_text(
+        metrics.read_text()
+        + json.dumps(
+            {
+                "kind": "epoch",
+                "epoch": 3,
+                "val_top1": 33.0,
+                "val_top5": 60.0,
+                "partial": True,
+                "global_step": 35,
+                "world_size": 4,
+                "device": "cuda",
+            }
+        )
+        + "\n"
+    )
     row = summarize_runs.summarize(sweep).rows[1]
     assert row["final_top1"] == 33.0 and row["notes"] == "last epoch partial (stopped at global step 35)"
 

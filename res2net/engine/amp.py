@@ -36,7 +36,9 @@ def resolve_amp(value: Any, device: torch.device, key: str = "amp") -> str:
     return amp_name(name, key)
 
 
-def resolve_channels_last(value: Any, device: torch.device, key: str = "channels_last", inference: bool = False) -> bool:
+def resolve_channels_last(
+    value: Any, device: torch.device, key: str = "channels_last", inference: bool = False
+) -> bool:
     """``auto`` -> channels_last on a fast CUDA device, NCHW elsewhere, except that ``inference`` (BN folded into the
     convs) also takes it on the CPU, where it was measured faster; true/false as given (bool or string)."""
     text = str(value).lower()

@@ -2,9 +2,11 @@
 
 Takes plain values or an OmegaConf node (never Hydra's global state): resolve the checkpoint (a released model's file,
 downloaded and verified into the cache when missing, or a local file), build the model it was made for, prepare it
-for inference, run the count-exact loop (``loops.evaluate``) over this rank's shard, and on rank 0 write results.json (and
+for inference, run the count-exact loop (``loops.evaluate``) over this rank's shard, and on rank 0 write
+results.json (and
 predictions.csv when asked).
 """
+
 from __future__ import annotations
 
 import csv
@@ -18,13 +20,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from res2net.config import to_dict
 from res2net.engine.amp import resolve_amp, resolve_channels_last
 from res2net.engine.distributed import DistInfo, barrier, select_device
-from res2net.config import to_dict
 from res2net.engine.loops import PREDICTION_TOPK, evaluate
 
-__all__ = ["Published", "published_for", "read_checkpoint", "build_model_for", "resolve_checkpoint",
-           "evaluate_checkpoint", "summary_lines", "write_predictions_csv", "RESULTS_FILE", "PREDICTIONS_FILE"]
+__all__ = [
+    "Published",
+    "published_for",
+    "read_checkpoint",
+    "build_model_for",
+    "resolve_checkpoint",
+    "evaluate_checkpoint",
+    "summary_lines",
+    "write_predictions_csv",
+    "RESULTS_FILE",
+    "PREDICTIONS_FILE",
+]
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +50,12 @@ class Published:
     top5: float | None
 
 
-def resolve_checkpoint(spec: str, model_name: str, dist_info: DistInfo = DistInfo()) -> Path:
+def resolve_checkpoint(spec: str, model_name: str, dist_info: DistInfo | None = None) -> Path:
     """The local file of `spec`: 'released' -> the released file of `model_name` (rank 0 downloads it, the others
     wait and find it in the cache); otherwise an existing path."""
     from res2net.models.pretrained import download_checkpoint, released_checkpoint
+
+    dist_info = dist_info or DistInfo()
     if spec == "released":
         released_checkpoint(model_name)  # a clear error for variants without a released file
         if dist_info.is_main:
@@ -50,14 +64,17 @@ def resolve_checkpoint(spec: str, model_name: str, dist_info: DistInfo = DistInf
         return path if dist_info.is_main else download_checkpoint(model_name, progress=False)
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint={spec!r} is not a file; pass checkpoint=released (the released weights of "
-                                f"model.name) or the path of a released .pth file or of a train.py checkpoint")
+        raise FileNotFoundError(
+            f"checkpoint={spec!r} is not a file; pass checkpoint=released (the released weights of "
+            f"model.name) or the path of a released .pth file or of a train.py checkpoint"
+        )
     return path
 
 
 def read_checkpoint(path: Path, trusted: bool = True) -> Mapping:
     """The checkpoint dict of a local file (.pth or .safetensors); see res2net.models.pretrained.read_checkpoint."""
     from res2net.models.pretrained import read_checkpoint as read_file
+
     obj = read_file(path, trusted=trusted)
     if not isinstance(obj, Mapping):
         raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a state_dict or a checkpoint dict")
@@ -72,8 +89,11 @@ def _model_config(model_cfg: Mapping, checkpoint: Mapping) -> dict:
     saved_model = saved.get("model") if isinstance(saved, Mapping) else None
     if isinstance(saved_model, Mapping) and saved_model.get("name"):
         if saved_model["name"] != model_cfg.get("name"):
-            log.warning("the checkpoint was trained as %s; building that instead of model=%s",
-                        saved_model["name"], model_cfg.get("name"))
+            log.warning(
+                "the checkpoint was trained as %s; building that instead of model=%s",
+                saved_model["name"],
+                model_cfg.get("name"),
+            )
         model_cfg = {**model_cfg, **dict(saved_model)}
     return model_cfg
 
@@ -84,12 +104,14 @@ def build_model_for(model_cfg: Mapping, checkpoint: Mapping, use_ema: bool = Fal
     import res2net
     from res2net.models import model_from_config, resolve_model_config
     from res2net.models.pretrained import extract_state_dict
+
     cfg = _model_config(model_cfg, checkpoint)
     state = extract_state_dict(checkpoint, use_ema=use_ema)
     if cfg.get("num_classes") is None:
         if "fc.weight" not in state:
-            raise ValueError("model.num_classes is null and the checkpoint has no fc.weight to infer it from; "
-                             "set model.num_classes")
+            raise ValueError(
+                "model.num_classes is null and the checkpoint has no fc.weight to infer it from; set model.num_classes"
+            )
         cfg["num_classes"] = int(state["fc.weight"].shape[0])
     cfg = resolve_model_config(cfg)
     model = model_from_config(cfg)
@@ -100,8 +122,12 @@ def build_model_for(model_cfg: Mapping, checkpoint: Mapping, use_ema: bool = Fal
 def published_for(checkpoint: str | Path, model_name: str) -> Published | None:
     """Published top-1/top-5 when the checkpoint is a released file (by spec 'released' or by file name)."""
     from res2net.models.pretrained import RELEASED
-    entry = RELEASED.get(model_name) if str(checkpoint) == "released" else next(
-        (e for e in RELEASED.values() if e.file == Path(checkpoint).name), None)
+
+    entry = (
+        RELEASED.get(model_name)
+        if str(checkpoint) == "released"
+        else next((e for e in RELEASED.values() if e.file == Path(checkpoint).name), None)
+    )
     if entry is None or entry.top1 is None:
         return None
     return Published(entry.top1, entry.top5)
@@ -115,6 +141,7 @@ def _resolve_device(spec: str, dist_info: DistInfo) -> torch.device:
 
 def _prepare(model: nn.Module, cfg: Mapping, device: torch.device) -> nn.Module:
     import res2net
+
     model = model.to(device).eval()
     if cfg["fold_bn"]:
         return res2net.prepare_for_inference(model, channels_last=cfg["channels_last"], compile=cfg["compile"])
@@ -133,35 +160,64 @@ def write_predictions_csv(path: Path, predictions: list[dict]) -> None:
             writer.writerow([p["path"], p["target"], *p["top5"], *pad, *[f"{v:.6f}" for v in p["top5_prob"]], *pad])
 
 
-def _results(result: dict, classes: list[str], cfg: dict, ckpt_path: Path, published: Published | None,
-             dist_info: DistInfo, device: torch.device) -> dict:
+def _results(
+    result: dict,
+    classes: list[str],
+    cfg: dict,
+    ckpt_path: Path,
+    published: Published | None,
+    dist_info: DistInfo,
+    device: torch.device,
+) -> dict:
     from res2net.models.pretrained import sha256_file
-    per_class = {c: (100.0 * k / n if n else None)
-                 for c, k, n in zip(classes, result["per_class_correct"], result["per_class_count"])}
+
+    per_class = {
+        c: (100.0 * k / n if n else None)
+        for c, k, n in zip(classes, result["per_class_correct"], result["per_class_count"])
+    }
     out = {key: result[key] for key in ("top1", "top5", "loss", "count", "img_per_s", "seconds")}
-    out.update(model=cfg["model"]["name"], checkpoint=str(ckpt_path), checkpoint_sha256=sha256_file(ckpt_path),
-               per_class_accuracy=per_class, per_class_count=dict(zip(classes, result["per_class_count"])),
-               world_size=dist_info.world_size, device=str(device), published=None, config=cfg)
+    out.update(
+        model=cfg["model"]["name"],
+        checkpoint=str(ckpt_path),
+        checkpoint_sha256=sha256_file(ckpt_path),
+        per_class_accuracy=per_class,
+        per_class_count=dict(zip(classes, result["per_class_count"])),
+        world_size=dist_info.world_size,
+        device=str(device),
+        published=None,
+        config=cfg,
+    )
     if published is not None:
-        out["published"] = {"top1": published.top1, "top5": published.top5,
-                            "delta_top1": result["top1"] - published.top1,
-                            "delta_top5": None if published.top5 is None else result["top5"] - published.top5}
+        out["published"] = {
+            "top1": published.top1,
+            "top5": published.top5,
+            "delta_top1": result["top1"] - published.top1,
+            "delta_top5": None if published.top5 is None else result["top5"] - published.top5,
+        }
     return out
 
 
-def evaluate_checkpoint(cfg: Any, out_dir: str | Path | None, dist_info: DistInfo = DistInfo()) -> dict | None:
+def evaluate_checkpoint(cfg: Any, out_dir: str | Path | None, dist_info: DistInfo | None = None) -> dict | None:
     """Evaluate per `cfg` (an EvalConfig node or mapping: model, data, checkpoint, use_ema, amp, channels_last,
     compile, fold_bn, device, save_predictions, progress). On rank 0 returns the results dict (also written to
     out_dir/results.json, and out_dir/predictions.csv with save_predictions); None on the other ranks."""
     from res2net.data import build_loader
+
+    dist_info = dist_info or DistInfo()
     cfg = to_dict(cfg)
     device = _resolve_device(cfg["device"], dist_info)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input shapes: let cuDNN pick its fastest kernels
     cfg["amp"] = resolve_amp(cfg["amp"], device)  # what auto became, also in results.json
     cfg["channels_last"] = resolve_channels_last(cfg["channels_last"], device, inference=cfg["fold_bn"])
     # The data first: a wrong data.root fails in seconds, before any checkpoint download.
-    loader = build_loader(cfg["data"], "val", rank=dist_info.rank, world_size=dist_info.world_size, device=device,
-                          channels_last=cfg["channels_last"])
+    loader = build_loader(
+        cfg["data"],
+        "val",
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+        device=device,
+        channels_last=cfg["channels_last"],
+    )
     try:
         ckpt_path = resolve_checkpoint(cfg["checkpoint"], cfg["model"]["name"], dist_info)
         # A downloaded released file is read tensors-only; a local file the user named may hold RNG states too.
@@ -169,11 +225,19 @@ def evaluate_checkpoint(cfg: Any, out_dir: str | Path | None, dist_info: DistInf
         model, model_cfg = build_model_for(cfg["model"], checkpoint, cfg["use_ema"])
         cfg = {**cfg, "model": model_cfg}
         if loader.num_classes > model_cfg["num_classes"]:
-            raise ValueError(f"{cfg['data'].get('root')} has {loader.num_classes} classes but the model predicts "
-                             f"{model_cfg['num_classes']}; evaluate on the data set the checkpoint was trained for")
-        result = evaluate(_prepare(model, cfg, device), loader, device=device, amp=cfg["amp"],
-                          channels_last=cfg["channels_last"], collect_predictions=cfg["save_predictions"],
-                          progress=cfg["progress"])
+            raise ValueError(
+                f"{cfg['data'].get('root')} has {loader.num_classes} classes but the model predicts "
+                f"{model_cfg['num_classes']}; evaluate on the data set the checkpoint was trained for"
+            )
+        result = evaluate(
+            _prepare(model, cfg, device),
+            loader,
+            device=device,
+            amp=cfg["amp"],
+            channels_last=cfg["channels_last"],
+            collect_predictions=cfg["save_predictions"],
+            progress=cfg["progress"],
+        )
         classes = list(loader.classes)
     finally:
         loader.close()
@@ -193,11 +257,16 @@ def evaluate_checkpoint(cfg: Any, out_dir: str | Path | None, dist_info: DistInf
 
 def summary_lines(out: dict) -> list[str]:
     """Human-readable lines: measured numbers, and published / measured / delta when published numbers exist."""
-    lines = [f"{out['model']}: top-1 {out['top1']:.3f}  top-5 {out['top5']:.3f}  loss {out['loss']:.4f}  "
-             f"on {out['count']} images  ({out['img_per_s']:.1f} img/s, world size {out['world_size']})"]
+    lines = [
+        f"{out['model']}: top-1 {out['top1']:.3f}  top-5 {out['top5']:.3f}  loss {out['loss']:.4f}  "
+        f"on {out['count']} images  ({out['img_per_s']:.1f} img/s, world size {out['world_size']})"
+    ]
     p = out["published"]
     if p is not None:
-        top5 = "" if p["top5"] is None else (f"   top-5 published {p['top5']:.3f} measured {out['top5']:.3f} "
-                                             f"delta {p['delta_top5']:+.3f}")
+        top5 = (
+            ""
+            if p["top5"] is None
+            else (f"   top-5 published {p['top5']:.3f} measured {out['top5']:.3f} delta {p['delta_top5']:+.3f}")
+        )
         lines.append(f"top-1 published {p['top1']:.3f} measured {out['top1']:.3f} delta {p['delta_top1']:+.3f}{top5}")
     return lines

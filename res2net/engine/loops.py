@@ -5,11 +5,13 @@ Training: every step posts one small asynchronous all-reduce of (loss, stop requ
 later, so all ranks agree at the same step on a non-finite loss (``NonFiniteLossError``) and on a preemption signal
 (the epoch ends as 'preempted'), and the host never waits for the step it just launched.
 
-Evaluation: every rank runs its own shard of the validation set (shards differ by at most one image and may yield a different
+Evaluation: every rank runs its own shard of the validation set (shards differ by at most one image and may yield a
+different
 number of batches), so no collective runs inside the loop. Afterwards the integer correct counts, the per-class counts
 and the summed loss are all-reduced and divided by the global image count: the result is the same for any world size,
 unlike averaging per-rank percentages over padded shards.
 """
+
 from __future__ import annotations
 
 import enum
@@ -68,8 +70,13 @@ class TrainState:
     meters: dict[str, float] = field(default_factory=_fresh_meters)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "best_top1": self.best_top1, "meters": dict(self.meters)}
+        return {
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "best_top1": self.best_top1,
+            "meters": dict(self.meters),
+        }
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.epoch, self.step_in_epoch, self.global_step = saved["epoch"], saved["step_in_epoch"], saved["global_step"]
@@ -79,12 +86,23 @@ class TrainState:
         self.epoch, self.step_in_epoch, self.meters = self.epoch + 1, 0, _fresh_meters()
 
     def where(self, steps_per_epoch: int) -> str:
-        return (f"epoch {self.epoch} (0-based), step {self.step_in_epoch}/{steps_per_epoch} "
-                f"(global step {self.global_step})")
+        return (
+            f"epoch {self.epoch} (0-based), step {self.step_in_epoch}/{steps_per_epoch} "
+            f"(global step {self.global_step})"
+        )
 
 
-def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, criterion: nn.Module, *, amp: str, grad_clip: float) -> torch.Tensor:
+def train_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    criterion: nn.Module,
+    *,
+    amp: str,
+    grad_clip: float,
+) -> torch.Tensor:
     """One optimizer step; returns the detached loss. Nothing here waits for the device."""
     with autocast(images.device, amp):
         loss = criterion(model(images), labels)
@@ -160,10 +178,12 @@ def _guarded(loader: Iterable, state: TrainState, dist: DistInfo, steps_per_epoc
         except StopIteration:
             return
         except Exception as err:
-            raise RuntimeError(f"the training data loader failed on rank {dist.rank} at epoch {state.epoch}, batch "
-                               f"{state.step_in_epoch} of {steps_per_epoch} (data.root={data_root}): {err}. "
-                               f"scripts/check_dataset.py finds unreadable files; resume=auto continues from the "
-                               f"last checkpoint") from err
+            raise RuntimeError(
+                f"the training data loader failed on rank {dist.rank} at epoch {state.epoch}, batch "
+                f"{state.step_in_epoch} of {steps_per_epoch} (data.root={data_root}): {err}. "
+                f"scripts/check_dataset.py finds unreadable files; resume=auto continues from the "
+                f"last checkpoint"
+            ) from err
 
 
 def _scale_before(scaler: torch.amp.GradScaler, device: torch.device) -> torch.Tensor | None:
@@ -175,11 +195,26 @@ def _scale_before(scaler: torch.amp.GradScaler, device: torch.device) -> torch.T
     return scaler._scale.clone()
 
 
-def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                    criterion: nn.Module, ema: Any, state: TrainState, *, lr_at: Callable[[int], float], amp: str,
-                    grad_clip: float, stop: StopRequest, dist: DistInfo, progress: TrainProgress,
-                    max_steps: int = 0, save_every_steps: int = 0, save: Callable[[], Any] = lambda: None,
-                    data_root: Any = None) -> Outcome:
+def train_one_epoch(
+    model: nn.Module,
+    loader: Any,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    criterion: nn.Module,
+    ema: Any,
+    state: TrainState,
+    *,
+    lr_at: Callable[[int], float],
+    amp: str,
+    grad_clip: float,
+    stop: StopRequest,
+    dist: DistInfo,
+    progress: TrainProgress,
+    max_steps: int = 0,
+    save_every_steps: int = 0,
+    save: Callable[[], Any] = lambda: None,
+    data_root: Any = None,
+) -> Outcome:
     """Train from ``state``'s position to the end of its epoch, advancing ``state`` after every step.
 
     ``model`` is what runs the step (DDP and/or compiled); ``ema`` (or None) follows ``unwrap_model(model)``.
@@ -197,8 +232,10 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
     def account(result: tuple[float, bool, bool], step: int) -> bool:
         loss_mean, stopping, skipped = result
         if not math.isfinite(loss_mean):
-            raise NonFiniteLossError(f"non-finite training loss ({loss_mean}) at global step {step}, "
-                                     f"{state.where(steps_per_epoch)}; no checkpoint was written from these weights")
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss_mean}) at global step {step}, "
+                f"{state.where(steps_per_epoch)}; no checkpoint was written from these weights"
+            )
         state.meters["loss_sum"] += loss_mean
         state.meters["steps"] += 1
         state.meters["skipped_steps"] += int(skipped)
@@ -223,8 +260,12 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
         agreement.post(loss, stop.requested, scale_before)
         if len(agreement.pending) > 1:  # step k's agreement, read while step k+1 runs
             stop_now |= account(agreement.collect(), state.global_step - 1)
-        last = (state.step_in_epoch == steps_per_epoch or (max_steps and state.global_step >= max_steps)
-                or progress.due(state) or (save_every_steps and state.global_step % save_every_steps == 0))
+        last = (
+            state.step_in_epoch == steps_per_epoch
+            or (max_steps and state.global_step >= max_steps)
+            or progress.due(state)
+            or (save_every_steps and state.global_step % save_every_steps == 0)
+        )
         if last or stop_now:
             stop_now |= drain()
         progress.step(state, images.shape[0], lr)
@@ -236,19 +277,22 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
             return Outcome.MAX_STEPS
     drain()
     if state.step_in_epoch != steps_per_epoch:
-        raise RuntimeError(f"the training loader ended after {state.step_in_epoch} of the {steps_per_epoch} "
-                           f"batches it announced (epoch {state.epoch})")
+        raise RuntimeError(
+            f"the training loader ended after {state.step_in_epoch} of the {steps_per_epoch} "
+            f"batches it announced (epoch {state.epoch})"
+        )
     return Outcome.FINISHED
 
 
 def _topk_hits(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
     # Stays on the logits' device: no host synchronisation per batch.
     if logits.ndim != 2 or targets.ndim != 1 or logits.shape[0] != targets.shape[0]:
-        raise ValueError(f"evaluate expects logits (N, C) and targets (N,), got {tuple(logits.shape)} "
-                         f"and {tuple(targets.shape)}")
+        raise ValueError(
+            f"evaluate expects logits (N, C) and targets (N,), got {tuple(logits.shape)} and {tuple(targets.shape)}"
+        )
     maxk = min(max(ks), logits.shape[1])
     hits = logits.topk(maxk, dim=1).indices.eq(targets.unsqueeze(1))
-    return torch.stack([hits[:, :min(k, maxk)].sum() for k in ks])
+    return torch.stack([hits[:, : min(k, maxk)].sum() for k in ks])
 
 
 def _world() -> tuple[int, int]:
@@ -260,8 +304,7 @@ def _world() -> tuple[int, int]:
 def _num_classes(model: nn.Module, loader: Any) -> int:
     n = getattr(loader, "num_classes", None) or getattr(model, "num_classes", None)
     if not n:
-        raise ValueError("evaluate() needs the number of classes: give the loader or the model a num_classes "
-                         "attribute")
+        raise ValueError("evaluate() needs the number of classes: give the loader or the model a num_classes attribute")
     return int(n)
 
 
@@ -273,8 +316,10 @@ def _reduce_device(device: torch.device) -> torch.device:
 
 def _prediction_rows(paths: list[str], targets: torch.Tensor, probs: torch.Tensor) -> list[dict]:
     top = probs.topk(min(PREDICTION_TOPK, probs.shape[1]), dim=1)
-    return [{"path": p, "target": int(t), "top5": i.tolist(), "top5_prob": v.tolist()}
-            for p, t, i, v in zip(paths, targets.tolist(), top.indices.cpu(), top.values.cpu())]
+    return [
+        {"path": p, "target": int(t), "top5": i.tolist(), "top5_prob": v.tolist()}
+        for p, t, i, v in zip(paths, targets.tolist(), top.indices.cpu(), top.values.cpu())
+    ]
 
 
 def _gather_predictions(rows: list[dict]) -> list[dict] | None:
@@ -297,12 +342,21 @@ def _batches(loader: Iterable, progress: bool):
     if not progress or _world()[0] != 0:
         return loader
     from tqdm import tqdm
+
     return tqdm(loader, desc="eval", unit="batch", dynamic_ncols=True)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, *, device: torch.device | str, amp: str = "off",
-             channels_last: bool = False, collect_predictions: bool = False, progress: bool = False) -> dict:
+def evaluate(
+    model: nn.Module,
+    loader: Any,
+    *,
+    device: torch.device | str,
+    amp: str = "off",
+    channels_last: bool = False,
+    collect_predictions: bool = False,
+    progress: bool = False,
+) -> dict:
     """Loss, top-1/top-5 (percent) and per-class counts over the whole validation set, exact for any world size.
 
     `loader` follows the data loader protocol: iterating yields (images, labels) of this rank's shard, every image of
@@ -339,11 +393,11 @@ def evaluate(model: nn.Module, loader: Any, *, device: torch.device | str, amp: 
             stats[:2] += _topk_hits(logits, targets, (1, 5))
             in_class = targets.unsqueeze(1).eq(class_ids)  # (N, C); boolean masks avoid a sync-inducing index
             hit = logits.argmax(dim=1).eq(targets)
-            stats[2:2 + num_classes] += (in_class & hit.unsqueeze(1)).sum(dim=0)
-            stats[2 + num_classes:] += in_class.sum(dim=0)
+            stats[2 : 2 + num_classes] += (in_class & hit.unsqueeze(1)).sum(dim=0)
+            stats[2 + num_classes :] += in_class.sum(dim=0)
             if collect_predictions:
                 n = targets.shape[0]
-                names = paths[seen:seen + n] if paths else [f"#{seen + j}" for j in range(n)]
+                names = paths[seen : seen + n] if paths else [f"#{seen + j}" for j in range(n)]
                 rows += _prediction_rows(names, targets.cpu(), logits.softmax(dim=1).cpu())
             seen += targets.shape[0]
     finally:
@@ -363,8 +417,8 @@ def evaluate(model: nn.Module, loader: Any, *, device: torch.device | str, amp: 
         "top1": 100.0 * int(counts[0]) / count,
         "top5": 100.0 * int(counts[1]) / count,
         "count": count,
-        "per_class_correct": counts[2:2 + num_classes].tolist(),
-        "per_class_count": counts[2 + num_classes:-1].tolist(),
+        "per_class_correct": counts[2 : 2 + num_classes].tolist(),
+        "per_class_count": counts[2 + num_classes : -1].tolist(),
         "seconds": seconds,
         "img_per_s": count / seconds if seconds > 0 else float("nan"),
     }

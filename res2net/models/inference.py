@@ -1,4 +1,5 @@
 """Inference preparation: BatchNorm folded into the convolutions, channels_last, optional torch.compile."""
+
 from __future__ import annotations
 
 import copy
@@ -51,8 +52,10 @@ def _fold_batchnorm(model: nn.Module) -> None:
                 _fold_pair(module, "conv1", module, "bn1")
     left = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if left:
-        raise ValueError(f"cannot fold BatchNorm layers without a conv directly before them: {left[:5]}; "
-                         "prepare_for_inference supports the Res2Net models of res2net.create_model")
+        raise ValueError(
+            f"cannot fold BatchNorm layers without a conv directly before them: {left[:5]}; "
+            "prepare_for_inference supports the Res2Net models of res2net.create_model"
+        )
 
 
 def _fold_pair(conv_owner: nn.Module, conv_name: str, bn_owner: nn.Module, bn_name: str) -> None:

@@ -4,6 +4,7 @@ weights from a URL, a local file, a released model name or a checkpoint dict int
 The cache is ``$RES2NET_CACHE`` (default ``~/.cache/res2net``). ``$RES2NET_MIRRORS`` (comma-separated base URLs)
 replaces the public locations of ``res2net.models.variants``; each failing location falls through to the next.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,8 +25,17 @@ from res2net.files import fsync_dir, temporary_path
 
 from .variants import RELEASED, VARIANTS, Variant
 
-__all__ = ["cache_dir", "checkpoint_urls", "download_checkpoint", "extract_state_dict", "hash_prefix",
-           "load_pretrained", "read_checkpoint", "released_checkpoint", "sha256_file"]
+__all__ = [
+    "cache_dir",
+    "checkpoint_urls",
+    "download_checkpoint",
+    "extract_state_dict",
+    "hash_prefix",
+    "load_pretrained",
+    "read_checkpoint",
+    "released_checkpoint",
+    "sha256_file",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +60,8 @@ def released_checkpoint(name: str) -> Variant:
         raise ValueError(
             f"{name} has no released checkpoint file at the public locations (its weights exist only on the "
             f"Hugging Face hub as {VARIANTS[name].hub_id}: download its model.safetensors and pass the file to "
-            f"load_pretrained); pretrained=True works for: {released}")
+            f"load_pretrained); pretrained=True works for: {released}"
+        )
     raise ValueError(f"no released checkpoint for {name!r}; released models: {released}")
 
 
@@ -90,8 +101,9 @@ def checkpoint_urls(name_or_file: str) -> tuple[str, tuple[str, ...]]:
     return file, entry.urls if entry else ()
 
 
-def download_checkpoint(name_or_file: str, urls: Iterable[str] | None = None, cache: str | os.PathLike | None = None,
-                        progress: bool = True) -> Path:
+def download_checkpoint(
+    name_or_file: str, urls: Iterable[str] | None = None, cache: str | os.PathLike | None = None, progress: bool = True
+) -> Path:
     """Path of the verified file in the cache, downloading it first if needed.
 
     ``name_or_file``: a released model name ('res2net50_26w_4s') or a file name. ``urls``: locations to try in order
@@ -111,12 +123,17 @@ def download_checkpoint(name_or_file: str, urls: Iterable[str] | None = None, ca
     if target.is_file() and expected is not None:
         if sha256_file(target).startswith(expected):
             return target
-        logger.warning("cached %s does not match the sha256 prefix %s in its name; removing it and downloading again",
-                       target, expected)
+        logger.warning(
+            "cached %s does not match the sha256 prefix %s in its name; removing it and downloading again",
+            target,
+            expected,
+        )
         target.unlink()
     if not locations:
-        raise ValueError(f"no location known for {name_or_file!r}: released models are "
-                         f"{', '.join(sorted(RELEASED))}; pass urls=... or set {MIRRORS_ENV}=<base url>[,...]")
+        raise ValueError(
+            f"no location known for {name_or_file!r}: released models are "
+            f"{', '.join(sorted(RELEASED))}; pass urls=... or set {MIRRORS_ENV}=<base url>[,...]"
+        )
     if expected is None:
         logger.warning("%s has no sha256 prefix in its name: it is downloaded (again) without a hash check", file)
     errors = []
@@ -128,9 +145,11 @@ def download_checkpoint(name_or_file: str, urls: Iterable[str] | None = None, ca
             errors.append(f"{url}: {err}")
             logger.warning("download of %s failed (%s); trying the next location", url, err)
     raise RuntimeError(
-        f"could not download {file} from any location:\n  " + "\n  ".join(errors) +
-        f"\nCheck the network, set {MIRRORS_ENV}=<base url>[,<base url>...] to a mirror that serves {file}, "
-        f"or copy the file into {directory} yourself.")
+        f"could not download {file} from any location:\n  "
+        + "\n  ".join(errors)
+        + f"\nCheck the network, set {MIRRORS_ENV}=<base url>[,<base url>...] to a mirror that serves {file}, "
+        f"or copy the file into {directory} yourself."
+    )
 
 
 def _fetch(url: str, target: Path, expected: str | None, progress: bool) -> None:
@@ -171,8 +190,10 @@ def extract_state_dict(checkpoint: Mapping, use_ema: bool = False, origin: str =
         key = next((k for k in keys if isinstance(state.get(k), Mapping)), None)
         if key is None:
             wanted = "EMA weights under " if use_ema else "a state_dict or a dict with weights under "
-            raise ValueError(f"{origin} holds no model weights: expected {wanted}one of {list(keys)}, "
-                             f"found keys {sorted(map(str, state))[:10]}")
+            raise ValueError(
+                f"{origin} holds no model weights: expected {wanted}one of {list(keys)}, "
+                f"found keys {sorted(map(str, state))[:10]}"
+            )
         state = state[key]
     if not _is_state_dict(state):
         raise ValueError(f"{origin} holds no model weights (a mapping of tensors), got {type(state).__name__}")
@@ -190,17 +211,22 @@ def _key_report(model: nn.Module, state: Mapping[str, torch.Tensor], origin: str
     # BatchNorm fills in a missing num_batches_tracked itself (files written by older PyTorch lack it).
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
-    shaped = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-              for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    shaped = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
     if not (missing or unexpected or shaped):
         return None
     lines = [f"{origin} does not fit this {type(model).__name__}:"]
     for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrongly shaped keys", shaped)):
         if items:
             more = f", ... ({len(items) - _REPORT_FIRST} more)" if len(items) > _REPORT_FIRST else ""
-            lines.append(f'  {title} ({len(items)}): {", ".join(items[:_REPORT_FIRST])}{more}')
-    lines.append("Build the model the checkpoint was made for (same name and overrides, e.g. num_classes) "
-                 "or pass a checkpoint of this architecture.")
+            lines.append(f"  {title} ({len(items)}): {', '.join(items[:_REPORT_FIRST])}{more}")
+    lines.append(
+        "Build the model the checkpoint was made for (same name and overrides, e.g. num_classes) "
+        "or pass a checkpoint of this architecture."
+    )
     return "\n".join(lines)
 
 
@@ -243,8 +269,10 @@ def _read_source(source: str | os.PathLike) -> tuple[object, str]:
         return read_checkpoint(path, trusted=True), f"checkpoint {path}"
     if text in RELEASED:
         return read_checkpoint(download_checkpoint(text), trusted=False), f"released checkpoint {text}"
-    raise FileNotFoundError(f'checkpoint {text!r} not found: it is not a file, not an http(s) URL and not a released '
-                            f'model name ({", ".join(sorted(RELEASED))})')
+    raise FileNotFoundError(
+        f"checkpoint {text!r} not found: it is not a file, not an http(s) URL and not a released "
+        f"model name ({', '.join(sorted(RELEASED))})"
+    )
 
 
 def load_pretrained(model: nn.Module, source: str | os.PathLike | Mapping, use_ema: bool = False) -> None:

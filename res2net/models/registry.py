@@ -51,8 +51,9 @@ def resolve_model_config(model_cfg: Mapping) -> dict:
     """``model_cfg`` (a mapping or an OmegaConf node with ``CONFIG_KEYS``) as a plain dict with every None knob
     replaced by the variant's value; num_classes stays as given. Raises ValueError for an unknown key or name."""
     if not isinstance(model_cfg, Mapping):
-        raise ValueError(f"a model config must be a mapping with keys {', '.join(CONFIG_KEYS)}, "
-                         f"got {type(model_cfg).__name__}")
+        raise ValueError(
+            f"a model config must be a mapping with keys {', '.join(CONFIG_KEYS)}, got {type(model_cfg).__name__}"
+        )
     unknown = sorted(set(model_cfg) - set(CONFIG_KEYS))
     if unknown:
         raise ValueError(f"unknown model config key(s) {unknown}; valid keys: {', '.join(CONFIG_KEYS)}")
@@ -75,8 +76,10 @@ def model_from_config(model_cfg: Mapping, num_classes: int | None = None) -> Res
     cfg = resolve_model_config(model_cfg)
     name, stated = cfg.pop("name"), cfg.pop("num_classes")
     if stated is not None and num_classes is not None and stated != num_classes:
-        raise ValueError(f"model.num_classes={stated} but the caller needs num_classes={num_classes}; "
-                         f"set model.num_classes={num_classes} or null")
+        raise ValueError(
+            f"model.num_classes={stated} but the caller needs num_classes={num_classes}; "
+            f"set model.num_classes={num_classes} or null"
+        )
     if stated is None:
         stated = _IMAGENET_CLASSES if num_classes is None else num_classes
     return create_model(name, num_classes=stated, **cfg)

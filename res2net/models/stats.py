@@ -4,6 +4,7 @@ GMACs: one per multiply-add of conv and linear layers, two per batch-norm output
 activations, pooling and additions are not counted. ``python -m res2net.models.stats`` prints both for every
 variant next to the published values of ``res2net.models.variants``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,9 @@ def count_macs(model: nn.Module, img_size: int = 224) -> int:
         counter = next(fn for kind, fn in _COUNTERS if isinstance(module, kind))
         total += counter(module, output)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, tuple(kind for kind, _ in _COUNTERS))]
+    handles = [
+        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, tuple(kind for kind, _ in _COUNTERS))
+    ]
     was_training = model.training
     try:
         model.eval()
@@ -78,8 +80,10 @@ def stats_table(names: list[str] | None = None, img_size: int = 224) -> str:
         with torch.device("meta"):
             model = create_model(name)
         params, macs, variant = count_params(model), count_macs(model, img_size), VARIANTS[name]
-        rows.append(f"| {name} | {params:,} | {_published(variant.params, ',')} | {macs / 1e9:.3f} | "
-                    f"{_published(variant.gmacs, '.2f')} |")
+        rows.append(
+            f"| {name} | {params:,} | {_published(variant.params, ',')} | {macs / 1e9:.3f} | "
+            f"{_published(variant.gmacs, '.2f')} |"
+        )
     return "\n".join(rows)
 
 
@@ -91,8 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(args.models) - set(list_models()))
     if unknown:
         parser.error(f"unknown model(s) {unknown}; valid: {', '.join(list_models())}")
-    print(f"Parameters and GMACs at {args.img_size}x{args.img_size} "
-          "(1 per conv/linear multiply-add + 2 per BN output element)")
+    print(
+        f"Parameters and GMACs at {args.img_size}x{args.img_size} "
+        "(1 per conv/linear multiply-add + 2 per BN output element)"
+    )
     print(stats_table(args.models or None, args.img_size))
 
 
