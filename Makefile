@@ -18,8 +18,10 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# ruff (rules and format in pyproject.toml) over the library, entry points, scripts and tests; shellcheck the launchers.
 lint: $(STAMP)
-	$(PY) -m compileall -q res2net scripts train.py evaluate.py
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/shellcheck scripts/train_multigpu.sh scripts/slurm/train.sbatch
 
 DATA ?=

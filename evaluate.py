@@ -2,13 +2,14 @@
 """Evaluate a checkpoint on a validation set: top-1/top-5, loss, per-class accuracy, img/s -> results.json.
 
     python evaluate.py model=res2net50_26w_4s checkpoint=released data.root=/data/imagenet
-    python evaluate.py checkpoint=outputs/<run>/checkpoints/best.pth data=folder data.root=<folder> save_predictions=true
+    python evaluate.py checkpoint=outputs/<run>/checkpoints/best.pth data=folder data.root=<dir> save_predictions=true
     torchrun --standalone --nproc_per_node=2 evaluate.py data.root=/data/imagenet
 
 One process or torchrun: each validation image is counted exactly once for any world size. data.backend=torchvision
 is the reference path (PIL, antialiased bilinear: how the published numbers were measured), dali the fast one.
 The output directory is Hydra's run directory (hydra.run.dir=<dir> to choose it). Options: configs/eval.yaml.
 """
+
 import logging
 import os
 

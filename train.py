@@ -11,6 +11,7 @@ Repeated SIGTERM / SIGUSR1 while that checkpoint is pending are ignored (SLURM a
 during start-up stops the run after its first step; to end a run at once without a checkpoint, send SIGINT (Ctrl-C)
 or SIGKILL.
 """
+
 import logging
 import sys
 
@@ -31,18 +32,29 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     # Rank and device are read here, in the process that trains: Hydra's submitit launcher pickles this function with
     # its globals and runs it on another machine, so nothing machine-specific may be computed at import.
-    with distributed.process_group() as info, StopRequest() as stop:  # stop: open until the process exits
+    with (
+        distributed.process_group(cfg.trainer.device) as info,
+        StopRequest() as stop,
+    ):  # stop: open until the process exits
         if not info.is_main:  # one console: rank 0 reports progress, the others only warnings and errors
             logging.getLogger().setLevel(logging.WARNING)
         run_dir = HydraConfig.get().runtime.output_dir
         result = train(cfg, run_dir, info, stop=stop)
-        log.info("%s after %d epochs (global step %d); best val top-1 %s; run directory %s", result.status,
-                 result.epoch, result.global_step,
-                 "n/a" if result.best_top1 is None else f"{result.best_top1:.2f}", run_dir)
+        log.info(
+            "%s after %d epochs (global step %d); best val top-1 %s; run directory %s",
+            result.status,
+            result.epoch,
+            result.global_step,
+            "n/a" if result.best_top1 is None else f"{result.best_top1:.2f}",
+            run_dir,
+        )
         if result.status == "preempted":
             if info.is_main:  # the other ranks stay quiet: one message says where the checkpoint is
-                log.warning("preempted: wrote %s; continue with the same command plus hydra.run.dir=%s resume=auto",
-                            result.checkpoint, run_dir)
+                log.warning(
+                    "preempted: wrote %s; continue with the same command plus hydra.run.dir=%s resume=auto",
+                    result.checkpoint,
+                    run_dir,
+                )
             sys.exit(PREEMPTED_EXIT_CODE)
 
 

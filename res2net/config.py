@@ -19,7 +19,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -46,6 +46,7 @@ RUN_TIME_ENV = "RES2NET_RUN_TIME"
 
 
 class Amp(enum.Enum):
+    auto = "auto"  # bf16 on CUDA GPUs that compute it natively (Ampere and later), off elsewhere (the CPU)
     off = "off"  # fp32 everywhere
     bf16 = "bf16"  # autocast to bfloat16, no loss scaling
     fp16 = "fp16"  # autocast to float16 with a GradScaler (its skipped steps are counted, not errors)
@@ -61,15 +62,15 @@ class ModelConfig:
     # A name from res2net.list_models(). Every other field left at null takes the variant's own value
     # (res2net/models/variants.py), so configs/model/*.yaml state only the name and what differs.
     name: str = MISSING
-    num_classes: Optional[int] = None  # null: the number of class folders of the training data
-    layers: Optional[list[int]] = None  # blocks per stage
-    base_width: Optional[int] = None  # channels per split in the first stage
-    scale: Optional[int] = None  # number of splits
-    cardinality: Optional[int] = None  # groups of the 3x3 convs (Res2NeXt)
-    stem: Optional[str] = None  # '' (7x7 conv) | 'deep' (three 3x3 convs, the 'd' variants)
-    avg_down: Optional[bool] = None  # avg-pool before the shortcut's 1x1 conv (the 'd' variants)
-    zero_init_last: Optional[bool] = None  # zero the last BN of each block
-    drop_rate: Optional[float] = None  # dropout before the classifier
+    num_classes: int | None = None  # null: the number of class folders of the training data
+    layers: list[int] | None = None  # blocks per stage
+    base_width: int | None = None  # channels per split in the first stage
+    scale: int | None = None  # number of splits
+    cardinality: int | None = None  # groups of the 3x3 convs (Res2NeXt)
+    stem: str | None = None  # '' (7x7 conv) | 'deep' (three 3x3 convs, the 'd' variants)
+    avg_down: bool | None = None  # avg-pool before the shortcut's 1x1 conv (the 'd' variants)
+    zero_init_last: bool | None = None  # zero the last BN of each block
+    drop_rate: float | None = None  # dropout before the classifier
 
 
 @dataclass
@@ -97,8 +98,9 @@ class ScheduleConfig:
 
 @dataclass
 class TrainerConfig:
-    amp: Amp = Amp.off
-    channels_last: bool = False
+    device: str = "auto"  # auto (this rank's GPU when torch sees one, else the CPU) | cuda (a GPU or an error) | cpu
+    amp: Amp = Amp.auto
+    channels_last: str = "auto"  # auto (on where amp=auto picks bf16) | true | false
     compile: bool = False  # torch.compile the model (after the DDP wrap)
     sync_bn: bool = False  # SyncBatchNorm across ranks; CUDA only (an error on CPU)
     # Exponential moving average of the weights, evaluated alongside them every epoch; 0 = off (e.g. 0.9998).
@@ -137,17 +139,17 @@ class EvalConfig:
     # otherwise the path of a released file or of any checkpoint train.py wrote.
     checkpoint: str = "released"
     use_ema: bool = False  # evaluate the EMA weights of a train.py checkpoint
-    amp: Amp = Amp.off  # autocast dtype of the forward pass (same knob as trainer.amp)
-    channels_last: bool = True
+    amp: Amp = Amp.auto  # autocast dtype of the forward pass (same knob as trainer.amp)
+    channels_last: str = "auto"  # auto | true | false (same knob as trainer.channels_last)
     compile: bool = False  # torch.compile the prepared model
     # Fold BatchNorm into the convs (res2net.prepare_for_inference); outputs unchanged within float tolerance.
     fold_bn: bool = True
-    device: str = "auto"  # auto (the local GPU under torchrun, else the CPU) | cpu | cuda
+    device: str = "auto"  # auto | cuda | cpu (same knob as trainer.device)
     save_predictions: bool = False  # also write predictions.csv (path, target, top-5 indices and probabilities)
     progress: bool = True  # progress bar on rank 0
     # ReaL labels (Beyer et al. 2020): the path of real.json, one list of class indices per ImageNet val image in
     # ILSVRC2012_val_00000001 ... order; adds real_top1, real_top5 and real_count (images with a non-empty list).
-    real_labels: Optional[str] = None
+    real_labels: str | None = None
     tta: str = "none"  # none | flip (the softmax averaged over the image and its mirror)
     # An evaluation set beyond ImageNet val, set by data=imagenet_v2|imagenet_sketch|imagenet_r|imagenet_a ('' =
     # <data.root>/val/); layouts and scoring: res2net/data/testsets.py.
@@ -228,4 +230,3 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("res2net.now", _now)
     if not OmegaConf.has_resolver("res2net.rank_zero_or"):
         OmegaConf.register_new_resolver("res2net.rank_zero_or", _rank_zero_or)
-

@@ -14,6 +14,7 @@ not slow the next (--in-process: all in this one); --rounds rounds go over all r
 its median, so a slow spell of the machine hits every row. Run it on a quiet machine: other processes on the same
 cores change the numbers (on a shared 2-core VM, single runs vary by +-15%).
 """
+
 import argparse
 import itertools
 import json
@@ -31,8 +32,9 @@ from res2net.data import DataConfig, build_loader
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", required=True, help="data root with train/ and val/ class folders")
-    p.add_argument("--backends", nargs="+", default=["torchvision", "dali"],
-                   choices=["torchvision", "dali", "synthetic"])
+    p.add_argument(
+        "--backends", nargs="+", default=["torchvision", "dali"], choices=["torchvision", "dali", "synthetic"]
+    )
     p.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val"])
     p.add_argument("--workers", nargs="+", type=int, default=[os.cpu_count() or 1])
     p.add_argument("--batch-size", type=int, default=64)
@@ -80,17 +82,41 @@ def sync(device: torch.device) -> None:
 def measure_row(args, split: str, backend: str, workers: int) -> float:
     """One run of one row, img/s: in this process with --in-process / --one-row, else in a fresh process."""
     if args.in_process or args.one_row:
-        cfg = DataConfig(root=args.root, backend=backend, batch_size=args.batch_size, num_workers=workers,
-                         img_size=args.img_size)
+        cfg = DataConfig(
+            root=args.root, backend=backend, batch_size=args.batch_size, num_workers=workers, img_size=args.img_size
+        )
         return measure(cfg, split, torch.device(args.device), args.batches, args.warmup)
-    cmd = [sys.executable, os.path.abspath(__file__), "--one-row", "--root", args.root, "--backends", backend,
-           "--splits", split, "--workers", str(workers), "--batch-size", str(args.batch_size), "--img-size",
-           str(args.img_size), "--batches", str(args.batches), "--warmup", str(args.warmup), "--device",
-           args.device, "--torch-threads", str(args.torch_threads)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--one-row",
+        "--root",
+        args.root,
+        "--backends",
+        backend,
+        "--splits",
+        split,
+        "--workers",
+        str(workers),
+        "--batch-size",
+        str(args.batch_size),
+        "--img-size",
+        str(args.img_size),
+        "--batches",
+        str(args.batches),
+        "--warmup",
+        str(args.warmup),
+        "--device",
+        args.device,
+        "--torch-threads",
+        str(args.torch_threads),
+    ]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"measuring {split} {backend} workers={workers} failed (exit {done.returncode}); "
-                           f"rerun it alone: {' '.join(cmd)}")
+        raise RuntimeError(
+            f"measuring {split} {backend} workers={workers} failed (exit {done.returncode}); "
+            f"rerun it alone: {' '.join(cmd)}"
+        )
     return json.loads(done.stdout.strip().splitlines()[-1])["img_per_s"]
 
 
@@ -110,8 +136,10 @@ def main(argv=None) -> int:
             print(f"measured {split} {backend} workers={workers}: {rate:.1f} img/s", file=sys.stderr)
     rows = [(*key, statistics.median(runs[key])) for key in keys]
     base = {(s, w): r for s, b, w, r in rows if b == "torchvision"}
-    print(f"\nbatch {args.batch_size}, {args.img_size} px, device {device}, {os.cpu_count()} CPUs visible, "
-          f"{args.batches} timed batches per row, median of {args.rounds} run(s)")
+    print(
+        f"\nbatch {args.batch_size}, {args.img_size} px, device {device}, {os.cpu_count()} CPUs visible, "
+        f"{args.batches} timed batches per row, median of {args.rounds} run(s)"
+    )
     print("| split | backend | workers/threads | img/s | vs torchvision |")
     print("|---|---|---|---:|---:|")
     for split, backend, workers, rate in rows:

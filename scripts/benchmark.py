@@ -14,6 +14,7 @@ and each row reports the median round, so a slow spell of a shared machine hits 
 On Linux the script re-executes itself once with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 unless they
 are set (or --keep-allocator is given): glibc's default allocator swings Res2Net CPU timings by up to 1.8x.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,16 +47,21 @@ class Row:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="res2net50_26w_4s", help="variant name (res2net.list_models())")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--precision", choices=["auto", *sorted(PRECISIONS)], default="auto",
-                   help="autocast dtype of the extra optimised rows (the baseline is always float32); auto: bf16 "
-                        "where the device computes it natively (CUDA, or a CPU with AVX512-BF16/AMX), else fp32")
+    p.add_argument(
+        "--precision",
+        choices=["auto", *sorted(PRECISIONS)],
+        default="auto",
+        help="autocast dtype of the extra optimised rows (the baseline is always float32); auto: bf16 "
+        "where the device computes it natively (CUDA, or a CPU with AVX512-BF16/AMX), else fp32",
+    )
     p.add_argument("--compile", action="store_true", help="add rows with torch.compile")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations per row before measuring")
@@ -91,10 +97,12 @@ def ensure_allocator_env(argv: list[str]) -> None:
 
 def build_model(args: argparse.Namespace) -> nn.Module:
     import res2net
+
     torch.manual_seed(0)
     overrides = {"base_width": args.base_width, "scale": args.scale, "layers": args.layers}
-    return res2net.create_model(args.model, num_classes=args.num_classes,
-                                **{k: v for k, v in overrides.items() if v is not None})
+    return res2net.create_model(
+        args.model, num_classes=args.num_classes, **{k: v for k, v in overrides.items() if v is not None}
+    )
 
 
 def _synchronize(device: torch.device) -> None:
@@ -110,6 +118,7 @@ def _autocast(device: torch.device, precision: str):
 def inference_paths(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, Callable]:
     """name -> step function; each runs one forward pass of a batch in inference mode."""
     import res2net
+
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     baseline = copy.deepcopy(model).to(device).eval()
@@ -118,16 +127,20 @@ def inference_paths(model: nn.Module, args: argparse.Namespace, device: torch.de
         def run():
             with torch.inference_mode(), _autocast(device, precision):
                 net(inp)
+
         return run
 
     folded = res2net.prepare_for_inference(baseline, channels_last=True)
-    paths = {"eager fp32 NCHW (baseline)": step(baseline, x, "fp32"),
-             "folded BN + channels_last": step(folded, x_cl, "fp32")}
+    paths = {
+        "eager fp32 NCHW (baseline)": step(baseline, x, "fp32"),
+        "folded BN + channels_last": step(folded, x_cl, "fp32"),
+    }
     if args.precision != "fp32":
         paths[f"folded BN + channels_last + {args.precision}"] = step(folded, x_cl, args.precision)
     if args.compile:
         paths[f"folded BN + channels_last{_suffix(args.precision)} + compile"] = step(
-            res2net.prepare_for_inference(baseline, channels_last=True, compile=True), x_cl, args.precision)
+            res2net.prepare_for_inference(baseline, channels_last=True, compile=True), x_cl, args.precision
+        )
     return paths
 
 
@@ -147,6 +160,7 @@ def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torc
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
+
     return run
 
 
@@ -161,14 +175,16 @@ def train_paths(model: nn.Module, args: argparse.Namespace, device: torch.device
         net = copy.deepcopy(model).to(device)
         return net.to(memory_format=torch.channels_last) if channels_last else net
 
-    paths = {"eager fp32 NCHW (baseline)": _train_step(copy_on_device(False), x, y, device, "fp32"),
-             "channels_last": _train_step(copy_on_device(True), x_cl, y, device, "fp32")}
+    paths = {
+        "eager fp32 NCHW (baseline)": _train_step(copy_on_device(False), x, y, device, "fp32"),
+        "channels_last": _train_step(copy_on_device(True), x_cl, y, device, "fp32"),
+    }
     if args.precision != "fp32":
-        paths[f"channels_last + {args.precision}"] = _train_step(copy_on_device(True), x_cl, y, device,
-                                                                 args.precision)
+        paths[f"channels_last + {args.precision}"] = _train_step(copy_on_device(True), x_cl, y, device, args.precision)
     if args.compile:
         paths[f"channels_last{_suffix(args.precision)} + compile"] = _train_step(
-            torch.compile(copy_on_device(True)), x_cl, y, device, args.precision)
+            torch.compile(copy_on_device(True)), x_cl, y, device, args.precision
+        )
     return paths
 
 
@@ -196,9 +212,15 @@ def to_rows(mode: str, seconds: dict[str, float], batch_size: int) -> list[Row]:
 
 
 def environment(args: argparse.Namespace, device: torch.device) -> dict:
-    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
-           "allocator_env": {k: os.environ.get(k) for k in ALLOCATOR_ENV}}
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "allocator_env": {k: os.environ.get(k) for k in ALLOCATOR_ENV},
+    }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
@@ -240,8 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmark.py: error: {err}", file=sys.stderr)
         return 2
     a = args
-    print(f"{a.model}, batch {a.batch_size}, {a.img_size} px, {a.device}, {a.precision}, "
-          f"{report['environment']['torch_threads']} threads, median of {a.rounds} rounds x {a.iters} iterations")
+    print(
+        f"{a.model}, batch {a.batch_size}, {a.img_size} px, {a.device}, {a.precision}, "
+        f"{report['environment']['torch_threads']} threads, median of {a.rounds} rounds x {a.iters} iterations"
+    )
     print(markdown_table([Row(**r) for r in report["rows"]]))
     if args.json:
         with open(args.json, "w") as f:

@@ -26,6 +26,7 @@ published top-1 by more than --tolerance points, 2 on a usage or data error.
 --published FILE replaces the built-in table of other sets' numbers with a JSON object
 {"<model name>": {"<row>": <top-1>, ...}} (private model zoos, tests).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,11 +48,28 @@ DEFAULT_TOLERANCE = 0.1
 # numbers for the released files come with them (res2net.models.pretrained). res2net50d's weights are on the Hugging
 # Face hub only; resnet50.a1_in1k (RSB A1, 80.38 / 85.71 / 68.47 / 29.64 / 40.42 / 9.97) is not a Res2Net.
 PUBLISHED: dict[str, dict[str, float]] = {
-    "res2net50d": {"imagenet": 80.28, "real": 85.76, "imagenet_v2-matched-frequency": 68.39,
-                   "imagenet_sketch": 25.50, "imagenet_r": 37.22, "imagenet_a": 14.61},
+    "res2net50d": {
+        "imagenet": 80.28,
+        "real": 85.76,
+        "imagenet_v2-matched-frequency": 68.39,
+        "imagenet_sketch": 25.50,
+        "imagenet_r": 37.22,
+        "imagenet_a": 14.61,
+    },
 }
-CSV_COLUMNS = ("dataset", "model", "img_size", "top1", "top1_err", "top5", "top5_err", "param_count", "crop_pct",
-               "interpolation", "ece")
+CSV_COLUMNS = (
+    "dataset",
+    "model",
+    "img_size",
+    "top1",
+    "top1_err",
+    "top5",
+    "top5_err",
+    "param_count",
+    "crop_pct",
+    "interpolation",
+    "ece",
+)
 IMAGENET_DIR, REAL_FILE = "imagenet", "real.json"
 
 
@@ -69,8 +87,13 @@ def find_runs(roots: Path) -> tuple[list[SuiteRun], list[str]]:
     if val.is_dir():
         real = roots / REAL_FILE
         extra = (f"real_labels={real}",) if real.is_file() else ()
-        runs.append(SuiteRun("imagenet", ("data=imagenet", f"data.root={roots / IMAGENET_DIR}",
-                                          "data.backend=torchvision", *extra), bool(extra)))
+        runs.append(
+            SuiteRun(
+                "imagenet",
+                ("data=imagenet", f"data.root={roots / IMAGENET_DIR}", "data.backend=torchvision", *extra),
+                bool(extra),
+            )
+        )
         if not extra:
             skipped.append(f"skipping real: {real} not found (ReaL labels of ImageNet val)")
     else:
@@ -89,17 +112,20 @@ def find_runs(roots: Path) -> tuple[list[SuiteRun], list[str]]:
 def released_file_model(checkpoint: str) -> str | None:
     """The model whose released file ``checkpoint`` is named after, if any."""
     from res2net.models.pretrained import RELEASED
+
     return next((name for name, e in RELEASED.items() if e.file == Path(checkpoint).name), None)
 
 
 def checkpoint_overrides(checkpoint: str, model: str | None) -> tuple[list[str], bool]:
     """(evaluate.py overrides naming the model and checkpoint, whether it is a released checkpoint)."""
     import res2net
+
     if checkpoint in res2net.list_models():
         return [f"model={checkpoint}", "checkpoint=released"], True
     if not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"--checkpoint {checkpoint!r} is neither a model name "
-                                f"({', '.join(res2net.list_models())}) nor a file")
+        raise FileNotFoundError(
+            f"--checkpoint {checkpoint!r} is neither a model name ({', '.join(res2net.list_models())}) nor a file"
+        )
     released = released_file_model(checkpoint)
     model = model or released
     return [f"checkpoint={Path(checkpoint).resolve()}", *([f"model={model}"] if model else [])], released is not None
@@ -107,7 +133,9 @@ def checkpoint_overrides(checkpoint: str, model: str | None) -> tuple[list[str],
 
 def compose_config(overrides: list[str]):
     from hydra import compose, initialize_config_dir
+
     from res2net.config import register_configs
+
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         return compose(config_name="eval", overrides=overrides)
@@ -116,22 +144,45 @@ def compose_config(overrides: list[str]):
 def rows_of(run: SuiteRun, out: dict) -> list[dict]:
     """Table rows of one results.json: the set's, and ReaL's for the val run with real labels."""
     data = out["config"]["data"]
-    common = {"model": out["model"], "img_size": data["img_size"], "crop_pct": data["crop_pct"],
-              "interpolation": data["interpolation"], "param_count": out["param_count"]}
-    rows = [{"dataset": run.row, **common, "top1": out["top1"], "top5": out["top5"], "ece": out["ece"],
-             "count": out["count"]}]
+    common = {
+        "model": out["model"],
+        "img_size": data["img_size"],
+        "crop_pct": data["crop_pct"],
+        "interpolation": data["interpolation"],
+        "param_count": out["param_count"],
+    }
+    rows = [
+        {
+            "dataset": run.row,
+            **common,
+            "top1": out["top1"],
+            "top5": out["top5"],
+            "ece": out["ece"],
+            "count": out["count"],
+        }
+    ]
     if run.real and out.get("real_count"):
-        rows.append({"dataset": "real", **common, "top1": out["real_top1"], "top5": out["real_top5"], "ece": None,
-                     "count": out["real_count"]})
+        rows.append(
+            {
+                "dataset": "real",
+                **common,
+                "top1": out["real_top1"],
+                "top5": out["real_top5"],
+                "ece": None,
+                "count": out["real_count"],
+            }
+        )
     return rows
 
 
-def judge(rows: list[dict], val_published: float | None, table: dict[str, float], tolerance: float,
-          released: bool) -> None:
+def judge(
+    rows: list[dict], val_published: float | None, table: dict[str, float], tolerance: float, released: bool
+) -> None:
     """Adds published_top1, delta_top1 and status (ok | FAIL | unchecked | -) to each row."""
     for r in rows:
-        published = val_published if r["dataset"] == "imagenet" and val_published is not None else table.get(
-            r["dataset"])
+        published = (
+            val_published if r["dataset"] == "imagenet" and val_published is not None else table.get(r["dataset"])
+        )
         r["published_top1"] = published
         r["delta_top1"] = None if published is None else r["top1"] - published
         if published is None:
@@ -156,18 +207,35 @@ def markdown_table(rows: list[dict], tolerance: float) -> str:
     head = ["set", "images", "top-1", "top-5", "ECE", "published top-1", "delta", f"status (tolerance {tolerance})"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + "---|"]
     for r in rows:
-        cells = [r["dataset"], _fmt(r["count"]), _fmt(r["top1"]), _fmt(r["top5"]), _fmt(r["ece"], 4),
-                 _fmt(r["published_top1"], 2), _fmt(r["delta_top1"], 2, signed=True), r["status"]]
+        cells = [
+            r["dataset"],
+            _fmt(r["count"]),
+            _fmt(r["top1"]),
+            _fmt(r["top5"]),
+            _fmt(r["ece"], 4),
+            _fmt(r["published_top1"], 2),
+            _fmt(r["delta_top1"], 2, signed=True),
+            r["status"],
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def csv_row(r: dict) -> dict:
     """timm's results-CSV conventions: percentages with 3 decimals, errors as 100 - accuracy, parameters in M."""
-    return {"dataset": r["dataset"], "model": r["model"], "img_size": r["img_size"], "top1": f"{r['top1']:.3f}",
-            "top1_err": f"{100 - r['top1']:.3f}", "top5": f"{r['top5']:.3f}", "top5_err": f"{100 - r['top5']:.3f}",
-            "param_count": f"{r['param_count'] / 1e6:.2f}", "crop_pct": r["crop_pct"],
-            "interpolation": r["interpolation"], "ece": "" if r["ece"] is None else f"{r['ece']:.4f}"}
+    return {
+        "dataset": r["dataset"],
+        "model": r["model"],
+        "img_size": r["img_size"],
+        "top1": f"{r['top1']:.3f}",
+        "top1_err": f"{100 - r['top1']:.3f}",
+        "top5": f"{r['top5']:.3f}",
+        "top5_err": f"{100 - r['top5']:.3f}",
+        "param_count": f"{r['param_count'] / 1e6:.2f}",
+        "crop_pct": r["crop_pct"],
+        "interpolation": r["interpolation"],
+        "ece": "" if r["ece"] is None else f"{r['ece']:.4f}",
+    }
 
 
 def write_tables(rows: list[dict], out_dir: Path, tolerance: float, caption: str) -> tuple[Path, Path]:
@@ -182,14 +250,21 @@ def write_tables(rows: list[dict], out_dir: Path, tolerance: float, caption: str
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--checkpoint", required=True, help="a released model's name, or a checkpoint file")
     p.add_argument("--roots", required=True, type=Path, help="the folder holding the sets (layout above)")
     p.add_argument("--model", default=None, help="the variant of a bare state_dict (default: from the checkpoint)")
     p.add_argument("--out-dir", type=Path, default=Path("outputs/eval_suite"))
-    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                   help="allowed |delta| of a released checkpoint's top-1, in points (default %(default)s)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help="allowed |delta| of a released checkpoint's top-1, in points (default %(default)s)",
+    )
     p.add_argument("--published", default=None, help="JSON table replacing the built-in one (see above)")
     p.add_argument("overrides", nargs="*", help="evaluate.py overrides applied to every set, e.g. data.backend=dali")
     return p.parse_args(argv)
@@ -198,6 +273,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace, dist_info) -> tuple[list[dict], bool] | None:
     """Evaluate every set found; on rank 0 returns (table rows, whether a released checkpoint failed)."""
     from res2net.engine.eval_job import evaluate_checkpoint
+
     if not args.roots.is_dir():
         raise FileNotFoundError(f"--roots {args.roots} is not a directory")
     bad = [o for o in args.overrides if "=" not in o]
@@ -208,8 +284,9 @@ def run(args: argparse.Namespace, dist_info) -> tuple[list[dict], bool] | None:
     for line in skipped if dist_info.is_main else ():
         print(line)
     if not runs:
-        raise FileNotFoundError(f"no evaluation set under {args.roots}; expected the layout of "
-                                f"scripts/eval_suite.py --help")
+        raise FileNotFoundError(
+            f"no evaluation set under {args.roots}; expected the layout of scripts/eval_suite.py --help"
+        )
     table = json.loads(Path(args.published).read_text()) if args.published else PUBLISHED
     rows = []
     for r in runs:
@@ -227,6 +304,7 @@ def run(args: argparse.Namespace, dist_info) -> tuple[list[dict], bool] | None:
 
 def main(argv: list[str] | None = None) -> int:
     from res2net.engine import distributed
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     with distributed.process_group() as dist_info:
@@ -244,8 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tables: {md}, {csv_path}")
     if failed:
         bad = ", ".join(f"{r['dataset']} ({r['delta_top1']:+.2f})" for r in rows if r["status"] == "FAIL")
-        print(f"FAIL: {args.checkpoint} misses its published top-1 by more than {args.tolerance} points on: {bad}",
-              file=sys.stderr)
+        print(
+            f"FAIL: {args.checkpoint} misses its published top-1 by more than {args.tolerance} points on: {bad}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -11,6 +11,7 @@ Every results.json under the directory is a run. Writes, beside them or to --out
 - ``evals.csv``: the rows;
 - ``evals.png``: top-1 against test resolution, one line per model, set and crop_pct.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
 
 RESULTS_FILE = "results.json"
-COLUMNS = ("run", "model", "dataset", "img_size", "crop_pct", "interpolation", "tta", "top1", "top5", "ece", "nll",
-           "count")
+COLUMNS = (
+    "run",
+    "model",
+    "dataset",
+    "img_size",
+    "crop_pct",
+    "interpolation",
+    "tta",
+    "top1",
+    "top5",
+    "ece",
+    "nll",
+    "count",
+)
 
 
 def read_runs(sweep: Path) -> list[dict]:
@@ -35,14 +48,27 @@ def read_runs(sweep: Path) -> list[dict]:
     for path in sorted(sweep.rglob(RESULTS_FILE)):
         out = json.loads(path.read_text())
         data = out["config"]["data"]
-        rows.append({"run": str(path.parent.relative_to(sweep)) or ".", "model": out["model"],
-                     "dataset": out.get("dataset", "imagenet"), "img_size": data["img_size"],
-                     "crop_pct": data["crop_pct"], "interpolation": data["interpolation"],
-                     "tta": out["config"].get("tta", "none"), "top1": out["top1"], "top5": out["top5"],
-                     "ece": out.get("ece"), "nll": out.get("nll", out["loss"]), "count": out["count"]})
+        rows.append(
+            {
+                "run": str(path.parent.relative_to(sweep)) or ".",
+                "model": out["model"],
+                "dataset": out.get("dataset", "imagenet"),
+                "img_size": data["img_size"],
+                "crop_pct": data["crop_pct"],
+                "interpolation": data["interpolation"],
+                "tta": out["config"].get("tta", "none"),
+                "top1": out["top1"],
+                "top5": out["top5"],
+                "ece": out.get("ece"),
+                "nll": out.get("nll", out["loss"]),
+                "count": out["count"],
+            }
+        )
     if not rows:
-        raise FileNotFoundError(f"no {RESULTS_FILE} under {sweep}; pass the directory of an evaluate.py run or "
-                                f"sweep (evaluate.py -m writes multirun/<date>/<time>/<job>/{RESULTS_FILE})")
+        raise FileNotFoundError(
+            f"no {RESULTS_FILE} under {sweep}; pass the directory of an evaluate.py run or "
+            f"sweep (evaluate.py -m writes multirun/<date>/<time>/<job>/{RESULTS_FILE})"
+        )
     return sorted(rows, key=lambda r: (r["model"], r["dataset"], r["tta"], r["crop_pct"], r["img_size"], r["run"]))
 
 
@@ -108,8 +134,11 @@ def summarize(sweep: Path, out_dir: Path | None = None) -> tuple[Path, Path, Pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("sweep", type=Path, help="directory holding evaluate.py runs (results.json files)")
     p.add_argument("--out-dir", type=Path, default=None, help="where to write (default: the sweep directory)")
     args = p.parse_args(argv)

@@ -1,14 +1,15 @@
 """Small folders in the layouts of the evaluation sets, from real photographs, and a tiny 1,000-class checkpoint
 (helpers only; the tests live in test_testsets.py and test_eval_suite.py)."""
+
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from test_data_helpers import photos
 
 import res2net
 from res2net.data.imagenet_wnids import IMAGENET1K_WNIDS
-from test_data_helpers import photos
 
 TINY = {"name": "res2net50_26w_4s", "num_classes": None, "layers": [1, 1, 1, 1], "base_width": 4, "scale": 4}
 # 3 of the 1,000 classes (ImageNet-1k indices 1, 500, 998), in the subsets' role for -R and -A
@@ -22,11 +23,12 @@ def photo_crop(rng: np.random.Generator, pics: list[np.ndarray]) -> Image.Image:
     ch, cw = int(rng.integers(h // 3, h)), int(rng.integers(w // 3, w))
     y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
     size = (int(rng.integers(32, 49)), int(rng.integers(32, 49)))
-    return Image.fromarray(np.ascontiguousarray(pic[y:y + ch, x:x + cw])).resize(size, Image.BILINEAR)
+    return Image.fromarray(np.ascontiguousarray(pic[y : y + ch, x : x + cw])).resize(size, Image.BILINEAR)
 
 
-def write_class_folders(folder: Path, names: list[str], per_class: int, seed: int, suffix: str = ".jpg",
-                        file_name=lambda i: f"img_{i:04d}") -> list[tuple[str, str]]:
+def write_class_folders(
+    folder: Path, names: list[str], per_class: int, seed: int, suffix: str = ".jpg", file_name=lambda i: f"img_{i:04d}"
+) -> list[tuple[str, str]]:
     """``per_class`` photographs in each folder/<name>/; returns [(path, name)] in writing order."""
     rng, pics = np.random.default_rng(seed), list(photos().values())
     out, i = [], 0
@@ -43,8 +45,9 @@ def write_class_folders(folder: Path, names: list[str], per_class: int, seed: in
 def write_imagenet_val(root: Path, per_class: int = 4, classes: tuple[int, ...] = SUBSET) -> list[tuple[str, str]]:
     """<root>/val/<wnid>/ILSVRC2012_val_<n>.JPEG for the given ImageNet-1k classes (n = 1, 2, ... over all)."""
     names = [IMAGENET1K_WNIDS[c] for c in classes]
-    return write_class_folders(root / "val", names, per_class, seed=3, suffix=".JPEG",
-                               file_name=lambda i: f"ILSVRC2012_val_{i:08d}")
+    return write_class_folders(
+        root / "val", names, per_class, seed=3, suffix=".JPEG", file_name=lambda i: f"ILSVRC2012_val_{i:08d}"
+    )
 
 
 def tiny_1k_checkpoint(path: Path, seed: int = 0) -> Path:

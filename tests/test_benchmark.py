@@ -2,6 +2,7 @@
 
 No timing is asserted: speed is measured by running the script on a quiet machine, not in tests.
 """
+
 import json
 import os
 import subprocess
@@ -11,13 +12,40 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--base-width", "4", "--layers", "1", "1", "1", "1", "--num-classes", "10", "--img-size", "32",
-        "--batch-size", "2", "--warmup", "1", "--iters", "2", "--rounds", "2", "--threads", "1"]
+TINY = [
+    "--base-width",
+    "4",
+    "--layers",
+    "1",
+    "1",
+    "1",
+    "1",
+    "--num-classes",
+    "10",
+    "--img-size",
+    "32",
+    "--batch-size",
+    "2",
+    "--warmup",
+    "1",
+    "--iters",
+    "2",
+    "--rounds",
+    "2",
+    "--threads",
+    "1",
+]
 
 
 def _run(*args, env=None):
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_table_and_json_rows(tmp_path):
@@ -27,19 +55,20 @@ def test_table_and_json_rows(tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     rows = [(r["mode"], r["path"]) for r in report["rows"]]
-    assert rows == [("inference", "eager fp32 NCHW (baseline)"),
-                    ("inference", "folded BN + channels_last"),
-                    ("inference", "folded BN + channels_last + bf16"),
-                    ("train", "eager fp32 NCHW (baseline)"),
-                    ("train", "channels_last"),
-                    ("train", "channels_last + bf16")]
+    assert rows == [
+        ("inference", "eager fp32 NCHW (baseline)"),
+        ("inference", "folded BN + channels_last"),
+        ("inference", "folded BN + channels_last + bf16"),
+        ("train", "eager fp32 NCHW (baseline)"),
+        ("train", "channels_last"),
+        ("train", "channels_last + bf16"),
+    ]
     for r in report["rows"]:
         assert r["img_per_s"] > 0 and r["ms_per_batch"] > 0
         assert r["img_per_s"] == pytest.approx(2 / (r["ms_per_batch"] / 1000), rel=1e-6)
     assert [r["speedup"] for r in report["rows"] if "baseline" in r["path"]] == [1.0, 1.0]
     # the script re-executed itself with the allocator settings DESIGN.md asks for
-    assert report["environment"]["allocator_env"] == {"MALLOC_MMAP_MAX_": "0",
-                                                      "MALLOC_TRIM_THRESHOLD_": "17179869184"}
+    assert report["environment"]["allocator_env"] == {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
     assert report["environment"]["torch_threads"] == 1
     table = proc.stdout
     assert "| inference | folded BN + channels_last + bf16 |" in table

@@ -1,4 +1,5 @@
 """Optimizer, lr schedules, EMA, run-time checks of the training engine."""
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -49,8 +50,8 @@ def test_cosine_with_warmup():
     lrs = _lrs(ScheduleConfig(name="cosine", epochs=10, warmup_epochs=2, min_lr=0.001))
     warmup = 2 * STEPS_PER_EPOCH
     assert lrs[0] == pytest.approx(0.1 / warmup)
-    assert all(a < b for a, b in zip(lrs[:warmup - 1], lrs[1:warmup]))  # rises during warm-up
-    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))  # then only decays
+    assert all(a < b for a, b in zip(lrs[: warmup - 1], lrs[1:warmup]))  # rises during warm-up
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1 :]))  # then only decays
     mid = 5 * STEPS_PER_EPOCH
     assert lrs[mid] == pytest.approx(0.001 + 0.099 * 0.5)
     assert lrs[-1] == pytest.approx(0.001, abs=2e-4)

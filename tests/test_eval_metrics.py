@@ -1,5 +1,6 @@
 """What evaluate() counts beyond top-k, against hand computations on fixed logits: ECE (15 bins), NLL, the class
 mask of the 200-class sets, ReaL labels, and flip TTA against a manual average."""
+
 import json
 import math
 
@@ -7,8 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from res2net.engine.eval_metrics import (ECE_BINS, class_mask, expected_calibration_error, read_real_labels,
-                                         real_label_rows)
+from res2net.engine.eval_metrics import (
+    ECE_BINS,
+    class_mask,
+    expected_calibration_error,
+    read_real_labels,
+    real_label_rows,
+)
 from res2net.engine.loops import evaluate
 
 # Fixed logits over 3 classes, their targets, and (worked out by hand) the max softmax probability, whether the
@@ -16,9 +22,14 @@ from res2net.engine.loops import evaluate
 # Images 3 and 5 share a bin of 15 but not of 10, so another bin count gives another ECE.
 LOGITS = [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [3.0, 0.0, 0.0], [1.0, 3.0, 2.0], [2.05, 0.0, 0.0], [1.5, 0.0, 0.0]]
 TARGETS = [0, 2, 1, 1, 1, 2]
-CONFIDENCE = [math.exp(2) / (math.exp(2) + 2), math.e / (math.e + 2), math.exp(3) / (math.exp(3) + 2),
-              math.exp(3) / (math.e + math.exp(2) + math.exp(3)), math.exp(2.05) / (math.exp(2.05) + 2),
-              math.exp(1.5) / (math.exp(1.5) + 2)]
+CONFIDENCE = [
+    math.exp(2) / (math.exp(2) + 2),
+    math.e / (math.e + 2),
+    math.exp(3) / (math.exp(3) + 2),
+    math.exp(3) / (math.e + math.exp(2) + math.exp(3)),
+    math.exp(2.05) / (math.exp(2.05) + 2),
+    math.exp(1.5) / (math.exp(1.5) + 2),
+]
 RIGHT = [True, False, False, True, False, False]
 BINS = [11, 8, 13, 9, 11, 10]
 
@@ -44,7 +55,7 @@ class Batches:
 
     def __iter__(self):
         for s in range(0, len(self.targets), 2):
-            yield torch.arange(s, min(s + 2, len(self.targets))).float().view(-1, 1), self.targets[s:s + 2]
+            yield torch.arange(s, min(s + 2, len(self.targets))).float().view(-1, 1), self.targets[s : s + 2]
 
 
 def test_hand_worked_bins_are_right():
@@ -58,8 +69,13 @@ def test_ece_and_nll_against_a_hand_computation():
     r = evaluate(Fixed(LOGITS), Batches(TARGETS, 3), device="cpu")
     # bin 11: two images, one right; bins 8, 10, 13: one wrong image each; bin 9: one right image
     c = CONFIDENCE
-    ece = (2 / 6 * abs(0.5 - (c[0] + c[4]) / 2) + 1 / 6 * abs(0 - c[1]) + 1 / 6 * abs(0 - c[2])
-           + 1 / 6 * abs(1 - c[3]) + 1 / 6 * abs(0 - c[5]))
+    ece = (
+        2 / 6 * abs(0.5 - (c[0] + c[4]) / 2)
+        + 1 / 6 * abs(0 - c[1])
+        + 1 / 6 * abs(0 - c[2])
+        + 1 / 6 * abs(1 - c[3])
+        + 1 / 6 * abs(0 - c[5])
+    )
     assert r["ece"] == pytest.approx(ece, rel=1e-6)
     nll = [-math.log(torch.tensor(row).softmax(0)[t].item()) for row, t in zip(LOGITS, TARGETS)]
     assert r["nll"] == pytest.approx(sum(nll) / 6, rel=1e-6) and r["loss"] == r["nll"]
@@ -147,16 +163,21 @@ def test_flip_tta_is_the_mean_of_the_two_softmaxes():
 
 def test_real_scoring_matches_timm_reference(tmp_path):
     from timm.data import RealLabelsImagenet  # timm's validate.py scorer, as a reference
+
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(20, 10, generator=g)
     targets = torch.randint(0, 10, (20,), generator=g).tolist()
-    real = [torch.randperm(10, generator=g)[:i % 4].tolist() for i in range(20)]  # 0 to 3 labels each
+    real = [torch.randperm(10, generator=g)[: i % 4].tolist() for i in range(20)]  # 0 to 3 labels each
     (tmp_path / "real.json").write_text(json.dumps(real))
     loader = Batches(targets, 10)
     reference = RealLabelsImagenet(loader.paths, real_json=str(tmp_path / "real.json"))
     reference.add_result(logits)
-    r = evaluate(Fixed(logits.tolist()), loader, device="cpu",
-                 real_labels=real_label_rows(read_real_labels(tmp_path / "real.json"), loader.paths, 10))
+    r = evaluate(
+        Fixed(logits.tolist()),
+        loader,
+        device="cpu",
+        real_labels=real_label_rows(read_real_labels(tmp_path / "real.json"), loader.paths, 10),
+    )
     assert r["real_count"] == 15
     assert r["real_top1"] == pytest.approx(reference.get_accuracy(1))
     assert r["real_top5"] == pytest.approx(reference.get_accuracy(5))

@@ -1,6 +1,7 @@
 """scripts/eval_suite.py (`make eval-suite`) on a folder holding some of the sets: skip lines, one CSV in timm's
 columns, published numbers beside ours and the exit status; scripts/summarize_evals.py over a real evaluate.py
 resolution / crop sweep."""
+
 import csv
 import json
 import os
@@ -9,16 +10,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from eval_set_helpers import SUBSET, tiny_1k_checkpoint, write_class_folders, write_imagenet_val
 from PIL import Image
 
 import res2net
-from eval_set_helpers import SUBSET, tiny_1k_checkpoint, write_class_folders, write_imagenet_val
 from res2net.data.imagenet_wnids import IMAGENET1K_WNIDS
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE, SUMMARIZE = REPO / "scripts" / "eval_suite.py", REPO / "scripts" / "summarize_evals.py"
-TIMM_COLUMNS = ["model", "img_size", "top1", "top1_err", "top5", "top5_err", "param_count", "crop_pct",
-                "interpolation"]
+TIMM_COLUMNS = ["model", "img_size", "top1", "top1_err", "top5", "top5_err", "param_count", "crop_pct", "interpolation"]
 TINY_ARGS = ["data.img_size=32", "data.batch_size=8", "data.num_workers=0", "progress=false", "device=cpu"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
@@ -40,9 +40,25 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def _suite(out_dir, checkpoint, roots, *args):
-    return subprocess.run([sys.executable, str(SUITE), "--checkpoint", str(checkpoint), "--roots", str(roots),
-                           "--out-dir", str(out_dir), *args, *TINY_ARGS], cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [
+            sys.executable,
+            str(SUITE),
+            "--checkpoint",
+            str(checkpoint),
+            "--roots",
+            str(roots),
+            "--out-dir",
+            str(out_dir),
+            *args,
+            *TINY_ARGS,
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_suite_csv_skip_lines_and_published_numbers(tmp_path, roots, checkpoint):
@@ -58,13 +74,16 @@ def test_suite_csv_skip_lines_and_published_numbers(tmp_path, roots, checkpoint)
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["dataset", *TIMM_COLUMNS, "ece"]
     assert [r["dataset"] for r in rows] == ["imagenet", "real", "imagenet_v2-matched-frequency", "imagenet_r"]
-    params = sum(p.numel() for p in res2net.create_model("res2net50_26w_4s", layers=[1, 1, 1, 1],
-                                                         base_width=4).parameters())
+    params = sum(
+        p.numel() for p in res2net.create_model("res2net50_26w_4s", layers=[1, 1, 1, 1], base_width=4).parameters()
+    )
     for r in rows:
-        result = json.loads((tmp_path / "own" / ("imagenet" if r["dataset"] == "real" else r["dataset"])
-                             / "results.json").read_text())
-        top1, top5 = (result["real_top1"], result["real_top5"]) if r["dataset"] == "real" else (result["top1"],
-                                                                                                result["top5"])
+        result = json.loads(
+            (tmp_path / "own" / ("imagenet" if r["dataset"] == "real" else r["dataset"]) / "results.json").read_text()
+        )
+        top1, top5 = (
+            (result["real_top1"], result["real_top5"]) if r["dataset"] == "real" else (result["top1"], result["top5"])
+        )
         assert float(r["top1"]) == pytest.approx(top1, abs=5e-4) and float(r["top5"]) == pytest.approx(top5, abs=5e-4)
         assert float(r["top1_err"]) == pytest.approx(100 - float(r["top1"]), abs=1e-3)
         assert float(r["top5_err"]) == pytest.approx(100 - float(r["top5"]), abs=1e-3)
@@ -109,24 +128,53 @@ def test_suite_usage_errors(tmp_path, checkpoint):
 def test_summarize_a_resolution_and_crop_sweep(tmp_path, roots, checkpoint):
     sweep = tmp_path / "sweep"
     proc = subprocess.run(
-        [sys.executable, "evaluate.py", "-m", f"checkpoint={checkpoint}", "data=imagenet_r", f"data.root={roots}",
-         "data.img_size=32,48", "data.crop_pct=0.875,1.0", "data.batch_size=8", "data.num_workers=0",
-         "progress=false", "device=cpu", f"hydra.sweep.dir={sweep}"],
-        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "evaluate.py",
+            "-m",
+            f"checkpoint={checkpoint}",
+            "data=imagenet_r",
+            f"data.root={roots}",
+            "data.img_size=32,48",
+            "data.crop_pct=0.875,1.0",
+            "data.batch_size=8",
+            "data.num_workers=0",
+            "progress=false",
+            "device=cpu",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/results.json")}
     assert len(results) == 4
-    proc = subprocess.run([sys.executable, str(SUMMARIZE), str(sweep), "--out-dir", str(tmp_path / "sum")],
-                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(SUMMARIZE), str(sweep), "--out-dir", str(tmp_path / "sum")],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     with open(tmp_path / "sum" / "evals.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [(int(r["img_size"]), float(r["crop_pct"])) for r in rows] == [(32, 0.875), (48, 0.875), (32, 1.0),
-                                                                          (48, 1.0)]
+    assert [(int(r["img_size"]), float(r["crop_pct"])) for r in rows] == [
+        (32, 0.875),
+        (48, 0.875),
+        (32, 1.0),
+        (48, 1.0),
+    ]
     for r in rows:
         out = results[r["run"]]
-        assert (out["config"]["data"]["img_size"], out["config"]["data"]["crop_pct"]) == (int(r["img_size"]),
-                                                                                          float(r["crop_pct"]))
+        assert (out["config"]["data"]["img_size"], out["config"]["data"]["crop_pct"]) == (
+            int(r["img_size"]),
+            float(r["crop_pct"]),
+        )
         assert float(r["top1"]) == pytest.approx(out["top1"]) and float(r["ece"]) == pytest.approx(out["ece"])
         assert r["dataset"] == "imagenet_r" and r["count"] == "6"
     md = (tmp_path / "sum" / "evals.md").read_text()
@@ -135,6 +183,12 @@ def test_summarize_a_resolution_and_crop_sweep(tmp_path, roots, checkpoint):
     assert f"| 48 | {top1[48, 0.875]:.3f} | {top1[48, 1.0]:.3f} |" in md
     with Image.open(tmp_path / "sum" / "evals.png") as png:
         assert png.format == "PNG" and png.size[0] > 300
-    empty = subprocess.run([sys.executable, str(SUMMARIZE), str(tmp_path / "sum")], cwd=REPO, env=ENV,
-                           capture_output=True, text=True, timeout=120)
+    empty = subprocess.run(
+        [sys.executable, str(SUMMARIZE), str(tmp_path / "sum")],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert empty.returncode == 2 and "no results.json under" in empty.stderr

@@ -1,8 +1,8 @@
 """The count-exact evaluation loop: top-k and loss by hand, and world size 2 (real gloo processes) == world size 1,
 also with flip TTA, a class subset and ReaL labels."""
+
 import json
 import math
-import os
 import socket
 
 import pytest
@@ -35,7 +35,7 @@ class ListLoader:
 
     def __iter__(self):
         for s in range(0, self.num_samples, self.batch_size):
-            yield self.images[s:s + self.batch_size], self.targets[s:s + self.batch_size]
+            yield self.images[s : s + self.batch_size], self.targets[s : s + self.batch_size]
 
 
 def _dataset():
@@ -46,8 +46,10 @@ def _dataset():
 
 
 # ReaL lists of the 101 images: empty, single and multiple labels in turn
-REAL = [[] if i % 3 == 0 else [i % NUM_CLASSES] if i % 3 == 1 else [i % NUM_CLASSES, (i + 2) % NUM_CLASSES]
-        for i in range(NUM_IMAGES)]
+REAL = [
+    [] if i % 3 == 0 else [i % NUM_CLASSES] if i % 3 == 1 else [i % NUM_CLASSES, (i + 2) % NUM_CLASSES]
+    for i in range(NUM_IMAGES)
+]
 OPTIONS = {"plain": {}, "tta_subset_real": {"tta": "flip", "class_subset": [0, 2, 3, 6], "real": True}}
 
 
@@ -84,8 +86,12 @@ def test_evaluate_loss_and_accuracy_by_hand():
 
     r = evaluate(Fixed(), Loader(), device="cpu", collect_predictions=True)
     # CE per row: -log softmax[target]
-    ce = [math.log(1 + 2 * math.exp(-2)), math.log(math.exp(1) + 2), math.log(3),
-          math.log(math.exp(1) + math.exp(3) + math.exp(2)) - 3]
+    ce = [
+        math.log(1 + 2 * math.exp(-2)),
+        math.log(math.exp(1) + 2),
+        math.log(3),
+        math.log(math.exp(1) + math.exp(3) + math.exp(2)) - 3,
+    ]
     assert r["loss"] == pytest.approx(sum(ce) / 4, rel=1e-6)
     # top-1 hits: rows 0 and 3 (row 2 is a three-way tie: topk picks index 0, not target 1)
     assert r["count"] == 4 and r["top1"] == pytest.approx(50.0) and r["top5"] == pytest.approx(100.0)

@@ -1,13 +1,14 @@
 """Evaluation sets read as distributed (res2net.data.testsets): V2's index folders, Sketch's and -R/-A's wnid folders
 map to ImageNet-1k class indices in both backends; -R/-A are scored over their classes only; clear errors."""
+
 import csv
 from pathlib import Path
 
 import pytest
 import torch
+from eval_set_helpers import SUBSET, tiny_1k_checkpoint, tiny_1k_model, write_class_folders
 from hydra import compose, initialize_config_dir
 
-from eval_set_helpers import SUBSET, tiny_1k_checkpoint, tiny_1k_model, write_class_folders
 from res2net.config import register_configs
 from res2net.data.imagenet_wnids import IMAGENET1K_WNIDS
 from res2net.data.testsets import eval_set_loader, scan_eval_set, scored_classes
@@ -22,8 +23,7 @@ BACKENDS = ("torchvision", "dali")
 def roots(tmp_path_factory) -> Path:
     """One folder holding a small V2 (matched-frequency), Sketch (with a PNG), -R and -A, as their archives unpack."""
     root = tmp_path_factory.mktemp("testsets")
-    write_class_folders(root / "imagenetv2-matched-frequency-format-val", list(V2_CLASSES), 2, seed=1,
-                        suffix=".jpeg")
+    write_class_folders(root / "imagenetv2-matched-frequency-format-val", list(V2_CLASSES), 2, seed=1, suffix=".jpeg")
     sketch = [IMAGENET1K_WNIDS[i] for i in (0, 321, 999)]
     write_class_folders(root / "sketch", sketch, 2, seed=2, suffix=".JPEG")
     write_class_folders(root / "sketch", sketch[:1], 1, seed=3, suffix=".png", file_name=lambda i: f"png_{i}")
@@ -35,6 +35,7 @@ def roots(tmp_path_factory) -> Path:
 
 def test_wnid_list_is_imagenet1k_sorted():
     from timm.data import ImageNetInfo  # reference: timm's own copy of the synsets
+
     assert list(IMAGENET1K_WNIDS) == ImageNetInfo().label_names()
     assert len(set(IMAGENET1K_WNIDS)) == 1000 and list(IMAGENET1K_WNIDS) == sorted(IMAGENET1K_WNIDS)
 
@@ -109,16 +110,31 @@ def test_missing_folder_and_wrong_classes_are_clear_errors(tmp_path, roots):
 def _eval_cfg(*overrides):
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(config_name="eval", overrides=["data.img_size=32", "data.batch_size=4", "data.num_workers=0",
-                                                      "progress=false", "device=cpu", *overrides])
+        return compose(
+            config_name="eval",
+            overrides=[
+                "data.img_size=32",
+                "data.batch_size=4",
+                "data.num_workers=0",
+                "progress=false",
+                "device=cpu",
+                *overrides,
+            ],
+        )
 
 
 @pytest.mark.parametrize("name", ["imagenet_r", "imagenet_a"])
 def test_subset_arg_max_never_leaves_the_subset_and_matches_a_hand_computation(tmp_path, roots, name):
     ckpt = tiny_1k_checkpoint(tmp_path / "tiny.pth")
     # fold_bn/channels_last off: the hand computation below runs the same unprepared model on the same batches
-    cfg = _eval_cfg(f"data={name}", f"data.root={roots}", f"checkpoint={ckpt}", "save_predictions=true",
-                    "fold_bn=false", "channels_last=false")
+    cfg = _eval_cfg(
+        f"data={name}",
+        f"data.root={roots}",
+        f"checkpoint={ckpt}",
+        "save_predictions=true",
+        "fold_bn=false",
+        "channels_last=false",
+    )
     out = evaluate_checkpoint(cfg, tmp_path / "out")
     assert out["dataset"] == name and out["count"] == 9 and out["published"] is None
     with open(tmp_path / "out" / "predictions.csv") as f:
@@ -134,7 +150,7 @@ def test_subset_arg_max_never_leaves_the_subset_and_matches_a_hand_computation(t
             unrestricted += logits.argmax(1).tolist()
             picks = torch.tensor(SUBSET)[logits[:, list(SUBSET)].argmax(1)]
             right += int(picks.eq(targets).sum())
-            by_hand.update(zip(loader.paths[len(by_hand):], picks.tolist()))
+            by_hand.update(zip(loader.paths[len(by_hand) :], picks.tolist()))
     loader.close()
     assert predicted == by_hand
     assert out["top1"] == pytest.approx(100 * right / 9)
@@ -143,10 +159,16 @@ def test_subset_arg_max_never_leaves_the_subset_and_matches_a_hand_computation(t
 
 def test_a_model_not_on_imagenet1k_is_refused(tmp_path, roots):
     import res2net
+
     model = res2net.create_model("res2net50_26w_4s", num_classes=3, layers=[1, 1, 1, 1], base_width=4)
     path = tmp_path / "three.pth"
-    torch.save({"model": model.state_dict(), "config": {"model": {"name": "res2net50_26w_4s", "layers": [1, 1, 1, 1],
-                                                                   "base_width": 4}}}, path)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "config": {"model": {"name": "res2net50_26w_4s", "layers": [1, 1, 1, 1], "base_width": 4}},
+        },
+        path,
+    )
     with pytest.raises(ValueError, match="labelled in ImageNet-1k's 1000 classes but the model predicts 3"):
         evaluate_checkpoint(_eval_cfg("data=imagenet_sketch", f"data.root={roots}", f"checkpoint={path}"), None)
     with pytest.raises(ValueError, match="real_labels applies to ImageNet val"):

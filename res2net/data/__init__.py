@@ -1,26 +1,11 @@
-"""Data pipelines: one Loader protocol, three backends chosen by ``data.backend``.
-
-``build_loader(cfg, split, *, rank=0, world_size=1, seed=0, device=cpu, channels_last=False, dtype=float32)``
-returns a Loader:
-
-- ``set_epoch(epoch, start_batch=0)``: the next iteration yields that epoch's batches from ``start_batch`` on;
-  earlier batches are skipped without being decoded.
-- ``iter(loader)`` -> ``(images, labels)``: normalized images on ``device`` (NCHW, channels_last memory format if
-  asked, ``dtype``), int64 labels on ``device``.
-- ``len(loader)``: batches per epoch on this rank. Train: every rank gets floor(N / world_size) samples of the
-  epoch's (seed, epoch) permutation and drops the last partial batch. Val: ceil(shard / batch_size); shards are
-  contiguous blocks of the sorted samples whose sizes differ by at most one, so every image is seen exactly once.
-- ``num_classes``, ``classes`` (sorted wnids), ``num_samples`` (samples this rank yields per epoch), ``skipped``
-  (undecodable samples met so far); val only: ``paths`` and ``targets`` in iteration order.
-- ``close()``: releases workers / pipelines; idempotent.
-
-A torchvision DataLoader worker that dies (OOM killer, decoder crash) raises ``worker_watch.WorkerCrashError`` (a
-RuntimeError) naming the file it was decoding, from ``next()`` or, via torch's SIGCHLD handler, from wherever the
-main thread is at that moment.
+"""Data pipelines: ``build_loader(cfg, split, *, rank, world_size, seed, device, channels_last, dtype)`` returns
+the Loader of one rank (the protocol: loader_base.EpochLoader) from one of three backends chosen by
+``data.backend``: dali, torchvision (PIL in DataLoader workers) or synthetic.
 """
 import dataclasses
 import os
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -80,7 +65,7 @@ def _validate(cfg: DataConfig, split: str) -> None:
     val_resize_size(cfg.img_size, cfg.crop_pct)
 
 
-def _train_classes(root: Optional[str]) -> Optional[Sequence[str]]:
+def _train_classes(root: str | None) -> Sequence[str] | None:
     """The train split's class folders, so val labels use the same mapping even if val lacks a class."""
     train_dir = os.path.join(root, "train") if root else ""
     if not os.path.isdir(train_dir):
@@ -89,8 +74,8 @@ def _train_classes(root: Optional[str]) -> Optional[Sequence[str]]:
 
 
 def build_loader(cfg: Any, split: str, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 device: Any = torch.device("cpu"), channels_last: bool = False, dtype: torch.dtype = torch.float32):
-    """The Loader for ``split`` ('train' | 'val') of this rank; see the module docstring for the protocol."""
+                 device: Any = "cpu", channels_last: bool = False, dtype: torch.dtype = torch.float32):
+    """The Loader for ``split`` ('train' | 'val') of this rank; loader_base.EpochLoader states the protocol."""
     cfg = as_data_config(cfg)
     _validate(cfg, split)
     device = torch.device(device)

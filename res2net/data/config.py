@@ -4,7 +4,6 @@ Plain dataclasses and typing only (no Hydra import), so the engine's structured 
 lists, not tuples, because OmegaConf stores lists.
 """
 from dataclasses import dataclass, field
-from typing import List, Optional
 
 __all__ = ["DataConfig", "IMAGENET_MEAN", "IMAGENET_STD", "BACKENDS", "INTERPOLATIONS", "DALI_DECODERS", "DALI_RESIZES"]
 
@@ -19,7 +18,7 @@ DALI_RESIZES = ("auto", "graph", "torch")
 @dataclass
 class DataConfig:
     # <root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG; unused by the synthetic backend.
-    root: Optional[str] = None
+    root: str | None = None
     backend: str = "dali"
     # Per process. Train drops the last partial batch; val keeps it.
     batch_size: int = 64
@@ -29,11 +28,11 @@ class DataConfig:
     # Val resizes the shorter side to floor(img_size / crop_pct), then center-crops img_size. Must be in (0, 1].
     crop_pct: float = 0.875
     interpolation: str = "bilinear"
-    train_crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
-    train_crop_ratio: List[float] = field(default_factory=lambda: [3.0 / 4.0, 4.0 / 3.0])
+    train_crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    train_crop_ratio: list[float] = field(default_factory=lambda: [3.0 / 4.0, 4.0 / 3.0])
     hflip: float = 0.5
-    mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: List[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     # Batches each torchvision worker prepares ahead / DALI pipeline prefetch depth.
     prefetch: int = 2
     # DALI decoding placement: auto = 'mixed' when the loader's device is CUDA, 'cpu' otherwise.

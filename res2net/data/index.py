@@ -1,28 +1,27 @@
-"""ImageFolder-style index of <root>/<split>/<wnid>/*.JPEG and the per-epoch order / sharding shared by all backends.
+"""The ImageFolder index of <root>/<split>/<wnid>/*.JPEG and the per-epoch order, sharding and batching that every
+backend shares.
 
-Labels are the position of the class folder name (WordNet id) in sorted order, which is what the released
-checkpoints use. Train order: a permutation of the whole split that depends only on (seed, epoch); rank r takes the
-contiguous block [r * n_r, (r + 1) * n_r) of it with n_r = floor(N / world_size), so ranks never overlap and all get
-the same number of samples (at most world_size - 1 samples per epoch are left out, different ones each epoch).
-Val: contiguous blocks in sorted order whose sizes differ by at most one; every image belongs to exactly one rank
-for any world size (nothing is padded or dropped), and concatenating the ranks' blocks in rank order gives the
-global order.
+Labels are the positions of the class folder names (WordNet ids) in sorted order, as the released checkpoints use.
+Train: a (seed, epoch) permutation of the split, cut into equal contiguous blocks per rank. Val: contiguous blocks of
+the sorted samples whose sizes differ by at most one, so every image belongs to exactly one rank.
 """
 import os
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 __all__ = [
     "IMG_EXTENSIONS", "scan_split", "epoch_permutation", "train_shard", "val_shard", "train_positions",
+    "EpochBatches", "epoch_batches",
 ]
 
 IMG_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 _LAYOUT = "<root>/{train,val}/<wnid>/*.JPEG"
 
 
-def scan_split(root: str, split: str, classes: Optional[Sequence[str]] = None
-               ) -> Tuple[List[Tuple[str, int]], List[str]]:
+def scan_split(root: str, split: str, classes: Sequence[str] | None = None
+               ) -> tuple[list[tuple[str, int]], list[str]]:
     """Return ([(path, label), ...] sorted by class then file name, sorted class names).
 
     ``classes`` fixes the label mapping (e.g. the train split's classes for val); a folder outside it is an error.
@@ -49,7 +48,7 @@ def scan_split(root: str, split: str, classes: Optional[Sequence[str]] = None
             raise ValueError(f"{split_dir!r} has class folders {unknown[:5]} that are not among the "
                              f"{len(classes)} expected classes")
     label_of = {c: i for i, c in enumerate(classes)}
-    samples: List[Tuple[str, int]] = []
+    samples: list[tuple[str, int]] = []
     for wnid in found:
         class_dir = os.path.join(split_dir, wnid)
         names = sorted(e.name for e in os.scandir(class_dir)
@@ -73,25 +72,61 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0]).permutation(n)
 
 
-def train_shard(n: int, rank: int, world_size: int) -> Tuple[int, int]:
-    """[start, stop) of the epoch permutation that ``rank`` trains on; the same length on every rank."""
+def train_shard(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, stop) of the epoch permutation that ``rank`` trains on; the same length on every rank (the last
+    n % world_size positions, different samples each epoch, are left out)."""
     _check_rank(rank, world_size)
     per_rank = n // world_size
     return rank * per_rank, (rank + 1) * per_rank
 
 
-def train_positions(n: int, rank: int, world_size: int, seed: int, epoch: int) -> Tuple[np.ndarray, int]:
+def train_positions(n: int, rank: int, world_size: int, seed: int, epoch: int) -> tuple[np.ndarray, int]:
     """(sample indices of this rank in epoch order, global position of the first one)."""
     start, stop = train_shard(n, rank, world_size)
     return epoch_permutation(n, seed, epoch)[start:stop], start
 
 
-def val_shard(n: int, rank: int, world_size: int) -> Tuple[int, int]:
+def val_shard(n: int, rank: int, world_size: int) -> tuple[int, int]:
     """[start, stop) of the sorted val samples for ``rank``: sizes differ by at most one, union = everything once."""
     _check_rank(rank, world_size)
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
+
+
+@dataclass(frozen=True)
+class EpochBatches:
+    """How one rank's samples of an epoch split into batches. ``start``, ``stop``: the rank's block of the epoch
+    order (train) or of the sorted samples (val); ``num_samples``: the samples it yields per epoch (train: whole
+    batches only); ``num_batches``: the loader's len()."""
+
+    start: int
+    stop: int
+    batch_size: int
+    num_samples: int
+    num_batches: int
+
+    def bounds(self, batch: int) -> tuple[int, int]:
+        """[lo, hi) of batch ``batch`` as offsets into the rank's block (the last val batch may be short)."""
+        lo = batch * self.batch_size
+        return lo, min(lo + self.batch_size, self.num_samples)
+
+    def remaining(self, start_batch: int) -> range:
+        """The batch indices an epoch resumed at ``start_batch`` yields."""
+        return range(start_batch, self.num_batches)
+
+
+def epoch_batches(n: int, batch_size: int, rank: int, world_size: int, *, train: bool) -> EpochBatches:
+    """The batches of ``rank`` over a split of ``n`` samples: train drops the last partial batch (and needs one
+    whole batch), val keeps it so every sample is yielded once."""
+    start, stop = (train_shard if train else val_shard)(n, rank, world_size)
+    if not train:
+        return EpochBatches(start, stop, batch_size, stop - start, -(-(stop - start) // batch_size))
+    num_batches = (stop - start) // batch_size
+    if num_batches == 0:
+        raise ValueError(f"rank {rank} of {world_size} gets {stop - start} of the {n} training samples, fewer than "
+                         f"data.batch_size={batch_size}; lower data.batch_size or add training data")
+    return EpochBatches(start, stop, batch_size, num_batches * batch_size, num_batches)
 
 
 def _check_rank(rank: int, world_size: int) -> None:

@@ -2,7 +2,7 @@
 benchmark measures the model alone. Follows the Loader protocol, including val sharding and fake paths."""
 import torch
 
-from .index import train_shard, val_shard
+from .index import epoch_batches
 from .loader_base import EpochLoader
 
 __all__ = ["SyntheticLoader"]
@@ -17,16 +17,9 @@ class SyntheticLoader(EpochLoader):
         self.classes = [f"class{i:04d}" for i in range(self.num_classes)]
         self.batch_size, self.train = cfg.batch_size, train
         size = cfg.synthetic_train_size if train else cfg.synthetic_val_size
-        start, stop = (train_shard if train else val_shard)(size, rank, world_size)
-        if train:
-            self._num_batches = (stop - start) // self.batch_size
-            if self._num_batches == 0:
-                raise ValueError(f"data.synthetic_train_size={size} gives rank {rank} of {world_size} fewer than "
-                                 f"data.batch_size={self.batch_size} samples")
-            self.num_samples = self._num_batches * self.batch_size
-        else:
-            self._num_batches = -(-(stop - start) // self.batch_size)
-            self.num_samples = stop - start
+        self._batches = epoch_batches(size, self.batch_size, rank, world_size, train=train)
+        if not train:
+            start, stop = self._batches.start, self._batches.stop
             self.paths = [f"synthetic/val/{i:08d}.JPEG" for i in range(start, stop)]
             self.targets = [i % self.num_classes for i in range(start, stop)]
         gen = torch.Generator().manual_seed(seed + rank)
@@ -45,11 +38,11 @@ class SyntheticLoader(EpochLoader):
 
     def __iter__(self):
         start, self._start = self._start, 0
-        for b in range(start, self._num_batches):
+        for b in self._batches.remaining(start):
             if self.train:
                 yield self._images, self._labels
             else:
-                lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, self.num_samples)
+                lo, hi = self._batches.bounds(b)
                 yield self._images[: hi - lo], self._labels[lo:hi]
 
     def close(self) -> None:

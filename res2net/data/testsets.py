@@ -6,6 +6,7 @@ released checkpoints), never the set's own folder order: V2's class folders are 
 others by wnid. ImageNet-R and -A hold 200 of the 1,000 classes and are scored over the classes present
 (``scored_classes``), as their authors evaluate.
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,36 +40,48 @@ class EvalSet:
             allowed = " | ".join(repr(v) for v in self.folders)
             raise ValueError(f"testset_variant={variant!r} is not a variant of {self.name}; use {allowed}")
         if root is None:
-            raise ValueError(f"data.root is not set; pass data.root=<folder holding {self.folders[variant]}/> "
-                             f"for {self.name} (download: {self.source})")
+            raise ValueError(
+                f"data.root is not set; pass data.root=<folder holding {self.folders[variant]}/> "
+                f"for {self.name} (download: {self.source})"
+            )
         path = os.path.join(root, self.folders[variant])
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"{self.name}: {path!r} does not exist; extract the set's archive into "
-                                    f"data.root={root} so that it holds {self.folders[variant]}/<class>/* "
-                                    f"(download: {self.source})")
+            raise FileNotFoundError(
+                f"{self.name}: {path!r} does not exist; extract the set's archive into "
+                f"data.root={root} so that it holds {self.folders[variant]}/<class>/* "
+                f"(download: {self.source})"
+            )
         return path
 
 
-_V2_VARIANTS = {"matched-frequency": "imagenetv2-matched-frequency-format-val",
-                "threshold-0.7": "imagenetv2-threshold0.7-format-val",
-                "top-images": "imagenetv2-top-images-format-val"}
+_V2_VARIANTS = {
+    "matched-frequency": "imagenetv2-matched-frequency-format-val",
+    "threshold-0.7": "imagenetv2-threshold0.7-format-val",
+    "top-images": "imagenetv2-top-images-format-val",
+}
 
 EVAL_SETS: dict[str, EvalSet] = {
-    "imagenet_v2": EvalSet("imagenet_v2", _V2_VARIANTS, True, 1000, False,
-                           "https://huggingface.co/datasets/vaishaal/ImageNetV2"),
-    "imagenet_sketch": EvalSet("imagenet_sketch", {"": "sketch"}, False, 1000, False,
-                               "https://github.com/HaohanWang/ImageNet-Sketch"),
-    "imagenet_r": EvalSet("imagenet_r", {"": "imagenet-r"}, False, 200, True,
-                          "https://github.com/hendrycks/imagenet-r"),
-    "imagenet_a": EvalSet("imagenet_a", {"": "imagenet-a"}, False, 200, True,
-                          "https://github.com/hendrycks/natural-adv-examples"),
+    "imagenet_v2": EvalSet(
+        "imagenet_v2", _V2_VARIANTS, True, 1000, False, "https://huggingface.co/datasets/vaishaal/ImageNetV2"
+    ),
+    "imagenet_sketch": EvalSet(
+        "imagenet_sketch", {"": "sketch"}, False, 1000, False, "https://github.com/HaohanWang/ImageNet-Sketch"
+    ),
+    "imagenet_r": EvalSet(
+        "imagenet_r", {"": "imagenet-r"}, False, 200, True, "https://github.com/hendrycks/imagenet-r"
+    ),
+    "imagenet_a": EvalSet(
+        "imagenet_a", {"": "imagenet-a"}, False, 200, True, "https://github.com/hendrycks/natural-adv-examples"
+    ),
 }
 
 
 def eval_set(name: str) -> EvalSet:
     if name not in EVAL_SETS:
-        raise ValueError(f"testset={name!r} is not an evaluation set; use one of {sorted(EVAL_SETS)} "
-                         f"(or data=imagenet for ImageNet val)")
+        raise ValueError(
+            f"testset={name!r} is not an evaluation set; use one of {sorted(EVAL_SETS)} "
+            f"(or data=imagenet for ImageNet val)"
+        )
     return EVAL_SETS[name]
 
 
@@ -86,9 +99,11 @@ def scan_eval_set(root: str | None, name: str, variant: str = "") -> list[tuple[
     wrong = sorted(set(found) - set(names))
     if wrong:
         kind = "class indices 0 ... 999" if s.by_index else "ImageNet-1k wnids"
-        raise ValueError(f"{name}: {folder!r} holds class folders that are not {kind}: {wrong[:5]}"
-                         f"{' ...' if len(wrong) > 5 else ''} ({len(wrong)} of {len(found)}); is data.root the "
-                         f"folder the {name} archive was extracted into (download: {s.source})?")
+        raise ValueError(
+            f"{name}: {folder!r} holds class folders that are not {kind}: {wrong[:5]}"
+            f"{' ...' if len(wrong) > 5 else ''} ({len(wrong)} of {len(found)}); is data.root the "
+            f"folder the {name} archive was extracted into (download: {s.source})?"
+        )
     if len(found) != s.num_classes:
         log.warning("%s: %s holds %d class folders; the whole set has %d", name, folder, len(found), s.num_classes)
     samples, _ = scan_split(root, s.folders[variant], names)
@@ -100,14 +115,33 @@ def scored_classes(name: str, samples: Sequence[tuple[str, int]]) -> list[int] |
     return sorted({label for _, label in samples}) if eval_set(name).subset else None
 
 
-def eval_set_loader(data_cfg: Any, samples: Sequence[tuple[str, int]], *, rank: int = 0, world_size: int = 1,
-                    device: Any = "cpu", channels_last: bool = False, dtype: torch.dtype = torch.float32):
+def eval_set_loader(
+    data_cfg: Any,
+    samples: Sequence[tuple[str, int]],
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    device: Any = "cpu",
+    channels_last: bool = False,
+    dtype: torch.dtype = torch.float32,
+):
     """The val Loader (res2net.data protocol, 1,000 classes = ``IMAGENET1K_WNIDS``) over ``scan_eval_set``'s samples
     with ``data_cfg``'s backend and preprocessing."""
     from . import _validate, as_data_config, loader_from_samples
+
     cfg = as_data_config(data_cfg)
     _validate(cfg, "val")
     if cfg.backend == "synthetic":
         raise ValueError("data.backend=synthetic has no evaluation sets; use data.backend=torchvision or dali")
-    return loader_from_samples(samples, IMAGENET1K_WNIDS, cfg, False, rank=rank, world_size=world_size, seed=0,
-                               device=torch.device(device), channels_last=channels_last, dtype=dtype)
+    return loader_from_samples(
+        samples,
+        IMAGENET1K_WNIDS,
+        cfg,
+        False,
+        rank=rank,
+        world_size=world_size,
+        seed=0,
+        device=torch.device(device),
+        channels_last=channels_last,
+        dtype=dtype,
+    )

@@ -1,10 +1,11 @@
-"""Geometry of the train / val transforms, shared by the backends, and the one place batches are normalized.
+"""Geometry and randomness of the train / val transforms, shared by the backends, and the one place batches are
+normalized.
 
-Every backend ships uint8 NHWC batches and ``Normalizer`` turns them into the model's input on the device: moving
-uint8 instead of float between processes and to the GPU is 4x less traffic (DESIGN.md: the fastest torchvision path).
+Every backend ships uint8 NHWC batches and ``Normalizer`` turns them into the model's input on the device: uint8
+moves a quarter of float32's bytes between processes and to the GPU.
 """
 import math
-from typing import Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ def val_resize_size(img_size: int, crop_pct: float) -> int:
     return int(math.floor(img_size / crop_pct))
 
 
-def val_resized_shape(height: int, width: int, short: int) -> Tuple[int, int]:
+def val_resized_shape(height: int, width: int, short: int) -> tuple[int, int]:
     """(height, width) after resizing the shorter side to ``short``; the long side is truncated like torchvision."""
     if width <= height:
         return int(short * height / width), short
@@ -87,7 +88,7 @@ def _round(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
-def random_resized_crop_box(draws: np.ndarray, height: int, width: int) -> Tuple[int, int, int, int]:
+def random_resized_crop_box(draws: np.ndarray, height: int, width: int) -> tuple[int, int, int, int]:
     """(top, left, crop_h, crop_w): torchvision's RandomResizedCrop algorithm (the first of 10 attempts that fits,
     else a center crop clamped to the ratio range) evaluated on ``augmentation_draws``."""
     area = float(height * width)
@@ -129,8 +130,8 @@ class Normalizer:
     def __call__(self, images_nhwc_u8: torch.Tensor) -> torch.Tensor:
         x = images_nhwc_u8.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
         # Elementwise ops keep the permuted (channels_last) strides, so that layout costs no extra pass. NCHW is
-        # transposed while still uint8 (4x fewer bytes to move than float: 21 instead of 47 ms for 64 x 224 px on
-        # one CPU thread). In place after the one float conversion to save a batch-sized allocation.
+        # transposed while still uint8 (a quarter of float32's bytes to move). In place after the one float
+        # conversion to save a batch-sized allocation.
         if not self.channels_last:
             x = x.contiguous()
         return x.float().mul_(self.scale).add_(self.shift).to(self.dtype)

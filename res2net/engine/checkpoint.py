@@ -4,6 +4,7 @@ A checkpoint is a dict (see ``CHECKPOINT_KEYS``) that ``torch.load(..., weights_
 entry is a plain state_dict (no ``module.`` / ``_orig_mod.`` prefixes) that loads strictly into
 ``res2net.create_model`` and ``timm.create_model`` of the same variant.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from res2net.engine.distributed import DistInfo, broadcast_object
+from res2net.engine.distributed import DistInfo
 from res2net.files import atomic_write, remove_stale_temporaries, temporary_path
 
 __all__ = [
@@ -39,14 +40,36 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # "epoch", "step_in_epoch", "global_step", "best_top1", "meters" are the TrainState (res2net.engine.loops).
-CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "ema", "epoch", "step_in_epoch", "global_step", "rng", "config",
-                   "best_top1", "world_size", "meters")
+CHECKPOINT_KEYS = (
+    "model",
+    "optimizer",
+    "scaler",
+    "ema",
+    "epoch",
+    "step_in_epoch",
+    "global_step",
+    "rng",
+    "config",
+    "best_top1",
+    "world_size",
+    "meters",
+)
 
 # Config keys that may change between a run and its resumption without changing its trajectory (or that only
 # extend it); any other difference is refused. Prefixes end with a dot.
-RESUME_MAY_DIFFER = ("resume", "data.root", "data.num_workers", "data.prefetch", "trainer.log_interval",
-                     "trainer.save_every_epochs", "trainer.save_every_steps", "trainer.keep_last",
-                     "trainer.max_steps", "trainer.compile")
+RESUME_MAY_DIFFER = (
+    "resume",
+    "data.root",
+    "data.num_workers",
+    "data.prefetch",
+    "trainer.log_interval",
+    "trainer.save_every_epochs",
+    "trainer.save_every_steps",
+    "trainer.keep_last",
+    "trainer.max_steps",
+    "trainer.compile",
+)
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written, read or used; the message names the file and what to do."""
@@ -81,16 +104,20 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint written by train.py, on the CPU; errors name the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass resume=auto or the path of a checkpoint "
-                                f"written by train.py (<run dir>/checkpoints/last.pth)")
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist; pass resume=auto or the path of a checkpoint "
+            f"written by train.py (<run dir>/checkpoints/last.pth)"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise CheckpointError(f"could not read checkpoint {path}: {err}") from err
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or key not in ckpt]
     if missing:
-        raise CheckpointError(f"{path} is not a train.py checkpoint: it lacks {missing}; to start from released "
-                              f"weights use model.name and res2net.load_pretrained instead of resume")
+        raise CheckpointError(
+            f"{path} is not a train.py checkpoint: it lacks {missing}; to start from released "
+            f"weights use model.name and res2net.load_pretrained instead of resume"
+        )
     return ckpt
 
 
@@ -103,8 +130,10 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
         return last if last.is_file() else None
     path = Path(resume)
     if not path.is_file():
-        raise FileNotFoundError(f"resume={resume!r}: no such checkpoint file; use resume=auto to continue the run "
-                                f"directory's checkpoints/last.pth, or the path of a .pth file written by train.py")
+        raise FileNotFoundError(
+            f"resume={resume!r}: no such checkpoint file; use resume=auto to continue the run "
+            f"directory's checkpoints/last.pth, or the path of a .pth file written by train.py"
+        )
     return path
 
 
@@ -121,18 +150,25 @@ def _may_differ(key: str, allowed: Iterable[str]) -> bool:
     return any(key == a or key.startswith(a + ".") for a in allowed)
 
 
-def check_compatible(saved: Mapping, current: Mapping, *, path: str | Path = "checkpoint",
-                     allowed: Iterable[str] = RESUME_MAY_DIFFER) -> None:
+def check_compatible(
+    saved: Mapping, current: Mapping, *, path: str | Path = "checkpoint", allowed: Iterable[str] = RESUME_MAY_DIFFER
+) -> None:
     """Refuse to resume when resolved configs differ beyond ``allowed`` keys; the error lists every difference."""
     old, new = _flatten(saved), _flatten(current)
-    differ = sorted(key for key in old.keys() | new.keys()
-                    if old.get(key, "<absent>") != new.get(key, "<absent>") and not _may_differ(key, allowed))
+    differ = sorted(
+        key
+        for key in old.keys() | new.keys()
+        if old.get(key, "<absent>") != new.get(key, "<absent>") and not _may_differ(key, allowed)
+    )
     if differ:
-        lines = "; ".join(f"{key}: checkpoint {old.get(key, '<absent>')!r} vs now {new.get(key, '<absent>')!r}"
-                          for key in differ)
-        raise CheckpointError(f"cannot resume from {path}: it was written with a different config ({lines}). "
-                              f"Resume with the checkpoint's settings, or start a new run directory "
-                              f"(resume='') to train with these")
+        lines = "; ".join(
+            f"{key}: checkpoint {old.get(key, '<absent>')!r} vs now {new.get(key, '<absent>')!r}" for key in differ
+        )
+        raise CheckpointError(
+            f"cannot resume from {path}: it was written with a different config ({lines}). "
+            f"Resume with the checkpoint's settings, or start a new run directory "
+            f"(resume='') to train with these"
+        )
 
 
 def capture_rng() -> dict[str, Any]:
@@ -142,10 +178,12 @@ def capture_rng() -> dict[str, Any]:
     context on every GPU from every rank.
     """
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
-                                                   gauss],
-            "torch": torch.get_rng_state(),
-            "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else []}
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],
+    }
 
 
 def restore_rng(state: Mapping[str, Any]) -> None:
@@ -157,8 +195,10 @@ def restore_rng(state: Mapping[str, Any]) -> None:
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"][0])
     elif state["cuda"]:
-        log.warning("the checkpoint holds a CUDA generator state but this process has no GPU; CUDA-side random "
-                    "draws will differ from the interrupted run")
+        log.warning(
+            "the checkpoint holds a CUDA generator state but this process has no GPU; CUDA-side random "
+            "draws will differ from the interrupted run"
+        )
 
 
 def gather_rng(dist: DistInfo) -> list[dict[str, Any]]:
@@ -171,21 +211,48 @@ def gather_rng(dist: DistInfo) -> list[dict[str, Any]]:
     return gathered
 
 
-def training_checkpoint(*, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                        ema: Any, state: Any, rng: list, config: Mapping, world_size: int) -> dict[str, Any]:
+def training_checkpoint(
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    ema: Any,
+    state: Any,
+    rng: list,
+    config: Mapping,
+    world_size: int,
+) -> dict[str, Any]:
     """The dict train.py writes: the plain network's weights, optimizer, scaler, EMA, TrainState, RNGs, config."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None, "rng": rng, "config": dict(config),
-            "world_size": world_size, **state.state_dict()}
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "rng": rng,
+        "config": dict(config),
+        "world_size": world_size,
+        **state.state_dict(),
+    }
 
 
-def restore_training(ckpt: Mapping[str, Any], path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     scaler: torch.amp.GradScaler, ema: Any, state: Any, dist: DistInfo) -> None:
+def restore_training(
+    ckpt: Mapping[str, Any],
+    path: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    ema: Any,
+    state: Any,
+    dist: DistInfo,
+) -> None:
     """Load a ``training_checkpoint`` into the run's objects and this rank's generators; errors name the file."""
     if ckpt["world_size"] != dist.world_size:
-        raise ValueError(f"cannot resume from {path}: it was written by {ckpt['world_size']} processes, this run "
-                         f"has {dist.world_size}; the data order and steps per epoch depend on it. Resume "
-                         f"with {ckpt['world_size']} processes")
+        raise ValueError(
+            f"cannot resume from {path}: it was written by {ckpt['world_size']} processes, this run "
+            f"has {dist.world_size}; the data order and steps per epoch depend on it. Resume "
+            f"with {ckpt['world_size']} processes"
+        )
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as err:
@@ -194,8 +261,9 @@ def restore_training(ckpt: Mapping[str, Any], path: Path, *, model: nn.Module, o
     scaler.load_state_dict(ckpt["scaler"])
     if ema is not None:
         if ckpt["ema"] is None:
-            raise ValueError(f"cannot resume from {path} with trainer.ema_decay={ema.decay}: the checkpoint has no "
-                             f"EMA weights")
+            raise ValueError(
+                f"cannot resume from {path} with trainer.ema_decay={ema.decay}: the checkpoint has no EMA weights"
+            )
         ema.load_state_dict(ckpt["ema"])
     state.load_state_dict(ckpt)
     restore_rng(ckpt["rng"][dist.rank])
@@ -222,6 +290,6 @@ class CheckpointManager:
             _copy_atomic(self.last, self.best)
         if epoch_end and self.keep_last > 0:
             _copy_atomic(self.last, self.dir / f"epoch_{state['epoch']:04d}.pth")
-            for old in sorted(self.dir.glob("epoch_*.pth"))[:-self.keep_last]:
+            for old in sorted(self.dir.glob("epoch_*.pth"))[: -self.keep_last]:
                 old.unlink()
         return self.last

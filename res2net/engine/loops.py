@@ -1,14 +1,16 @@
 """The two loops over a loader: ``train_one_epoch`` (with the small ``TrainState`` it advances) and the count-exact
 ``evaluate``, shared by evaluate.py and the per-epoch validation of training.
 
-Training: every step ends with one small all-reduce of (loss, stop request), so that all ranks agree at the same
-step on a non-finite loss (``NonFiniteLossError``) and on a preemption signal (the epoch ends as 'preempted').
+Training: every step posts one small asynchronous all-reduce of (loss, stop request, fp16 skip) that is read a step
+later, so all ranks agree at the same step on a non-finite loss (``NonFiniteLossError``) and on a preemption signal
+(the epoch ends as 'preempted'), and the host never waits for the step it just launched.
 
-Evaluation: every rank runs its own shard of the validation set (shards differ by at most one image and may yield a different
-number of batches), so no collective runs inside the loop. Afterwards the integer counts (res2net.engine.eval_metrics)
-and the summed NLL are all-reduced and divided by the global image count: the result is the same for any world size,
-unlike averaging per-rank percentages over padded shards.
+Evaluation: every rank runs its own shard of the validation set (shards differ by at most one image and may yield a
+different number of batches), so no collective runs inside the loop. Afterwards the integer counts
+(res2net.engine.eval_metrics) and the summed NLL are all-reduced and divided by the global image count: the result is
+the same for any world size, unlike averaging per-rank percentages over padded shards.
 """
+
 from __future__ import annotations
 
 import enum
@@ -23,13 +25,22 @@ import torch.distributed as dist
 from torch import nn
 
 from res2net.engine.amp import autocast
-from res2net.engine.distributed import DistInfo, all_reduce_sum, unwrap_model
+from res2net.engine.distributed import DistInfo, unwrap_model
 from res2net.engine.eval_metrics import EvalTally, class_mask, restrict
 from res2net.engine.metrics import TrainProgress
 from res2net.engine.schedule import set_lr
 from res2net.engine.stop import StopRequest
 
-__all__ = ["NonFiniteLossError", "Outcome", "TTA_MODES", "TrainState", "evaluate", "train_one_epoch", "train_step"]
+__all__ = [
+    "NonFiniteLossError",
+    "Outcome",
+    "StepAgreement",
+    "TTA_MODES",
+    "TrainState",
+    "evaluate",
+    "train_one_epoch",
+    "train_step",
+]
 
 PREDICTION_TOPK = 5
 TTA_MODES = ("none", "flip")
@@ -68,8 +79,13 @@ class TrainState:
     meters: dict[str, float] = field(default_factory=_fresh_meters)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "best_top1": self.best_top1, "meters": dict(self.meters)}
+        return {
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "best_top1": self.best_top1,
+            "meters": dict(self.meters),
+        }
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.epoch, self.step_in_epoch, self.global_step = saved["epoch"], saved["step_in_epoch"], saved["global_step"]
@@ -79,13 +95,24 @@ class TrainState:
         self.epoch, self.step_in_epoch, self.meters = self.epoch + 1, 0, _fresh_meters()
 
     def where(self, steps_per_epoch: int) -> str:
-        return (f"epoch {self.epoch} (0-based), step {self.step_in_epoch}/{steps_per_epoch} "
-                f"(global step {self.global_step})")
+        return (
+            f"epoch {self.epoch} (0-based), step {self.step_in_epoch}/{steps_per_epoch} "
+            f"(global step {self.global_step})"
+        )
 
 
-def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, criterion: nn.Module, *, amp: str, grad_clip: float) -> tuple[torch.Tensor, bool]:
-    """One optimizer step; returns the detached loss and whether the fp16 scaler skipped the update."""
+def train_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    criterion: nn.Module,
+    *,
+    amp: str,
+    grad_clip: float,
+) -> torch.Tensor:
+    """One optimizer step; returns the detached loss. Nothing here waits for the device."""
     with autocast(images.device, amp):
         loss = criterion(model(images), labels)
     optimizer.zero_grad(set_to_none=True)
@@ -93,17 +120,62 @@ def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, opt
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scale = scaler.get_scale() if scaler.is_enabled() else None
     scaler.step(optimizer)
     scaler.update()
-    return loss.detach(), scale is not None and scaler.get_scale() < scale
+    return loss.detach()
 
 
-def _agree(loss: torch.Tensor, stop: StopRequest, world_size: int) -> tuple[float, bool]:
-    """Mean loss over ranks and whether any rank was asked to stop (one all-reduce)."""
-    flags = torch.stack([loss.float(), torch.tensor(float(stop.requested), device=loss.device)])
-    loss_sum, stops = all_reduce_sum(flags).tolist()
-    return loss_sum / world_size, stops > 0
+class StepAgreement:
+    """All ranks agree on each step's mean loss and on a stop request, without the host waiting for the device.
+
+    ``post`` launches step k's all-reduce of (loss, stop flag, fp16 skipped flag) asynchronously into one of two
+    preallocated buffers and starts a copy to pinned host memory; ``collect`` reads step k's result after step k+1
+    was launched, when the device has long finished it. So a non-finite loss or a stop seen at step k acts after step
+    k+1, on every rank alike (a checkpoint first calls ``drain``, so it never holds weights past a bad loss unseen).
+    """
+
+    def __init__(self, device: torch.device, world_size: int, scaler: torch.amp.GradScaler):
+        self.device, self.world_size, self.scaler = device, world_size, scaler
+        pin = device.type == "cuda"
+        self.buffers = [torch.zeros(3, device=device) for _ in range(2)]
+        self.host = [torch.zeros(3, pin_memory=pin) for _ in range(2)]
+        self.pending: list[tuple[int, Any, Any]] = []  # (buffer index, all-reduce work, copy-done event)
+        self.turn = 0
+
+    def post(self, loss: torch.Tensor, stop: bool, scale_before: torch.Tensor | None) -> None:
+        buf = self.buffers[self.turn]
+        buf[0].copy_(loss.float())
+        buf[1].fill_(float(stop))
+        if scale_before is not None:  # the fp16 scaler lowers its scale when it skips a step
+            buf[2:3].copy_(torch.lt(self.scaler._scale, scale_before))
+        else:
+            buf[2].zero_()
+        work = dist.all_reduce(buf, async_op=True) if self.world_size > 1 else None
+        if work is not None and self.device.type == "cuda":
+            work.wait()  # NCCL: the current stream waits for the reduction; the host does not
+        if self.device.type == "cuda":
+            self.host[self.turn].copy_(buf, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            event = None
+        self.pending.append((self.turn, work, event))
+        self.turn = 1 - self.turn
+
+    def collect(self) -> tuple[float, bool, bool] | None:
+        """The oldest posted step's (mean loss, any stop, skipped), or None when nothing is pending."""
+        if not self.pending:
+            return None
+        turn, work, event = self.pending.pop(0)
+        if event is not None:
+            event.synchronize()
+            values = self.host[turn].tolist()
+        else:
+            if work is not None:
+                work.wait()
+            values = self.buffers[turn].tolist()
+        loss_sum, stops, skipped = values
+        return loss_sum / self.world_size, stops > 0, skipped > 0
 
 
 def _guarded(loader: Iterable, state: TrainState, dist: DistInfo, steps_per_epoch: int, data_root: Any):
@@ -115,53 +187,109 @@ def _guarded(loader: Iterable, state: TrainState, dist: DistInfo, steps_per_epoc
         except StopIteration:
             return
         except Exception as err:
-            raise RuntimeError(f"the training data loader failed on rank {dist.rank} at epoch {state.epoch}, batch "
-                               f"{state.step_in_epoch} of {steps_per_epoch} (data.root={data_root}): {err}. "
-                               f"scripts/check_dataset.py finds unreadable files; resume=auto continues from the "
-                               f"last checkpoint") from err
+            raise RuntimeError(
+                f"the training data loader failed on rank {dist.rank} at epoch {state.epoch}, batch "
+                f"{state.step_in_epoch} of {steps_per_epoch} (data.root={data_root}): {err}. "
+                f"scripts/check_dataset.py finds unreadable files; resume=auto continues from the "
+                f"last checkpoint"
+            ) from err
 
 
-def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                    criterion: nn.Module, ema: Any, state: TrainState, *, lr_at: Callable[[int], float], amp: str,
-                    grad_clip: float, stop: StopRequest, dist: DistInfo, progress: TrainProgress,
-                    max_steps: int = 0, save_every_steps: int = 0, save: Callable[[], Any] = lambda: None,
-                    data_root: Any = None) -> Outcome:
+def _scale_before(scaler: torch.amp.GradScaler, device: torch.device) -> torch.Tensor | None:
+    """A device copy of the fp16 loss scale (GradScaler's private tensor: get_scale() would wait for the device)."""
+    if not scaler.is_enabled():
+        return None
+    if scaler._scale is None:
+        scaler._lazy_init_scale_growth_tracker(device)
+    return scaler._scale.clone()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Any,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    criterion: nn.Module,
+    ema: Any,
+    state: TrainState,
+    *,
+    lr_at: Callable[[int], float],
+    amp: str,
+    grad_clip: float,
+    stop: StopRequest,
+    dist: DistInfo,
+    progress: TrainProgress,
+    max_steps: int = 0,
+    save_every_steps: int = 0,
+    save: Callable[[], Any] = lambda: None,
+    data_root: Any = None,
+) -> Outcome:
     """Train from ``state``'s position to the end of its epoch, advancing ``state`` after every step.
 
     ``model`` is what runs the step (DDP and/or compiled); ``ema`` (or None) follows ``unwrap_model(model)``.
     The lr of each step is ``lr_at(global_step)``, set before it. ``save()`` is called every ``save_every_steps``
     global steps (0 = never). Returns FINISHED at the epoch's end, MAX_STEPS at ``max_steps`` (0 = no cap), PREEMPTED
-    when any rank was asked to stop.
+    when a rank was asked to stop (one step after the request: see ``StepAgreement``).
     """
     model.train()
     net = unwrap_model(model)
     steps_per_epoch = len(loader)
     loader.set_epoch(state.epoch, state.step_in_epoch)
+    agreement = StepAgreement(dist.device, dist.world_size, scaler)
+    stop_now = False
+
+    def account(result: tuple[float, bool, bool], step: int) -> bool:
+        loss_mean, stopping, skipped = result
+        if not math.isfinite(loss_mean):
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss_mean}) at global step {step}, "
+                f"{state.where(steps_per_epoch)}; no checkpoint was written from these weights"
+            )
+        state.meters["loss_sum"] += loss_mean
+        state.meters["steps"] += 1
+        state.meters["skipped_steps"] += int(skipped)
+        progress.add_loss(loss_mean)
+        return stopping
+
+    def drain() -> bool:
+        stopping = False
+        while (result := agreement.collect()) is not None:
+            stopping |= account(result, state.global_step)
+        return stopping
+
     for images, labels in progress.batches(_guarded(loader, state, dist, steps_per_epoch, data_root)):
         lr = lr_at(state.global_step)
         set_lr(optimizer, lr)
-        loss, skipped = train_step(model, images, labels, optimizer, scaler, criterion, amp=amp, grad_clip=grad_clip)
+        scale_before = _scale_before(scaler, dist.device)
+        loss = train_step(model, images, labels, optimizer, scaler, criterion, amp=amp, grad_clip=grad_clip)
         if ema is not None:
             ema.update(net)
         state.step_in_epoch += 1
         state.global_step += 1
-        loss_mean, stop_now = _agree(loss, stop, dist.world_size)
-        if not math.isfinite(loss_mean):
-            raise NonFiniteLossError(f"non-finite training loss ({loss_mean}) at {state.where(steps_per_epoch)}; no "
-                                     f"checkpoint was written from these weights")
-        state.meters["loss_sum"] += loss_mean
-        state.meters["steps"] += 1
-        state.meters["skipped_steps"] += int(skipped)
-        progress.step(state, images.shape[0], loss_mean, lr)
+        agreement.post(loss, stop.requested, scale_before)
+        if len(agreement.pending) > 1:  # step k's agreement, read while step k+1 runs
+            stop_now |= account(agreement.collect(), state.global_step - 1)
+        last = (
+            state.step_in_epoch == steps_per_epoch
+            or (max_steps and state.global_step >= max_steps)
+            or progress.due(state)
+            or (save_every_steps and state.global_step % save_every_steps == 0)
+        )
+        if last or stop_now:
+            stop_now |= drain()
+        progress.step(state, images.shape[0], lr)
         if save_every_steps and state.global_step % save_every_steps == 0:
             save()
         if stop_now:
             return Outcome.PREEMPTED
         if max_steps and state.global_step >= max_steps:
             return Outcome.MAX_STEPS
+    drain()
     if state.step_in_epoch != steps_per_epoch:
-        raise RuntimeError(f"the training loader ended after {state.step_in_epoch} of the {steps_per_epoch} "
-                           f"batches it announced (epoch {state.epoch})")
+        raise RuntimeError(
+            f"the training loader ended after {state.step_in_epoch} of the {steps_per_epoch} "
+            f"batches it announced (epoch {state.epoch})"
+        )
     return Outcome.FINISHED
 
 
@@ -174,8 +302,7 @@ def _world() -> tuple[int, int]:
 def _num_classes(model: nn.Module, loader: Any) -> int:
     n = getattr(loader, "num_classes", None) or getattr(model, "num_classes", None)
     if not n:
-        raise ValueError("evaluate() needs the number of classes: give the loader or the model a num_classes "
-                         "attribute")
+        raise ValueError("evaluate() needs the number of classes: give the loader or the model a num_classes attribute")
     return int(n)
 
 
@@ -187,8 +314,10 @@ def _reduce_device(device: torch.device) -> torch.device:
 
 def _prediction_rows(paths: list[str], targets: torch.Tensor, probs: torch.Tensor) -> list[dict]:
     top = probs.topk(min(PREDICTION_TOPK, probs.shape[1]), dim=1)
-    return [{"path": p, "target": int(t), "top5": i.tolist(), "top5_prob": v.tolist()}
-            for p, t, i, v in zip(paths, targets.tolist(), top.indices.cpu(), top.values.cpu())]
+    return [
+        {"path": p, "target": int(t), "top5": i.tolist(), "top5_prob": v.tolist()}
+        for p, t, i, v in zip(paths, targets.tolist(), top.indices.cpu(), top.values.cpu())
+    ]
 
 
 def _gather_predictions(rows: list[dict]) -> list[dict] | None:
@@ -211,11 +340,20 @@ def _batches(loader: Iterable, progress: bool):
     if not progress or _world()[0] != 0:
         return loader
     from tqdm import tqdm
+
     return tqdm(loader, desc="eval", unit="batch", dynamic_ncols=True)
 
 
-def _log_probs(net: nn.Module, images: torch.Tensor, *, device: torch.device, amp: str, channels_last: bool,
-               tta: str, mask: torch.Tensor | None) -> torch.Tensor:
+def _log_probs(
+    net: nn.Module,
+    images: torch.Tensor,
+    *,
+    device: torch.device,
+    amp: str,
+    channels_last: bool,
+    tta: str,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
     """(N, C) log-probabilities of the scored distribution: softmax over the allowed classes, averaged over the image
     and its mirror with tta='flip'."""
     views = [images, images.flip(3)] if tta == "flip" else [images]
@@ -230,10 +368,19 @@ def _log_probs(net: nn.Module, images: torch.Tensor, *, device: torch.device, am
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, *, device: torch.device | str, amp: str = "off",
-             channels_last: bool = False, collect_predictions: bool = False, progress: bool = False,
-             tta: str = "none", class_subset: Sequence[int] | None = None,
-             real_labels: torch.Tensor | None = None) -> dict:
+def evaluate(
+    model: nn.Module,
+    loader: Any,
+    *,
+    device: torch.device | str,
+    amp: str = "off",
+    channels_last: bool = False,
+    collect_predictions: bool = False,
+    progress: bool = False,
+    tta: str = "none",
+    class_subset: Sequence[int] | None = None,
+    real_labels: torch.Tensor | None = None,
+) -> dict:
     """Loss, top-1/top-5 (percent), calibration and per-class counts over the whole validation set, exact for any
     world size.
 
@@ -265,11 +412,10 @@ def evaluate(model: nn.Module, loader: Any, *, device: torch.device | str, amp: 
         for images, targets in _batches(loader, progress):
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
-            log_probs = _log_probs(net, images, device=device, amp=amp, channels_last=channels_last, tta=tta,
-                                   mask=mask)
+            log_probs = _log_probs(net, images, device=device, amp=amp, channels_last=channels_last, tta=tta, mask=mask)
             if collect_predictions:
                 n, seen = targets.shape[0], tally.seen
-                names = paths[seen:seen + n] if paths else [f"#{seen + j}" for j in range(n)]
+                names = paths[seen : seen + n] if paths else [f"#{seen + j}" for j in range(n)]
                 rows += _prediction_rows(names, targets.cpu(), log_probs.exp().cpu())
             tally.add(log_probs, targets)
     finally:

@@ -26,9 +26,9 @@ from torch import nn
 
 from res2net.config import check_train_config, to_dict
 from res2net.data import build_loader
-from res2net.models import create_model
+from res2net.models import model_from_config, resolve_model_config
 
-from .amp import amp_name
+from .amp import resolve_amp, resolve_channels_last
 from .checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -65,8 +65,10 @@ class TrainResult:
 
 def _check_machine(cfg: Any, dist: DistInfo) -> None:
     if cfg.trainer.sync_bn and dist.device.type != "cuda":
-        raise ValueError("trainer.sync_bn=true needs CUDA (SyncBatchNorm runs on GPUs only); this process has no "
-                         "GPU. Set trainer.sync_bn=false for CPU runs")
+        raise ValueError(
+            "trainer.sync_bn=true needs CUDA (SyncBatchNorm runs on GPUs only); this process has no "
+            "GPU. Set trainer.sync_bn=false for CPU runs"
+        )
 
 
 def _set_determinism(deterministic: bool, device: torch.device) -> None:
@@ -83,14 +85,12 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _build_model(cfg: Any, num_classes: int, dist: DistInfo) -> nn.Module:
-    m = cfg.model
-    knobs = ("layers", "base_width", "scale", "cardinality", "stem", "avg_down", "zero_init_last", "drop_rate")
-    model = create_model(m.name, num_classes=num_classes, **{k: m[k] for k in knobs})
+def _build_model(cfg: Any, num_classes: int, dist: DistInfo, channels_last: bool) -> nn.Module:
+    model = model_from_config(cfg.model, num_classes=num_classes)
     if cfg.trainer.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(dist.device)
-    if cfg.trainer.channels_last:
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
 
@@ -98,8 +98,10 @@ def _build_model(cfg: Any, num_classes: int, dist: DistInfo) -> nn.Module:
 def _num_classes(cfg: Any, loader: Any) -> int:
     wanted = cfg.model.num_classes
     if wanted is not None and wanted != loader.num_classes:
-        raise ValueError(f"model.num_classes={wanted} but the training data has {loader.num_classes} classes "
-                         f"(data.root={cfg.data.root}); set model.num_classes={loader.num_classes} or null")
+        raise ValueError(
+            f"model.num_classes={wanted} but the training data has {loader.num_classes} classes "
+            f"(data.root={cfg.data.root}); set model.num_classes={loader.num_classes} or null"
+        )
     return loader.num_classes
 
 
@@ -128,8 +130,9 @@ class _Saver:
         return self.saved
 
 
-def _validate(model: nn.Module, ema: ModelEma | None, loader: Any, device: torch.device, amp: str,
-              channels_last: bool) -> dict:
+def _validate(
+    model: nn.Module, ema: ModelEma | None, loader: Any, device: torch.device, amp: str, channels_last: bool
+) -> dict:
     val = evaluate(model, loader, device=device, amp=amp, channels_last=channels_last)
     if ema is not None:
         on_ema = evaluate(ema.module, loader, device=device, amp=amp, channels_last=channels_last)
@@ -141,8 +144,9 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0
 
 
-def train(cfg: Any, run_dir: str | os.PathLike, dist: DistInfo | None = None,
-          stop: StopRequest | None = None) -> TrainResult:
+def train(
+    cfg: Any, run_dir: str | os.PathLike, dist: DistInfo | None = None, stop: StopRequest | None = None
+) -> TrainResult:
     """Train as ``cfg`` says, writing into ``run_dir`` (rank 0); returns how the run ended.
 
     ``stop``: an entered ``StopRequest`` to watch (train.py keeps one open until the process exits); without it,
@@ -152,63 +156,129 @@ def train(cfg: Any, run_dir: str | os.PathLike, dist: DistInfo | None = None,
     run_dir = Path(run_dir)
     check_train_config(cfg)
     _check_machine(cfg, dist)
-    amp = amp_name(cfg.trainer.amp, "trainer.amp")
+    amp = resolve_amp(cfg.trainer.amp, dist.device, "trainer.amp")
+    channels_last = resolve_channels_last(cfg.trainer.channels_last, dist.device, "trainer.channels_last")
     config = to_dict(cfg)
+    config["model"] = resolve_model_config(config["model"])  # the variant's values in place of null
+    # What auto became on this machine: recorded in config.yaml and checkpoints, so a resume on a machine where it
+    # would resolve differently (another trajectory) is refused by check_compatible.
+    config["trainer"].update(amp=amp, channels_last=channels_last, device=dist.device.type)
     _set_determinism(cfg.trainer.deterministic, dist.device)
     resume_path = resolve_resume(cfg.resume, run_dir)
     if cfg.resume == "auto" and resume_path is None and dist.is_main:
-        log.warning("resume=auto: no %s yet, starting fresh (to continue an earlier run, pass its directory as "
-                    "hydra.run.dir=...)", run_dir / "checkpoints" / "last.pth")
+        log.warning(
+            "resume=auto: no %s yet, starting fresh (to continue an earlier run, pass its directory as "
+            "hydra.run.dir=...)",
+            run_dir / "checkpoints" / "last.pth",
+        )
     ckpt = load_checkpoint(resume_path) if resume_path else None
     if ckpt is not None:
         check_compatible(ckpt["config"], config, path=resume_path)
-    loader_args = dict(rank=dist.rank, world_size=dist.world_size, seed=cfg.trainer.seed, device=dist.device,
-                       channels_last=cfg.trainer.channels_last)
+    loader_args = dict(
+        rank=dist.rank,
+        world_size=dist.world_size,
+        seed=cfg.trainer.seed,
+        device=dist.device,
+        channels_last=channels_last,
+    )
     train_loader = build_loader(cfg.data, "train", **loader_args)
     val_loader = writer = None
     try:
         val_loader = build_loader(cfg.data, "val", **loader_args)
         steps_per_epoch = len(train_loader)
         if steps_per_epoch < 1:
-            raise ValueError(f"the training loader yields no batch per epoch (fewer images per rank than "
-                             f"data.batch_size={cfg.data.batch_size}?); lower data.batch_size")
+            raise ValueError(
+                f"the training loader yields no batch per epoch (fewer images per rank than "
+                f"data.batch_size={cfg.data.batch_size}?); lower data.batch_size"
+            )
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config), encoding="utf-8")
         writer = MetricsWriter(run_dir, dist.is_main, ckpt["global_step"] if ckpt is not None else None)
 
         torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank
-        model = _build_model(cfg, _num_classes(cfg, train_loader), dist)
+        model = _build_model(cfg, _num_classes(cfg, train_loader), dist, channels_last)
         ema = ModelEma(model, cfg.trainer.ema_decay) if cfg.trainer.ema_decay > 0 else None
         global_batch = cfg.data.batch_size * dist.world_size
         optimizer = build_optimizer(model, cfg.optim, global_batch)
         scaler = torch.amp.GradScaler(dist.device.type, enabled=amp == "fp16")
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         state = TrainState()
-        save = _Saver(run_dir, cfg.trainer.keep_last, dist, model=model, optimizer=optimizer, scaler=scaler,
-                      ema=ema, state=state, config=config)
+        save = _Saver(
+            run_dir,
+            cfg.trainer.keep_last,
+            dist,
+            model=model,
+            optimizer=optimizer,
+            scaler=scaler,
+            ema=ema,
+            state=state,
+            config=config,
+        )
         if ckpt is not None:
-            restore_training(ckpt, resume_path, model=model, optimizer=optimizer, scaler=scaler, ema=ema,
-                             state=state, dist=dist)
+            restore_training(
+                ckpt, resume_path, model=model, optimizer=optimizer, scaler=scaler, ema=ema, state=state, dist=dist
+            )
             save.saved = resume_path
             log.info("resumed from %s at %s", resume_path, state.where(steps_per_epoch))
         else:
             _seed_all(cfg.trainer.seed + dist.rank)  # the training stream of this rank
         del ckpt
         base_lr = scaled_lr(cfg.optim.lr, global_batch, cfg.optim.base_batch)
-        log.info("%s: %.2fM parameters, %d process(es) x batch %d = %d, base lr %.4g, %d steps/epoch, %d epochs",
-                 cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6, dist.world_size,
-                 cfg.data.batch_size, global_batch, base_lr, steps_per_epoch, cfg.schedule.epochs)
-        progress = TrainProgress(writer, dist.device, epochs=cfg.schedule.epochs, steps_per_epoch=steps_per_epoch,
-                                 log_interval=cfg.trainer.log_interval, world_size=dist.world_size)
+        log.info(
+            "%s: %.2fM parameters on %s (amp %s, channels_last %s), %d process(es) x batch %d = %d, base lr "
+            "%.4g, %d steps/epoch, %d epochs",
+            cfg.model.name,
+            sum(p.numel() for p in model.parameters()) / 1e6,
+            dist.device,
+            amp,
+            channels_last,
+            dist.world_size,
+            cfg.data.batch_size,
+            global_batch,
+            base_lr,
+            steps_per_epoch,
+            cfg.schedule.epochs,
+        )
+        progress = TrainProgress(
+            writer,
+            dist.device,
+            epochs=cfg.schedule.epochs,
+            steps_per_epoch=steps_per_epoch,
+            log_interval=cfg.trainer.log_interval,
+            world_size=dist.world_size,
+        )
         epoch_args = dict(
             lr_at=partial(learning_rate, steps_per_epoch=steps_per_epoch, cfg=cfg.schedule, base_lr=base_lr),
-            amp=amp, grad_clip=cfg.trainer.grad_clip, dist=dist, progress=progress, max_steps=cfg.trainer.max_steps,
-            save_every_steps=cfg.trainer.save_every_steps, save=save, data_root=cfg.data.root)
+            amp=amp,
+            grad_clip=cfg.trainer.grad_clip,
+            dist=dist,
+            progress=progress,
+            max_steps=cfg.trainer.max_steps,
+            save_every_steps=cfg.trainer.save_every_steps,
+            save=save,
+            data_root=cfg.data.root,
+        )
         running = wrap_model(model, dist, compile=cfg.trainer.compile)
         with contextlib.nullcontext(stop) if stop is not None else StopRequest() as request:
-            result = _run_epochs(cfg, running, ema, train_loader, val_loader, optimizer, scaler, criterion, state,
-                                 save, writer, request, dist, amp, epoch_args)
+            result = _run_epochs(
+                cfg,
+                running,
+                ema,
+                train_loader,
+                val_loader,
+                optimizer,
+                scaler,
+                criterion,
+                state,
+                save,
+                writer,
+                request,
+                dist,
+                amp,
+                channels_last,
+                epoch_args,
+            )
         barrier()
         return result
     finally:
@@ -219,38 +289,70 @@ def train(cfg: Any, run_dir: str | os.PathLike, dist: DistInfo | None = None,
                 loader.close()
 
 
-def _run_epochs(cfg, model, ema, train_loader, val_loader, optimizer, scaler, criterion, state: TrainState,
-                save: _Saver, writer: MetricsWriter, stop: StopRequest, dist: DistInfo, amp: str,
-                epoch_args: dict) -> TrainResult:
+def _run_epochs(
+    cfg,
+    model,
+    ema,
+    train_loader,
+    val_loader,
+    optimizer,
+    scaler,
+    criterion,
+    state: TrainState,
+    save: _Saver,
+    writer: MetricsWriter,
+    stop: StopRequest,
+    dist: DistInfo,
+    amp: str,
+    channels_last: bool,
+    epoch_args: dict,
+) -> TrainResult:
     """The epoch loop: train, validate, record, checkpoint by the save rules; stop at max_steps or a signal."""
     epochs, t, val = cfg.schedule.epochs, cfg.trainer, None
     steps_per_epoch = len(train_loader)
 
     def result(status: Outcome, checkpoint: Path | None) -> TrainResult:
-        return TrainResult(status=status, epoch=state.epoch, step_in_epoch=state.step_in_epoch,
-                           global_step=state.global_step, best_top1=state.best_top1, last_val=val,
-                           checkpoint=checkpoint)
+        return TrainResult(
+            status=status,
+            epoch=state.epoch,
+            step_in_epoch=state.step_in_epoch,
+            global_step=state.global_step,
+            best_top1=state.best_top1,
+            last_val=val,
+            checkpoint=checkpoint,
+        )
 
     while state.epoch < epochs:
         start = time.perf_counter()
         try:
-            outcome = train_one_epoch(model, train_loader, optimizer, scaler, criterion, ema, state, stop=stop,
-                                      **epoch_args)
+            outcome = train_one_epoch(
+                model, train_loader, optimizer, scaler, criterion, ema, state, stop=stop, **epoch_args
+            )
         except NonFiniteLossError as err:
             raise NonFiniteLossError(
                 f"{err}. Last good checkpoint: {save.saved or 'none written yet'}. Lower optim.lr, set "
                 f"trainer.grad_clip or add warm-up (schedule.warmup_epochs), then resume=<that checkpoint> or start "
-                f"again") from None
+                f"again"
+            ) from None
         state.meters["train_seconds"] += time.perf_counter() - start
         if outcome is Outcome.PREEMPTED:
             if dist.is_main:
                 log.warning("stop requested by signal: checkpoint at %s", state.where(steps_per_epoch))
             return result(Outcome.PREEMPTED, save())
         partial_epoch = state.step_in_epoch < steps_per_epoch
-        val = _validate(model, ema, val_loader, dist.device, amp, t.channels_last)
-        log_epoch(writer, state, val, epochs=epochs, lr=optimizer.param_groups[0]["lr"],
-                  seconds=time.perf_counter() - start, global_batch=cfg.data.batch_size * dist.world_size,
-                  world_size=dist.world_size, device=dist.device, partial=partial_epoch)
+        val = _validate(model, ema, val_loader, dist.device, amp, channels_last)
+        log_epoch(
+            writer,
+            state,
+            val,
+            epochs=epochs,
+            lr=optimizer.param_groups[0]["lr"],
+            seconds=time.perf_counter() - start,
+            global_batch=cfg.data.batch_size * dist.world_size,
+            world_size=dist.world_size,
+            device=dist.device,
+            partial=partial_epoch,
+        )
         is_best = state.best_top1 is None or val["top1"] > state.best_top1
         state.best_top1 = max(val["top1"], state.best_top1 or val["top1"])
         if not partial_epoch:

@@ -5,45 +5,44 @@ Paper: Gao et al., "Res2Net: A New Multi-Scale Backbone Architecture", TPAMI 43(
 
 Module and parameter names (``conv1``, ``bn1``, ``layer1``, ``convs.i``, ``bns.i``, ``downsample``, ``fc``, ...)
 are fixed: the released checkpoints load into this module tree with ``strict=True`` and without any key renaming.
-Do not rename them.
+Do not rename them. The variants and their arguments are listed in ``variants.py``.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import register_model
+__all__ = ["Bottle2neck", "Res2Net", "STEMS"]
 
-__all__ = ['Bottle2neck', 'Res2Net', 'STEMS']
-
-STEMS = ('', 'deep')
+STEMS = ("", "deep")
 _DEEP_STEM_WIDTH = 32
 _STAGE_PLANES = (64, 128, 256, 512)
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}')
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
 
 
 def _check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f'{name} must be True or False, got {value!r}')
+        raise ValueError(f"{name} must be True or False, got {value!r}")
     return value
 
 
 def _check_layers(layers: object) -> tuple[int, ...]:
     # Accept any sequence (list, tuple, OmegaConf ListConfig) of four positive integers.
     if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or len(layers) != 4:
-        raise ValueError(f'layers must be a list of 4 integers >= 1 (blocks per stage), got {layers!r}')
+        raise ValueError(f"layers must be a list of 4 integers >= 1 (blocks per stage), got {layers!r}")
     layers = list(layers)
     for i, n in enumerate(layers):
-        _check_int(f'layers[{i}]', n, 1)
+        _check_int(f"layers[{i}]", n, 1)
     return tuple(layers)
 
 
@@ -59,19 +58,19 @@ class Bottle2neck(nn.Module):
     expansion = 4
 
     def __init__(
-            self,
-            inplanes: int,
-            planes: int,
-            stride: int = 1,
-            downsample: nn.Module | None = None,
-            cardinality: int = 1,
-            base_width: int = 26,
-            scale: int = 4,
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        cardinality: int = 1,
+        base_width: int = 26,
+        scale: int = 4,
     ) -> None:
         super().__init__()
-        _check_int('scale', scale, 1)
-        _check_int('base_width', base_width, 1)
-        _check_int('cardinality', cardinality, 1)
+        _check_int("scale", scale, 1)
+        _check_int("base_width", base_width, 1)
+        _check_int("cardinality", cardinality, 1)
         self.scale = scale
         self.is_first = stride > 1 or downsample is not None
         self.width = width = math.floor(planes * base_width / 64) * cardinality
@@ -80,9 +79,12 @@ class Bottle2neck(nn.Module):
 
         self.conv1 = nn.Conv2d(inplanes, width * scale, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width * scale)
-        self.convs = nn.ModuleList([
-            nn.Conv2d(width, width, kernel_size=3, stride=stride, padding=1, groups=cardinality, bias=False)
-            for _ in range(num_convs)])
+        self.convs = nn.ModuleList(
+            [
+                nn.Conv2d(width, width, kernel_size=3, stride=stride, padding=1, groups=cardinality, bias=False)
+                for _ in range(num_convs)
+            ]
+        )
         self.bns = nn.ModuleList([nn.BatchNorm2d(width) for _ in range(num_convs)])
         self.pool = nn.AvgPool2d(kernel_size=3, stride=stride, padding=1) if self.is_first and scale > 1 else None
         self.conv3 = nn.Conv2d(width * scale, outplanes, kernel_size=1, bias=False)
@@ -127,36 +129,36 @@ class Res2Net(nn.Module):
     """
 
     def __init__(
-            self,
-            layers: Sequence[int],
-            base_width: int = 26,
-            scale: int = 4,
-            cardinality: int = 1,
-            stem: str = '',
-            avg_down: bool = False,
-            num_classes: int = 1000,
-            in_chans: int = 3,
-            drop_rate: float = 0.0,
-            zero_init_last: bool = True,
+        self,
+        layers: Sequence[int],
+        base_width: int = 26,
+        scale: int = 4,
+        cardinality: int = 1,
+        stem: str = "",
+        avg_down: bool = False,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        zero_init_last: bool = True,
     ) -> None:
         super().__init__()
         layers = _check_layers(layers)
-        _check_int('scale', scale, 1)
-        _check_int('base_width', base_width, 1)
-        _check_int('cardinality', cardinality, 1)
-        _check_int('num_classes', num_classes, 0)
-        _check_int('in_chans', in_chans, 1)
-        _check_bool('avg_down', avg_down)
-        _check_bool('zero_init_last', zero_init_last)
+        _check_int("scale", scale, 1)
+        _check_int("base_width", base_width, 1)
+        _check_int("cardinality", cardinality, 1)
+        _check_int("num_classes", num_classes, 0)
+        _check_int("in_chans", in_chans, 1)
+        _check_bool("avg_down", avg_down)
+        _check_bool("zero_init_last", zero_init_last)
         if stem not in STEMS:
-            raise ValueError(f'stem must be one of {STEMS}, got {stem!r}')
+            raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
         if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0.0 <= drop_rate < 1.0:
-            raise ValueError(f'drop_rate must be a number in [0, 1), got {drop_rate!r}')
+            raise ValueError(f"drop_rate must be a number in [0, 1), got {drop_rate!r}")
         self.num_classes = num_classes
         self.drop_rate = float(drop_rate)
 
         # The module names below are the released checkpoints' key names.
-        if stem == 'deep':
+        if stem == "deep":
             self.conv1 = nn.Sequential(
                 nn.Conv2d(in_chans, _DEEP_STEM_WIDTH, 3, stride=2, padding=1, bias=False),
                 nn.BatchNorm2d(_DEEP_STEM_WIDTH),
@@ -164,7 +166,8 @@ class Res2Net(nn.Module):
                 nn.Conv2d(_DEEP_STEM_WIDTH, _DEEP_STEM_WIDTH, 3, stride=1, padding=1, bias=False),
                 nn.BatchNorm2d(_DEEP_STEM_WIDTH),
                 nn.ReLU(inplace=True),
-                nn.Conv2d(_DEEP_STEM_WIDTH, 2 * _DEEP_STEM_WIDTH, 3, stride=1, padding=1, bias=False))
+                nn.Conv2d(_DEEP_STEM_WIDTH, 2 * _DEEP_STEM_WIDTH, 3, stride=1, padding=1, bias=False),
+            )
         else:
             self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -175,7 +178,7 @@ class Res2Net(nn.Module):
         for index, (planes, blocks) in enumerate(zip(_STAGE_PLANES, layers)):
             stride = 1 if index == 0 else 2
             stage = self._make_stage(inplanes, planes, blocks, stride, base_width, scale, cardinality, avg_down)
-            self.add_module(f'layer{index + 1}', stage)
+            self.add_module(f"layer{index + 1}", stage)
             inplanes = planes * Bottle2neck.expansion
         self.num_features = inplanes
         self.fc = nn.Linear(inplanes, num_classes) if num_classes > 0 else nn.Identity()
@@ -183,19 +186,28 @@ class Res2Net(nn.Module):
         self._init_weights(zero_init_last)
 
     @staticmethod
-    def _make_stage(inplanes: int, planes: int, blocks: int, stride: int, base_width: int, scale: int,
-                    cardinality: int, avg_down: bool) -> nn.Sequential:
+    def _make_stage(
+        inplanes: int,
+        planes: int,
+        blocks: int,
+        stride: int,
+        base_width: int,
+        scale: int,
+        cardinality: int,
+        avg_down: bool,
+    ) -> nn.Sequential:
         outplanes = planes * Bottle2neck.expansion
         downsample = None
         if stride != 1 or inplanes != outplanes:
             if avg_down:
-                pool = (nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False) if stride > 1
-                        else nn.Identity())
+                pool = nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False) if stride > 1 else nn.Identity()
                 downsample = nn.Sequential(
-                    pool, nn.Conv2d(inplanes, outplanes, 1, stride=1, bias=False), nn.BatchNorm2d(outplanes))
+                    pool, nn.Conv2d(inplanes, outplanes, 1, stride=1, bias=False), nn.BatchNorm2d(outplanes)
+                )
             else:
                 downsample = nn.Sequential(
-                    nn.Conv2d(inplanes, outplanes, 1, stride=stride, bias=False), nn.BatchNorm2d(outplanes))
+                    nn.Conv2d(inplanes, outplanes, 1, stride=stride, bias=False), nn.BatchNorm2d(outplanes)
+                )
         stage = [Bottle2neck(inplanes, planes, stride, downsample, cardinality, base_width, scale)]
         stage += [Bottle2neck(outplanes, planes, 1, None, cardinality, base_width, scale) for _ in range(1, blocks)]
         return nn.Sequential(*stage)
@@ -203,7 +215,7 @@ class Res2Net(nn.Module):
     def _init_weights(self, zero_init_last: bool) -> None:
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -227,61 +239,3 @@ class Res2Net(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-
-_R50 = (3, 4, 6, 3)
-_R101 = (3, 4, 23, 3)
-
-
-@register_model
-def res2net50_26w_4s(**overrides) -> Res2Net:
-    """Res2Net-50, 26w x 4s."""
-    return Res2Net(**{**dict(layers=_R50, base_width=26, scale=4), **overrides})
-
-
-@register_model
-def res2net50_26w_6s(**overrides) -> Res2Net:
-    """Res2Net-50, 26w x 6s."""
-    return Res2Net(**{**dict(layers=_R50, base_width=26, scale=6), **overrides})
-
-
-@register_model
-def res2net50_26w_8s(**overrides) -> Res2Net:
-    """Res2Net-50, 26w x 8s."""
-    return Res2Net(**{**dict(layers=_R50, base_width=26, scale=8), **overrides})
-
-
-@register_model
-def res2net50_48w_2s(**overrides) -> Res2Net:
-    """Res2Net-50, 48w x 2s."""
-    return Res2Net(**{**dict(layers=_R50, base_width=48, scale=2), **overrides})
-
-
-@register_model
-def res2net50_14w_8s(**overrides) -> Res2Net:
-    """Res2Net-50, 14w x 8s."""
-    return Res2Net(**{**dict(layers=_R50, base_width=14, scale=8), **overrides})
-
-
-@register_model
-def res2net101_26w_4s(**overrides) -> Res2Net:
-    """Res2Net-101, 26w x 4s."""
-    return Res2Net(**{**dict(layers=_R101, base_width=26, scale=4), **overrides})
-
-
-@register_model
-def res2next50(**overrides) -> Res2Net:
-    """Res2NeXt-50, 4w x 4s x 8 groups."""
-    return Res2Net(**{**dict(layers=_R50, base_width=4, scale=4, cardinality=8), **overrides})
-
-
-@register_model
-def res2net50d(**overrides) -> Res2Net:
-    """Res2Net-50-D, 26w x 4s, deep stem and average-pool shortcut downsampling."""
-    return Res2Net(**{**dict(layers=_R50, base_width=26, scale=4, stem='deep', avg_down=True), **overrides})
-
-
-@register_model
-def res2net101d(**overrides) -> Res2Net:
-    """Res2Net-101-D, 26w x 4s, deep stem and average-pool shortcut downsampling."""
-    return Res2Net(**{**dict(layers=_R101, base_width=26, scale=4, stem='deep', avg_down=True), **overrides})
