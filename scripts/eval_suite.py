@@ -2,7 +2,7 @@
 """Evaluate one checkpoint on every evaluation set found (`make eval-suite CHECKPOINT=<name or path> ROOTS=<dir>`).
 
     python scripts/eval_suite.py --checkpoint res2net50_26w_4s --roots /data/eval [--model NAME] [--out-dir DIR]
-        [--tolerance 0.1] [--published FILE] [OVERRIDE ...]
+        [--tolerance POINTS] [--published FILE] [OVERRIDE ...]
 
 --checkpoint is a released model's name (its file is downloaded and verified into the cache) or the path of a
 released file or of a train.py checkpoint (which brings its own architecture; --model names the variant of a bare
@@ -21,7 +21,8 @@ device=cuda) apply to every set; the default backend is torchvision, the referen
 counted exactly once over all processes. Then <out-dir>/suite.csv (one row per set in timm's results-CSV columns,
 with dataset first and ece last) and <out-dir>/suite.md (our top-1 beside the published one where known: ImageNet val
 for the released files, and timm's numbers for the other sets). Exit status 1 when a released checkpoint misses a
-published top-1 by more than --tolerance points, 2 on a usage or data error.
+published top-1 by more than its tolerance (--tolerance, default the variant's own: res2net.models.variants, 0.1
+points for most), 2 on a usage or data error.
 
 --published FILE replaces the built-in table of other sets' numbers with a JSON object
 {"<model name>": {"<row>": <top-1>, ...}} (private model zoos, tests).
@@ -43,7 +44,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("eval_suite")
 
-DEFAULT_TOLERANCE = 0.1
 # Published top-1 (timm's results CSVs: 224 px, crop 0.875, bilinear) on the sets other than ImageNet val, whose
 # numbers for the released files come with them (res2net.models.pretrained). res2net50d's weights are on the Hugging
 # Face hub only; resnet50.a1_in1k (RSB A1, 80.38 / 85.71 / 68.47 / 29.64 / 40.42 / 9.97) is not a Res2Net.
@@ -175,11 +175,21 @@ def rows_of(run: SuiteRun, out: dict) -> list[dict]:
     return rows
 
 
+def tolerance_for(model: str, given: float | None) -> float:
+    """``given``, else the variant's own tolerance (res2net.models.variants), else the default."""
+    from res2net.models.variants import DEFAULT_TOLERANCE, VARIANTS
+
+    if given is not None:
+        return given
+    return VARIANTS[model].tolerance if model in VARIANTS else DEFAULT_TOLERANCE
+
+
 def judge(
     rows: list[dict], val_published: float | None, table: dict[str, float], tolerance: float, released: bool
 ) -> None:
-    """Adds published_top1, delta_top1 and status (ok | FAIL | unchecked | -) to each row."""
+    """Adds published_top1, delta_top1, tolerance and status (ok | FAIL | unchecked | -) to each row."""
     for r in rows:
+        r["tolerance"] = tolerance
         published = (
             val_published if r["dataset"] == "imagenet" and val_published is not None else table.get(r["dataset"])
         )
@@ -203,8 +213,8 @@ def _fmt(value, digits: int = 3, signed: bool = False) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
-def markdown_table(rows: list[dict], tolerance: float) -> str:
-    head = ["set", "images", "top-1", "top-5", "ECE", "published top-1", "delta", f"status (tolerance {tolerance})"]
+def markdown_table(rows: list[dict]) -> str:
+    head = ["set", "images", "top-1", "top-5", "ECE", "published top-1", "delta", "tolerance", "status"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + "---|"]
     for r in rows:
         cells = [
@@ -215,6 +225,7 @@ def markdown_table(rows: list[dict], tolerance: float) -> str:
             _fmt(r["ece"], 4),
             _fmt(r["published_top1"], 2),
             _fmt(r["delta_top1"], 2, signed=True),
+            _fmt(r["tolerance"], 2),
             r["status"],
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -238,10 +249,10 @@ def csv_row(r: dict) -> dict:
     }
 
 
-def write_tables(rows: list[dict], out_dir: Path, tolerance: float, caption: str) -> tuple[Path, Path]:
+def write_tables(rows: list[dict], out_dir: Path, caption: str) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     md, csv_path = out_dir / "suite.md", out_dir / "suite.csv"
-    md.write_text(f"{caption}\n\n{markdown_table(rows, tolerance)}\n")
+    md.write_text(f"{caption}\n\n{markdown_table(rows)}\n")
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         writer.writeheader()
@@ -262,8 +273,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--tolerance",
         type=float,
-        default=DEFAULT_TOLERANCE,
-        help="allowed |delta| of a released checkpoint's top-1, in points (default %(default)s)",
+        default=None,
+        help="allowed |delta| of a released checkpoint's top-1, in points (default: the variant's own)",
     )
     p.add_argument("--published", default=None, help="JSON table replacing the built-in one (see above)")
     p.add_argument("overrides", nargs="*", help="evaluate.py overrides applied to every set, e.g. data.backend=dali")
@@ -297,7 +308,8 @@ def run(args: argparse.Namespace, dist_info) -> tuple[list[dict], bool] | None:
         if out is not None:
             found = rows_of(r, out)
             val_published = out["published"]["top1"] if out["published"] else None
-            judge(found, val_published, table.get(out["model"], {}), args.tolerance, released)
+            tolerance = tolerance_for(out["model"], args.tolerance)
+            judge(found, val_published, table.get(out["model"], {}), tolerance, released)
             rows += found
     return (rows, any(r["status"] == "FAIL" for r in rows)) if dist_info.is_main else None
 
@@ -317,14 +329,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows, failed = outcome
     caption = f"{args.checkpoint}; evaluate.py overrides: {' '.join(args.overrides) or 'none'}"
-    md, csv_path = write_tables(rows, args.out_dir, args.tolerance, caption)
+    md, csv_path = write_tables(rows, args.out_dir, caption)
     print(md.read_text(), end="")
     print(f"tables: {md}, {csv_path}")
     if failed:
-        bad = ", ".join(f"{r['dataset']} ({r['delta_top1']:+.2f})" for r in rows if r["status"] == "FAIL")
+        bad = ", ".join(
+            f"{r['dataset']} ({r['delta_top1']:+.2f}, tolerance {r['tolerance']})"
+            for r in rows
+            if r["status"] == "FAIL"
+        )
         print(
-            f"FAIL: {args.checkpoint} misses its published top-1 by more than {args.tolerance} points on: {bad}",
-            file=sys.stderr,
+            f"FAIL: {args.checkpoint} misses its published top-1 by more than the tolerance on: {bad}", file=sys.stderr
         )
         return 1
     return 0
