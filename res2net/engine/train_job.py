@@ -220,7 +220,14 @@ def train(
                 ckpt, resume_path, model=model, optimizer=optimizer, scaler=scaler, ema=ema, state=state, dist=dist
             )
             save.saved = resume_path
-            log.info("resumed from %s at %s", resume_path, state.where(steps_per_epoch))
+            log.info(
+                "resumed from %s at epoch %d, step %d/%d (global step %d)",
+                resume_path,
+                state.epoch,
+                state.step_in_epoch,
+                steps_per_epoch,
+                state.global_step,
+            )
         else:
             _seed_all(cfg.trainer.seed + dist.rank)  # the training stream of this rank
         del ckpt
