@@ -2,6 +2,7 @@
 the Loader of one rank (the protocol: loader_base.EpochLoader) from one of three backends chosen by
 ``data.backend``: dali, torchvision (PIL in DataLoader workers) or synthetic.
 """
+
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ def as_data_config(cfg: Any) -> DataConfig:
         return cfg
     if hasattr(cfg, "_metadata"):  # an OmegaConf node; imported lazily so the library does not need it
         from omegaconf import OmegaConf
+
         cfg = OmegaConf.to_container(cfg, resolve=True)
     cfg = dict(cfg)
     known = {f.name for f in dataclasses.fields(DataConfig)}
@@ -48,8 +50,12 @@ def _validate(cfg: DataConfig, split: str) -> None:
     if cfg.dali_resize not in DALI_RESIZES:
         raise bad("dali_resize", cfg.dali_resize, f"one of {DALI_RESIZES}")
     if cfg.dali_resize == "torch" and cfg.dali_decoder == "mixed":
-        raise bad("dali_resize", cfg.dali_resize, "one of ('auto', 'graph') with data.dali_decoder='mixed' "
-                  "('torch' resizes CPU-decoded images; use data.dali_decoder=cpu for it)")
+        raise bad(
+            "dali_resize",
+            cfg.dali_resize,
+            "one of ('auto', 'graph') with data.dali_decoder='mixed' "
+            "('torch' resizes CPU-decoded images; use data.dali_decoder=cpu for it)",
+        )
     for key in ("batch_size", "img_size", "prefetch"):
         if int(getattr(cfg, key)) < 1:
             raise bad(key, getattr(cfg, key), "an integer >= 1")
@@ -73,8 +79,17 @@ def _train_classes(root: str | None) -> Sequence[str] | None:
     return sorted(e.name for e in os.scandir(train_dir) if e.is_dir()) or None
 
 
-def build_loader(cfg: Any, split: str, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 device: Any = "cpu", channels_last: bool = False, dtype: torch.dtype = torch.float32):
+def build_loader(
+    cfg: Any,
+    split: str,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    device: Any = "cpu",
+    channels_last: bool = False,
+    dtype: torch.dtype = torch.float32,
+):
     """The Loader for ``split`` ('train' | 'val') of this rank; loader_base.EpochLoader states the protocol."""
     cfg = as_data_config(cfg)
     _validate(cfg, split)
@@ -83,15 +98,19 @@ def build_loader(cfg: Any, split: str, *, rank: int = 0, world_size: int = 1, se
     common = dict(rank=rank, world_size=world_size, seed=seed, device=device)
     if cfg.backend == "synthetic":
         from .loader_synthetic import SyntheticLoader
+
         return SyntheticLoader(cfg, train, channels_last=channels_last, dtype=dtype, **common)
     samples, classes = scan_split(cfg.root, split, None if train else _train_classes(cfg.root))
     normalizer = Normalizer(cfg.mean, cfg.std, device, dtype, channels_last)
     if cfg.backend == "torchvision":
         from .loader_torchvision import TorchvisionLoader
+
         return TorchvisionLoader(samples, classes, cfg, train, normalizer=normalizer, **common)
     try:
         from .loader_dali import DaliLoader
     except ImportError as err:
-        raise ImportError(f"data.backend=dali needs NVIDIA DALI ({err}); install requirements.txt "
-                          "(nvidia-dali-cuda120) or use data.backend=torchvision") from err
+        raise ImportError(
+            f"data.backend=dali needs NVIDIA DALI ({err}); install requirements.txt "
+            "(nvidia-dali-cuda120) or use data.backend=torchvision"
+        ) from err
     return DaliLoader(samples, classes, cfg, train, normalizer=normalizer, **common)

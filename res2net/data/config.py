@@ -3,6 +3,7 @@
 Plain dataclasses and typing only (no Hydra import), so the engine's structured config can nest it. Sequences are
 lists, not tuples, because OmegaConf stores lists.
 """
+
 from dataclasses import dataclass, field
 
 __all__ = ["DataConfig", "IMAGENET_MEAN", "IMAGENET_STD", "BACKENDS", "INTERPOLATIONS", "DALI_DECODERS", "DALI_RESIZES"]

@@ -6,6 +6,7 @@ index), for any thread count and after a resume. ``data.dali_resize``: 'graph' r
 GPU graph), 'torch' resizes the decoded crops with torch (the CPU default, see README "Speed"). An undecodable file
 stops the epoch with an error naming it: DALI cannot skip a sample.
 """
+
 import struct
 from collections.abc import Sequence
 
@@ -35,11 +36,15 @@ def resolve_decoder(choice: str, device: torch.device) -> str:
         return "mixed" if device.type == "cuda" else "cpu"
     if choice == "mixed":
         if not torch.cuda.is_available():
-            raise RuntimeError("data.dali_decoder='mixed' decodes on a CUDA GPU, but CUDA is not available here; "
-                               "use data.dali_decoder=cpu (or auto)")
+            raise RuntimeError(
+                "data.dali_decoder='mixed' decodes on a CUDA GPU, but CUDA is not available here; "
+                "use data.dali_decoder=cpu (or auto)"
+            )
         if device.type != "cuda":
-            raise RuntimeError(f"data.dali_decoder='mixed' puts batches on the GPU, but the loader's device is "
-                               f"{device}; pass a CUDA device or use data.dali_decoder=cpu")
+            raise RuntimeError(
+                f"data.dali_decoder='mixed' puts batches on the GPU, but the loader's device is "
+                f"{device}; pass a CUDA device or use data.dali_decoder=cpu"
+            )
     return choice
 
 
@@ -49,9 +54,11 @@ def resolve_resize(choice: str, decoder: str) -> str:
     if choice == "auto":
         return "torch" if decoder == "cpu" else "graph"
     if choice == "torch" and decoder != "cpu":
-        raise ValueError(f"data.dali_resize={choice!r} is invalid with {decoder!r} decoding (data.dali_decoder="
-                         f"auto on a CUDA device, or mixed): expected one of ('auto', 'graph') there; 'torch' "
-                         "resizes CPU-decoded images, so use data.dali_decoder=cpu for it")
+        raise ValueError(
+            f"data.dali_resize={choice!r} is invalid with {decoder!r} decoding (data.dali_decoder="
+            f"auto on a CUDA device, or mixed): expected one of ('auto', 'graph') there; 'torch' "
+            "resizes CPU-decoded images, so use data.dali_decoder=cpu for it"
+        )
     if choice not in DALI_RESIZES:
         raise ValueError(f"data.dali_resize={choice!r} is invalid: expected one of {DALI_RESIZES}")
     return choice
@@ -121,8 +128,19 @@ def _suspects(files: Sequence[str]) -> list[str]:
 class DaliLoader(EpochLoader):
     """The Loader protocol (loader_base.EpochLoader) over a DALI pipeline rebuilt per epoch."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str], cfg, train: bool, *, rank: int,
-                 world_size: int, seed: int, device: torch.device, normalizer):
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        classes: Sequence[str],
+        cfg,
+        train: bool,
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: torch.device,
+        normalizer,
+    ):
         self.classes, self.num_classes = list(classes), len(classes)
         self.cfg, self.train, self.batch_size = cfg, train, cfg.batch_size
         self.rank, self.world_size, self.seed, self.device = rank, world_size, seed, device
@@ -182,16 +200,17 @@ class DaliLoader(EpochLoader):
                     f"{self.cfg.root}` (--fix re-encodes them), or use data.backend=torchvision, which skips them."
                 ) from err
             except RuntimeError as err:
-                batch_files = files[lo - first:hi - first]
+                batch_files = files[lo - first : hi - first]
                 self._release()
                 raise RuntimeError(
                     f"DALI failed on batch {b} of epoch {self.epoch} (rank {self.rank}); undecodable "
                     f"file(s): {_suspects(batch_files)}\n{err}\nFind such files with "
                     f"`python scripts/check_dataset.py {self.cfg.root}` (--fix re-encodes them), or use "
-                    "data.backend=torchvision, which skips them.") from err
+                    "data.backend=torchvision, which skips them."
+                ) from err
             images, labels = self._to_torch(*outputs)
             # The reader pads the last val batch by repeating its last file; trimmed, so every image counts once.
-            yield images[:hi - lo], labels[:hi - lo].to(self.device, non_blocking=True)
+            yield images[: hi - lo], labels[: hi - lo].to(self.device, non_blocking=True)
         self._release()
 
     def _graph_dtype(self):
@@ -210,10 +229,12 @@ class DaliLoader(EpochLoader):
         if self._torch_resize:
             return self._resize_crops(images, None if flips is None else flips.as_array().reshape(-1)), labels
         from nvidia.dali.plugin.pytorch import feed_ndarray
+
         tensor = images.as_tensor()
         on_gpu = self.decoder == "mixed"
-        out = torch.empty(tensor.shape(), dtype=self._graph_dtype()[1],
-                          device=self.device if on_gpu else torch.device("cpu"))
+        out = torch.empty(
+            tensor.shape(), dtype=self._graph_dtype()[1], device=self.device if on_gpu else torch.device("cpu")
+        )
         feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(self.device) if on_gpu else None)
         if self.normalize.channels_last:
             out = out.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: exactly the channels_last layout
@@ -238,13 +259,15 @@ class DaliLoader(EpochLoader):
             crop = torch.from_dlpack(crops[i]).permute(2, 0, 1)[None]  # HWC memory: channels_last, uint8 fast path
             if flips is None:  # val: shorter side to `short` as torchvision computes it, then the center crop
                 new_h, new_w = val_resized_shape(crop.shape[2], crop.shape[3], short)
-                image = torch.nn.functional.interpolate(crop, size=(new_h, new_w), mode=mode, antialias=True,
-                                                        align_corners=False)[0]
+                image = torch.nn.functional.interpolate(
+                    crop, size=(new_h, new_w), mode=mode, antialias=True, align_corners=False
+                )[0]
                 top, left = center_crop_offset(new_h, size), center_crop_offset(new_w, size)
-                image = image[:, top:top + size, left:left + size]
+                image = image[:, top : top + size, left : left + size]
             else:
-                image = torch.nn.functional.interpolate(crop, size=(size, size), mode=mode, antialias=True,
-                                                        align_corners=False)[0]
+                image = torch.nn.functional.interpolate(
+                    crop, size=(size, size), mode=mode, antialias=True, align_corners=False
+                )[0]
             if flips is not None and flips[i]:
                 image = image.flip(-1)
             if self._normalize_each:
@@ -282,14 +305,21 @@ class DaliLoader(EpochLoader):
 
         def boxes(info):
             base = info.iteration * self.batch_size
-            draws = augmentation_draws(seed, epoch, np.arange(first + base, first + base + self.batch_size),
-                                       cfg.train_crop_scale, cfg.train_crop_ratio, cfg.hflip)
+            draws = augmentation_draws(
+                seed,
+                epoch,
+                np.arange(first + base, first + base + self.batch_size),
+                cfg.train_crop_scale,
+                cfg.train_crop_ratio,
+                cfg.hflip,
+            )
             out = np.empty((self.batch_size, 5), dtype=np.int32)
             for j in range(self.batch_size):
                 height, width = self._shape(indices[(base + j) % n])
                 out[j, :4] = random_resized_crop_box(draws[j], height, width)
                 out[j, 4] = draws[j, DRAW_FLIP]
             return list(out[:, 0:2]), list(out[:, 2:4]), [np.array(v) for v in out[:, 4]]
+
         return boxes
 
     def _build_pipeline(self, files: list[str], labels: list[int], indices: np.ndarray, start_batch: int) -> Pipeline:
@@ -298,19 +328,28 @@ class DaliLoader(EpochLoader):
         device_id = None
         if self.decoder == "mixed":
             device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        pipe = Pipeline(batch_size=self.batch_size, num_threads=max(1, cfg.num_workers), device_id=device_id,
-                        prefetch_queue_depth=cfg.prefetch)
+        pipe = Pipeline(
+            batch_size=self.batch_size,
+            num_threads=max(1, cfg.num_workers),
+            device_id=device_id,
+            prefetch_queue_depth=cfg.prefetch,
+        )
         # EXIF orientation is ignored, as PIL does.
         decoder_args = dict(device=self.decoder, output_type=types.RGB, adjust_orientation=False)
         if self.decoder == "mixed":
             decoder_args["jpeg_fancy_upsampling"] = True  # nvJPEG upsamples chroma as libjpeg-turbo does on the CPU
         with pipe:
-            jpegs, label_node = fn.readers.file(files=files, labels=labels, random_shuffle=False,
-                                                pad_last_batch=True, name="reader")
+            jpegs, label_node = fn.readers.file(
+                files=files, labels=labels, random_shuffle=False, pad_last_batch=True, name="reader"
+            )
             if self.train:
-                anchor, shape, flip = fn.external_source(source=self._boxes_source(indices, start_batch),
-                                                         num_outputs=3, batch=True, batch_info=True,
-                                                         dtype=types.INT32)
+                anchor, shape, flip = fn.external_source(
+                    source=self._boxes_source(indices, start_batch),
+                    num_outputs=3,
+                    batch=True,
+                    batch_info=True,
+                    dtype=types.INT32,
+                )
                 if self._torch_resize:
                     crops = fn.decoders.image_slice(jpegs, anchor, shape, axis_names="HW", **decoder_args)
                     pipe.set_outputs(crops, label_node, flip)
@@ -329,16 +368,22 @@ class DaliLoader(EpochLoader):
         resized in the graph (the 'graph' path; 'torch' resizes in _resize_crops); the flip is done by
         _normalize_graph."""
         images = fn.decoders.image_slice(jpegs, anchor, shape, axis_names="HW", **decoder_args)
-        return fn.resize(images, resize_x=self.cfg.img_size, resize_y=self.cfg.img_size, interp_type=interp,
-                         antialias=True)
+        return fn.resize(
+            images, resize_x=self.cfg.img_size, resize_y=self.cfg.img_size, interp_type=interp, antialias=True
+        )
 
     def _normalize_graph(self, images, mirror):
         """Flip, normalize with mean / std, lay out as CHW (HWC for channels_last) and convert, in one operator
         (crop_mirror_normalize; the 'graph' path): the consumer only copies the output (see _to_torch)."""
         cfg = self.cfg
-        return fn.crop_mirror_normalize(images, mirror=mirror, mean=[255.0 * m for m in cfg.mean],
-                                        std=[255.0 * s for s in cfg.std], dtype=self._graph_dtype()[0],
-                                        output_layout="HWC" if self.normalize.channels_last else "CHW")
+        return fn.crop_mirror_normalize(
+            images,
+            mirror=mirror,
+            mean=[255.0 * m for m in cfg.mean],
+            std=[255.0 * s for s in cfg.std],
+            dtype=self._graph_dtype()[0],
+            output_layout="HWC" if self.normalize.channels_last else "CHW",
+        )
 
     def _val_graph(self, jpegs, decoder_args, interp):
         """torchvision's Resize(shorter side) + CenterCrop in the graph ('graph' path), from the encoded image's
@@ -360,8 +405,15 @@ class DaliLoader(EpochLoader):
         roi_start = fn.cast(fn.stack(top * scale_y, left * scale_x), dtype=types.FLOAT)
         roi_end = fn.cast(fn.stack((top + crop) * scale_y, (left + crop) * scale_x), dtype=types.FLOAT)
         images = fn.decoders.image(jpegs, **decoder_args)
-        return fn.resize(images, size=[crop, crop], roi_start=roi_start, roi_end=roi_end, roi_relative=False,
-                         interp_type=interp, antialias=True)
+        return fn.resize(
+            images,
+            size=[crop, crop],
+            roi_start=roi_start,
+            roi_end=roi_end,
+            roi_relative=False,
+            interp_type=interp,
+            antialias=True,
+        )
 
     def _release(self) -> None:
         pipe, self._pipe = self._pipe, None

@@ -1,5 +1,6 @@
 """Synthetic backend: one batch of random images made once on the device and yielded again and again, so a
 benchmark measures the model alone. Follows the Loader protocol, including val sharding and fake paths."""
+
 import torch
 
 from .index import epoch_batches
@@ -9,8 +10,18 @@ __all__ = ["SyntheticLoader"]
 
 
 class SyntheticLoader(EpochLoader):
-    def __init__(self, cfg, train: bool, *, rank: int, world_size: int, seed: int, device: torch.device,
-                 channels_last: bool, dtype: torch.dtype):
+    def __init__(
+        self,
+        cfg,
+        train: bool,
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: torch.device,
+        channels_last: bool,
+        dtype: torch.dtype,
+    ):
         self.num_classes = cfg.synthetic_num_classes
         if self.num_classes < 1:
             raise ValueError(f"data.synthetic_num_classes must be >= 1, got {self.num_classes}")

@@ -6,6 +6,7 @@ bit-identical for any num_workers and any start_batch; persistent workers follow
 Undecodable files are skipped and counted (see ``_BatchDataset``); a worker that dies raises
 ``worker_watch.WorkerCrashError`` naming the file it was decoding.
 """
+
 import logging
 from collections.abc import Sequence
 
@@ -71,8 +72,17 @@ class _BatchDataset(torch.utils.data.Dataset):
     evaluated image) as a uniform image of the mean colour, which normalizes to zeros.
     """
 
-    def __init__(self, paths: np.ndarray, labels: np.ndarray, train: bool, cfg, batches: EpochBatches, rank: int,
-                 world_size: int, seed: int):
+    def __init__(
+        self,
+        paths: np.ndarray,
+        labels: np.ndarray,
+        train: bool,
+        cfg,
+        batches: EpochBatches,
+        rank: int,
+        world_size: int,
+        seed: int,
+    ):
         # numpy arrays rather than lists of tuples: forked workers do not copy them page by page through refcounts.
         self.paths, self.labels = paths, labels
         self.train, self.batches = train, batches
@@ -100,8 +110,9 @@ class _BatchDataset(torch.utils.data.Dataset):
         labels = np.empty(hi - lo, dtype=np.int64)
         skipped: list[tuple[str, str]] = []
         if self.train:
-            draws = augmentation_draws(self.seed, epoch, np.arange(first + lo, first + hi), self.scale, self.ratio,
-                                       self.hflip)
+            draws = augmentation_draws(
+                self.seed, epoch, np.arange(first + lo, first + hi), self.scale, self.ratio, self.hflip
+            )
         slot = self.table.worker_slot() if self.table is not None else None
         try:
             for row, pos in enumerate(range(lo, hi)):
@@ -124,8 +135,9 @@ class _BatchDataset(torch.utils.data.Dataset):
             dst[...] = self.fill
         return int(self.labels[idx])
 
-    def _decode_train(self, dst: np.ndarray, order: np.ndarray, pos: int, draws: np.ndarray, skipped: list,
-                      slot: int | None) -> int:
+    def _decode_train(
+        self, dst: np.ndarray, order: np.ndarray, pos: int, draws: np.ndarray, skipped: list, slot: int | None
+    ) -> int:
         for step in range(len(order)):
             idx = order[(pos + step) % len(order)]
             if slot is not None:
@@ -135,8 +147,10 @@ class _BatchDataset(torch.utils.data.Dataset):
                 return int(self.labels[idx])
             except Exception as err:  # any decoder failure, see _decode_val
                 skipped.append((str(self.paths[idx]), repr(err)))
-        raise RuntimeError(f"no decodable image among the {len(order)} samples of rank {self.rank}; "
-                           "run scripts/check_dataset.py on the data root")
+        raise RuntimeError(
+            f"no decodable image among the {len(order)} samples of rank {self.rank}; "
+            "run scripts/check_dataset.py on the data root"
+        )
 
 
 def _loader_seed(seed: int, epoch: int, rank: int) -> int:
@@ -160,8 +174,19 @@ class _EpochBatchSampler(torch.utils.data.Sampler):
 class TorchvisionLoader(EpochLoader):
     """The Loader protocol (loader_base.EpochLoader) over PIL decoding in DataLoader workers."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str], cfg, train: bool, *, rank: int,
-                 world_size: int, seed: int, device: torch.device, normalizer):
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        classes: Sequence[str],
+        cfg,
+        train: bool,
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: torch.device,
+        normalizer,
+    ):
         self.classes, self.num_classes = list(classes), len(classes)
         self.train, self.batch_size, self.device, self.normalize = train, cfg.batch_size, device, normalizer
         paths = np.array([p for p, _ in samples])
@@ -181,9 +206,15 @@ class TorchvisionLoader(EpochLoader):
         # iterator is created; __iter__ seeds it from (seed, epoch, rank).
         self._generator = torch.Generator()
         self._loader = torch.utils.data.DataLoader(
-            self._dataset, batch_size=None, sampler=self._sampler, num_workers=workers, generator=self._generator,
-            pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-            prefetch_factor=cfg.prefetch if workers > 0 else None)
+            self._dataset,
+            batch_size=None,
+            sampler=self._sampler,
+            num_workers=workers,
+            generator=self._generator,
+            pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0,
+            prefetch_factor=cfg.prefetch if workers > 0 else None,
+        )
         self.skipped = 0
         self.skipped_paths: list[str] = []
 
@@ -220,8 +251,12 @@ class TorchvisionLoader(EpochLoader):
             if path not in self.skipped_paths:
                 self.skipped_paths.append(path)
                 action = "replaced by the next sample" if self.train else "fed as a mean-colour image"
-                log.warning("skipped undecodable image %s (%s); %s. Find such files with "
-                               "scripts/check_dataset.py", path, reason, action)
+                log.warning(
+                    "skipped undecodable image %s (%s); %s. Find such files with scripts/check_dataset.py",
+                    path,
+                    reason,
+                    action,
+                )
 
     def close(self) -> None:
         if self.worker_table is not None:

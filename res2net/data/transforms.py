@@ -4,6 +4,7 @@ normalized.
 Every backend ships uint8 NHWC batches and ``Normalizer`` turns them into the model's input on the device: uint8
 moves a quarter of float32's bytes between processes and to the GPU.
 """
+
 import math
 from collections.abc import Sequence
 
@@ -11,8 +12,14 @@ import numpy as np
 import torch
 
 __all__ = [
-    "val_resize_size", "val_resized_shape", "center_crop_offset", "augmentation_draws", "random_resized_crop_box",
-    "Normalizer", "NUM_DRAWS", "sample_uniforms",
+    "val_resize_size",
+    "val_resized_shape",
+    "center_crop_offset",
+    "augmentation_draws",
+    "random_resized_crop_box",
+    "Normalizer",
+    "NUM_DRAWS",
+    "sample_uniforms",
 ]
 
 
@@ -65,8 +72,9 @@ def sample_uniforms(seed: int, epoch: int, positions: np.ndarray, count: int) ->
     return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
-def augmentation_draws(seed: int, epoch: int, positions: np.ndarray, scale: Sequence[float],
-                       ratio: Sequence[float], hflip: float) -> np.ndarray:
+def augmentation_draws(
+    seed: int, epoch: int, positions: np.ndarray, scale: Sequence[float], ratio: Sequence[float], hflip: float
+) -> np.ndarray:
     """Everything random about the training samples at ``positions`` of the epoch's order, as a float64
     [len(positions), NUM_DRAWS] array that does not depend on the images: the area fraction and aspect ratio of
     each RandomResizedCrop attempt, uniforms for the crop position, the flip (1.0 or 0.0) and the ratio bounds of
@@ -114,11 +122,13 @@ def random_resized_crop_box(draws: np.ndarray, height: int, width: int) -> tuple
 class Normalizer:
     """uint8 NHWC batch (any device) -> normalized NCHW batch on ``device`` in ``dtype`` (channels_last if asked)."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device, dtype: torch.dtype,
-                 channels_last: bool):
+    def __init__(
+        self, mean: Sequence[float], std: Sequence[float], device: torch.device, dtype: torch.dtype, channels_last: bool
+    ):
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ValueError(f"data.mean and data.std need 3 values each (std > 0), got mean={list(mean)}, "
-                             f"std={list(std)}")
+            raise ValueError(
+                f"data.mean and data.std need 3 values each (std > 0), got mean={list(mean)}, std={list(std)}"
+            )
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
         self.device, self.dtype, self.channels_last = device, dtype, channels_last
