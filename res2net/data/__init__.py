@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .augment import parse_policy
 from .config import BACKENDS, DALI_DECODERS, DALI_RESIZES, INTERPOLATIONS, DataConfig
 from .index import scan_split
 from .transforms import Normalizer, val_resize_size
@@ -69,6 +70,29 @@ def _validate(cfg: DataConfig, split: str) -> None:
     if not 0.0 <= cfg.hflip <= 1.0:
         raise bad("hflip", cfg.hflip, "a probability in [0, 1]")
     val_resize_size(cfg.img_size, cfg.crop_pct)
+    _validate_augmentation(cfg, bad)
+
+
+def _validate_augmentation(cfg: DataConfig, bad) -> None:
+    parse_policy(cfg.auto_augment)
+    if not 0.0 <= cfg.random_erasing <= 1.0:
+        raise bad("random_erasing", cfg.random_erasing, "a probability in [0, 1]")
+    if cfg.color_jitter < 0:
+        raise bad("color_jitter", cfg.color_jitter, "a strength >= 0 (0 = off)")
+    if int(cfg.repeated_aug) < 1:
+        raise bad("repeated_aug", cfg.repeated_aug, "an integer >= 1 (1 = off)")
+    if cfg.val_img_size is not None and int(cfg.val_img_size) < 1:
+        raise bad("val_img_size", cfg.val_img_size, "null (= data.img_size) or an integer >= 1")
+    sizes, epochs = cfg.progressive_sizes, cfg.progressive_epochs
+    if (sizes is None) != (epochs is None):
+        raise bad("progressive_sizes", sizes, f"set together with data.progressive_epochs (now {epochs}), or both null")
+    if cfg.progressive_step < 1:
+        raise bad("progressive_step", cfg.progressive_step, "an integer >= 1")
+    if sizes is not None:
+        if len(sizes) != 2 or min(sizes) < 1 or any(s % cfg.progressive_step for s in sizes):
+            raise bad("progressive_sizes", sizes, f"[start, end] sizes, multiples of {cfg.progressive_step}")
+        if len(epochs) != 2 or not 0 <= epochs[0] < epochs[1]:
+            raise bad("progressive_epochs", epochs, "[start, end] epochs with 0 <= start < end")
 
 
 def _train_classes(root: str | None) -> Sequence[str] | None:

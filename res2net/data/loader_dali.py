@@ -15,6 +15,7 @@ import torch
 from nvidia.dali import Pipeline, fn, types
 from PIL import Image
 
+from .augment import TrainAugment, apply_ops
 from .config import DALI_RESIZES
 from .index import epoch_batches, train_positions
 from .loader_base import EpochLoader
@@ -22,6 +23,7 @@ from .transforms import (
     DRAW_FLIP,
     augmentation_draws,
     center_crop_offset,
+    eval_img_size,
     random_resized_crop_box,
     val_resize_size,
     val_resized_shape,
@@ -164,6 +166,7 @@ class DaliLoader(EpochLoader):
             shard = slice(self._batches.start, self._batches.stop)
             self.paths = [str(p) for p in self._paths[shard]]
             self.targets = [int(t) for t in self._labels[shard]]
+        self.augment, self.val_size = TrainAugment(cfg, seed), eval_img_size(cfg.img_size, cfg.val_img_size)
         self.epoch, self._start = 0, 0
         self.skipped = 0  # DALI never skips: an undecodable file raises (see the module docstring)
         self._pipe = None
@@ -173,10 +176,16 @@ class DaliLoader(EpochLoader):
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """Sample indices this rank reads in ``epoch``, in order (whole batches only for train)."""
+        return self.epoch_positions(epoch)[0]
+
+    def epoch_positions(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(epoch_indices, their positions in the epoch: the key of their draws, see index.train_positions)."""
         if self.train:
-            order, _ = train_positions(len(self._paths), self.rank, self.world_size, self.seed, epoch)
-            return order[: self.num_samples]
-        return np.arange(self._batches.start, self._batches.stop)
+            n, repeats = len(self._paths), self.cfg.repeated_aug
+            order, positions = train_positions(n, self.rank, self.world_size, self.seed, epoch, repeats)
+            return order[: self.num_samples], positions[: self.num_samples]
+        order = np.arange(self._batches.start, self._batches.stop)
+        return order, order
 
     def __iter__(self):
         start, self._start = self._start, 0  # a later iteration without set_epoch repeats the epoch from batch 0
@@ -184,10 +193,10 @@ class DaliLoader(EpochLoader):
         if not batches:
             return
         first = self._batches.bounds(start)[0]
-        indices = self.epoch_indices(self.epoch)[first:]
+        indices, positions = (a[first:] for a in self.epoch_positions(self.epoch))
         self._release()
         files = [str(p) for p in self._paths[indices]]
-        self._pipe = self._build_pipeline(files, self._labels[indices].tolist(), indices, start)
+        self._pipe = self._build_pipeline(files, self._labels[indices].tolist(), indices, positions)
         for b in batches:
             lo, hi = self._batches.bounds(b)
             try:
@@ -208,7 +217,10 @@ class DaliLoader(EpochLoader):
                     f"`python scripts/check_dataset.py {self.cfg.root}` (--fix re-encodes them), or use "
                     "data.backend=torchvision, which skips them."
                 ) from err
-            images, labels = self._to_torch(*outputs)
+            batch_positions = positions[lo - first : hi - first]
+            images, labels = self._to_torch(*outputs, positions=batch_positions)
+            if self.train:
+                images = self.augment.erase(images, self.epoch, batch_positions)
             # The reader pads the last val batch by repeating its last file; trimmed, so every image counts once.
             yield images[: hi - lo], labels[: hi - lo].to(self.device, non_blocking=True)
         self._release()
@@ -220,14 +232,15 @@ class DaliLoader(EpochLoader):
             return types.FLOAT16, torch.float16
         return types.FLOAT, torch.float32
 
-    def _to_torch(self, images, labels, flips=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _to_torch(self, images, labels, flips=None, *, positions) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's input batch (NCHW, channels_last strides when asked, ``dtype``, on the device). 'torch':
         ``images`` are the decoded images (train: crops, with their ``flips``), resized here. 'graph': the graph's
         normalized NCHW / NHWC batch, copied into a torch tensor where the graph ran ('mixed': on the GPU, on
         torch's stream; CPU decoding: in host memory, then moved to the device if that is CUDA)."""
         labels = torch.from_numpy(labels.as_array().reshape(-1).astype(np.int64))
         if self._torch_resize:
-            return self._resize_crops(images, None if flips is None else flips.as_array().reshape(-1)), labels
+            flips = None if flips is None else flips.as_array().reshape(-1)
+            return self._resize_crops(images, flips, positions), labels
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         tensor = images.as_tensor()
@@ -240,13 +253,16 @@ class DaliLoader(EpochLoader):
             out = out.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: exactly the channels_last layout
         return out.to(self.device, self.normalize.dtype), labels  # keeps the strides
 
-    def _resize_crops(self, crops, flips: np.ndarray) -> torch.Tensor:
+    def _resize_crops(self, crops, flips: np.ndarray | None, positions: np.ndarray) -> torch.Tensor:
         """The model's input batch from the decoded crops: each resized to img_size x img_size with torch's
         antialiased uint8 resampling (PIL's filters), flipped where ``flips`` says and normalized one image at a
         time while it is in cache (the same float32 operations as transforms.Normalizer, so the same values; faster
         than normalizing the batch afterwards). For a CUDA
-        device the uint8 batch goes to transforms.Normalizer instead, which normalizes on the GPU."""
-        size, mode = self.cfg.img_size, self.cfg.interpolation  # 'bilinear' | 'bicubic': torch's names too
+        device the uint8 batch goes to transforms.Normalizer instead, which normalizes on the GPU. Train crops get
+        their auto_augment / colour jitter plan (augment.py, the torchvision backend's ops) after the flip."""
+        size = self.augment.img_size(self.epoch) if flips is not None else self.val_size
+        mode = self.cfg.interpolation  # 'bilinear' | 'bicubic': torch's names too
+        plan = self.augment.plan(self.epoch, positions[: len(crops)]) if flips is not None else None
         short = val_resize_size(size, self.cfg.crop_pct)
         norm = self.normalize
         if self._normalize_each:
@@ -270,6 +286,8 @@ class DaliLoader(EpochLoader):
                 )[0]
             if flips is not None and flips[i]:
                 image = image.flip(-1)
+            if plan is not None:
+                image = apply_ops(image, plan.row(i), mode, self.augment.fill)
             if self._normalize_each:
                 out[i].copy_(image).mul_(scale).add_(shift)
             else:
@@ -293,14 +311,12 @@ class DaliLoader(EpochLoader):
             self._shapes[idx] = h, w
         return int(h), int(w)
 
-    def _boxes_source(self, indices: np.ndarray, start_batch: int):
+    def _boxes_source(self, indices: np.ndarray, positions: np.ndarray):
         """external_source callback: for pipeline iteration i, the RandomResizedCrop box (anchor (top, left),
         shape (h, w)) and flip of each sample, computed by transforms.random_resized_crop_box -- the torchvision
-        backend's own function -- from the draws of the global positions first + (start_batch + i) * batch_size + j
-        and the file's size. The reader wraps around after the last file when the pipeline prefetches past the
-        end; those batches are never yielded, but their boxes must still fit the files read, hence the modulo."""
-        _, first = train_positions(len(self._paths), self.rank, self.world_size, self.seed, self.epoch)
-        first += self._batches.bounds(start_batch)[0]
+        backend's own function -- from the draws of the epoch positions of the samples read and the file's size.
+        The reader wraps around after the last file when the pipeline prefetches past the end; those batches are
+        never yielded, but their boxes must still fit the files read, hence the modulo."""
         seed, epoch, cfg, n = self.seed, self.epoch, self.cfg, len(indices)
 
         def boxes(info):
@@ -308,7 +324,7 @@ class DaliLoader(EpochLoader):
             draws = augmentation_draws(
                 seed,
                 epoch,
-                np.arange(first + base, first + base + self.batch_size),
+                positions[np.arange(base, base + self.batch_size) % n],
                 cfg.train_crop_scale,
                 cfg.train_crop_ratio,
                 cfg.hflip,
@@ -322,7 +338,9 @@ class DaliLoader(EpochLoader):
 
         return boxes
 
-    def _build_pipeline(self, files: list[str], labels: list[int], indices: np.ndarray, start_batch: int) -> Pipeline:
+    def _build_pipeline(
+        self, files: list[str], labels: list[int], indices: np.ndarray, positions: np.ndarray
+    ) -> Pipeline:
         cfg = self.cfg
         interp = types.INTERP_LINEAR if cfg.interpolation == "bilinear" else types.INTERP_CUBIC
         device_id = None
@@ -344,7 +362,7 @@ class DaliLoader(EpochLoader):
             )
             if self.train:
                 anchor, shape, flip = fn.external_source(
-                    source=self._boxes_source(indices, start_batch),
+                    source=self._boxes_source(indices, positions),
                     num_outputs=3,
                     batch=True,
                     batch_info=True,
@@ -368,9 +386,8 @@ class DaliLoader(EpochLoader):
         resized in the graph (the 'graph' path; 'torch' resizes in _resize_crops); the flip is done by
         _normalize_graph."""
         images = fn.decoders.image_slice(jpegs, anchor, shape, axis_names="HW", **decoder_args)
-        return fn.resize(
-            images, resize_x=self.cfg.img_size, resize_y=self.cfg.img_size, interp_type=interp, antialias=True
-        )
+        size = self.augment.img_size(self.epoch)
+        return fn.resize(images, resize_x=size, resize_y=size, interp_type=interp, antialias=True)
 
     def _normalize_graph(self, images, mirror):
         """Flip, normalize with mean / std, lay out as CHW (HWC for channels_last) and convert, in one operator
@@ -390,7 +407,7 @@ class DaliLoader(EpochLoader):
         shape with integer arithmetic that reproduces torchvision exactly: DALI's own resize_shorter would round the
         long side where torchvision truncates, and its center crop would round the offset differently."""
         cfg = self.cfg
-        short, crop = val_resize_size(cfg.img_size, cfg.crop_pct), cfg.img_size
+        short, crop = val_resize_size(self.val_size, cfg.crop_pct), self.val_size
         shape = fn.peek_image_shape(jpegs, dtype=types.INT64, adjust_orientation=False)
         height, width = shape[0], shape[1]
         portrait = width <= height  # torchvision: the width is the shorter side when width <= height

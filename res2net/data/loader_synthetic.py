@@ -5,6 +5,7 @@ import torch
 
 from .index import epoch_batches
 from .loader_base import EpochLoader
+from .transforms import eval_img_size
 
 __all__ = ["SyntheticLoader"]
 
@@ -34,7 +35,8 @@ class SyntheticLoader(EpochLoader):
             self.paths = [f"synthetic/val/{i:08d}.JPEG" for i in range(start, stop)]
             self.targets = [i % self.num_classes for i in range(start, stop)]
         gen = torch.Generator().manual_seed(seed + rank)
-        images = torch.randn(self.batch_size, 3, cfg.img_size, cfg.img_size, generator=gen).to(device, dtype)
+        size = cfg.img_size if train else eval_img_size(cfg.img_size, cfg.val_img_size)
+        images = torch.randn(self.batch_size, 3, size, size, generator=gen).to(device, dtype)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self._images = images.contiguous(memory_format=fmt)
         if train:
