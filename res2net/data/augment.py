@@ -274,8 +274,8 @@ def _ta_param(u_op: float, u_bin: float, u_sign: float) -> tuple[int, float]:
     if op == "posterize":
         return OP_ID[op], float(8 - int(round(b / ((_TA_BINS - 1) / 6))))
     if op == "solarize":
-        return OP_ID[op], float(np.linspace(255.0, 0.0, _TA_BINS, dtype=np.float32)[b])
-    value = float(np.linspace(0.0, top, _TA_BINS, dtype=np.float32)[b])
+        return OP_ID[op], 255.0 * float(torch.linspace(1.0, 0.0, _TA_BINS)[b])
+    value = float(torch.linspace(0.0, top, _TA_BINS)[b])  # torch's float32 bins, as torchvision's
     if signed and u_sign < 0.5:
         value = -value
     if op in ("brightness", "color", "contrast", "sharpness"):
@@ -291,7 +291,7 @@ def augment_plan(
     """The auto_augment ops and colour jitter of the samples at ``positions`` (train images of ``img_size``)."""
     n, slots = len(positions), policy.slots if policy is not None else 0
     ops = np.zeros((n, slots), dtype=np.int32)
-    params = np.zeros((n, slots), dtype=np.float32)
+    params = np.zeros((n, slots), dtype=np.float64)
     jitter = np.ones((n, 3), dtype=np.float32)
     order = np.zeros(n, dtype=np.int32)
     if color_jitter > 0:

@@ -167,6 +167,12 @@ class DaliLoader(EpochLoader):
             self.paths = [str(p) for p in self._paths[shard]]
             self.targets = [int(t) for t in self._labels[shard]]
         self.augment, self.val_size = TrainAugment(cfg, seed), eval_img_size(cfg.img_size, cfg.val_img_size)
+        if train and self.augment.pixel_ops and not self._torch_resize:
+            raise ValueError(
+                f"data.auto_augment={cfg.auto_augment!r} / data.color_jitter={cfg.color_jitter} are not in the DALI "
+                f"graph yet (data.dali_resize resolved to 'graph'): use data.dali_decoder=cpu with "
+                "data.dali_resize=torch (DALI decodes, torch augments) or data.backend=torchvision"
+            )
         self.epoch, self._start = 0, 0
         self.skipped = 0  # DALI never skips: an undecodable file raises (see the module docstring)
         self._pipe = None
