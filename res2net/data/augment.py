@@ -84,7 +84,7 @@ _TIMM_OPS = {
 }
 for _name in ("Color", "Contrast", "Brightness", "Sharpness"):
     _TIMM_OPS[_name] = (_name.lower(), lambda m: m / _DENOM * 1.8 + 0.1, False)
-    # timm keeps the increasing factor >= 0.1 after the sign: max(0.1, 1 +- m / 10 * 0.9), see _enhance_factor
+    # timm keeps the increasing factor >= 0.1 after the sign: max(0.1, 1 +- m / 10 * 0.9), see _timm_param
     _TIMM_OPS[_name + "Increasing"] = (_name.lower(), lambda m: m / _DENOM * 0.9, True)
 _INCREASING_ENHANCE = {"ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing"}
 
