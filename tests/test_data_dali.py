@@ -242,14 +242,14 @@ def test_train_boxes_are_torchvisions_from_the_file_header(tmp_path):
     loader = build_loader(cfg, "train", seed=4, rank=1, world_size=2)
     assert sum(len(x) for x, _ in loader) == len(loader) * 4
     loader.set_epoch(3)
-    indices = loader.epoch_indices(3)
-    _, first = train_positions(len(loader._paths), 1, 2, 4, 3)
+    indices, positions = loader.epoch_positions(3)
+    assert np.array_equal(positions, train_positions(len(loader._paths), 1, 2, 4, 3)[1][: len(indices)])
     for start in (0, 1):
-        source = loader._boxes_source(indices[start * 4 :], start)
+        source = loader._boxes_source(indices[start * 4 :], positions[start * 4 :])
         n = len(indices) - start * 4
         for it in range(len(loader) - start + 2):
             anchors, shapes, flips = source(SimpleNamespace(iteration=it))
-            pos = first + (start + it) * 4 + np.arange(4)
+            pos = positions[start * 4 + (it * 4 + np.arange(4)) % n]
             draws = augmentation_draws(4, 3, pos, cfg.train_crop_scale, cfg.train_crop_ratio, cfg.hflip)
             for j in range(4):
                 with Image.open(loader._paths[indices[start * 4 + (it * 4 + j) % n]]) as img:

@@ -2,6 +2,7 @@
 the Loader of one rank (the protocol: loader_base.EpochLoader) from one of three backends chosen by
 ``data.backend``: dali, torchvision (PIL in DataLoader workers) or synthetic.
 """
+
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -9,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .augment import parse_policy
 from .config import BACKENDS, DALI_DECODERS, DALI_RESIZES, INTERPOLATIONS, DataConfig
 from .index import scan_split
 from .transforms import Normalizer, val_resize_size
@@ -24,6 +26,7 @@ def as_data_config(cfg: Any) -> DataConfig:
         return cfg
     if hasattr(cfg, "_metadata"):  # an OmegaConf node; imported lazily so the library does not need it
         from omegaconf import OmegaConf
+
         cfg = OmegaConf.to_container(cfg, resolve=True)
     cfg = dict(cfg)
     known = {f.name for f in dataclasses.fields(DataConfig)}
@@ -48,8 +51,12 @@ def _validate(cfg: DataConfig, split: str) -> None:
     if cfg.dali_resize not in DALI_RESIZES:
         raise bad("dali_resize", cfg.dali_resize, f"one of {DALI_RESIZES}")
     if cfg.dali_resize == "torch" and cfg.dali_decoder == "mixed":
-        raise bad("dali_resize", cfg.dali_resize, "one of ('auto', 'graph') with data.dali_decoder='mixed' "
-                  "('torch' resizes CPU-decoded images; use data.dali_decoder=cpu for it)")
+        raise bad(
+            "dali_resize",
+            cfg.dali_resize,
+            "one of ('auto', 'graph') with data.dali_decoder='mixed' "
+            "('torch' resizes CPU-decoded images; use data.dali_decoder=cpu for it)",
+        )
     for key in ("batch_size", "img_size", "prefetch"):
         if int(getattr(cfg, key)) < 1:
             raise bad(key, getattr(cfg, key), "an integer >= 1")
@@ -63,6 +70,29 @@ def _validate(cfg: DataConfig, split: str) -> None:
     if not 0.0 <= cfg.hflip <= 1.0:
         raise bad("hflip", cfg.hflip, "a probability in [0, 1]")
     val_resize_size(cfg.img_size, cfg.crop_pct)
+    _validate_augmentation(cfg, bad)
+
+
+def _validate_augmentation(cfg: DataConfig, bad) -> None:
+    parse_policy(cfg.auto_augment)
+    if not 0.0 <= cfg.random_erasing <= 1.0:
+        raise bad("random_erasing", cfg.random_erasing, "a probability in [0, 1]")
+    if cfg.color_jitter < 0:
+        raise bad("color_jitter", cfg.color_jitter, "a strength >= 0 (0 = off)")
+    if int(cfg.repeated_aug) < 1:
+        raise bad("repeated_aug", cfg.repeated_aug, "an integer >= 1 (1 = off)")
+    if cfg.val_img_size is not None and int(cfg.val_img_size) < 1:
+        raise bad("val_img_size", cfg.val_img_size, "null (= data.img_size) or an integer >= 1")
+    sizes, epochs = cfg.progressive_sizes, cfg.progressive_epochs
+    if (sizes is None) != (epochs is None):
+        raise bad("progressive_sizes", sizes, f"set together with data.progressive_epochs (now {epochs}), or both null")
+    if cfg.progressive_step < 1:
+        raise bad("progressive_step", cfg.progressive_step, "an integer >= 1")
+    if sizes is not None:
+        if len(sizes) != 2 or min(sizes) < 1 or any(s % cfg.progressive_step for s in sizes):
+            raise bad("progressive_sizes", sizes, f"[start, end] sizes, multiples of {cfg.progressive_step}")
+        if len(epochs) != 2 or not 0 <= epochs[0] < epochs[1]:
+            raise bad("progressive_epochs", epochs, "[start, end] epochs with 0 <= start < end")
 
 
 def _train_classes(root: str | None) -> Sequence[str] | None:
@@ -73,8 +103,17 @@ def _train_classes(root: str | None) -> Sequence[str] | None:
     return sorted(e.name for e in os.scandir(train_dir) if e.is_dir()) or None
 
 
-def build_loader(cfg: Any, split: str, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 device: Any = "cpu", channels_last: bool = False, dtype: torch.dtype = torch.float32):
+def build_loader(
+    cfg: Any,
+    split: str,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    device: Any = "cpu",
+    channels_last: bool = False,
+    dtype: torch.dtype = torch.float32,
+):
     """The Loader for ``split`` ('train' | 'val') of this rank; loader_base.EpochLoader states the protocol."""
     cfg = as_data_config(cfg)
     _validate(cfg, split)
@@ -83,6 +122,7 @@ def build_loader(cfg: Any, split: str, *, rank: int = 0, world_size: int = 1, se
     common = dict(rank=rank, world_size=world_size, seed=seed, device=device)
     if cfg.backend == "synthetic":
         from .loader_synthetic import SyntheticLoader
+
         return SyntheticLoader(cfg, train, channels_last=channels_last, dtype=dtype, **common)
     samples, classes = scan_split(cfg.root, split, None if train else _train_classes(cfg.root))
     return loader_from_samples(samples, classes, cfg, train, channels_last=channels_last, dtype=dtype, **common)
@@ -97,10 +137,13 @@ def loader_from_samples(samples: Sequence[tuple[str, int]], classes: Sequence[st
     normalizer = Normalizer(cfg.mean, cfg.std, device, dtype, channels_last)
     if cfg.backend == "torchvision":
         from .loader_torchvision import TorchvisionLoader
+
         return TorchvisionLoader(samples, classes, cfg, train, normalizer=normalizer, **common)
     try:
         from .loader_dali import DaliLoader
     except ImportError as err:
-        raise ImportError(f"data.backend=dali needs NVIDIA DALI ({err}); install requirements.txt "
-                          "(nvidia-dali-cuda120) or use data.backend=torchvision") from err
+        raise ImportError(
+            f"data.backend=dali needs NVIDIA DALI ({err}); install requirements.txt "
+            "(nvidia-dali-cuda120) or use data.backend=torchvision"
+        ) from err
     return DaliLoader(samples, classes, cfg, train, normalizer=normalizer, **common)

@@ -5,6 +5,7 @@ Labels are the positions of the class folder names (WordNet ids) in sorted order
 Train: a (seed, epoch) permutation of the split, cut into equal contiguous blocks per rank. Val: contiguous blocks of
 the sorted samples whose sizes differ by at most one, so every image belongs to exactly one rank.
 """
+
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,50 +13,63 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
-    "IMG_EXTENSIONS", "scan_split", "epoch_permutation", "train_shard", "val_shard", "train_positions",
-    "EpochBatches", "epoch_batches",
+    "IMG_EXTENSIONS",
+    "scan_split",
+    "epoch_permutation",
+    "train_shard",
+    "val_shard",
+    "train_positions",
+    "EpochBatches",
+    "epoch_batches",
 ]
 
 IMG_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 _LAYOUT = "<root>/{train,val}/<wnid>/*.JPEG"
 
 
-def scan_split(root: str, split: str, classes: Sequence[str] | None = None
-               ) -> tuple[list[tuple[str, int]], list[str]]:
+def scan_split(root: str, split: str, classes: Sequence[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
     """Return ([(path, label), ...] sorted by class then file name, sorted class names).
 
     ``classes`` fixes the label mapping (e.g. the train split's classes for val); a folder outside it is an error.
     """
     if root is None:
-        raise ValueError(f"data.root is not set; pass data.root=<folder laid out as {_LAYOUT}> "
-                         "(scripts/prepare_imagenet.py creates it from the ImageNet archives)")
+        raise ValueError(
+            f"data.root is not set; pass data.root=<folder laid out as {_LAYOUT}> "
+            "(scripts/prepare_imagenet.py creates it from the ImageNet archives)"
+        )
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"data root {root!r} is not a directory; expected the layout {_LAYOUT} "
-                                "(set data.root; scripts/prepare_imagenet.py creates it)")
+        raise FileNotFoundError(
+            f"data root {root!r} is not a directory; expected the layout {_LAYOUT} "
+            "(set data.root; scripts/prepare_imagenet.py creates it)"
+        )
     split_dir = os.path.join(root, split)
     if not os.path.isdir(split_dir):
         raise FileNotFoundError(f"split folder {split_dir!r} does not exist; expected {_LAYOUT}")
     found = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
     if not found:
-        raise FileNotFoundError(f"split folder {split_dir!r} has no class sub-folders; expected {split_dir}/<wnid>/"
-                                f"*.JPEG (a flat folder of images is not supported: run scripts/prepare_imagenet.py)")
+        raise FileNotFoundError(
+            f"split folder {split_dir!r} has no class sub-folders; expected {split_dir}/<wnid>/"
+            f"*.JPEG (a flat folder of images is not supported: run scripts/prepare_imagenet.py)"
+        )
     if classes is None:
         classes = found
     else:
         classes = list(classes)
         unknown = sorted(set(found) - set(classes))
         if unknown:
-            raise ValueError(f"{split_dir!r} has class folders {unknown[:5]} that are not among the "
-                             f"{len(classes)} expected classes")
+            raise ValueError(
+                f"{split_dir!r} has class folders {unknown[:5]} that are not among the {len(classes)} expected classes"
+            )
     label_of = {c: i for i, c in enumerate(classes)}
     samples: list[tuple[str, int]] = []
     for wnid in found:
         class_dir = os.path.join(split_dir, wnid)
-        names = sorted(e.name for e in os.scandir(class_dir)
-                       if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
+        names = sorted(e.name for e in os.scandir(class_dir) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
         if not names:
-            raise FileNotFoundError(f"class folder {class_dir!r} holds no images; expected at least one file "
-                                    f"ending in one of {IMG_EXTENSIONS} (case-insensitive)")
+            raise FileNotFoundError(
+                f"class folder {class_dir!r} holds no images; expected at least one file "
+                f"ending in one of {IMG_EXTENSIONS} (case-insensitive)"
+            )
         label = label_of[wnid]
         samples.extend((os.path.join(class_dir, n), label) for n in names)
     return samples, list(classes)
@@ -80,10 +94,23 @@ def train_shard(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return rank * per_rank, (rank + 1) * per_rank
 
 
-def train_positions(n: int, rank: int, world_size: int, seed: int, epoch: int) -> tuple[np.ndarray, int]:
-    """(sample indices of this rank in epoch order, global position of the first one)."""
+def train_positions(
+    n: int, rank: int, world_size: int, seed: int, epoch: int, repeats: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """(sample indices of this rank in epoch order, their global positions in the epoch: the key of their
+    augmentation draws). ``repeats`` = 1: the rank's contiguous block of the epoch permutation. ``repeats`` > 1
+    (repeated augmentation, as timm's RASampler): the first ceil(n / repeats) images of the permutation, each
+    ``repeats`` times in a row, cut to n and dealt round-robin over the ranks, so consecutive repeats of an image
+    go to different ranks (or, on fewer ranks than repeats, to different positions of one) with different draws."""
+    if repeats < 1:
+        raise ValueError(f"data.repeated_aug must be an integer >= 1, got {repeats}")
     start, stop = train_shard(n, rank, world_size)
-    return epoch_permutation(n, seed, epoch)[start:stop], start
+    perm = epoch_permutation(n, seed, epoch)
+    if repeats == 1:
+        return perm[start:stop], np.arange(start, stop)
+    order = np.repeat(perm[: -(-n // repeats)], repeats)[:n]
+    positions = np.arange(rank, n, world_size)[: stop - start]
+    return order[positions], positions
 
 
 def val_shard(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -124,8 +151,10 @@ def epoch_batches(n: int, batch_size: int, rank: int, world_size: int, *, train:
         return EpochBatches(start, stop, batch_size, stop - start, -(-(stop - start) // batch_size))
     num_batches = (stop - start) // batch_size
     if num_batches == 0:
-        raise ValueError(f"rank {rank} of {world_size} gets {stop - start} of the {n} training samples, fewer than "
-                         f"data.batch_size={batch_size}; lower data.batch_size or add training data")
+        raise ValueError(
+            f"rank {rank} of {world_size} gets {stop - start} of the {n} training samples, fewer than "
+            f"data.batch_size={batch_size}; lower data.batch_size or add training data"
+        )
     return EpochBatches(start, stop, batch_size, num_batches * batch_size, num_batches)
 
 

@@ -43,8 +43,9 @@ class EpochLoader:
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         if epoch < 0 or not 0 <= start_batch <= len(self):
-            raise ValueError(f"need epoch >= 0 and 0 <= start_batch <= {len(self)}, "
-                             f"got epoch={epoch}, start_batch={start_batch}")
+            raise ValueError(
+                f"need epoch >= 0 and 0 <= start_batch <= {len(self)}, got epoch={epoch}, start_batch={start_batch}"
+            )
         self._seek(epoch, start_batch)
 
     def _seek(self, epoch: int, start_batch: int) -> None:

@@ -6,6 +6,7 @@ index), for any thread count and after a resume. ``data.dali_resize``: 'graph' r
 GPU graph), 'torch' resizes the decoded crops with torch (the CPU default, see README "Speed"). An undecodable file
 stops the epoch with an error naming it: DALI cannot skip a sample.
 """
+
 import struct
 from collections.abc import Sequence
 
@@ -14,6 +15,7 @@ import torch
 from nvidia.dali import Pipeline, fn, types
 from PIL import Image
 
+from .augment import TrainAugment, apply_ops
 from .config import DALI_RESIZES
 from .index import epoch_batches, train_positions
 from .loader_base import EpochLoader
@@ -21,6 +23,7 @@ from .transforms import (
     DRAW_FLIP,
     augmentation_draws,
     center_crop_offset,
+    eval_img_size,
     random_resized_crop_box,
     val_resize_size,
     val_resized_shape,
@@ -35,11 +38,15 @@ def resolve_decoder(choice: str, device: torch.device) -> str:
         return "mixed" if device.type == "cuda" else "cpu"
     if choice == "mixed":
         if not torch.cuda.is_available():
-            raise RuntimeError("data.dali_decoder='mixed' decodes on a CUDA GPU, but CUDA is not available here; "
-                               "use data.dali_decoder=cpu (or auto)")
+            raise RuntimeError(
+                "data.dali_decoder='mixed' decodes on a CUDA GPU, but CUDA is not available here; "
+                "use data.dali_decoder=cpu (or auto)"
+            )
         if device.type != "cuda":
-            raise RuntimeError(f"data.dali_decoder='mixed' puts batches on the GPU, but the loader's device is "
-                               f"{device}; pass a CUDA device or use data.dali_decoder=cpu")
+            raise RuntimeError(
+                f"data.dali_decoder='mixed' puts batches on the GPU, but the loader's device is "
+                f"{device}; pass a CUDA device or use data.dali_decoder=cpu"
+            )
     return choice
 
 
@@ -49,9 +56,11 @@ def resolve_resize(choice: str, decoder: str) -> str:
     if choice == "auto":
         return "torch" if decoder == "cpu" else "graph"
     if choice == "torch" and decoder != "cpu":
-        raise ValueError(f"data.dali_resize={choice!r} is invalid with {decoder!r} decoding (data.dali_decoder="
-                         f"auto on a CUDA device, or mixed): expected one of ('auto', 'graph') there; 'torch' "
-                         "resizes CPU-decoded images, so use data.dali_decoder=cpu for it")
+        raise ValueError(
+            f"data.dali_resize={choice!r} is invalid with {decoder!r} decoding (data.dali_decoder="
+            f"auto on a CUDA device, or mixed): expected one of ('auto', 'graph') there; 'torch' "
+            "resizes CPU-decoded images, so use data.dali_decoder=cpu for it"
+        )
     if choice not in DALI_RESIZES:
         raise ValueError(f"data.dali_resize={choice!r} is invalid: expected one of {DALI_RESIZES}")
     return choice
@@ -121,8 +130,19 @@ def _suspects(files: Sequence[str]) -> list[str]:
 class DaliLoader(EpochLoader):
     """The Loader protocol (loader_base.EpochLoader) over a DALI pipeline rebuilt per epoch."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str], cfg, train: bool, *, rank: int,
-                 world_size: int, seed: int, device: torch.device, normalizer):
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        classes: Sequence[str],
+        cfg,
+        train: bool,
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: torch.device,
+        normalizer,
+    ):
         self.classes, self.num_classes = list(classes), len(classes)
         self.cfg, self.train, self.batch_size = cfg, train, cfg.batch_size
         self.rank, self.world_size, self.seed, self.device = rank, world_size, seed, device
@@ -146,6 +166,13 @@ class DaliLoader(EpochLoader):
             shard = slice(self._batches.start, self._batches.stop)
             self.paths = [str(p) for p in self._paths[shard]]
             self.targets = [int(t) for t in self._labels[shard]]
+        self.augment, self.val_size = TrainAugment(cfg, seed), eval_img_size(cfg.img_size, cfg.val_img_size)
+        if train and self.augment.pixel_ops and not self._torch_resize:
+            raise ValueError(
+                f"data.auto_augment={cfg.auto_augment!r} / data.color_jitter={cfg.color_jitter} are not in the DALI "
+                f"graph yet (data.dali_resize resolved to 'graph'): use data.dali_decoder=cpu with "
+                "data.dali_resize=torch (DALI decodes, torch augments) or data.backend=torchvision"
+            )
         self.epoch, self._start = 0, 0
         self.skipped = 0  # DALI never skips: an undecodable file raises (see the module docstring)
         self._pipe = None
@@ -155,10 +182,16 @@ class DaliLoader(EpochLoader):
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """Sample indices this rank reads in ``epoch``, in order (whole batches only for train)."""
+        return self.epoch_positions(epoch)[0]
+
+    def epoch_positions(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(epoch_indices, their positions in the epoch: the key of their draws, see index.train_positions)."""
         if self.train:
-            order, _ = train_positions(len(self._paths), self.rank, self.world_size, self.seed, epoch)
-            return order[: self.num_samples]
-        return np.arange(self._batches.start, self._batches.stop)
+            n, repeats = len(self._paths), self.cfg.repeated_aug
+            order, positions = train_positions(n, self.rank, self.world_size, self.seed, epoch, repeats)
+            return order[: self.num_samples], positions[: self.num_samples]
+        order = np.arange(self._batches.start, self._batches.stop)
+        return order, order
 
     def __iter__(self):
         start, self._start = self._start, 0  # a later iteration without set_epoch repeats the epoch from batch 0
@@ -166,10 +199,10 @@ class DaliLoader(EpochLoader):
         if not batches:
             return
         first = self._batches.bounds(start)[0]
-        indices = self.epoch_indices(self.epoch)[first:]
+        indices, positions = (a[first:] for a in self.epoch_positions(self.epoch))
         self._release()
         files = [str(p) for p in self._paths[indices]]
-        self._pipe = self._build_pipeline(files, self._labels[indices].tolist(), indices, start)
+        self._pipe = self._build_pipeline(files, self._labels[indices].tolist(), indices, positions)
         for b in batches:
             lo, hi = self._batches.bounds(b)
             try:
@@ -182,16 +215,20 @@ class DaliLoader(EpochLoader):
                     f"{self.cfg.root}` (--fix re-encodes them), or use data.backend=torchvision, which skips them."
                 ) from err
             except RuntimeError as err:
-                batch_files = files[lo - first:hi - first]
+                batch_files = files[lo - first : hi - first]
                 self._release()
                 raise RuntimeError(
                     f"DALI failed on batch {b} of epoch {self.epoch} (rank {self.rank}); undecodable "
                     f"file(s): {_suspects(batch_files)}\n{err}\nFind such files with "
                     f"`python scripts/check_dataset.py {self.cfg.root}` (--fix re-encodes them), or use "
-                    "data.backend=torchvision, which skips them.") from err
-            images, labels = self._to_torch(*outputs)
+                    "data.backend=torchvision, which skips them."
+                ) from err
+            batch_positions = positions[lo - first : hi - first]
+            images, labels = self._to_torch(*outputs, positions=batch_positions)
+            if self.train:
+                images = self.augment.erase(images, self.epoch, batch_positions)
             # The reader pads the last val batch by repeating its last file; trimmed, so every image counts once.
-            yield images[:hi - lo], labels[:hi - lo].to(self.device, non_blocking=True)
+            yield images[: hi - lo], labels[: hi - lo].to(self.device, non_blocking=True)
         self._release()
 
     def _graph_dtype(self):
@@ -201,31 +238,37 @@ class DaliLoader(EpochLoader):
             return types.FLOAT16, torch.float16
         return types.FLOAT, torch.float32
 
-    def _to_torch(self, images, labels, flips=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _to_torch(self, images, labels, flips=None, *, positions) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's input batch (NCHW, channels_last strides when asked, ``dtype``, on the device). 'torch':
         ``images`` are the decoded images (train: crops, with their ``flips``), resized here. 'graph': the graph's
         normalized NCHW / NHWC batch, copied into a torch tensor where the graph ran ('mixed': on the GPU, on
         torch's stream; CPU decoding: in host memory, then moved to the device if that is CUDA)."""
         labels = torch.from_numpy(labels.as_array().reshape(-1).astype(np.int64))
         if self._torch_resize:
-            return self._resize_crops(images, None if flips is None else flips.as_array().reshape(-1)), labels
+            flips = None if flips is None else flips.as_array().reshape(-1)
+            return self._resize_crops(images, flips, positions), labels
         from nvidia.dali.plugin.pytorch import feed_ndarray
+
         tensor = images.as_tensor()
         on_gpu = self.decoder == "mixed"
-        out = torch.empty(tensor.shape(), dtype=self._graph_dtype()[1],
-                          device=self.device if on_gpu else torch.device("cpu"))
+        out = torch.empty(
+            tensor.shape(), dtype=self._graph_dtype()[1], device=self.device if on_gpu else torch.device("cpu")
+        )
         feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(self.device) if on_gpu else None)
         if self.normalize.channels_last:
             out = out.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: exactly the channels_last layout
         return out.to(self.device, self.normalize.dtype), labels  # keeps the strides
 
-    def _resize_crops(self, crops, flips: np.ndarray) -> torch.Tensor:
+    def _resize_crops(self, crops, flips: np.ndarray | None, positions: np.ndarray) -> torch.Tensor:
         """The model's input batch from the decoded crops: each resized to img_size x img_size with torch's
         antialiased uint8 resampling (PIL's filters), flipped where ``flips`` says and normalized one image at a
         time while it is in cache (the same float32 operations as transforms.Normalizer, so the same values; faster
         than normalizing the batch afterwards). For a CUDA
-        device the uint8 batch goes to transforms.Normalizer instead, which normalizes on the GPU."""
-        size, mode = self.cfg.img_size, self.cfg.interpolation  # 'bilinear' | 'bicubic': torch's names too
+        device the uint8 batch goes to transforms.Normalizer instead, which normalizes on the GPU. Train crops get
+        their auto_augment / colour jitter plan (augment.py, the torchvision backend's ops) after the flip."""
+        size = self.augment.img_size(self.epoch) if flips is not None else self.val_size
+        mode = self.cfg.interpolation  # 'bilinear' | 'bicubic': torch's names too
+        plan = self.augment.plan(self.epoch, positions[: len(crops)]) if flips is not None else None
         short = val_resize_size(size, self.cfg.crop_pct)
         norm = self.normalize
         if self._normalize_each:
@@ -238,15 +281,19 @@ class DaliLoader(EpochLoader):
             crop = torch.from_dlpack(crops[i]).permute(2, 0, 1)[None]  # HWC memory: channels_last, uint8 fast path
             if flips is None:  # val: shorter side to `short` as torchvision computes it, then the center crop
                 new_h, new_w = val_resized_shape(crop.shape[2], crop.shape[3], short)
-                image = torch.nn.functional.interpolate(crop, size=(new_h, new_w), mode=mode, antialias=True,
-                                                        align_corners=False)[0]
+                image = torch.nn.functional.interpolate(
+                    crop, size=(new_h, new_w), mode=mode, antialias=True, align_corners=False
+                )[0]
                 top, left = center_crop_offset(new_h, size), center_crop_offset(new_w, size)
-                image = image[:, top:top + size, left:left + size]
+                image = image[:, top : top + size, left : left + size]
             else:
-                image = torch.nn.functional.interpolate(crop, size=(size, size), mode=mode, antialias=True,
-                                                        align_corners=False)[0]
+                image = torch.nn.functional.interpolate(
+                    crop, size=(size, size), mode=mode, antialias=True, align_corners=False
+                )[0]
             if flips is not None and flips[i]:
                 image = image.flip(-1)
+            if plan is not None:
+                image = apply_ops(image, plan.row(i), mode, self.augment.fill)
             if self._normalize_each:
                 out[i].copy_(image).mul_(scale).add_(shift)
             else:
@@ -270,47 +317,63 @@ class DaliLoader(EpochLoader):
             self._shapes[idx] = h, w
         return int(h), int(w)
 
-    def _boxes_source(self, indices: np.ndarray, start_batch: int):
+    def _boxes_source(self, indices: np.ndarray, positions: np.ndarray):
         """external_source callback: for pipeline iteration i, the RandomResizedCrop box (anchor (top, left),
         shape (h, w)) and flip of each sample, computed by transforms.random_resized_crop_box -- the torchvision
-        backend's own function -- from the draws of the global positions first + (start_batch + i) * batch_size + j
-        and the file's size. The reader wraps around after the last file when the pipeline prefetches past the
-        end; those batches are never yielded, but their boxes must still fit the files read, hence the modulo."""
-        _, first = train_positions(len(self._paths), self.rank, self.world_size, self.seed, self.epoch)
-        first += self._batches.bounds(start_batch)[0]
+        backend's own function -- from the draws of the epoch positions of the samples read and the file's size.
+        The reader wraps around after the last file when the pipeline prefetches past the end; those batches are
+        never yielded, but their boxes must still fit the files read, hence the modulo."""
         seed, epoch, cfg, n = self.seed, self.epoch, self.cfg, len(indices)
 
         def boxes(info):
             base = info.iteration * self.batch_size
-            draws = augmentation_draws(seed, epoch, np.arange(first + base, first + base + self.batch_size),
-                                       cfg.train_crop_scale, cfg.train_crop_ratio, cfg.hflip)
+            draws = augmentation_draws(
+                seed,
+                epoch,
+                positions[np.arange(base, base + self.batch_size) % n],
+                cfg.train_crop_scale,
+                cfg.train_crop_ratio,
+                cfg.hflip,
+            )
             out = np.empty((self.batch_size, 5), dtype=np.int32)
             for j in range(self.batch_size):
                 height, width = self._shape(indices[(base + j) % n])
                 out[j, :4] = random_resized_crop_box(draws[j], height, width)
                 out[j, 4] = draws[j, DRAW_FLIP]
             return list(out[:, 0:2]), list(out[:, 2:4]), [np.array(v) for v in out[:, 4]]
+
         return boxes
 
-    def _build_pipeline(self, files: list[str], labels: list[int], indices: np.ndarray, start_batch: int) -> Pipeline:
+    def _build_pipeline(
+        self, files: list[str], labels: list[int], indices: np.ndarray, positions: np.ndarray
+    ) -> Pipeline:
         cfg = self.cfg
         interp = types.INTERP_LINEAR if cfg.interpolation == "bilinear" else types.INTERP_CUBIC
         device_id = None
         if self.decoder == "mixed":
             device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        pipe = Pipeline(batch_size=self.batch_size, num_threads=max(1, cfg.num_workers), device_id=device_id,
-                        prefetch_queue_depth=cfg.prefetch)
+        pipe = Pipeline(
+            batch_size=self.batch_size,
+            num_threads=max(1, cfg.num_workers),
+            device_id=device_id,
+            prefetch_queue_depth=cfg.prefetch,
+        )
         # EXIF orientation is ignored, as PIL does.
         decoder_args = dict(device=self.decoder, output_type=types.RGB, adjust_orientation=False)
         if self.decoder == "mixed":
             decoder_args["jpeg_fancy_upsampling"] = True  # nvJPEG upsamples chroma as libjpeg-turbo does on the CPU
         with pipe:
-            jpegs, label_node = fn.readers.file(files=files, labels=labels, random_shuffle=False,
-                                                pad_last_batch=True, name="reader")
+            jpegs, label_node = fn.readers.file(
+                files=files, labels=labels, random_shuffle=False, pad_last_batch=True, name="reader"
+            )
             if self.train:
-                anchor, shape, flip = fn.external_source(source=self._boxes_source(indices, start_batch),
-                                                         num_outputs=3, batch=True, batch_info=True,
-                                                         dtype=types.INT32)
+                anchor, shape, flip = fn.external_source(
+                    source=self._boxes_source(indices, positions),
+                    num_outputs=3,
+                    batch=True,
+                    batch_info=True,
+                    dtype=types.INT32,
+                )
                 if self._torch_resize:
                     crops = fn.decoders.image_slice(jpegs, anchor, shape, axis_names="HW", **decoder_args)
                     pipe.set_outputs(crops, label_node, flip)
@@ -329,23 +392,28 @@ class DaliLoader(EpochLoader):
         resized in the graph (the 'graph' path; 'torch' resizes in _resize_crops); the flip is done by
         _normalize_graph."""
         images = fn.decoders.image_slice(jpegs, anchor, shape, axis_names="HW", **decoder_args)
-        return fn.resize(images, resize_x=self.cfg.img_size, resize_y=self.cfg.img_size, interp_type=interp,
-                         antialias=True)
+        size = self.augment.img_size(self.epoch)
+        return fn.resize(images, resize_x=size, resize_y=size, interp_type=interp, antialias=True)
 
     def _normalize_graph(self, images, mirror):
         """Flip, normalize with mean / std, lay out as CHW (HWC for channels_last) and convert, in one operator
         (crop_mirror_normalize; the 'graph' path): the consumer only copies the output (see _to_torch)."""
         cfg = self.cfg
-        return fn.crop_mirror_normalize(images, mirror=mirror, mean=[255.0 * m for m in cfg.mean],
-                                        std=[255.0 * s for s in cfg.std], dtype=self._graph_dtype()[0],
-                                        output_layout="HWC" if self.normalize.channels_last else "CHW")
+        return fn.crop_mirror_normalize(
+            images,
+            mirror=mirror,
+            mean=[255.0 * m for m in cfg.mean],
+            std=[255.0 * s for s in cfg.std],
+            dtype=self._graph_dtype()[0],
+            output_layout="HWC" if self.normalize.channels_last else "CHW",
+        )
 
     def _val_graph(self, jpegs, decoder_args, interp):
         """torchvision's Resize(shorter side) + CenterCrop in the graph ('graph' path), from the encoded image's
         shape with integer arithmetic that reproduces torchvision exactly: DALI's own resize_shorter would round the
         long side where torchvision truncates, and its center crop would round the offset differently."""
         cfg = self.cfg
-        short, crop = val_resize_size(cfg.img_size, cfg.crop_pct), cfg.img_size
+        short, crop = val_resize_size(self.val_size, cfg.crop_pct), self.val_size
         shape = fn.peek_image_shape(jpegs, dtype=types.INT64, adjust_orientation=False)
         height, width = shape[0], shape[1]
         portrait = width <= height  # torchvision: the width is the shorter side when width <= height
@@ -360,8 +428,15 @@ class DaliLoader(EpochLoader):
         roi_start = fn.cast(fn.stack(top * scale_y, left * scale_x), dtype=types.FLOAT)
         roi_end = fn.cast(fn.stack((top + crop) * scale_y, (left + crop) * scale_x), dtype=types.FLOAT)
         images = fn.decoders.image(jpegs, **decoder_args)
-        return fn.resize(images, size=[crop, crop], roi_start=roi_start, roi_end=roi_end, roi_relative=False,
-                         interp_type=interp, antialias=True)
+        return fn.resize(
+            images,
+            size=[crop, crop],
+            roi_start=roi_start,
+            roi_end=roi_end,
+            roi_relative=False,
+            interp_type=interp,
+            antialias=True,
+        )
 
     def _release(self) -> None:
         pipe, self._pipe = self._pipe, None

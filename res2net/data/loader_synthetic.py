@@ -1,16 +1,28 @@
 """Synthetic backend: one batch of random images made once on the device and yielded again and again, so a
 benchmark measures the model alone. Follows the Loader protocol, including val sharding and fake paths."""
+
 import torch
 
 from .index import epoch_batches
 from .loader_base import EpochLoader
+from .transforms import eval_img_size
 
 __all__ = ["SyntheticLoader"]
 
 
 class SyntheticLoader(EpochLoader):
-    def __init__(self, cfg, train: bool, *, rank: int, world_size: int, seed: int, device: torch.device,
-                 channels_last: bool, dtype: torch.dtype):
+    def __init__(
+        self,
+        cfg,
+        train: bool,
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: torch.device,
+        channels_last: bool,
+        dtype: torch.dtype,
+    ):
         self.num_classes = cfg.synthetic_num_classes
         if self.num_classes < 1:
             raise ValueError(f"data.synthetic_num_classes must be >= 1, got {self.num_classes}")
@@ -23,7 +35,8 @@ class SyntheticLoader(EpochLoader):
             self.paths = [f"synthetic/val/{i:08d}.JPEG" for i in range(start, stop)]
             self.targets = [i % self.num_classes for i in range(start, stop)]
         gen = torch.Generator().manual_seed(seed + rank)
-        images = torch.randn(self.batch_size, 3, cfg.img_size, cfg.img_size, generator=gen).to(device, dtype)
+        size = cfg.img_size if train else eval_img_size(cfg.img_size, cfg.val_img_size)
+        images = torch.randn(self.batch_size, 3, size, size, generator=gen).to(device, dtype)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self._images = images.contiguous(memory_format=fmt)
         if train:

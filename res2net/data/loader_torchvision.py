@@ -6,6 +6,7 @@ bit-identical for any num_workers and any start_batch; persistent workers follow
 Undecodable files are skipped and counted (see ``_BatchDataset``); a worker that dies raises
 ``worker_watch.WorkerCrashError`` naming the file it was decoding.
 """
+
 import logging
 from collections.abc import Sequence
 
@@ -13,12 +14,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .augment import TrainAugment
 from .index import EpochBatches, epoch_batches, train_positions
 from .loader_base import EpochLoader
 from .transforms import (
     DRAW_FLIP,
     augmentation_draws,
     center_crop_offset,
+    eval_img_size,
     random_resized_crop_box,
     val_resize_size,
     val_resized_shape,
@@ -71,42 +74,59 @@ class _BatchDataset(torch.utils.data.Dataset):
     evaluated image) as a uniform image of the mean colour, which normalizes to zeros.
     """
 
-    def __init__(self, paths: np.ndarray, labels: np.ndarray, train: bool, cfg, batches: EpochBatches, rank: int,
-                 world_size: int, seed: int):
+    def __init__(
+        self,
+        paths: np.ndarray,
+        labels: np.ndarray,
+        train: bool,
+        cfg,
+        batches: EpochBatches,
+        rank: int,
+        world_size: int,
+        seed: int,
+    ):
         # numpy arrays rather than lists of tuples: forked workers do not copy them page by page through refcounts.
         self.paths, self.labels = paths, labels
         self.train, self.batches = train, batches
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.img_size, self.crop_pct, self.interpolation = cfg.img_size, cfg.crop_pct, cfg.interpolation
+        self.crop_pct, self.interpolation = cfg.crop_pct, cfg.interpolation
+        self.val_size = eval_img_size(cfg.img_size, cfg.val_img_size)
+        self.repeats, self.augment = cfg.repeated_aug, TrainAugment(cfg, seed)
         self.scale, self.ratio, self.hflip = list(cfg.train_crop_scale), list(cfg.train_crop_ratio), cfg.hflip
         self.fill = np.array([round(255 * m) for m in cfg.mean], dtype=np.uint8)
-        self._order: tuple[int, np.ndarray, int] | None = None
+        self._order: tuple[int, np.ndarray, np.ndarray] | None = None
         self.table: WorkerTable | None = None  # set by the loader when decoding runs in worker processes
 
-    def rank_order(self, epoch: int) -> tuple[np.ndarray, int]:
-        """(sample indices of this rank in iteration order, global position of the first)."""
+    def rank_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sample indices of this rank in iteration order, their positions in the epoch: index.train_positions)."""
         if not self.train:
-            return np.arange(self.batches.start, self.batches.stop), self.batches.start
+            order = np.arange(self.batches.start, self.batches.stop)
+            return order, order
         if self._order is None or self._order[0] != epoch:
-            order, first = train_positions(len(self.paths), self.rank, self.world_size, self.seed, epoch)
-            self._order = (epoch, order, first)
+            order, positions = train_positions(
+                len(self.paths), self.rank, self.world_size, self.seed, epoch, self.repeats
+            )
+            self._order = (epoch, order, positions)
         return self._order[1], self._order[2]
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, batch = key
-        order, first = self.rank_order(epoch)
+        order, positions = self.rank_order(epoch)
         lo, hi = self.batches.bounds(batch)
-        out = np.empty((hi - lo, self.img_size, self.img_size, 3), dtype=np.uint8)
+        size = self.augment.img_size(epoch) if self.train else self.val_size
+        out = np.empty((hi - lo, size, size, 3), dtype=np.uint8)
         labels = np.empty(hi - lo, dtype=np.int64)
         skipped: list[tuple[str, str]] = []
         if self.train:
-            draws = augmentation_draws(self.seed, epoch, np.arange(first + lo, first + hi), self.scale, self.ratio,
-                                       self.hflip)
+            draws = augmentation_draws(self.seed, epoch, positions[lo:hi], self.scale, self.ratio, self.hflip)
+            plan = self.augment.plan(epoch, positions[lo:hi])
         slot = self.table.worker_slot() if self.table is not None else None
         try:
             for row, pos in enumerate(range(lo, hi)):
                 if self.train:
                     labels[row] = self._decode_train(out[row], order, pos, draws[row], skipped, slot)
+                    if plan is not None:
+                        out[row] = self.augment.apply_hwc(out[row], plan.row(row))
                 else:
                     labels[row] = self._decode_val(out[row], order[pos], skipped, slot)
         finally:
@@ -118,25 +138,28 @@ class _BatchDataset(torch.utils.data.Dataset):
         if slot is not None:
             self.table.busy(slot, int(idx))
         try:
-            dst[...] = decode_val_image(str(self.paths[idx]), self.img_size, self.crop_pct, self.interpolation)
+            dst[...] = decode_val_image(str(self.paths[idx]), self.val_size, self.crop_pct, self.interpolation)
         except Exception as err:  # any decoder failure: PIL raises OSError, SyntaxError, ValueError, ...
             skipped.append((str(self.paths[idx]), repr(err)))
             dst[...] = self.fill
         return int(self.labels[idx])
 
-    def _decode_train(self, dst: np.ndarray, order: np.ndarray, pos: int, draws: np.ndarray, skipped: list,
-                      slot: int | None) -> int:
+    def _decode_train(
+        self, dst: np.ndarray, order: np.ndarray, pos: int, draws: np.ndarray, skipped: list, slot: int | None
+    ) -> int:
         for step in range(len(order)):
             idx = order[(pos + step) % len(order)]
             if slot is not None:
                 self.table.busy(slot, int(idx))
             try:
-                dst[...] = decode_train_image(str(self.paths[idx]), draws, self.img_size, self.interpolation)
+                dst[...] = decode_train_image(str(self.paths[idx]), draws, dst.shape[0], self.interpolation)
                 return int(self.labels[idx])
             except Exception as err:  # any decoder failure, see _decode_val
                 skipped.append((str(self.paths[idx]), repr(err)))
-        raise RuntimeError(f"no decodable image among the {len(order)} samples of rank {self.rank}; "
-                           "run scripts/check_dataset.py on the data root")
+        raise RuntimeError(
+            f"no decodable image among the {len(order)} samples of rank {self.rank}; "
+            "run scripts/check_dataset.py on the data root"
+        )
 
 
 def _loader_seed(seed: int, epoch: int, rank: int) -> int:
@@ -160,8 +183,19 @@ class _EpochBatchSampler(torch.utils.data.Sampler):
 class TorchvisionLoader(EpochLoader):
     """The Loader protocol (loader_base.EpochLoader) over PIL decoding in DataLoader workers."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str], cfg, train: bool, *, rank: int,
-                 world_size: int, seed: int, device: torch.device, normalizer):
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        classes: Sequence[str],
+        cfg,
+        train: bool,
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: torch.device,
+        normalizer,
+    ):
         self.classes, self.num_classes = list(classes), len(classes)
         self.train, self.batch_size, self.device, self.normalize = train, cfg.batch_size, device, normalizer
         paths = np.array([p for p, _ in samples])
@@ -181,9 +215,15 @@ class TorchvisionLoader(EpochLoader):
         # iterator is created; __iter__ seeds it from (seed, epoch, rank).
         self._generator = torch.Generator()
         self._loader = torch.utils.data.DataLoader(
-            self._dataset, batch_size=None, sampler=self._sampler, num_workers=workers, generator=self._generator,
-            pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-            prefetch_factor=cfg.prefetch if workers > 0 else None)
+            self._dataset,
+            batch_size=None,
+            sampler=self._sampler,
+            num_workers=workers,
+            generator=self._generator,
+            pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0,
+            prefetch_factor=cfg.prefetch if workers > 0 else None,
+        )
         self.skipped = 0
         self.skipped_paths: list[str] = []
 
@@ -196,6 +236,7 @@ class TorchvisionLoader(EpochLoader):
         dataset = self._dataset
         self._generator.manual_seed(_loader_seed(dataset.seed, self._sampler.epoch, dataset.rank))
         batches = iter(self._loader)
+        epoch, batch = self._sampler.epoch, self._sampler.start
         self._sampler.start = 0  # a later iteration without set_epoch repeats the epoch from its first batch
         if self.worker_table is not None:
             watch_sigchld()  # torch installed its SIGCHLD handler when it started the workers
@@ -212,7 +253,12 @@ class TorchvisionLoader(EpochLoader):
                     raise
                 raise crash from err
             self._report(skipped)
-            yield self.normalize(images), labels.to(self.device, non_blocking=True)
+            images = self.normalize(images)
+            if self.train:
+                lo, hi = self._batches.bounds(batch)
+                images = dataset.augment.erase(images, epoch, dataset.rank_order(epoch)[1][lo:hi])
+            batch += 1
+            yield images, labels.to(self.device, non_blocking=True)
 
     def _report(self, skipped: list[tuple[str, str]]) -> None:
         for path, reason in skipped:
@@ -220,8 +266,12 @@ class TorchvisionLoader(EpochLoader):
             if path not in self.skipped_paths:
                 self.skipped_paths.append(path)
                 action = "replaced by the next sample" if self.train else "fed as a mean-colour image"
-                log.warning("skipped undecodable image %s (%s); %s. Find such files with "
-                               "scripts/check_dataset.py", path, reason, action)
+                log.warning(
+                    "skipped undecodable image %s (%s); %s. Find such files with scripts/check_dataset.py",
+                    path,
+                    reason,
+                    action,
+                )
 
     def close(self) -> None:
         if self.worker_table is not None:

@@ -5,6 +5,7 @@ its pid and the sample it is about to decode in a shared-memory ``WorkerTable``;
 into a ``WorkerCrashError`` naming the dead workers' files, and ``watch_sigchld`` does the same for the error torch's
 SIGCHLD handler raises wherever the main thread is (usually the training step).
 """
+
 import multiprocessing
 import os
 import signal
@@ -90,8 +91,9 @@ def _exit_status(pid: int) -> str | None:
     return f"exit code {info.si_status}"
 
 
-def crash_error(err: BaseException, tables: Sequence[WorkerTable] | None = None,
-                grace_s: float = 0.0) -> WorkerCrashError | None:
+def crash_error(
+    err: BaseException, tables: Sequence[WorkerTable] | None = None, grace_s: float = 0.0
+) -> WorkerCrashError | None:
     """The error naming what the dead workers of ``tables`` (default: every open loader's) were decoding; None when
     no recorded worker has died within ``grace_s`` (``err`` is then some other failure). The grace covers a
     worker killed while sending a batch: the main process sees the broken connection before the worker has
@@ -114,8 +116,10 @@ def crash_error(err: BaseException, tables: Sequence[WorkerTable] | None = None,
             parts.append(f"{who} died while decoding {table._describe(index)}")
     if not parts:
         return None
-    hints = ["SIGKILL usually means the out-of-memory killer (see `dmesg`; lower data.num_workers, data.prefetch or "
-             "data.batch_size)"]
+    hints = [
+        "SIGKILL usually means the out-of-memory killer (see `dmesg`; lower data.num_workers, data.prefetch or "
+        "data.batch_size)"
+    ]
     if any(index != IDLE for _, (_, _, index, _) in dead):
         hints.append("a decoder crash (e.g. SIGSEGV) points to the file: check it with scripts/check_dataset.py")
     return WorkerCrashError(f"{'; '.join(parts)}. {'; '.join(hints)}. torch said: {str(err).strip()}")
