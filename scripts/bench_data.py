@@ -27,6 +27,7 @@ import time
 import torch
 
 from res2net.data import DataConfig, build_loader
+from res2net.errors import run_script
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -149,4 +150,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

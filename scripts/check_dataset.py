@@ -29,6 +29,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from res2net.errors import run_script
 from res2net.files import atomic_write
 
 # The files the loaders read: res2net.data.index.IMG_EXTENSIONS (a test keeps them equal), not imported because
@@ -168,4 +169,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

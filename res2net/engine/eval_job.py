@@ -24,6 +24,7 @@ from res2net.config import to_dict
 from res2net.engine.amp import resolve_amp, resolve_channels_last
 from res2net.engine.distributed import DistInfo, barrier, select_device
 from res2net.engine.loops import PREDICTION_TOPK, evaluate
+from res2net.errors import CheckpointError
 
 __all__ = [
     "Published",
@@ -63,7 +64,7 @@ def resolve_checkpoint(spec: str, model_name: str, dist_info: DistInfo | None = 
         barrier()
         return path if dist_info.is_main else download_checkpoint(model_name, progress=False)
     path = Path(spec).expanduser()
-    if not path.is_file():
+    if not path.exists():  # a directory or a damaged file: read_checkpoint says what is wrong with it
         raise FileNotFoundError(
             f"checkpoint={spec!r} is not a file; pass checkpoint=released (the released weights of "
             f"model.name) or the path of a released .pth file or of a train.py checkpoint"
@@ -71,13 +72,13 @@ def resolve_checkpoint(spec: str, model_name: str, dist_info: DistInfo | None = 
     return path
 
 
-def read_checkpoint(path: Path, trusted: bool = True) -> Mapping:
+def read_checkpoint(path: Path, trusted: bool = False) -> Mapping:
     """The checkpoint dict of a local file (.pth or .safetensors); see res2net.models.pretrained.read_checkpoint."""
     from res2net.models.pretrained import read_checkpoint as read_file
 
     obj = read_file(path, trusted=trusted)
     if not isinstance(obj, Mapping):
-        raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a state_dict or a checkpoint dict")
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a state_dict or a checkpoint dict")
     return obj
 
 
@@ -199,8 +200,8 @@ def _results(
 
 def evaluate_checkpoint(cfg: Any, out_dir: str | Path | None, dist_info: DistInfo | None = None) -> dict | None:
     """Evaluate per `cfg` (an EvalConfig node or mapping: model, data, checkpoint, use_ema, amp, channels_last,
-    compile, fold_bn, device, save_predictions, progress). On rank 0 returns the results dict (also written to
-    out_dir/results.json, and out_dir/predictions.csv with save_predictions); None on the other ranks."""
+    compile, fold_bn, device, save_predictions, progress, trust_checkpoint). On rank 0 returns the results dict (also
+    written to out_dir/results.json, and out_dir/predictions.csv with save_predictions); None on the other ranks."""
     from res2net.data import build_loader
 
     dist_info = dist_info or DistInfo()
@@ -220,8 +221,7 @@ def evaluate_checkpoint(cfg: Any, out_dir: str | Path | None, dist_info: DistInf
     )
     try:
         ckpt_path = resolve_checkpoint(cfg["checkpoint"], cfg["model"]["name"], dist_info)
-        # A downloaded released file is read tensors-only; a local file the user named may hold RNG states too.
-        checkpoint = read_checkpoint(ckpt_path, trusted=cfg["checkpoint"] != "released")
+        checkpoint = read_checkpoint(ckpt_path, trusted=cfg["trust_checkpoint"])
         model, model_cfg = build_model_for(cfg["model"], checkpoint, cfg["use_ema"])
         cfg = {**cfg, "model": model_cfg}
         if loader.num_classes > model_cfg["num_classes"]:
