@@ -45,9 +45,9 @@ def run_dir_lock(run_dir: str | os.PathLike) -> Iterator[Path]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RunDirLockedError(
-                f"run directory {run_dir} is in use by another train.py ({_holder(fd)}); its checkpoints were not touched. Wait "
-                f"for it to end or stop it, then continue with hydra.run.dir={run_dir} resume=auto, or pick another "
-                "hydra.run.dir"
+                f"run directory {run_dir} is in use by another train.py ({_holder(fd)}); its checkpoints were not "
+                f"touched.\nWait for it to end or stop it, then continue with hydra.run.dir={run_dir} resume=auto, or "
+                "pick another hydra.run.dir"
             ) from None
         os.ftruncate(fd, 0)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
