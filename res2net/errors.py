@@ -15,6 +15,7 @@ Imports nothing beyond the standard library, so ``res2net.models`` keeps importi
 
 from __future__ import annotations
 
+import dis
 import functools
 import os
 import sys
@@ -41,8 +42,9 @@ FAILURE_EXIT_CODE = 1
 USAGE_EXIT_CODE = 2
 DEBUG_ENV = "HYDRA_FULL_ERROR"
 
-# Where "the project's own code" lives: an error raised here with a message for the user is reported in one line; the
-# same exception type raised inside torch, numpy or another library is a bug and keeps its traceback.
+# Where "the project's own code" lives: an error its `raise` statements raise carries a message for the user and is
+# reported in one line; the same exception type raised inside torch, numpy or a builtin is a bug and keeps its
+# traceback.
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _RUNTIME_TYPES = (RuntimeError, OSError, ImportError)
 
@@ -62,13 +64,18 @@ class UnsafeCheckpointError(CheckpointError):
 
 
 def _raised_in_project(err: BaseException) -> bool:
+    """Whether a ``raise`` statement in the project's code raised ``err`` (not a call into a library or builtin
+    that failed: ``open()`` of a missing file, a tensor op with a wrong shape)."""
     tb = err.__traceback__
     if tb is None:
         return False
     while tb.tb_next is not None:
         tb = tb.tb_next
-    file = Path(tb.tb_frame.f_code.co_filename).resolve()
-    return file.is_relative_to(_PROJECT_ROOT) and "site-packages" not in file.parts and ".venv" not in file.parts
+    code = tb.tb_frame.f_code
+    file = Path(code.co_filename).resolve()
+    if not file.is_relative_to(_PROJECT_ROOT) or "site-packages" in file.parts or ".venv" in file.parts:
+        return False
+    return any(i.offset == tb.tb_lasti and i.opname == "RAISE_VARARGS" for i in dis.get_instructions(code))
 
 
 def _is_omegaconf_error(err: BaseException) -> bool:

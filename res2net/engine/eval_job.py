@@ -99,15 +99,16 @@ def _model_config(model_cfg: Mapping, checkpoint: Mapping) -> dict:
     return model_cfg
 
 
-def build_model_for(model_cfg: Mapping, checkpoint: Mapping, use_ema: bool = False) -> tuple[nn.Module, dict]:
+def build_model_for(
+    model_cfg: Mapping, checkpoint: Mapping, use_ema: bool = False, origin: str = "checkpoint"
+) -> tuple[nn.Module, dict]:
     """(model with the checkpoint's weights loaded strictly, the model config used). num_classes null -> the
-    classifier's size in the checkpoint."""
-    import res2net
+    classifier's size in the checkpoint. ``origin`` names the checkpoint in errors."""
     from res2net.models import model_from_config, resolve_model_config
-    from res2net.models.pretrained import extract_state_dict
+    from res2net.models.pretrained import extract_state_dict, load_weights
 
     cfg = _model_config(model_cfg, checkpoint)
-    state = extract_state_dict(checkpoint, use_ema=use_ema)
+    state = extract_state_dict(checkpoint, use_ema=use_ema, origin=origin)
     if cfg.get("num_classes") is None:
         if "fc.weight" not in state:
             raise ValueError(
@@ -116,7 +117,7 @@ def build_model_for(model_cfg: Mapping, checkpoint: Mapping, use_ema: bool = Fal
         cfg["num_classes"] = int(state["fc.weight"].shape[0])
     cfg = resolve_model_config(cfg)
     model = model_from_config(cfg)
-    res2net.load_pretrained(model, state)
+    load_weights(model, state, origin)
     return model, cfg
 
 
@@ -222,7 +223,7 @@ def evaluate_checkpoint(cfg: Any, out_dir: str | Path | None, dist_info: DistInf
     try:
         ckpt_path = resolve_checkpoint(cfg["checkpoint"], cfg["model"]["name"], dist_info)
         checkpoint = read_checkpoint(ckpt_path, trusted=cfg["trust_checkpoint"])
-        model, model_cfg = build_model_for(cfg["model"], checkpoint, cfg["use_ema"])
+        model, model_cfg = build_model_for(cfg["model"], checkpoint, cfg["use_ema"], f"checkpoint {ckpt_path}")
         cfg = {**cfg, "model": model_cfg}
         if loader.num_classes > model_cfg["num_classes"]:
             raise ValueError(

@@ -35,6 +35,7 @@ __all__ = [
     "extract_state_dict",
     "hash_prefix",
     "load_pretrained",
+    "load_weights",
     "read_checkpoint",
     "released_checkpoint",
     "sha256_file",
@@ -382,7 +383,12 @@ def load_pretrained(
         checkpoint, origin = _read_source(source, trusted)
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f"{origin} holds a {type(checkpoint).__name__}, not a state_dict or checkpoint dict")
-    state = extract_state_dict(checkpoint, use_ema=use_ema, origin=origin)
+    load_weights(model, extract_state_dict(checkpoint, use_ema=use_ema, origin=origin), origin)
+
+
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], origin: str = "the given state_dict") -> None:
+    """``model.load_state_dict(state, strict=True)``, or CheckpointError naming ``origin`` and listing missing,
+    unexpected and wrongly shaped keys."""
     report = _key_report(model, state, origin)
     if report:
         raise CheckpointError(report)
