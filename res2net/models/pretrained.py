@@ -324,7 +324,7 @@ def _pickled(path: Path) -> bool:
                     return _parses(f)
         with open(path, "rb") as f:
             return _parses(f)
-    except (OSError, zipfile.BadZipFile, RuntimeError):
+    except Exception:  # a damaged archive: zipfile raises BadZipFile, UnicodeDecodeError, EOFError, ...
         return False
 
 
