@@ -20,12 +20,14 @@ from omegaconf import DictConfig
 from res2net.config import RUN_TIME_ENV, register_configs
 from res2net.engine import distributed
 from res2net.engine.eval_job import evaluate_checkpoint, summary_lines
+from res2net.errors import hydra_entry, run_hydra_main
 
 log = logging.getLogger("evaluate")
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
+@hydra_entry
 def main(cfg: DictConfig) -> None:
     out_dir = HydraConfig.get().runtime.output_dir
     with distributed.process_group() as info:  # read here, not at import (see train.py)
@@ -40,4 +42,4 @@ if __name__ == "__main__":
     # The process group comes first: rank 0's launch time names the output directory of every rank.
     with distributed.process_group():
         distributed.share_run_time(RUN_TIME_ENV)
-        main()
+        run_hydra_main(main)

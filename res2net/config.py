@@ -25,6 +25,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from res2net.data.config import DataConfig
+from res2net.errors import ConfigError
 
 __all__ = [
     "Amp",
@@ -138,6 +139,9 @@ class EvalConfig:
     # 'released': the released file of model.name (downloaded and verified into the cache if missing);
     # otherwise the path of a released file or of any checkpoint train.py wrote.
     checkpoint: str = "released"
+    # true: also read a checkpoint that needs Python's full unpickler, which can run arbitrary code while loading;
+    # only for a file whose origin you trust (every file train.py writes loads without it).
+    trust_checkpoint: bool = False
     use_ema: bool = False  # evaluate the EMA weights of a train.py checkpoint
     amp: Amp = Amp.auto  # autocast dtype of the forward pass (same knob as trainer.amp)
     channels_last: str = "auto"  # auto | true | false (same knob as trainer.channels_last)
@@ -169,7 +173,7 @@ def _finite(key: str, value: float, low: float, high: float = math.inf, *, low_o
     if not ok:
         bound = f"> {low}" if low_open else f">= {low}"
         upper = "" if high == math.inf else f" and <= {high}"
-        raise ValueError(f"{key}={value} must be a finite number {bound}{upper}")
+        raise ConfigError(f"{key}={value} must be a finite number {bound}{upper}")
 
 
 def check_train_config(cfg: Any) -> None:
@@ -177,33 +181,43 @@ def check_train_config(cfg: Any) -> None:
     t = cfg.trainer
     for key in ("log_interval", "save_every_epochs"):
         if getattr(t, key) < 1:
-            raise ValueError(f"trainer.{key}={getattr(t, key)} must be >= 1")
+            raise ConfigError(f"trainer.{key}={getattr(t, key)} must be >= 1")
     for key in ("save_every_steps", "keep_last", "max_steps"):
         if getattr(t, key) < 0:
-            raise ValueError(f"trainer.{key}={getattr(t, key)} must be >= 0 (0 turns it off)")
+            raise ConfigError(f"trainer.{key}={getattr(t, key)} must be >= 0 (0 turns it off)")
     _finite("trainer.grad_clip", t.grad_clip, 0.0)
-    if not 0.0 <= cfg.label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing={cfg.label_smoothing} must be in [0, 1)")
+    if not 0.0 <= cfg.label_smoothing < 1.0:  # NaN fails too
+        raise ConfigError(f"label_smoothing={cfg.label_smoothing} must be in [0, 1)")
+    if t.seed < 0:
+        raise ConfigError(f"trainer.seed={t.seed} must be >= 0")
     _finite("optim.lr", cfg.optim.lr, 0.0, low_open=True)
     _finite("optim.weight_decay", cfg.optim.weight_decay, 0.0)
     _finite("optim.momentum", cfg.optim.momentum, 0.0, 1.0)
     if cfg.optim.nesterov and cfg.optim.momentum <= 0:
-        raise ValueError(f"optim.nesterov=true needs optim.momentum > 0, got {cfg.optim.momentum}")
+        raise ConfigError(f"optim.nesterov=true needs optim.momentum > 0, got {cfg.optim.momentum}")
     if cfg.optim.base_batch < 1:
-        raise ValueError(f"optim.base_batch={cfg.optim.base_batch} must be >= 1")
+        raise ConfigError(f"optim.base_batch={cfg.optim.base_batch} must be >= 1")
     s = cfg.schedule
     if s.epochs < 1:
-        raise ValueError(f"schedule.epochs={s.epochs} must be >= 1")
+        raise ConfigError(f"schedule.epochs={s.epochs} must be >= 1")
     _finite("schedule.warmup_epochs", s.warmup_epochs, 0.0)
     _finite("schedule.min_lr", s.min_lr, 0.0)
     _finite("schedule.gamma", s.gamma, 0.0, low_open=True)
     if list(s.milestones) != sorted(s.milestones):
-        raise ValueError(f"schedule.milestones={list(s.milestones)} must be increasing")
+        raise ConfigError(f"schedule.milestones={list(s.milestones)} must be increasing")
     if cfg.data.batch_size < 1:
-        raise ValueError(f"data.batch_size={cfg.data.batch_size} must be >= 1")
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be >= 1")
     _finite("data.crop_pct", cfg.data.crop_pct, 0.0, 1.0, low_open=True)
+    if cfg.data.img_size < 1:
+        raise ConfigError(f"data.img_size={cfg.data.img_size} must be >= 1")
+    for i, (mean, std) in enumerate(zip(cfg.data.mean, cfg.data.std)):
+        if not math.isfinite(mean):
+            raise ConfigError(f"data.mean[{i}]={mean} must be a finite number")
+        _finite(f"data.std[{i}]", std, 0.0, low_open=True)
+    if cfg.model.drop_rate is not None and not 0.0 <= cfg.model.drop_rate < 1.0:
+        raise ConfigError(f"model.drop_rate={cfg.model.drop_rate} must be in [0, 1)")
     if t.ema_decay != 0.0 and not 0.0 < t.ema_decay < 1.0:
-        raise ValueError(f"trainer.ema_decay={t.ema_decay} must be in (0, 1), e.g. 0.9998, or 0 to turn the EMA off")
+        raise ConfigError(f"trainer.ema_decay={t.ema_decay} must be in (0, 1), e.g. 0.9998, or 0 to turn the EMA off")
 
 
 def run_time() -> float:

@@ -30,6 +30,7 @@ import time
 import torch
 
 from res2net.data import DataConfig, build_loader
+from res2net.errors import run_script
 
 # --augment names -> DataConfig fields of the row
 AUGMENTS = {
@@ -180,4 +181,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

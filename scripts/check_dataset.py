@@ -3,15 +3,18 @@
 
     python scripts/check_dataset.py ROOT/train [ROOT/val ...] [--workers N] [--json report.json] [--fix]
 
-Reports, by path: zero-byte files, unreadable files (permissions, I/O errors), undecodable files (truncated or
-garbage), files that are not JPEG despite their .JPEG/.jpg name (ImageNet train has a PNG), CMYK JPEGs (22 in
-ImageNet train) and grayscale JPEGs. The last three decode with PIL but not everywhere else (DALI's decoders, other
+Reports, by path: zero-byte files, unreadable files (permissions, I/O errors, symlink loops), images over PIL's
+decompression-bomb limit (too_large: more than 2 * PIL.Image.MAX_IMAGE_PIXELS, which both loaders refuse to decode),
+undecodable files (truncated or garbage), files that are not JPEG despite their .JPEG/.jpg name (ImageNet train has
+a PNG), CMYK JPEGs (22 in ImageNet train) and grayscale JPEGs. Hidden files and folders are skipped, as the loaders
+skip them. The last three decode with PIL but not everywhere else (DALI's decoders, other
 tools) and give non-RGB input.
 
 --fix first writes the list of what it will change (--changes, default next to the first folder), copies each file
 it changes to a backup folder (--backup-dir), then re-encodes the convertible ones (not JPEG, CMYK, grayscale) in
 place as RGB JPEG (quality --quality); every file it writes is complete or untouched (res2net.files.atomic_write).
-Nothing is deleted: zero-byte, unreadable and undecodable files are left where they are and stay in the report.
+Nothing is deleted: zero-byte, unreadable, too large and undecodable files are left where they are and stay in the
+report.
 Exit status 0 when no problem remains, else 1.
 """
 
@@ -29,6 +32,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from res2net.errors import run_script
 from res2net.files import atomic_write
 
 # The files the loaders read: res2net.data.index.IMG_EXTENSIONS (a test keeps them equal), not imported because
@@ -37,7 +41,7 @@ IMG_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
 JPEG_NAMES = (".jpeg", ".jpg")
 # Most serious first: a file gets the first category that applies.
-CATEGORIES = ("zero_byte", "unreadable", "undecodable", "not_jpeg", "cmyk", "grayscale")
+CATEGORIES = ("zero_byte", "unreadable", "too_large", "undecodable", "not_jpeg", "cmyk", "grayscale")
 CONVERTIBLE = ("not_jpeg", "cmyk", "grayscale")
 GRAYSCALE_MODES = ("L", "LA", "1", "I", "I;16", "F")
 
@@ -61,9 +65,9 @@ def image_files(paths: list[Path]) -> Iterator[Path]:
             yield path
         elif path.is_dir():
             for folder, dirs, files in os.walk(path):
-                dirs.sort()
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # hidden: the loaders skip them too
                 for name in sorted(files):
-                    if name.lower().endswith(IMG_EXTENSIONS):
+                    if name.lower().endswith(IMG_EXTENSIONS) and not name.startswith("."):
                         yield Path(folder) / name
         else:
             raise SystemExit(f"error: {path} is neither a file nor a folder")
@@ -81,6 +85,8 @@ def check_file(path: Path) -> tuple[str, str | None, str]:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             fmt, mode = img.format, img.mode
+    except Image.DecompressionBombError as err:  # refused from the header alone: nothing was decoded
+        return str(path), "too_large", str(err)
     except Exception as err:  # PIL raises many types for broken files
         return str(path), "undecodable", repr(err)
     if path.suffix.lower() in JPEG_NAMES and fmt != "JPEG":
@@ -168,4 +174,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

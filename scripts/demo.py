@@ -23,6 +23,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from res2net.data.demo import MANIFEST, make_demo_dataset
+from res2net.errors import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,4 +112,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from res2net.errors import run_script
 from res2net.models import RELEASED
 from res2net.models.pretrained import cache_dir, download_checkpoint
 
@@ -49,4 +50,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

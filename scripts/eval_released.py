@@ -33,6 +33,7 @@ import torch
 
 from res2net.engine.distributed import init_distributed
 from res2net.engine.eval_job import RESULTS_FILE, evaluate_checkpoint
+from res2net.errors import run_script
 from res2net.models import RELEASED, VARIANTS, download_checkpoint, model_from_config
 from res2net.models.stats import count_macs, count_params
 from res2net.models.variants import DEFAULT_TOLERANCE
@@ -131,6 +132,7 @@ def eval_config(entry: Entry, checkpoint: Path, args: argparse.Namespace, backen
         "model": model,
         "data": data,
         "checkpoint": str(checkpoint),
+        "trust_checkpoint": False,  # released files hold tensors only
         "use_ema": False,
         "amp": args.amp,
         "channels_last": True,
@@ -318,4 +320,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from res2net.errors import run_script
 from res2net.files import atomic_write, remove_stale_temporaries
 
 TRAIN_TAR, VAL_TAR, DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"
@@ -280,4 +281,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

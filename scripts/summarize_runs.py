@@ -36,6 +36,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from res2net.errors import run_script  # noqa: E402
+
 METRICS_FILE = "metrics.jsonl"
 MISSING = "-"
 
@@ -372,4 +374,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

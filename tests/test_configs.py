@@ -103,7 +103,7 @@ def test_cosine_schedule_and_knobs_compose():
 )
 def test_bad_override_fails_at_startup_before_any_data(tmp_path, override, message):
     proc = _run_train(override, "data.root=/nonexistent/imagenet", cwd=tmp_path)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # a usage error (res2net/errors.py)
     assert message in proc.stderr + proc.stdout
     assert "/nonexistent" not in proc.stderr  # failed in composition, before the data root was looked at
     assert not (tmp_path / "outputs").exists()
@@ -203,7 +203,7 @@ def test_values_stated_in_eval_yaml_take_effect(tmp_path):
 
 def test_misspelt_experiment_fails_listing_the_available_ones(tmp_path):
     proc = _run_train("--cfg", "job", "experiment=paper_relase", cwd=tmp_path)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     out = proc.stderr + proc.stdout
     assert "Could not find 'experiment/paper_relase'" in out
     assert "paper_release" in out.split("Available options", 1)[1]

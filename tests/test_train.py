@@ -136,6 +136,7 @@ def test_torchrun_two_processes_write_one_run_dir(tmp_path, folder):
     run_dir = run_dirs[0]
     assert sorted(p.name for p in run_dir.iterdir()) == [
         ".hydra",
+        ".lock",  # rank 0's lock on the run directory (res2net/engine/run_lock.py)
         "checkpoints",
         "config.yaml",
         "metrics.jsonl",

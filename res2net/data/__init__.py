@@ -12,7 +12,7 @@ import torch
 
 from .augment import parse_policy
 from .config import BACKENDS, DALI_DECODERS, DALI_RESIZES, INTERPOLATIONS, DataConfig
-from .index import scan_split
+from .index import class_folders, scan_split
 from .transforms import Normalizer, val_resize_size
 
 __all__ = ["DataConfig", "build_loader", "scan_split", "as_data_config", "loader_from_samples"]
@@ -100,7 +100,7 @@ def _train_classes(root: str | None) -> Sequence[str] | None:
     train_dir = os.path.join(root, "train") if root else ""
     if not os.path.isdir(train_dir):
         return None
-    return sorted(e.name for e in os.scandir(train_dir) if e.is_dir()) or None
+    return class_folders(train_dir) or None
 
 
 def build_loader(

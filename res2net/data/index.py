@@ -5,7 +5,7 @@ Labels are the positions of the class folder names (WordNet ids) in sorted order
 Train: a (seed, epoch) permutation of the split, cut into equal contiguous blocks per rank. Val: contiguous blocks of
 the sorted samples whose sizes differ by at most one, so every image belongs to exactly one rank.
 """
-
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +14,7 @@ import numpy as np
 
 __all__ = [
     "IMG_EXTENSIONS",
+    "class_folders",
     "scan_split",
     "epoch_permutation",
     "train_shard",
@@ -25,6 +26,30 @@ __all__ = [
 
 IMG_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 _LAYOUT = "<root>/{train,val}/<wnid>/*.JPEG"
+
+log = logging.getLogger(__name__)
+
+
+def _visible(folder: str, keep) -> list[str]:
+    """Sorted names in ``folder`` that ``keep(entry)`` accepts, leaving out hidden ones (.DS_Store, ._x.JPEG,
+    .ipynb_checkpoints, a write's .tmp file) and entries that cannot be followed (a symlink loop, a dangling link)."""
+    names = []
+    for entry in os.scandir(folder):
+        if entry.name.startswith("."):
+            continue
+        try:
+            kept = keep(entry)
+        except OSError as err:  # is_dir() / is_file() follow links: ELOOP for a loop
+            log.warning("skipping %r: %s", entry.path, err)
+            continue
+        if kept:
+            names.append(entry.name)
+    return sorted(names)
+
+
+def class_folders(split_dir: str) -> list[str]:
+    """The class folder names of a split, sorted (hidden folders left out)."""
+    return _visible(split_dir, lambda e: e.is_dir())
 
 
 def scan_split(root: str, split: str, classes: Sequence[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
@@ -45,7 +70,7 @@ def scan_split(root: str, split: str, classes: Sequence[str] | None = None) -> t
     split_dir = os.path.join(root, split)
     if not os.path.isdir(split_dir):
         raise FileNotFoundError(f"split folder {split_dir!r} does not exist; expected {_LAYOUT}")
-    found = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    found = class_folders(split_dir)
     if not found:
         raise FileNotFoundError(
             f"split folder {split_dir!r} has no class sub-folders; expected {split_dir}/<wnid>/"
@@ -64,7 +89,7 @@ def scan_split(root: str, split: str, classes: Sequence[str] | None = None) -> t
     samples: list[tuple[str, int]] = []
     for wnid in found:
         class_dir = os.path.join(split_dir, wnid)
-        names = sorted(e.name for e in os.scandir(class_dir) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
+        names = _visible(class_dir, lambda e: e.name.lower().endswith(IMG_EXTENSIONS) and e.is_file())
         if not names:
             raise FileNotFoundError(
                 f"class folder {class_dir!r} holds no images; expected at least one file "

@@ -107,6 +107,27 @@ def jpeg_size(path: str) -> tuple[int, int] | None:
                 pos += 2 + struct.unpack_from(">H", buf, pos + 2)[0]
 
 
+def _over_pixel_limit(path: str, height: int, width: int) -> str | None:
+    """Why DALI must not decode an image of this size (it has no decompression-bomb guard of its own: a small file
+    can declare 400 megapixels and exhaust memory), or None. The limit is PIL's, so both backends refuse the same
+    files: PIL raises DecompressionBombError above 2 * Image.MAX_IMAGE_PIXELS (None turns both off)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is None or height * width <= 2 * limit:
+        return None
+    return (f"{path} declares {width}x{height} pixels ({height * width / 1e6:.0f} megapixels), more than the "
+            f"{2 * limit / 1e6:.0f}-megapixel limit against decompression bombs (PIL.Image.MAX_IMAGE_PIXELS); "
+            "shrink or remove it")
+
+
+def _header_size(path: str) -> tuple[int, int]:
+    """(height, width) from the file's header: jpeg_size, else PIL (which raises DecompressionBombError itself)."""
+    size = jpeg_size(path)
+    if size is None:  # PNG named .JPEG and other rarities
+        with Image.open(path) as img:
+            size = img.height, img.width
+    return size
+
+
 class _HeaderError(Exception):
     """A train file whose size PIL cannot read from its header (so no crop box can be drawn for it)."""
 
@@ -175,6 +196,7 @@ class DaliLoader(EpochLoader):
             )
         self.epoch, self._start = 0, 0
         self.skipped = 0  # DALI never skips: an undecodable file raises (see the module docstring)
+        self._sizes_checked = False  # val: every file's header checked against the pixel limit (once)
         self._pipe = None
 
     def _seek(self, epoch: int, start_batch: int) -> None:
@@ -202,6 +224,9 @@ class DaliLoader(EpochLoader):
         indices, positions = (a[first:] for a in self.epoch_positions(self.epoch))
         self._release()
         files = [str(p) for p in self._paths[indices]]
+        if not self.train and not self._sizes_checked:  # train checks each size as it draws a crop box (_shape)
+            self._refuse_too_large(self.paths)
+            self._sizes_checked = True
         self._pipe = self._build_pipeline(files, self._labels[indices].tolist(), indices, positions)
         for b in batches:
             lo, hi = self._batches.bounds(b)
@@ -210,7 +235,7 @@ class DaliLoader(EpochLoader):
             except _HeaderError as err:
                 self._release()
                 raise RuntimeError(
-                    f"DALI train loader cannot read the image size of {err.path} (epoch {self.epoch}, rank "
+                    f"DALI train loader cannot use {err.path} (epoch {self.epoch}, rank "
                     f"{self.rank}): {err.reason}. Find such files with `python scripts/check_dataset.py "
                     f"{self.cfg.root}` (--fix re-encodes them), or use data.backend=torchvision, which skips them."
                 ) from err
@@ -230,6 +255,19 @@ class DaliLoader(EpochLoader):
             # The reader pads the last val batch by repeating its last file; trimmed, so every image counts once.
             yield images[: hi - lo], labels[: hi - lo].to(self.device, non_blocking=True)
         self._release()
+
+    def _refuse_too_large(self, files: list[str]) -> None:
+        """RuntimeError naming the first val file over the pixel limit, before DALI decodes any (headers only)."""
+        for path in files:
+            try:
+                height, width = _header_size(path)
+            except Image.DecompressionBombError as err:
+                raise RuntimeError(f"DALI val loader cannot use {path}: {err}") from None
+            except Exception:  # an unreadable header: DALI's decoder fails on it and the batch error names it
+                continue
+            too_large = _over_pixel_limit(path, height, width)
+            if too_large:
+                raise RuntimeError(f"DALI val loader cannot use {path}: {too_large}")
 
     def _graph_dtype(self):
         """The graph's output type: float16 when asked for, else float32 (DALI has no bfloat16). DALI's CPU
@@ -307,13 +345,12 @@ class DaliLoader(EpochLoader):
         if h < 0:
             path = str(self._paths[idx])
             try:
-                size = jpeg_size(path)
-                if size is None:  # PNG named .JPEG and other rarities
-                    with Image.open(path) as img:
-                        size = img.height, img.width
-                h, w = size
+                h, w = _header_size(path)
             except Exception as err:  # any reader failure: not an image PIL knows, truncated header, unreadable
                 raise _HeaderError(path, repr(err)) from err
+            too_large = _over_pixel_limit(path, h, w)
+            if too_large:
+                raise _HeaderError(path, too_large)
             self._shapes[idx] = h, w
         return int(h), int(w)
 

@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 from res2net.engine.distributed import DistInfo
+from res2net.errors import CheckpointError
 from res2net.files import atomic_write, remove_stale_temporaries, temporary_path
+from res2net.models.pretrained import read_checkpoint
 
 __all__ = [
     "CHECKPOINT_KEYS",
@@ -71,10 +73,6 @@ RESUME_MAY_DIFFER = (
 )
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written, read or used; the message names the file and what to do."""
-
-
 def save_atomic(obj: Any, path: str | Path) -> None:
     """``torch.save(obj, path)`` that never leaves a partial file at ``path``."""
     _write(Path(path), lambda f: torch.save(obj, f))
@@ -101,17 +99,15 @@ def _write(path: Path, write) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint written by train.py, on the CPU; errors name the file."""
+    """A checkpoint written by train.py, on the CPU, read tensors-only (``read_checkpoint``: never a file that needs
+    the full unpickler, as train.py never writes one); errors name the file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(
             f"checkpoint {path} does not exist; pass resume=auto or the path of a checkpoint "
             f"written by train.py (<run dir>/checkpoints/last.pth)"
         )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"could not read checkpoint {path}: {err}") from err
+    ckpt = read_checkpoint(path)
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or key not in ckpt]
     if missing:
         raise CheckpointError(
@@ -129,7 +125,7 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
         last = Path(run_dir) / "checkpoints" / "last.pth"
         return last if last.is_file() else None
     path = Path(resume)
-    if not path.is_file():
+    if not path.exists():  # a directory or a damaged file: load_checkpoint says what is wrong with it
         raise FileNotFoundError(
             f"resume={resume!r}: no such checkpoint file; use resume=auto to continue the run "
             f"directory's checkpoints/last.pth, or the path of a .pth file written by train.py"

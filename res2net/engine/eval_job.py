@@ -30,6 +30,7 @@ from res2net.engine.amp import resolve_amp, resolve_channels_last
 from res2net.engine.distributed import DistInfo, barrier, select_device
 from res2net.engine.eval_metrics import read_real_labels, real_label_rows
 from res2net.engine.loops import PREDICTION_TOPK, TTA_MODES, evaluate
+from res2net.errors import CheckpointError
 from res2net.models.stats import count_params
 
 __all__ = [
@@ -72,7 +73,7 @@ def resolve_checkpoint(spec: str, model_name: str, dist_info: DistInfo | None = 
         barrier()
         return path if dist_info.is_main else download_checkpoint(model_name, progress=False)
     path = Path(spec).expanduser()
-    if not path.is_file():
+    if not path.exists():  # a directory or a damaged file: read_checkpoint says what is wrong with it
         raise FileNotFoundError(
             f"checkpoint={spec!r} is not a file; pass checkpoint=released (the released weights of "
             f"model.name) or the path of a released .pth file or of a train.py checkpoint"
@@ -80,13 +81,13 @@ def resolve_checkpoint(spec: str, model_name: str, dist_info: DistInfo | None = 
     return path
 
 
-def read_checkpoint(path: Path, trusted: bool = True) -> Mapping:
+def read_checkpoint(path: Path, trusted: bool = False) -> Mapping:
     """The checkpoint dict of a local file (.pth or .safetensors); see res2net.models.pretrained.read_checkpoint."""
     from res2net.models.pretrained import read_checkpoint as read_file
 
     obj = read_file(path, trusted=trusted)
     if not isinstance(obj, Mapping):
-        raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a state_dict or a checkpoint dict")
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a state_dict or a checkpoint dict")
     return obj
 
 
@@ -107,15 +108,16 @@ def _model_config(model_cfg: Mapping, checkpoint: Mapping) -> dict:
     return model_cfg
 
 
-def build_model_for(model_cfg: Mapping, checkpoint: Mapping, use_ema: bool = False) -> tuple[nn.Module, dict]:
+def build_model_for(
+    model_cfg: Mapping, checkpoint: Mapping, use_ema: bool = False, origin: str = "checkpoint"
+) -> tuple[nn.Module, dict]:
     """(model with the checkpoint's weights loaded strictly, the model config used). num_classes null -> the
-    classifier's size in the checkpoint."""
-    import res2net
+    classifier's size in the checkpoint. ``origin`` names the checkpoint in errors."""
     from res2net.models import model_from_config, resolve_model_config
-    from res2net.models.pretrained import extract_state_dict
+    from res2net.models.pretrained import extract_state_dict, load_weights
 
     cfg = _model_config(model_cfg, checkpoint)
-    state = extract_state_dict(checkpoint, use_ema=use_ema)
+    state = extract_state_dict(checkpoint, use_ema=use_ema, origin=origin)
     if cfg.get("num_classes") is None:
         if "fc.weight" not in state:
             raise ValueError(
@@ -124,7 +126,7 @@ def build_model_for(model_cfg: Mapping, checkpoint: Mapping, use_ema: bool = Fal
         cfg["num_classes"] = int(state["fc.weight"].shape[0])
     cfg = resolve_model_config(cfg)
     model = model_from_config(cfg)
-    res2net.load_pretrained(model, state)
+    load_weights(model, state, origin)
     return model, cfg
 
 
@@ -274,8 +276,8 @@ def _check_imagenet1k_classes(model_cfg: Mapping, checkpoint: Mapping, what: str
 
 def evaluate_checkpoint(cfg: Any, out_dir: str | Path | None, dist_info: DistInfo | None = None) -> dict | None:
     """Evaluate per `cfg` (an EvalConfig node or mapping: model, data, checkpoint, use_ema, amp, channels_last,
-    compile, fold_bn, device, save_predictions, progress, real_labels, tta, testset, testset_variant; a mapping's
-    missing keys take EvalConfig's defaults). On rank 0 returns the results dict (also written to
+    compile, fold_bn, device, save_predictions, progress, trust_checkpoint, real_labels, tta, testset, testset_variant;
+    a mapping's missing keys take EvalConfig's defaults). On rank 0 returns the results dict (also written to
     out_dir/results.json, and out_dir/predictions.csv with save_predictions); None on the other ranks."""
     dist_info = dist_info or DistInfo()
     cfg = _with_defaults(to_dict(cfg))
@@ -289,9 +291,8 @@ def evaluate_checkpoint(cfg: Any, out_dir: str | Path | None, dist_info: DistInf
     loader, scored = _build_loader(cfg, dist_info, device)
     try:
         ckpt_path = resolve_checkpoint(cfg["checkpoint"], cfg["model"]["name"], dist_info)
-        # A downloaded released file is read tensors-only; a local file the user named may hold RNG states too.
-        checkpoint = read_checkpoint(ckpt_path, trusted=cfg["checkpoint"] != "released")
-        model, model_cfg = build_model_for(cfg["model"], checkpoint, cfg["use_ema"])
+        checkpoint = read_checkpoint(ckpt_path, trusted=cfg["trust_checkpoint"])
+        model, model_cfg = build_model_for(cfg["model"], checkpoint, cfg["use_ema"], f"checkpoint {ckpt_path}")
         cfg = {**cfg, "model": model_cfg}
         param_count = count_params(model)  # before BatchNorm folding
         if cfg["testset"] or real is not None:

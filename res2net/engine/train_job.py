@@ -44,6 +44,7 @@ from .ema import ModelEma
 from .loops import NonFiniteLossError, Outcome, TrainState, evaluate, train_one_epoch
 from .metrics import MetricsWriter, TrainProgress, log_epoch
 from .optim import build_optimizer, scaled_lr
+from .run_lock import run_dir_lock
 from .schedule import learning_rate
 from .stop import StopRequest
 
@@ -155,6 +156,12 @@ def train(
     dist = dist or DistInfo()
     run_dir = Path(run_dir)
     check_train_config(cfg)
+    # One writer per run directory (rank 0 writes for all), held before any checkpoint is read or written.
+    with run_dir_lock(run_dir) if dist.is_main else contextlib.nullcontext():
+        return _train(cfg, run_dir, dist, stop)
+
+
+def _train(cfg: Any, run_dir: Path, dist: DistInfo, stop: StopRequest | None) -> TrainResult:
     _check_machine(cfg, dist)
     amp = resolve_amp(cfg.trainer.amp, dist.device, "trainer.amp")
     channels_last = resolve_channels_last(cfg.trainer.channels_last, dist.device, "trainer.channels_last")

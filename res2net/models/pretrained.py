@@ -12,8 +12,10 @@ import http.client
 import logging
 import os
 import pickle
+import pickletools
 import re
 import urllib.parse
+import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from res2net.errors import CheckpointError, UnsafeCheckpointError
 from res2net.files import fsync_dir, temporary_path
 
 from .variants import RELEASED, VARIANTS, Variant
@@ -32,6 +35,7 @@ __all__ = [
     "extract_state_dict",
     "hash_prefix",
     "load_pretrained",
+    "load_weights",
     "read_checkpoint",
     "released_checkpoint",
     "sha256_file",
@@ -190,13 +194,13 @@ def extract_state_dict(checkpoint: Mapping, use_ema: bool = False, origin: str =
         key = next((k for k in keys if isinstance(state.get(k), Mapping)), None)
         if key is None:
             wanted = "EMA weights under " if use_ema else "a state_dict or a dict with weights under "
-            raise ValueError(
+            raise CheckpointError(
                 f"{origin} holds no model weights: expected {wanted}one of {list(keys)}, "
                 f"found keys {sorted(map(str, state))[:10]}"
             )
         state = state[key]
     if not _is_state_dict(state):
-        raise ValueError(f"{origin} holds no model weights (a mapping of tensors), got {type(state).__name__}")
+        raise CheckpointError(f"{origin} holds no model weights (a mapping of tensors), got {type(state).__name__}")
     return {_strip_prefixes(key): value for key, value in state.items()}
 
 
@@ -230,23 +234,107 @@ def _key_report(model: nn.Module, state: Mapping[str, torch.Tensor], origin: str
     return "\n".join(lines)
 
 
-def read_checkpoint(path: str | os.PathLike, trusted: bool = True) -> object:
-    """The object in a checkpoint file (on the CPU): .safetensors, or a torch file read tensors-only first.
+def read_checkpoint(path: str | os.PathLike, trusted: bool = False) -> object:
+    """The object in a checkpoint file (on the CPU): .safetensors, or a torch file read tensors-only.
 
-    ``trusted`` (a local file the user named, e.g. a train.py checkpoint with numpy RNG states) allows falling back
-    to the full unpickler when the tensors-only reader refuses the file.
+    Raises ``CheckpointError`` naming the file and what is wrong with it (a directory, empty, a truncated archive,
+    not a checkpoint at all) and its subclass ``UnsafeCheckpointError`` for a file that only Python's full unpickler
+    reads, which can run arbitrary code while loading. ``trusted=True`` reads such a file anyway: only for a file
+    whose origin you trust. FileNotFoundError when there is no such path.
     """
     path = Path(path)
+    _check_file(path)
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
+    if _truncated_archive(path):
+        raise CheckpointError(
+            f"checkpoint {path} is truncated: the zip archive torch.save writes lacks its end record (an interrupted "
+            "download, copy or write); fetch or copy the file again"
+        )
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+        with warnings.catch_warnings():  # "Detected pickle protocol 4": noise beside the error said below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not _pickled(path):
+            raise CheckpointError(
+                f"checkpoint {path} is not a PyTorch checkpoint: neither a torch.save archive nor a pickle"
+            ) from None
         if not trusted:
-            raise
-    # A local training checkpoint may hold objects weights_only refuses (e.g. numpy RNG state).
-    logger.info("%s holds more than tensors; loading it with weights_only=False (local file)", path)
-    return torch.load(path, map_location="cpu", weights_only=False)
+            raise UnsafeCheckpointError(
+                f"checkpoint {path} was not loaded: it holds objects other than tensors and plain containers "
+                f"({_refusal(err)}), and reading it needs Python's full unpickler, which can run arbitrary code "
+                "while loading.\nIf you trust the file's origin: res2net.load_pretrained(model, source, "
+                "trusted=True), or evaluate.py trust_checkpoint=true"
+            ) from None
+    except Exception as err:  # torch reports a damaged file as RuntimeError, EOFError, ValueError, ...
+        raise CheckpointError(f"checkpoint {path} is damaged or not a PyTorch checkpoint: {_first_line(err)}") from None
+    logger.warning("%s holds more than tensors; loading it with Python's full unpickler (trusted=True)", path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a trusted file can still be damaged
+        raise CheckpointError(f"checkpoint {path} could not be unpickled: {_first_line(err)}") from err
+
+
+def _check_file(path: Path) -> None:
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} is a directory, not a checkpoint file; name a file in it (a train.py run directory "
+            "keeps checkpoints/last.pth and checkpoints/best.pth)"
+        )
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb"):
+            pass
+    except OSError as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {err}") from None
+    if size == 0:
+        raise CheckpointError(
+            f"checkpoint {path} is empty (0 bytes): an interrupted download, copy or write; fetch or copy it again"
+        )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _refusal(err: pickle.UnpicklingError) -> str:
+    """What the tensors-only reader refused, from torch's message: 'posix.system', 'pickle opcode 149', ..."""
+    text = str(err)
+    if found := re.search(r"GLOBAL ([\w.]+)", text):
+        return f"it refers to {found.group(1)}"
+    if found := re.search(r"Unsupported operand (\d+)", text):
+        return f"pickle opcode {found.group(1)}"
+    return "refused by torch.load(weights_only=True)"
+
+
+def _pickled(path: Path) -> bool:
+    """Whether the file (or the data.pkl of its torch.save archive) holds a well-formed pickle: parsed opcode by
+    opcode, nothing executed. Tells a file the tensors-only reader refuses apart from one that is not a pickle."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                member = next((n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+                if member is None:
+                    return False
+                with archive.open(member) as f:
+                    return _parses(f)
+        with open(path, "rb") as f:
+            return _parses(f)
+    except Exception:  # a damaged archive: zipfile raises BadZipFile, UnicodeDecodeError, EOFError, ...
+        return False
+
+
+def _parses(stream) -> bool:
+    try:
+        for _ in pickletools.genops(stream):
+            pass
+    except Exception:  # pickletools raises ValueError and others for anything that is not a pickle
+        return False
+    return True
 
 
 def _load_safetensors(path: Path) -> dict:
@@ -255,41 +343,53 @@ def _load_safetensors(path: Path) -> dict:
         from safetensors.torch import load_file
     except ImportError as err:
         raise ImportError(f"loading {path} needs the safetensors package: .venv/bin/pip install safetensors") from err
-    return load_file(path, device="cpu")
+    try:
+        return load_file(path, device="cpu")
+    except Exception as err:  # safetensors raises SafetensorError (and others) for a damaged header or data
+        raise CheckpointError(f"checkpoint {path} is not a valid safetensors file: {_first_line(err)}") from None
 
 
-def _read_source(source: str | os.PathLike) -> tuple[object, str]:
+def _read_source(source: str | os.PathLike, trusted: bool) -> tuple[object, str]:
     text = os.fspath(source)
     if text.startswith(("http://", "https://")):
         file = Path(urllib.parse.urlparse(text).path).name
         path = download_checkpoint(file, urls=(text,))
-        return read_checkpoint(path, trusted=False), f"checkpoint {text}"
+        return read_checkpoint(path, trusted), f"checkpoint {text}"
     path = Path(text).expanduser()
-    if path.is_file():
-        return read_checkpoint(path, trusted=True), f"checkpoint {path}"
+    if path.exists():
+        return read_checkpoint(path, trusted), f"checkpoint {path}"
     if text in RELEASED:
-        return read_checkpoint(download_checkpoint(text), trusted=False), f"released checkpoint {text}"
+        return read_checkpoint(download_checkpoint(text), trusted), f"released checkpoint {text}"
     raise FileNotFoundError(
         f"checkpoint {text!r} not found: it is not a file, not an http(s) URL and not a released "
         f"model name ({', '.join(sorted(RELEASED))})"
     )
 
 
-def load_pretrained(model: nn.Module, source: str | os.PathLike | Mapping, use_ema: bool = False) -> None:
+def load_pretrained(
+    model: nn.Module, source: str | os.PathLike | Mapping, use_ema: bool = False, trusted: bool = False
+) -> None:
     """Load weights into ``model`` (strict) from a URL, a local file (.pth / .pt, or .safetensors), a released model
     name or a checkpoint dict.
 
-    Training checkpoints are unwrapped (see ``extract_state_dict``). A checkpoint that does not fit raises
-    RuntimeError listing missing, unexpected and wrongly shaped keys (first few of each, with counts).
+    Files are read tensors-only (see ``read_checkpoint``); ``trusted=True`` also reads one that needs Python's full
+    unpickler, which can run arbitrary code: only for files whose origin you trust. Training checkpoints are unwrapped
+    (see ``extract_state_dict``). A checkpoint that does not fit raises CheckpointError (a RuntimeError) listing
+    missing, unexpected and wrongly shaped keys (first few of each, with counts).
     """
     if isinstance(source, Mapping):
         checkpoint, origin = source, "the given checkpoint dict"
     else:
-        checkpoint, origin = _read_source(source)
+        checkpoint, origin = _read_source(source, trusted)
     if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"{origin} holds a {type(checkpoint).__name__}, not a state_dict or checkpoint dict")
-    state = extract_state_dict(checkpoint, use_ema=use_ema, origin=origin)
+        raise CheckpointError(f"{origin} holds a {type(checkpoint).__name__}, not a state_dict or checkpoint dict")
+    load_weights(model, extract_state_dict(checkpoint, use_ema=use_ema, origin=origin), origin)
+
+
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], origin: str = "the given state_dict") -> None:
+    """``model.load_state_dict(state, strict=True)``, or CheckpointError naming ``origin`` and listing missing,
+    unexpected and wrongly shaped keys."""
     report = _key_report(model, state, origin)
     if report:
-        raise RuntimeError(report)
+        raise CheckpointError(report)
     model.load_state_dict(state, strict=True)
