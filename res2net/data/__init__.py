@@ -93,5 +93,6 @@ def build_loader(cfg: Any, split: str, *, rank: int = 0, world_size: int = 1, se
         from .loader_dali import DaliLoader
     except ImportError as err:
         raise ImportError(f"data.backend=dali needs NVIDIA DALI ({err}); install requirements.txt "
-                          "(nvidia-dali-cuda120) or use data.backend=torchvision") from err
+                          "(nvidia-dali-cuda130; with a CUDA 12 torch nvidia-dali-cuda120) or use "
+                          "data.backend=torchvision") from err
     return DaliLoader(samples, classes, cfg, train, normalizer=normalizer, **common)
