@@ -134,9 +134,9 @@ done
 
 # 3. train.py smoke runs on a small JPEG folder, host syncs reported after the first step.
 data=$work/jpegs
-run "make a JPEG folder" "$report/smoke.log" "$python" -c "import sys; sys.path.insert(0, 'tests')
-from pathlib import Path; from test_data_helpers import write_noise_split
-write_noise_split(Path('$data'), 'train', 512, seed=0); write_noise_split(Path('$data'), 'val', 200, seed=1)"
+run "make a JPEG folder" "$report/smoke.log" "$python" -c "import sys; sys.path.insert(0, 'tests'); \
+from pathlib import Path; from test_data_helpers import write_noise_split as w; \
+w(Path('$data'), 'train', 512, seed=0); w(Path('$data'), 'val', 200, seed=1)"
 backends=(torchvision)
 if [[ $dali == 1 ]]; then
     backends+=(dali)
