@@ -105,7 +105,9 @@ fi
 ngpu=${NGPU:-$(probe 'import torch; print(torch.cuda.device_count())')}
 ngpu=${ngpu:-0}
 if [[ $dry != 1 && $ngpu -lt 1 ]]; then
-    echo "gpu_check: torch sees no CUDA GPU: $(probe 'import torch; print(torch.__version__, torch.version.cuda)')" >&2
+    why="torch sees no CUDA GPU: $(probe 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)')"
+    echo "| torch sees a GPU | fail: $why | 0 | |" >>"$report/summary.md"
+    echo "gpu_check: $why" >&2
     exit 2
 fi
 dali=${DALI:-auto}
