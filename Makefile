@@ -22,7 +22,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/shellcheck scripts/train_multigpu.sh scripts/slurm/train.sbatch
+	$(VENV)/bin/shellcheck scripts/train_multigpu.sh scripts/slurm/train.sbatch scripts/gpu_check.sh
 
 DATA ?=
 BACKEND ?= torchvision

@@ -10,6 +10,7 @@ and each row reports the median round, so a slow spell of a shared machine hits 
     python scripts/benchmark.py              # res2net50_26w_4s, batch 16, 224 px, CPU: fp32 (+ bf16 rows if native)
     python scripts/benchmark.py --device cuda --batch-size 256 --precision bf16 --compile
     python scripts/benchmark.py --model res2net50_26w_8s --modes inference --json bench.json
+    python scripts/benchmark.py --device cuda --batch-size 256 --compile --peer timm   # + timm's eager model
 
 On Linux the script re-executes itself once with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 unless they
 are set (or --keep-allocator is given): glibc's default allocator swings Res2Net CPU timings by up to 1.8x.
@@ -65,6 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "where the device computes it natively (CUDA, or a CPU with AVX512-BF16/AMX), else fp32",
     )
     p.add_argument("--compile", action="store_true", help="add rows with torch.compile")
+    p.add_argument(
+        "--peer",
+        choices=["timm"],
+        default=None,
+        help="add a row of timm's eager float32 NCHW model with the same weights (the peer to compare with)",
+    )
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations per row before measuring")
     p.add_argument("--iters", type=int, default=10, help="timed iterations per round")
@@ -121,7 +128,7 @@ def inference_paths(model: nn.Module, args: argparse.Namespace, device: torch.de
     """name -> step function; each runs one forward pass of a batch in inference mode."""
     import res2net
 
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    x = _batch(args, device)[0]
     x_cl = x.contiguous(memory_format=torch.channels_last)
     baseline = copy.deepcopy(model).to(device).eval()
 
@@ -150,9 +157,17 @@ def _suffix(precision: str) -> str:
     return "" if precision == "fp32" else f" + {precision}"
 
 
+def _batch(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random input batch and labels every row of a run uses."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device)
+    return x, torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device)
+
+
 def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, precision: str) -> Callable:
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    # fused on CUDA, as train.py's optimizer (res2net.engine.optim)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def run():
@@ -168,9 +183,7 @@ def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torc
 
 def train_paths(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, Callable]:
     """name -> step function; each runs forward, backward and an SGD update of its own copy of the weights."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device)
-    y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device)
+    x, y = _batch(args, device)
     x_cl = x.contiguous(memory_format=torch.channels_last)
 
     def copy_on_device(channels_last: bool) -> nn.Module:
@@ -188,6 +201,29 @@ def train_paths(model: nn.Module, args: argparse.Namespace, device: torch.device
             torch.compile(copy_on_device(True)), x_cl, y, device, args.precision
         )
     return paths
+
+
+def peer_paths(mode: str, model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, Callable]:
+    """timm's eager float32 NCHW model of the same variant, loaded with ``model``'s weights (strict)."""
+    import timm
+
+    overrides = {"base_width": args.base_width, "layers": args.layers}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.scale is not None:
+        overrides["block_args"] = {"scale": args.scale}  # timm passes the block's scale this way
+    peer = timm.create_model(args.model, num_classes=args.num_classes, **overrides)
+    peer.load_state_dict(model.state_dict())
+    peer = peer.to(device)
+    x, y = _batch(args, device)
+    if mode == "train":
+        return {"timm eager fp32 NCHW (peer)": _train_step(peer, x, y, device, "fp32")}
+
+    def run():
+        with torch.inference_mode():
+            peer(x)
+
+    peer.eval()
+    return {"timm eager fp32 NCHW (peer)": run}
 
 
 def measure(paths: dict[str, Callable], args: argparse.Namespace, device: torch.device) -> dict[str, float]:
@@ -249,7 +285,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     builders = {"inference": inference_paths, "train": train_paths}
     rows: list[Row] = []
     for mode in args.modes:
-        rows += to_rows(mode, measure(builders[mode](model, args, device), args, device), args.batch_size)
+        paths = builders[mode](model, args, device)
+        if args.peer:
+            paths.update(peer_paths(mode, model, args, device))
+        rows += to_rows(mode, measure(paths, args, device), args.batch_size)
     return {"args": vars(args), "environment": environment(args, device), "rows": [asdict(r) for r in rows]}
 
 

@@ -128,9 +128,19 @@ def build_loader(
     return loader_from_samples(samples, classes, cfg, train, channels_last=channels_last, dtype=dtype, **common)
 
 
-def loader_from_samples(samples: Sequence[tuple[str, int]], classes: Sequence[str], cfg: DataConfig, train: bool, *,
-                        rank: int, world_size: int, seed: int, device: torch.device, channels_last: bool,
-                        dtype: torch.dtype):
+def loader_from_samples(
+    samples: Sequence[tuple[str, int]],
+    classes: Sequence[str],
+    cfg: DataConfig,
+    train: bool,
+    *,
+    rank: int,
+    world_size: int,
+    seed: int,
+    device: torch.device,
+    channels_last: bool,
+    dtype: torch.dtype,
+):
     """The torchvision or DALI Loader over an explicit [(path, label)] list whose labels index ``classes``:
     ``build_loader``'s scan of <root>/<split> is one source, ``res2net.data.testsets`` (evaluation sets) another."""
     common = dict(rank=rank, world_size=world_size, seed=seed, device=device)
@@ -144,6 +154,7 @@ def loader_from_samples(samples: Sequence[tuple[str, int]], classes: Sequence[st
     except ImportError as err:
         raise ImportError(
             f"data.backend=dali needs NVIDIA DALI ({err}); install requirements.txt "
-            "(nvidia-dali-cuda120) or use data.backend=torchvision"
+            "(nvidia-dali-cuda130; with a CUDA 12 torch nvidia-dali-cuda120) or use "
+            "data.backend=torchvision"
         ) from err
     return DaliLoader(samples, classes, cfg, train, normalizer=normalizer, **common)

@@ -5,6 +5,7 @@ Labels are the positions of the class folder names (WordNet ids) in sorted order
 Train: a (seed, epoch) permutation of the split, cut into equal contiguous blocks per rank. Val: contiguous blocks of
 the sorted samples whose sizes differ by at most one, so every image belongs to exactly one rank.
 """
+
 import logging
 import os
 from collections.abc import Sequence

@@ -7,8 +7,10 @@ GPU graph), 'torch' resizes the decoded crops with torch (the CPU default, see R
 stops the epoch with an error naming it: DALI cannot skip a sample.
 """
 
+import ctypes
 import struct
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -72,6 +74,19 @@ def _round_half_even_half(d):
     return q + (d - 2 * q) * (q - 2 * (q // 2))
 
 
+# The 'mixed' decoder's buffers sized as NVIDIA's ResNet-50 DALI example does, for the largest ImageNet image (nvJPEG's
+# device and pinned host buffers, the hardware decoder's preallocation), so that it never reallocates mid-training;
+# hw_decoder_load is the share of each batch sent to the A100 / H100 hardware JPEG decoder (DALI's default).
+MIXED_DECODER_ARGS = dict(
+    device_memory_padding=211_025_920,
+    host_memory_padding=140_544_512,
+    preallocate_width_hint=5980,
+    preallocate_height_hint=6430,
+    hw_decoder_load=0.65,
+)
+_LIBC = ctypes.CDLL(None)  # this process's C library (DALI runs on Linux only)
+HEADER_THREADS = 8  # threads reading a train batch's JPEG headers (I/O-bound: a cold disk or a network file system)
+
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (not DHT, JPG, DAC)
 
 
@@ -114,9 +129,11 @@ def _over_pixel_limit(path: str, height: int, width: int) -> str | None:
     limit = Image.MAX_IMAGE_PIXELS
     if limit is None or height * width <= 2 * limit:
         return None
-    return (f"{path} declares {width}x{height} pixels ({height * width / 1e6:.0f} megapixels), more than the "
-            f"{2 * limit / 1e6:.0f}-megapixel limit against decompression bombs (PIL.Image.MAX_IMAGE_PIXELS); "
-            "shrink or remove it")
+    return (
+        f"{path} declares {width}x{height} pixels ({height * width / 1e6:.0f} megapixels), more than the "
+        f"{2 * limit / 1e6:.0f}-megapixel limit against decompression bombs (PIL.Image.MAX_IMAGE_PIXELS); "
+        "shrink or remove it"
+    )
 
 
 def _header_size(path: str) -> tuple[int, int]:
@@ -126,6 +143,16 @@ def _header_size(path: str) -> tuple[int, int]:
         with Image.open(path) as img:
             size = img.height, img.width
     return size
+
+
+def _return_freed_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's malloc_trim, well under a millisecond; a no-op
+    elsewhere), after every pass. A train pipeline is built per epoch (its file order changes) and DALI's threads
+    leave their freed buffers in glibc's per-thread arenas: without this the process grew ~0.3 MiB per epoch in
+    CPU mode (README "Speed")."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 class _HeaderError(Exception):
@@ -198,6 +225,10 @@ class DaliLoader(EpochLoader):
         self.skipped = 0  # DALI never skips: an undecodable file raises (see the module docstring)
         self._sizes_checked = False  # val: every file's header checked against the pixel limit (once)
         self._pipe = None
+        # The val pipeline is built once and reused across epochs (its files never change): the batch it yields
+        # next and the batch its reader's cycle starts at (set_epoch's start_batch); another start rebuilds it.
+        self._pipe_start = self._pipe_next = 0
+        self._header_pool = None  # ThreadPoolExecutor for _shapes, made on first use
 
     def _seek(self, epoch: int, start_batch: int) -> None:
         self.epoch, self._start = epoch, start_batch
@@ -222,39 +253,61 @@ class DaliLoader(EpochLoader):
             return
         first = self._batches.bounds(start)[0]
         indices, positions = (a[first:] for a in self.epoch_positions(self.epoch))
-        self._release()
         files = [str(p) for p in self._paths[indices]]
         if not self.train and not self._sizes_checked:  # train checks each size as it draws a crop box (_shape)
             self._refuse_too_large(self.paths)
             self._sizes_checked = True
-        self._pipe = self._build_pipeline(files, self._labels[indices].tolist(), indices, positions)
-        for b in batches:
-            lo, hi = self._batches.bounds(b)
-            try:
-                outputs = self._pipe.run()
-            except _HeaderError as err:
+        pipe = self._pipeline(files, indices, positions, start)
+        try:
+            for b in batches:
+                lo, hi = self._batches.bounds(b)
+                outputs = self._run(pipe, b, files[lo - first : hi - first])
+                self._pipe_next = b + 1 if b + 1 < len(self) else self._pipe_start
+                batch_positions = positions[lo - first : hi - first]
+                images, labels = self._to_torch(*outputs, positions=batch_positions)
+                if self.train:
+                    images = self.augment.erase(images, self.epoch, batch_positions)
+                # The reader pads the last val batch by repeating its last file; trimmed, so every image counts once.
+                yield images[: hi - lo], labels[: hi - lo].to(self.device, non_blocking=True)
+        finally:
+            # A train pipeline is closed at the epoch's end or as soon as its iterator is dropped (a stop at
+            # max_steps or by a signal leaves it suspended): its threads and decoder buffers go at once.
+            if self.train and self._pipe is pipe:
                 self._release()
-                raise RuntimeError(
-                    f"DALI train loader cannot use {err.path} (epoch {self.epoch}, rank "
-                    f"{self.rank}): {err.reason}. Find such files with `python scripts/check_dataset.py "
-                    f"{self.cfg.root}` (--fix re-encodes them), or use data.backend=torchvision, which skips them."
-                ) from err
-            except RuntimeError as err:
-                batch_files = files[lo - first : hi - first]
-                self._release()
-                raise RuntimeError(
-                    f"DALI failed on batch {b} of epoch {self.epoch} (rank {self.rank}); undecodable "
-                    f"file(s): {_suspects(batch_files)}\n{err}\nFind such files with "
-                    f"`python scripts/check_dataset.py {self.cfg.root}` (--fix re-encodes them), or use "
-                    "data.backend=torchvision, which skips them."
-                ) from err
-            batch_positions = positions[lo - first : hi - first]
-            images, labels = self._to_torch(*outputs, positions=batch_positions)
-            if self.train:
-                images = self.augment.erase(images, self.epoch, batch_positions)
-            # The reader pads the last val batch by repeating its last file; trimmed, so every image counts once.
-            yield images[: hi - lo], labels[: hi - lo].to(self.device, non_blocking=True)
-        self._release()
+            _return_freed_heap()
+
+    def _pipeline(self, files: list[str], indices: np.ndarray, positions: np.ndarray, start: int) -> Pipeline:
+        """The pipeline that yields batch ``start`` next: train builds one per epoch; val reuses its pipeline when
+        that stands at the start of its cycle (a whole pass leaves it there: the reader pads the last batch, so
+        its next pass starts again at the first file), else rebuilds it."""
+        if self.train or self._pipe is None or (self._pipe_start, self._pipe_next) != (start, start):
+            self._release()
+            self._pipe = self._build_pipeline(files, self._labels[indices].tolist(), indices, positions)
+            self._pipe_start = self._pipe_next = start
+        return self._pipe
+
+    def _run(self, pipe: Pipeline, b: int, batch_files: list[str]):
+        """Batch ``b``'s outputs; 'mixed' returns them on torch's current stream (no host synchronisation: DALI's
+        default execution model, exec_dynamic, supports it), CPU decoding host-ready. Errors name the files."""
+        try:
+            if self.decoder == "mixed":
+                return pipe.run(torch.cuda.current_stream(self.device))
+            return pipe.run()
+        except _HeaderError as err:
+            self._release()
+            raise RuntimeError(
+                f"DALI train loader cannot use {err.path} (epoch {self.epoch}, rank "
+                f"{self.rank}): {err.reason}. Find such files with `python scripts/check_dataset.py "
+                f"{self.cfg.root}` (--fix re-encodes them), or use data.backend=torchvision, which skips them."
+            ) from err
+        except RuntimeError as err:
+            self._release()
+            raise RuntimeError(
+                f"DALI failed on batch {b} of epoch {self.epoch} (rank {self.rank}); undecodable "
+                f"file(s): {_suspects(batch_files)}\n{err}\nFind such files with "
+                f"`python scripts/check_dataset.py {self.cfg.root}` (--fix re-encodes them), or use "
+                "data.backend=torchvision, which skips them."
+            ) from err
 
     def _refuse_too_large(self, files: list[str]) -> None:
         """RuntimeError naming the first val file over the pixel limit, before DALI decodes any (headers only)."""
@@ -281,7 +334,7 @@ class DaliLoader(EpochLoader):
         ``images`` are the decoded images (train: crops, with their ``flips``), resized here. 'graph': the graph's
         normalized NCHW / NHWC batch, copied into a torch tensor where the graph ran ('mixed': on the GPU, on
         torch's stream; CPU decoding: in host memory, then moved to the device if that is CUDA)."""
-        labels = torch.from_numpy(labels.as_array().reshape(-1).astype(np.int64))
+        labels = self._pinned(torch.from_numpy(labels.as_array().reshape(-1).astype(np.int64)))
         if self._torch_resize:
             flips = None if flips is None else flips.as_array().reshape(-1)
             return self._resize_crops(images, flips, positions), labels
@@ -290,12 +343,19 @@ class DaliLoader(EpochLoader):
         tensor = images.as_tensor()
         on_gpu = self.decoder == "mixed"
         out = torch.empty(
-            tensor.shape(), dtype=self._graph_dtype()[1], device=self.device if on_gpu else torch.device("cpu")
+            tensor.shape(),
+            dtype=self._graph_dtype()[1],
+            device=self.device if on_gpu else "cpu",
+            pin_memory=not on_gpu and self.device.type == "cuda",
         )
         feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(self.device) if on_gpu else None)
         if self.normalize.channels_last:
             out = out.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: exactly the channels_last layout
-        return out.to(self.device, self.normalize.dtype), labels  # keeps the strides
+        return out.to(self.device, self.normalize.dtype, non_blocking=True), labels  # keeps the strides
+
+    def _pinned(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` in pinned host memory when the consumer is a GPU, so its copy there does not block the host."""
+        return tensor.pin_memory() if self.device.type == "cuda" else tensor
 
     def _resize_crops(self, crops, flips: np.ndarray | None, positions: np.ndarray) -> torch.Tensor:
         """The model's input batch from the decoded crops: each resized to img_size x img_size with torch's
@@ -314,7 +374,7 @@ class DaliLoader(EpochLoader):
             out = torch.empty((len(crops), 3, size, size), dtype=torch.float32, memory_format=fmt)
             scale, shift = norm.scale[0], norm.shift[0]
         else:
-            out = torch.empty((len(crops), size, size, 3), dtype=torch.uint8)
+            out = torch.empty((len(crops), size, size, 3), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         for i in range(len(crops)):
             crop = torch.from_dlpack(crops[i]).permute(2, 0, 1)[None]  # HWC memory: channels_last, uint8 fast path
             if flips is None:  # val: shorter side to `short` as torchvision computes it, then the center crop
@@ -354,6 +414,15 @@ class DaliLoader(EpochLoader):
             self._shapes[idx] = h, w
         return int(h), int(w)
 
+    def _batch_shapes(self, idxs: np.ndarray) -> list[tuple[int, int]]:
+        """``_shape`` of each sample; the headers not read yet (epoch 0) are read by a thread pool, in parallel."""
+        missing = idxs[self._shapes[idxs, 0] < 0]
+        if len(missing) > 1:
+            if self._header_pool is None:
+                self._header_pool = ThreadPoolExecutor(HEADER_THREADS, thread_name_prefix="dali-jpeg-header")
+            list(self._header_pool.map(self._shape, missing))  # raises the first _HeaderError
+        return [self._shape(i) for i in idxs]
+
     def _boxes_source(self, indices: np.ndarray, positions: np.ndarray):
         """external_source callback: for pipeline iteration i, the RandomResizedCrop box (anchor (top, left),
         shape (h, w)) and flip of each sample, computed by transforms.random_resized_crop_box -- the torchvision
@@ -373,8 +442,8 @@ class DaliLoader(EpochLoader):
                 cfg.hflip,
             )
             out = np.empty((self.batch_size, 5), dtype=np.int32)
-            for j in range(self.batch_size):
-                height, width = self._shape(indices[(base + j) % n])
+            sizes = self._batch_shapes(indices[(base + np.arange(self.batch_size)) % n])
+            for j, (height, width) in enumerate(sizes):
                 out[j, :4] = random_resized_crop_box(draws[j], height, width)
                 out[j, 4] = draws[j, DRAW_FLIP]
             return list(out[:, 0:2]), list(out[:, 2:4]), [np.array(v) for v in out[:, 4]]
@@ -399,6 +468,7 @@ class DaliLoader(EpochLoader):
         decoder_args = dict(device=self.decoder, output_type=types.RGB, adjust_orientation=False)
         if self.decoder == "mixed":
             decoder_args["jpeg_fancy_upsampling"] = True  # nvJPEG upsamples chroma as libjpeg-turbo does on the CPU
+            decoder_args.update(MIXED_DECODER_ARGS)
         with pipe:
             jpegs, label_node = fn.readers.file(
                 files=files, labels=labels, random_shuffle=False, pad_last_batch=True, name="reader"
@@ -477,7 +547,14 @@ class DaliLoader(EpochLoader):
 
     def _release(self) -> None:
         pipe, self._pipe = self._pipe, None
-        del pipe  # DALI stops the pipeline's threads when the object goes away
+        if pipe is not None:
+            # DALI's own teardown (what Pipeline.__del__ runs; there is no public close): stops its threads and
+            # frees its buffers now. Dropping the reference alone left them to the garbage collector, which breaks
+            # the pipeline's reference cycles only at some later collection.
+            pipe._shutdown()
 
     def close(self) -> None:
         self._release()
+        if self._header_pool is not None:
+            self._header_pool.shutdown(wait=False, cancel_futures=True)
+            self._header_pool = None

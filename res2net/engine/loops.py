@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -278,6 +279,8 @@ def train_one_epoch(
         if last or stop_now:
             stop_now |= drain()
         progress.step(state, images.shape[0], lr)
+        if state.global_step == 1 and dist.device.type == "cuda" and os.environ.get("RES2NET_SYNC_DEBUG"):
+            torch.cuda.set_sync_debug_mode(int(os.environ["RES2NET_SYNC_DEBUG"]))  # 1 warn, 2 error: gpu_check.sh
         if save_every_steps and state.global_step % save_every_steps == 0:
             save()
         if stop_now:
