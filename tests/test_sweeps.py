@@ -112,7 +112,9 @@ def test_multirun_of_two_tiny_jobs_then_summary(image_folder, tmp_path, launcher
     assert [path.name for path in run_dirs] == ["0", "1"]
     for run_dir, smoothing in zip(run_dirs, (0.0, 0.1)):
         assert yaml.safe_load((run_dir / "config.yaml").read_text())["loss"]["label_smoothing"] == smoothing
-        assert f"loss.label_smoothing={smoothing}" in yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+        assert f"loss.label_smoothing={smoothing}" in yaml.safe_load(
+            (run_dir / ".hydra" / "overrides.yaml").read_text()
+        )
         assert (run_dir / "checkpoints" / "last.pth").is_file()
 
     summary = subprocess.run(

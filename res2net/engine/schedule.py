@@ -37,7 +37,7 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: Any, base_lr: float = 1.0) -
     warmup_steps = cfg.warmup_epochs * steps_per_epoch
     if warmup_steps > 0 and step < warmup_steps:
         start = cfg.warmup_lr / base_lr if base_lr > 0 else 0.0
-        factor = start + (factor - start) * (step + 1) / warmup_steps
+        factor = start + (factor - start) * ((step + 1) / warmup_steps)  # with start 0: the former ramp, bit for bit
     return factor
 
 
