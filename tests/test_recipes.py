@@ -491,3 +491,49 @@ def test_kill_9_with_every_recipe_knob_on_then_resume_is_bit_exact(tmp_path, tea
     assert [r["loss"] for r in _records(run_dir, "train")] == [
         r["loss"] for r in _records(tmp_path / "reference", "train")
     ]
+
+
+# ---- presets ---------------------------------------------------------------------------------------------------
+
+PRESETS = ("rsb_a1", "rsb_a2", "rsb_a3", "tv_recipe", "fast")
+MODELS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
+
+
+def _compose(*overrides):
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes_with_every_model_and_states_its_source(preset):
+    header = (CONFIGS / "experiment" / f"{preset}.yaml").read_text().split("\ndefaults:")[0]
+    assert all(word in header for word in ("Published:", "Adapted:", "ResNet-50")), preset
+    for model in MODELS:
+        cfg = _compose(f"experiment={preset}", f"model={model}")
+        assert OmegaConf.get_type(cfg) is TrainConfig and cfg.model.name == model
+        check_train_config(cfg)
+        global_batch = cfg.data.batch_size * 4 * cfg.trainer.accum_steps  # on the 4-GPU box the presets name
+        assert global_batch == {"fast": 1024, "tv_recipe": 1024}.get(preset, 2048)
+
+
+def test_cfg_job_of_rsb_a3_shows_the_procedure(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--cfg", "job", "experiment=rsb_a3", "model=res2net50_14w_8s"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    import yaml
+
+    job = yaml.safe_load(proc.stdout)
+    assert job["model"]["name"] == "res2net50_14w_8s"
+    assert (job["optim"]["name"], job["optim"]["lr"], job["optim"]["base_batch"]) == ("lamb", 8e-3, 2048)
+    assert (job["loss"]["name"], job["loss"]["label_smoothing"]) == ("bce", 0.0)
+    assert (job["mixup"]["alpha"], job["mixup"]["cutmix_alpha"]) == (0.1, 1.0)
+    assert job["data"]["auto_augment"] == "rand-m6-mstd0.5"
+    assert (job["schedule"]["name"], job["schedule"]["epochs"], job["schedule"]["warmup_epochs"]) == ("cosine", 100, 5)
+    assert (job["data"]["img_size"], job["data"]["val_img_size"], job["data"]["crop_pct"]) == (160, 224, 0.95)
