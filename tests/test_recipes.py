@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from test_engine_train import _cfg  # the debug experiment on 32 synthetic images
 from timm.data.mixup import mixup_target, rand_bbox
 from timm.loss import BinaryCrossEntropy as TimmBCE
 from timm.loss import SoftTargetCrossEntropy as TimmSoftCE
@@ -37,15 +38,6 @@ from res2net.models import Bottle2neck
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-
-
-def _cfg(*overrides):
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(
-            config_name="train",
-            overrides=["experiment=debug", "data.synthetic_train_size=32", "data.synthetic_val_size=16", *overrides],
-        )
 
 
 def _records(run_dir, kind):
