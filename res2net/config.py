@@ -29,9 +29,15 @@ from res2net.errors import ConfigError
 
 __all__ = [
     "Amp",
+    "DistillConfig",
     "EvalConfig",
+    "LossConfig",
+    "LossName",
+    "MixupConfig",
+    "MixupMode",
     "ModelConfig",
     "OptimConfig",
+    "OptimName",
     "RUN_TIME_ENV",
     "ScheduleConfig",
     "ScheduleName",
@@ -72,18 +78,42 @@ class ModelConfig:
     avg_down: bool | None = None  # avg-pool before the shortcut's 1x1 conv (the 'd' variants)
     zero_init_last: bool | None = None  # zero the last BN of each block
     drop_rate: float | None = None  # dropout before the classifier
+    # Stochastic depth: the last block's rate, rising linearly from 0 at the first block; null = the variant's 0.
+    drop_path_rate: float | None = None
+
+
+class OptimName(enum.Enum):
+    sgd = "sgd"  # torch.optim.SGD (momentum, nesterov): the paper's
+    adamw = "adamw"  # torch.optim.AdamW (betas, eps), decoupled weight decay
+    lamb = "lamb"  # LAMB as in ResNet strikes back (res2net.engine.optim.Lamb, timm's Lamb arithmetic)
+
+
+class LossName(enum.Enum):
+    ce = "ce"  # softmax cross-entropy (on soft targets when mixup is on)
+    bce = "bce"  # per-class binary cross-entropy on the (mixed, smoothed) targets, as in ResNet strikes back
+
+
+class MixupMode(enum.Enum):
+    batch = "batch"  # one draw (mixup or cutmix, lambda, box) for the whole batch
+    pair = "pair"  # one draw per pair of samples (i, n - 1 - i); needs an even batch
+    elem = "elem"  # one draw per sample
 
 
 @dataclass
 class OptimConfig:
-    # SGD. lr is for a global batch of base_batch images; the trainer uses lr * global_batch / base_batch.
+    name: OptimName = OptimName.sgd
+    # lr is for a global batch of base_batch images; the trainer uses lr * global_batch / base_batch, with
+    # global_batch = data.batch_size x processes x trainer.accum_steps.
     lr: float = 0.1
     base_batch: int = 256
-    momentum: float = 0.9
-    nesterov: bool = False
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
     weight_decay: float = 1e-4
     # true: no weight decay on norm weights and biases (every 1-D parameter); the paper decays all parameters.
+    # With lamb the exempt parameters also skip the trust ratio (timm's Lamb).
     no_decay_norm_bias: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw and lamb: moment decay rates
+    eps: float = 1e-8  # adamw and lamb: added to the second moment's root (timm's Lamb default: 1e-6)
 
 
 @dataclass
@@ -93,8 +123,9 @@ class ScheduleConfig:
     milestones: list[int] = field(default_factory=lambda: [30, 60, 90])  # step only
     gamma: float = 0.1  # step only
     min_lr: float = 0.0  # cosine only: final lr, absolute (not scaled with the batch)
-    # Linear warm-up from ~0 to the scheduled lr over this many epochs (fractions allowed), per step; 0 = none.
+    # Linear warm-up from warmup_lr to the scheduled lr over this many epochs (fractions allowed), per step; 0 = none.
     warmup_epochs: float = 0.0
+    warmup_lr: float = 0.0  # lr the warm-up starts from, absolute (not scaled with the batch); timm's warmup_lr
 
 
 @dataclass
@@ -107,6 +138,10 @@ class TrainerConfig:
     # Exponential moving average of the weights, evaluated alongside them every epoch; 0 = off (e.g. 0.9998).
     ema_decay: float = 0.0
     grad_clip: float = 0.0  # max global L2 norm of the gradients; 0 = off
+    # Gradient accumulation: one optimizer step per accum_steps loader batches (DDP all-reduces on the last one
+    # only); the global batch, which scales the lr, is data.batch_size x processes x accum_steps. Steps, max_steps,
+    # save_every_steps and the schedule count optimizer steps; an epoch's last step takes the batches left over.
+    accum_steps: int = 1
     log_interval: int = 50  # steps between 'train' records / console lines
     save_every_epochs: int = 1  # write checkpoints/last.pth after every N-th epoch (and always after the last)
     save_every_steps: int = 0  # also write last.pth every N global steps, mid-epoch; 0 = off
@@ -118,14 +153,55 @@ class TrainerConfig:
 
 
 @dataclass
+class MixupConfig:
+    # Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019) on the device, after the loader (any backend), with
+    # timm's arithmetic: the batch is mixed with itself reversed. On when alpha > 0 or cutmix_alpha > 0. Every draw
+    # comes from a generator seeded with (trainer.seed, rank, global step, micro-step), so a resumed run mixes alike.
+    alpha: float = 0.0  # mixup's Beta(alpha, alpha); 0 = no mixup
+    cutmix_alpha: float = 0.0  # cutmix's Beta(cutmix_alpha, cutmix_alpha); 0 = no cutmix
+    prob: float = 1.0  # probability of mixing a batch / pair / sample
+    switch_prob: float = 0.5  # with both on: probability of cutmix instead of mixup
+    mode: MixupMode = MixupMode.batch
+    off_epoch: int = 0  # no mixing from this (0-based) epoch on, label smoothing stays; 0 = mix to the end
+
+
+@dataclass
+class LossConfig:
+    name: LossName = LossName.ce
+    # Label smoothing: 0.0 as in the paper's text; experiment=paper_release sets the authors' 0.1. With mixup it is
+    # folded into the mixed targets (timm's mixup_target).
+    label_smoothing: float = 0.0
+    # bce only: targets above this become 1, the others 0 (timm's bce_target_thresh); null = soft targets.
+    bce_target_thresh: float | None = None
+    # bce only: sum over classes, mean over the batch (timm's sum_classes, --bce-sum); false: mean over every
+    # (sample, class) pair, timm's default and what ResNet strikes back used.
+    bce_sum: bool = False
+
+
+@dataclass
+class DistillConfig:
+    # Logit distillation: loss = (1 - alpha) * task loss + alpha * T^2 * KL(softmax(teacher / T) || softmax(student /
+    # T)). teacher: '' = off; a variant name (its released weights, downloaded into the cache) or the path of a
+    # checkpoint written by train.py (its config names the architecture); read tensors-only (weights_only).
+    # The teacher runs in eval mode without gradients, under the same autocast, on the same mixed images; it is not
+    # part of the checkpoints (a resume loads it again).
+    teacher: str = ""
+    alpha: float = 0.5
+    temperature: float = 1.0
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    # Cross-entropy label smoothing: 0.0 as in the paper's text; experiment=paper_release sets the authors' 0.1.
-    label_smoothing: float = 0.0
+    loss: LossConfig = field(default_factory=LossConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    # Moved to loss.label_smoothing; any value here is refused with a message naming the new key.
+    label_smoothing: float | None = None
     # '' = start fresh; 'auto' = the run directory's checkpoints/last.pth if there is one, else start fresh;
     # otherwise the path of a checkpoint written by train.py.
     resume: str = ""
@@ -186,13 +262,24 @@ def check_train_config(cfg: Any) -> None:
         if getattr(t, key) < 0:
             raise ConfigError(f"trainer.{key}={getattr(t, key)} must be >= 0 (0 turns it off)")
     _finite("trainer.grad_clip", t.grad_clip, 0.0)
-    if not 0.0 <= cfg.label_smoothing < 1.0:  # NaN fails too
-        raise ConfigError(f"label_smoothing={cfg.label_smoothing} must be in [0, 1)")
     if t.seed < 0:
         raise ConfigError(f"trainer.seed={t.seed} must be >= 0")
+    if t.accum_steps < 1:
+        raise ConfigError(f"trainer.accum_steps={t.accum_steps} must be >= 1 (1 = no accumulation)")
+    if cfg.label_smoothing is not None:
+        raise ConfigError(
+            f"label_smoothing={cfg.label_smoothing}: the key moved to loss.label_smoothing; "
+            f"write loss.label_smoothing={cfg.label_smoothing} instead"
+        )
+    _check_loss(cfg.loss)
+    _check_mixup(cfg.mixup)
+    _check_distill(cfg.distill)
     _finite("optim.lr", cfg.optim.lr, 0.0, low_open=True)
     _finite("optim.weight_decay", cfg.optim.weight_decay, 0.0)
     _finite("optim.momentum", cfg.optim.momentum, 0.0, 1.0)
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas={list(cfg.optim.betas)} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+    _finite("optim.eps", cfg.optim.eps, 0.0, low_open=True)
     if cfg.optim.nesterov and cfg.optim.momentum <= 0:
         raise ConfigError(f"optim.nesterov=true needs optim.momentum > 0, got {cfg.optim.momentum}")
     if cfg.optim.base_batch < 1:
@@ -202,11 +289,15 @@ def check_train_config(cfg: Any) -> None:
         raise ConfigError(f"schedule.epochs={s.epochs} must be >= 1")
     _finite("schedule.warmup_epochs", s.warmup_epochs, 0.0)
     _finite("schedule.min_lr", s.min_lr, 0.0)
+    _finite("schedule.warmup_lr", s.warmup_lr, 0.0)
     _finite("schedule.gamma", s.gamma, 0.0, low_open=True)
     if list(s.milestones) != sorted(s.milestones):
         raise ConfigError(f"schedule.milestones={list(s.milestones)} must be increasing")
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be >= 1")
+    pair_mode = getattr(cfg.mixup.mode, "value", cfg.mixup.mode) == "pair"
+    if pair_mode and cfg.data.batch_size % 2 and (cfg.mixup.alpha > 0 or cfg.mixup.cutmix_alpha > 0):
+        raise ConfigError(f"mixup.mode=pair mixes samples in pairs: data.batch_size={cfg.data.batch_size} must be even")
     _finite("data.crop_pct", cfg.data.crop_pct, 0.0, 1.0, low_open=True)
     if cfg.data.img_size < 1:
         raise ConfigError(f"data.img_size={cfg.data.img_size} must be >= 1")
@@ -218,6 +309,27 @@ def check_train_config(cfg: Any) -> None:
         raise ConfigError(f"model.drop_rate={cfg.model.drop_rate} must be in [0, 1)")
     if t.ema_decay != 0.0 and not 0.0 < t.ema_decay < 1.0:
         raise ConfigError(f"trainer.ema_decay={t.ema_decay} must be in (0, 1), e.g. 0.9998, or 0 to turn the EMA off")
+
+
+def _check_loss(loss: Any) -> None:
+    if not 0.0 <= loss.label_smoothing < 1.0:
+        raise ConfigError(f"loss.label_smoothing={loss.label_smoothing} must be in [0, 1)")
+    if loss.bce_target_thresh is not None:
+        _finite("loss.bce_target_thresh", loss.bce_target_thresh, 0.0, 1.0)
+
+
+def _check_mixup(mixup: Any) -> None:
+    _finite("mixup.alpha", mixup.alpha, 0.0)
+    _finite("mixup.cutmix_alpha", mixup.cutmix_alpha, 0.0)
+    _finite("mixup.prob", mixup.prob, 0.0, 1.0)
+    _finite("mixup.switch_prob", mixup.switch_prob, 0.0, 1.0)
+    if mixup.off_epoch < 0:
+        raise ConfigError(f"mixup.off_epoch={mixup.off_epoch} must be >= 0 (0 = mix until the end)")
+
+
+def _check_distill(distill: Any) -> None:
+    _finite("distill.alpha", distill.alpha, 0.0, 1.0)
+    _finite("distill.temperature", distill.temperature, 0.0, low_open=True)
 
 
 def run_time() -> float:

@@ -52,7 +52,11 @@ def test_cfg_job_shows_the_paper_recipe_for_26w_8s(tmp_path):
     assert job["schedule"]["epochs"] == 100 and job["schedule"]["milestones"] == [30, 60, 90]
     assert job["data"]["backend"] == "dali" and job["data"]["batch_size"] == 64
     assert (job["data"]["img_size"], job["data"]["crop_pct"], job["data"]["interpolation"]) == (224, 0.875, "bilinear")
-    assert job["label_smoothing"] == 0.0 and job["trainer"]["amp"] == "auto"  # bf16 on GPUs with native bf16
+    assert job["loss"] == {"name": "ce", "label_smoothing": 0.0, "bce_target_thresh": None, "bce_sum": False}
+    assert job["mixup"]["alpha"] == 0.0 and job["mixup"]["cutmix_alpha"] == 0.0 and job["distill"]["teacher"] == ""
+    assert job["optim"]["name"] == "sgd" and job["trainer"]["accum_steps"] == 1 and job["schedule"]["warmup_lr"] == 0
+    assert job["model"]["drop_path_rate"] is None and job["label_smoothing"] is None
+    assert job["trainer"]["amp"] == "auto"  # bf16 on GPUs with native bf16
     assert not list(tmp_path.iterdir()), "--cfg job must not create a run directory"
 
 
@@ -78,8 +82,8 @@ def test_every_experiment_composes(experiment):
 
 def test_paper_release_adds_label_smoothing_only():
     paper, release = _compose(), _compose("experiment=paper_release")
-    assert paper.label_smoothing == 0.0 and release.label_smoothing == 0.1
-    release.label_smoothing = 0.0
+    assert paper.loss.label_smoothing == 0.0 and release.loss.label_smoothing == 0.1
+    release.loss.label_smoothing = 0.0
     assert OmegaConf.to_container(paper) == OmegaConf.to_container(release)
     model = _compose("experiment=paper_release", "model=res2net50_26w_8s").model  # any variant
     assert resolve_model_config(model)["scale"] == 8

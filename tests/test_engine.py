@@ -114,6 +114,9 @@ def test_nonsense_trainer_values_are_refused():
     cfg.trainer.log_interval = 0
     with pytest.raises(ValueError, match="log_interval=0"):
         check_train_config(cfg)
-    cfg.trainer.log_interval, cfg.label_smoothing = 10, 1.5
-    with pytest.raises(ValueError, match="label_smoothing"):
+    cfg.trainer.log_interval, cfg.loss.label_smoothing = 10, 1.5
+    with pytest.raises(ValueError, match="loss.label_smoothing=1.5 must be in"):
+        check_train_config(cfg)
+    cfg.loss.label_smoothing, cfg.label_smoothing = 0.0, 0.1  # the old top-level key names its new place
+    with pytest.raises(ValueError, match="moved to loss.label_smoothing; write loss.label_smoothing=0.1"):
         check_train_config(cfg)

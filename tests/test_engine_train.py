@@ -62,7 +62,7 @@ def test_knobs_bf16_channels_last_ema_label_smoothing_no_decay(tmp_path):
         "trainer.amp=bf16",
         "trainer.channels_last=true",
         "trainer.ema_decay=0.5",
-        "label_smoothing=0.1",
+        "loss.label_smoothing=0.1",
         "optim.no_decay_norm_bias=true",
         "schedule.warmup_epochs=1",
         "trainer.save_every_steps=3",
@@ -76,7 +76,7 @@ def test_knobs_bf16_channels_last_ema_label_smoothing_no_decay(tmp_path):
     assert ckpt["model"]["conv1.weight"].is_contiguous(memory_format=torch.channels_last)
     assert ckpt["ema"] is not None and not torch.equal(ckpt["ema"]["fc.weight"], ckpt["model"]["fc.weight"])
     assert [g["weight_decay"] for g in ckpt["optimizer"]["param_groups"]] == [1e-4, 0.0]
-    assert ckpt["config"]["label_smoothing"] == 0.1 and ckpt["config"]["trainer"]["amp"] == "bf16"
+    assert ckpt["config"]["loss"]["label_smoothing"] == 0.1 and ckpt["config"]["trainer"]["amp"] == "bf16"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best.pth", "epoch_0001.pth", "last.pth"]
     epochs = _records(tmp_path, "epoch")
     assert {"val_top1_ema", "val_top5_ema", "val_loss_ema"} <= epochs[0].keys()

@@ -251,6 +251,7 @@ def test_resolve_model_config_fills_the_variant_values():
         "avg_down": False,
         "zero_init_last": False,
         "drop_rate": 0.0,
+        "drop_path_rate": 0.0,
     }
     assert type(resolved["layers"]) is list  # plain values: config.yaml records them as written
     # The resolved config rebuilds the same network.
@@ -274,8 +275,8 @@ def test_model_from_config_num_classes():
     "cfg, fragment",
     [
         (
-            {"name": "res2net50_26w_4s", "drop_path_rate": 0.1},
-            "unknown model config key(s) ['drop_path_rate']; valid keys: name, num_classes, layers, base_width",
+            {"name": "res2net50_26w_4s", "drop_block_rate": 0.1},
+            "unknown model config key(s) ['drop_block_rate']; valid keys: name, num_classes, layers, base_width",
         ),
         ({"name": "res2net51"}, "unknown model 'res2net51'; valid names: res2net101_26w_4s"),
         ({"scale": 4}, "unknown model None; valid names"),
@@ -313,6 +314,7 @@ def test_variant_table_is_complete():
         (dict(zero_init_last=1), "zero_init_last"),
         (dict(drop_rate=1.0), "drop_rate"),
         (dict(drop_rate=-0.1), "drop_rate"),
+        (dict(drop_path_rate=1.0), "drop_path_rate"),
         (dict(in_chans=0), "in_chans"),
         (dict(num_classes=-1), "num_classes"),
         (dict(scale=True), "scale"),
@@ -324,16 +326,52 @@ def test_bad_override_values_raise_value_error(override, fragment):
     assert fragment in str(info.value)
 
 
+def test_drop_path_rates_grow_linearly_over_the_blocks_as_in_timm():
+    model = res2net.create_model("res2net50_26w_4s", drop_path_rate=0.2, **TINY)
+    rates = [m.drop_path for m in model.modules() if isinstance(m, Bottle2neck)]
+    assert rates == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2])
+    reference = timm.create_model("resnet50", drop_path_rate=0.2, layers=[1, 2, 1, 1])
+    timm_rates = [
+        0.0 if b.drop_path is None else b.drop_path.drop_prob
+        for s in range(1, 5)
+        for b in getattr(reference, f"layer{s}")
+    ]
+    assert rates == pytest.approx(timm_rates)
+
+
+def test_drop_path_drops_or_rescales_each_sample_in_training_and_is_the_identity_in_eval():
+    torch.manual_seed(0)
+    block = Bottle2neck(64, 16, base_width=8, scale=4, drop_path=0.5)
+    plain = Bottle2neck(64, 16, base_width=8, scale=4)
+    _randomize_batchnorm(block)
+    plain.load_state_dict(block.state_dict())
+    x = torch.randn(64, 64, 6, 6)
+    branches = []
+    block.bn3.register_forward_hook(lambda module, inputs, output: branches.append(output))
+    block.train()
+    out = block(x)
+    branch = branches[-1]
+    kept = torch.relu(branch / 0.5 + x)
+    dropped = torch.relu(x)
+    is_kept = [torch.allclose(o, k, atol=1e-5) for o, k in zip(out, kept)]
+    is_dropped = [torch.allclose(o, d, atol=1e-6) for o, d in zip(out, dropped)]
+    assert all(k != d for k, d in zip(is_kept, is_dropped))  # each sample one or the other, never a mix
+    assert 16 < sum(is_dropped) < 48  # about half of 64 at rate 0.5
+    plain.load_state_dict(block.state_dict())  # the running statistics of that training forward
+    block.eval(), plain.eval()
+    assert torch.equal(block(x), plain(x))
+
+
 def test_unknown_name_and_unknown_override_name_valid_choices():
     with pytest.raises(ValueError, match="res2net50_26w_4s.*res2next50"):
         res2net.create_model("res2net51")
-    with pytest.raises(ValueError, match="drop_path_rate.*valid overrides: layers, base_width, scale"):
-        res2net.create_model("res2net50_26w_4s", drop_path_rate=0.1)
+    with pytest.raises(ValueError, match="drop_block_rate.*valid overrides: layers, base_width, scale"):
+        res2net.create_model("res2net50_26w_4s", drop_block_rate=0.1)
 
 
 def test_direct_construction_is_typed():
     with pytest.raises(TypeError):
-        Res2Net(layers=[1, 1, 1, 1], drop_path_rate=0.1)
+        Res2Net(layers=[1, 1, 1, 1], drop_block_rate=0.1)
 
 
 def test_models_package_imports_with_torch_alone():

@@ -9,6 +9,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 from test_summarize import summarize_runs
 
 import res2net
@@ -24,7 +25,7 @@ ABLATIONS = {
     "ablation_scale_equal_cost": ("model", ["res2net50_48w_2s", "res2net50_26w_4s", "res2net50_14w_8s"]),
     "ablation_scale_fixed_width": ("model", ["res2net50_26w_4s", "res2net50_26w_6s", "res2net50_26w_8s"]),
     "ablation_depth": ("model", ["res2net50_26w_4s", "res2net101_26w_4s"]),
-    "ablation_label_smoothing": ("label_smoothing", ["0.0", "0.1"]),
+    "ablation_label_smoothing": ("loss.label_smoothing", ["0.0", "0.1"]),
 }
 TINY = [
     "data=folder",
@@ -56,7 +57,7 @@ def test_ablation_preset_sweeps_the_intended_values(preset):
     assert sweep_params(preset) == {key: values}
     for value in values:  # every job of the sweep composes against the typed schema
         cfg = compose_train([f"experiment={preset}", f"{key}={value}"])
-        assert str(cfg.model.name if key == "model" else cfg[key]) == value
+        assert str(cfg.model.name if key == "model" else OmegaConf.select(cfg, key)) == value
         assert cfg.hydra.sweep.dir.startswith(f"multirun/{preset}/")
         assert cfg.schedule.name.value == "step" and cfg.schedule.epochs == 100  # the paper's recipe otherwise
 
@@ -110,8 +111,10 @@ def test_multirun_of_two_tiny_jobs_then_summary(image_folder, tmp_path, launcher
     run_dirs = sorted(path for path in sweep.iterdir() if path.is_dir() and not path.name.startswith("."))
     assert [path.name for path in run_dirs] == ["0", "1"]
     for run_dir, smoothing in zip(run_dirs, (0.0, 0.1)):
-        assert yaml.safe_load((run_dir / "config.yaml").read_text())["label_smoothing"] == smoothing
-        assert f"label_smoothing={smoothing}" in yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["loss"]["label_smoothing"] == smoothing
+        assert f"loss.label_smoothing={smoothing}" in yaml.safe_load(
+            (run_dir / ".hydra" / "overrides.yaml").read_text()
+        )
         assert (run_dir / "checkpoints" / "last.pth").is_file()
 
     summary = subprocess.run(
@@ -119,15 +122,15 @@ def test_multirun_of_two_tiny_jobs_then_summary(image_folder, tmp_path, launcher
     )
     assert summary.returncode == 0, summary.stderr
     table = [line for line in summary.stdout.splitlines() if line.startswith("| ")]
-    assert table[0].startswith("| run | label_smoothing | epochs | best_top1 |")
+    assert table[0].startswith("| run | loss.label_smoothing | epochs | best_top1 |")
     assert [row.split("|")[1:3] for row in table[1:]] == [[" 0 ", " 0.0 "], [" 1 ", " 0.1 "]]
     assert all(" 2/2 " in row and "CPU (1 proc)" in row for row in table[1:])
 
     figure = summarize_runs.summarize(sweep, tmp_path / "again").figure
     ax_top1, ax_loss = figure.axes
     assert [t.get_text() for t in ax_top1.get_legend().get_texts()] == [
-        "0: label_smoothing=0.0",
-        "1: label_smoothing=0.1",
+        "0: loss.label_smoothing=0.0",
+        "1: loss.label_smoothing=0.1",
     ]
     assert all(len(line.get_xdata()) == 2 for line in ax_top1.get_lines() + ax_loss.get_lines())
     assert (sweep / "summary.png").stat().st_size > 10_000

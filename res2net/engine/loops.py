@@ -13,6 +13,7 @@ the same for any world size, unlike averaging per-rank percentages over padded s
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 import os
@@ -26,9 +27,11 @@ import torch.distributed as dist
 from torch import nn
 
 from res2net.engine.amp import autocast
+from res2net.engine.distill import DistillationLoss
 from res2net.engine.distributed import DistInfo, unwrap_model
 from res2net.engine.eval_metrics import EvalTally, class_mask, restrict
 from res2net.engine.metrics import TrainProgress
+from res2net.engine.mixup import Mixup
 from res2net.engine.schedule import set_lr
 from res2net.engine.stop import StopRequest
 
@@ -38,7 +41,10 @@ __all__ = [
     "StepAgreement",
     "TTA_MODES",
     "TrainState",
+    "backward_micro_step",
     "evaluate",
+    "optimizer_step",
+    "optimizer_steps_per_epoch",
     "train_one_epoch",
     "train_step",
 ]
@@ -102,6 +108,42 @@ class TrainState:
         )
 
 
+def _loss(criterion: nn.Module, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = model(images)
+    if isinstance(criterion, DistillationLoss):  # the teacher sees the same (mixed) images
+        return criterion(logits, targets, images)
+    return criterion(logits, targets)
+
+
+def backward_micro_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    scaler: torch.amp.GradScaler,
+    criterion: nn.Module,
+    *,
+    amp: str,
+    micro_steps: int = 1,
+) -> torch.Tensor:
+    """Forward and backward of one micro-batch, adding its share (loss / ``micro_steps``) to the gradients; returns
+    the detached loss. With several processes the caller decides, via DDP's ``no_sync``, whether it all-reduces."""
+    with autocast(images.device, amp):
+        loss = _loss(criterion, model, images, targets)
+    scaler.scale(loss / micro_steps if micro_steps > 1 else loss).backward()
+    return loss.detach()
+
+
+def optimizer_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, *, grad_clip: float
+) -> None:
+    """Clip (when ``grad_clip`` > 0) and apply the accumulated gradients."""
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def train_step(
     model: nn.Module,
     images: torch.Tensor,
@@ -113,17 +155,22 @@ def train_step(
     amp: str,
     grad_clip: float,
 ) -> torch.Tensor:
-    """One optimizer step; returns the detached loss. Nothing here waits for the device."""
-    with autocast(images.device, amp):
-        loss = criterion(model(images), labels)
+    """One optimizer step on one batch; returns the detached loss. Nothing here waits for the device."""
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    return loss.detach()
+    loss = backward_micro_step(model, images, labels, scaler, criterion, amp=amp)
+    optimizer_step(model, optimizer, scaler, grad_clip=grad_clip)
+    return loss
+
+
+def optimizer_steps_per_epoch(batches: int, accum_steps: int) -> int:
+    """Optimizer steps of an epoch of ``batches`` loader batches: the last one takes the batches left over."""
+    return math.ceil(batches / accum_steps)
+
+
+def _no_sync(model: nn.Module, sync: bool):
+    """DDP's ``no_sync`` on a micro-step that must not all-reduce (also through a torch.compile wrapper)."""
+    no_sync = getattr(model, "no_sync", None)
+    return contextlib.nullcontext() if sync or no_sync is None else no_sync()
 
 
 class StepAgreement:
@@ -224,18 +271,25 @@ def train_one_epoch(
     save_every_steps: int = 0,
     save: Callable[[], Any] = lambda: None,
     data_root: Any = None,
+    accum_steps: int = 1,
+    mixup: Mixup | None = None,
 ) -> Outcome:
-    """Train from ``state``'s position to the end of its epoch, advancing ``state`` after every step.
+    """Train from ``state``'s position to the end of its epoch, advancing ``state`` after every optimizer step.
 
     ``model`` is what runs the step (DDP and/or compiled); ``ema`` (or None) follows ``unwrap_model(model)``.
+    A step accumulates the gradients of ``accum_steps`` loader batches (the epoch's last step those left over;
+    DDP all-reduces on the last micro-batch only); ``state`` counts optimizer steps, so a checkpoint always lies
+    between two of them. ``mixup`` (or None) turns each micro-batch's labels into soft targets at its position.
     The lr of each step is ``lr_at(global_step)``, set before it. ``save()`` is called every ``save_every_steps``
     global steps (0 = never). Returns FINISHED at the epoch's end, MAX_STEPS at ``max_steps`` (0 = no cap), PREEMPTED
     when a rank was asked to stop (one step after the request: see ``StepAgreement``).
     """
     model.train()
     net = unwrap_model(model)
-    steps_per_epoch = len(loader)
-    loader.set_epoch(state.epoch, state.step_in_epoch)
+    batches_per_epoch = len(loader)
+    steps_per_epoch = optimizer_steps_per_epoch(batches_per_epoch, accum_steps)
+    first_batch = min(state.step_in_epoch * accum_steps, batches_per_epoch)
+    loader.set_epoch(state.epoch, first_batch)
     agreement = StepAgreement(dist.device, dist.world_size, scaler)
     stop_now = False
 
@@ -258,16 +312,34 @@ def train_one_epoch(
             stopping |= account(result, state.global_step)
         return stopping
 
-    for images, labels in progress.batches(_guarded(loader, state, dist, steps_per_epoch, data_root)):
-        lr = lr_at(state.global_step)
-        set_lr(optimizer, lr)
-        scale_before = _scale_before(scaler, dist.device)
-        loss = train_step(model, images, labels, optimizer, scaler, criterion, amp=amp, grad_clip=grad_clip)
+    batches = progress.batches(_guarded(loader, state, dist, steps_per_epoch, data_root))
+    for batch, (images, labels) in enumerate(batches, start=first_batch):
+        micro = batch % accum_steps
+        micro_steps = min(accum_steps, batches_per_epoch - (batch - micro))
+        if micro == 0:
+            lr = lr_at(state.global_step)
+            set_lr(optimizer, lr)
+            scale_before = _scale_before(scaler, dist.device)
+            optimizer.zero_grad(set_to_none=True)
+            loss, seen = None, 0
+        targets = labels
+        if mixup is not None:
+            images, targets = mixup(images, labels, epoch=state.epoch, step=state.global_step, micro=micro)
+        last_micro = micro == micro_steps - 1
+        with _no_sync(model, sync=last_micro):
+            micro_loss = backward_micro_step(
+                model, images, targets, scaler, criterion, amp=amp, micro_steps=micro_steps
+            )
+        loss = micro_loss if loss is None else loss + micro_loss
+        seen += images.shape[0]
+        if not last_micro:
+            continue
+        optimizer_step(model, optimizer, scaler, grad_clip=grad_clip)
         if ema is not None:
             ema.update(net)
         state.step_in_epoch += 1
         state.global_step += 1
-        agreement.post(loss, stop.requested, scale_before)
+        agreement.post(loss / micro_steps, stop.requested, scale_before)
         if len(agreement.pending) > 1:  # step k's agreement, read while step k+1 runs
             stop_now |= account(agreement.collect(), state.global_step - 1)
         last = (
@@ -278,7 +350,7 @@ def train_one_epoch(
         )
         if last or stop_now:
             stop_now |= drain()
-        progress.step(state, images.shape[0], lr)
+        progress.step(state, seen, lr)
         if state.global_step == 1 and dist.device.type == "cuda" and os.environ.get("RES2NET_SYNC_DEBUG"):
             torch.cuda.set_sync_debug_mode(int(os.environ["RES2NET_SYNC_DEBUG"]))  # 1 warn, 2 error: gpu_check.sh
         if save_every_steps and state.global_step % save_every_steps == 0:
@@ -291,7 +363,7 @@ def train_one_epoch(
     if state.step_in_epoch != steps_per_epoch:
         raise RuntimeError(
             f"the training loader ended after {state.step_in_epoch} of the {steps_per_epoch} "
-            f"batches it announced (epoch {state.epoch})"
+            f"steps it announced (epoch {state.epoch}, {batches_per_epoch} batches of which {accum_steps} per step)"
         )
     return Outcome.FINISHED
 

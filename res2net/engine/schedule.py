@@ -1,4 +1,5 @@
-"""The learning rate as a pure function of the global step: step or cosine decay, with an optional linear warm-up.
+"""The learning rate as a pure function of the global step: step or cosine decay, with an optional linear warm-up
+from ``warmup_lr`` (absolute, like cosine's ``min_lr``).
 
 The factor is evaluated at the fractional epoch where a step starts, so the step schedule changes the lr exactly at
 the first step of a milestone epoch and the cosine schedule is smooth across steps. Nothing is stored: a resumed run
@@ -35,7 +36,8 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: Any, base_lr: float = 1.0) -
         factor = floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     warmup_steps = cfg.warmup_epochs * steps_per_epoch
     if warmup_steps > 0 and step < warmup_steps:
-        factor *= (step + 1) / warmup_steps
+        start = cfg.warmup_lr / base_lr if base_lr > 0 else 0.0
+        factor = start + (factor - start) * ((step + 1) / warmup_steps)  # with start 0: the former ramp, bit for bit
     return factor
 
 

@@ -39,10 +39,13 @@ from .checkpoint import (
     restore_training,
     training_checkpoint,
 )
+from .distill import DistillationLoss, load_teacher
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, wrap_model
 from .ema import ModelEma
-from .loops import NonFiniteLossError, Outcome, TrainState, evaluate, train_one_epoch
+from .loops import NonFiniteLossError, Outcome, TrainState, evaluate, optimizer_steps_per_epoch, train_one_epoch
+from .losses import build_criterion
 from .metrics import MetricsWriter, TrainProgress, log_epoch
+from .mixup import Mixup, mixup_enabled
 from .optim import build_optimizer, scaled_lr
 from .run_lock import run_dir_lock
 from .schedule import learning_rate
@@ -94,6 +97,32 @@ def _build_model(cfg: Any, num_classes: int, dist: DistInfo, channels_last: bool
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def _objective(cfg: Any, num_classes: int, dist: DistInfo, channels_last: bool) -> tuple[nn.Module, Mixup | None]:
+    """(the loss, the batch mixer or None) of the loss / mixup / distill groups."""
+    mixup = None
+    if mixup_enabled(cfg.mixup):
+        mixup = Mixup.from_config(
+            cfg.mixup,
+            label_smoothing=cfg.loss.label_smoothing,
+            num_classes=num_classes,
+            seed=cfg.trainer.seed,
+            rank=dist.rank,
+        )
+    criterion = build_criterion(cfg.loss, soft_targets=mixup is not None)
+    if cfg.distill.teacher:
+        teacher, arch = load_teacher(cfg.distill.teacher, num_classes, dist, channels_last=channels_last)
+        if dist.is_main:
+            log.info(
+                "distilling from %s (%s), alpha %g, T %g",
+                cfg.distill.teacher,
+                arch["name"],
+                cfg.distill.alpha,
+                cfg.distill.temperature,
+            )
+        criterion = DistillationLoss(criterion, teacher, cfg.distill.alpha, cfg.distill.temperature)
+    return criterion, mixup
 
 
 def _num_classes(cfg: Any, loader: Any) -> int:
@@ -192,7 +221,8 @@ def _train(cfg: Any, run_dir: Path, dist: DistInfo, stop: StopRequest | None) ->
     val_loader = writer = None
     try:
         val_loader = build_loader(cfg.data, "val", **loader_args)
-        steps_per_epoch = len(train_loader)
+        accum_steps = cfg.trainer.accum_steps
+        steps_per_epoch = optimizer_steps_per_epoch(len(train_loader), accum_steps)
         if steps_per_epoch < 1:
             raise ValueError(
                 f"the training loader yields no batch per epoch (fewer images per rank than "
@@ -204,12 +234,13 @@ def _train(cfg: Any, run_dir: Path, dist: DistInfo, stop: StopRequest | None) ->
         writer = MetricsWriter(run_dir, dist.is_main, ckpt["global_step"] if ckpt is not None else None)
 
         torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank
-        model = _build_model(cfg, _num_classes(cfg, train_loader), dist, channels_last)
+        num_classes = _num_classes(cfg, train_loader)
+        model = _build_model(cfg, num_classes, dist, channels_last)
         ema = ModelEma(model, cfg.trainer.ema_decay) if cfg.trainer.ema_decay > 0 else None
-        global_batch = cfg.data.batch_size * dist.world_size
+        global_batch = cfg.data.batch_size * dist.world_size * accum_steps
         optimizer = build_optimizer(model, cfg.optim, global_batch)
         scaler = torch.amp.GradScaler(dist.device.type, enabled=amp == "fp16")
-        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        criterion, mixup = _objective(cfg, num_classes, dist, channels_last)
         state = TrainState()
         save = _Saver(
             run_dir,
@@ -240,8 +271,8 @@ def _train(cfg: Any, run_dir: Path, dist: DistInfo, stop: StopRequest | None) ->
         del ckpt
         base_lr = scaled_lr(cfg.optim.lr, global_batch, cfg.optim.base_batch)
         log.info(
-            "%s: %.2fM parameters on %s (amp %s, channels_last %s), %d process(es) x batch %d = %d, base lr "
-            "%.4g, %d steps/epoch, %d epochs",
+            "%s: %.2fM parameters on %s (amp %s, channels_last %s), %d process(es) x batch %d x %d accumulated "
+            "= %d, base lr %.4g, %d steps/epoch, %d epochs",
             cfg.model.name,
             sum(p.numel() for p in model.parameters()) / 1e6,
             dist.device,
@@ -249,6 +280,7 @@ def _train(cfg: Any, run_dir: Path, dist: DistInfo, stop: StopRequest | None) ->
             channels_last,
             dist.world_size,
             cfg.data.batch_size,
+            accum_steps,
             global_batch,
             base_lr,
             steps_per_epoch,
@@ -272,6 +304,8 @@ def _train(cfg: Any, run_dir: Path, dist: DistInfo, stop: StopRequest | None) ->
             save_every_steps=cfg.trainer.save_every_steps,
             save=save,
             data_root=cfg.data.root,
+            accum_steps=accum_steps,
+            mixup=mixup,
         )
         running = wrap_model(model, dist, compile=cfg.trainer.compile)
         with contextlib.nullcontext(stop) if stop is not None else StopRequest() as request:
@@ -323,7 +357,7 @@ def _run_epochs(
 ) -> TrainResult:
     """The epoch loop: train, validate, record, checkpoint by the save rules; stop at max_steps or a signal."""
     epochs, t, val = cfg.schedule.epochs, cfg.trainer, None
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = optimizer_steps_per_epoch(len(train_loader), t.accum_steps)
 
     def result(status: Outcome, checkpoint: Path | None) -> TrainResult:
         return TrainResult(
@@ -362,7 +396,7 @@ def _run_epochs(
             epochs=epochs,
             lr=optimizer.param_groups[0]["lr"],
             seconds=time.perf_counter() - start,
-            global_batch=cfg.data.batch_size * dist.world_size,
+            global_batch=cfg.data.batch_size * dist.world_size * t.accum_steps,
             world_size=dist.world_size,
             device=dist.device,
             partial=partial_epoch,

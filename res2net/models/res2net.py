@@ -36,6 +36,12 @@ def _check_bool(name: str, value: object) -> bool:
     return value
 
 
+def _check_rate(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
 def _check_layers(layers: object) -> tuple[int, ...]:
     # Accept any sequence (list, tuple, OmegaConf ListConfig) of four positive integers.
     if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or len(layers) != 4:
@@ -46,6 +52,11 @@ def _check_layers(layers: object) -> tuple[int, ...]:
     return tuple(layers)
 
 
+def _drop_path_rates(rate: float, blocks: int) -> list[float]:
+    """Block i of n drops its residual branch at rate * i / (n - 1): none at the first block, ``rate`` at the last."""
+    return [rate * i / max(blocks - 1, 1) for i in range(blocks)]
+
+
 class Bottle2neck(nn.Module):
     """Res2Net bottleneck: a 1x1 conv, ``scale`` splits joined by hierarchical 3x3 convs, a 1x1 conv, a shortcut.
 
@@ -53,6 +64,9 @@ class Bottle2neck(nn.Module):
     average-pooled (3x3, count_include_pad=True, even at stride 1: that is what the released weights saw).
     In the other blocks split i is convolved after adding the previous split's output and the last split
     passes through unchanged.
+
+    ``drop_path``: stochastic depth (Huang et al. 2016) at this rate: in training, each sample's residual branch is
+    dropped with this probability and scaled by 1 / (1 - rate) otherwise; in eval the branch is used as is.
     """
 
     expansion = 4
@@ -66,9 +80,11 @@ class Bottle2neck(nn.Module):
         cardinality: int = 1,
         base_width: int = 26,
         scale: int = 4,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         _check_int("scale", scale, 1)
+        _check_rate("drop_path", drop_path)
         _check_int("base_width", base_width, 1)
         _check_int("cardinality", cardinality, 1)
         self.scale = scale
@@ -91,6 +107,7 @@ class Bottle2neck(nn.Module):
         self.bn3 = nn.BatchNorm2d(outplanes)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        self.drop_path = float(drop_path)
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn3.weight)
@@ -109,6 +126,9 @@ class Bottle2neck(nn.Module):
         if self.scale > 1:
             outs.append(self.pool(splits[-1]) if self.pool is not None else splits[-1])
         out = self.bn3(self.conv3(torch.cat(outs, dim=1)))
+        if self.training and self.drop_path > 0.0:
+            keep = 1.0 - self.drop_path
+            out = out * out.new_empty((out.shape[0], 1, 1, 1)).bernoulli_(keep).div_(keep)
         return self.relu(out + shortcut)
 
 
@@ -126,6 +146,8 @@ class Res2Net(nn.Module):
         in_chans: input image channels.
         drop_rate: dropout probability before ``fc``.
         zero_init_last: zero the last BN weight of every block, so each block starts as the identity.
+        drop_path_rate: stochastic depth of the last block; the rate grows linearly with the block's index over the
+            whole network, from 0 at the first block (timm's rule for ResNets).
     """
 
     def __init__(
@@ -140,6 +162,7 @@ class Res2Net(nn.Module):
         in_chans: int = 3,
         drop_rate: float = 0.0,
         zero_init_last: bool = True,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         layers = _check_layers(layers)
@@ -152,8 +175,8 @@ class Res2Net(nn.Module):
         _check_bool("zero_init_last", zero_init_last)
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
-        if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0.0 <= drop_rate < 1.0:
-            raise ValueError(f"drop_rate must be a number in [0, 1), got {drop_rate!r}")
+        _check_rate("drop_rate", drop_rate)
+        _check_rate("drop_path_rate", drop_path_rate)
         self.num_classes = num_classes
         self.drop_rate = float(drop_rate)
 
@@ -175,9 +198,13 @@ class Res2Net(nn.Module):
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
         inplanes = 64
+        rates = _drop_path_rates(drop_path_rate, sum(layers))
         for index, (planes, blocks) in enumerate(zip(_STAGE_PLANES, layers)):
             stride = 1 if index == 0 else 2
-            stage = self._make_stage(inplanes, planes, blocks, stride, base_width, scale, cardinality, avg_down)
+            first = sum(layers[:index])
+            stage = self._make_stage(
+                inplanes, planes, stride, base_width, scale, cardinality, avg_down, rates[first : first + blocks]
+            )
             self.add_module(f"layer{index + 1}", stage)
             inplanes = planes * Bottle2neck.expansion
         self.num_features = inplanes
@@ -189,12 +216,12 @@ class Res2Net(nn.Module):
     def _make_stage(
         inplanes: int,
         planes: int,
-        blocks: int,
         stride: int,
         base_width: int,
         scale: int,
         cardinality: int,
         avg_down: bool,
+        drop_paths: Sequence[float],
     ) -> nn.Sequential:
         outplanes = planes * Bottle2neck.expansion
         downsample = None
@@ -208,8 +235,8 @@ class Res2Net(nn.Module):
                 downsample = nn.Sequential(
                     nn.Conv2d(inplanes, outplanes, 1, stride=stride, bias=False), nn.BatchNorm2d(outplanes)
                 )
-        stage = [Bottle2neck(inplanes, planes, stride, downsample, cardinality, base_width, scale)]
-        stage += [Bottle2neck(outplanes, planes, 1, None, cardinality, base_width, scale) for _ in range(1, blocks)]
+        stage = [Bottle2neck(inplanes, planes, stride, downsample, cardinality, base_width, scale, drop_paths[0])]
+        stage += [Bottle2neck(outplanes, planes, 1, None, cardinality, base_width, scale, p) for p in drop_paths[1:]]
         return nn.Sequential(*stage)
 
     def _init_weights(self, zero_init_last: bool) -> None:

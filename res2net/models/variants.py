@@ -12,7 +12,17 @@ __all__ = ["DEFAULT_TOLERANCE", "LOCATIONS", "MODEL_KNOBS", "RELEASED", "VARIANT
 
 # The architecture knobs every entry states (the Res2Net arguments a config or an override may change), in the
 # order error messages list them. num_classes is not one: it belongs to the data, not the variant.
-MODEL_KNOBS = ("layers", "base_width", "scale", "cardinality", "stem", "avg_down", "zero_init_last", "drop_rate")
+MODEL_KNOBS = (
+    "layers",
+    "base_width",
+    "scale",
+    "cardinality",
+    "stem",
+    "avg_down",
+    "zero_init_last",
+    "drop_rate",
+    "drop_path_rate",
+)
 
 # The two public locations serving the same released files (timm's GitHub release and the authors' bucket).
 LOCATIONS = (
@@ -40,6 +50,7 @@ class Variant:
     # of a block (timm's does); create_model(name) builds what train.py trains.
     zero_init_last: bool = False
     drop_rate: float = 0.0
+    drop_path_rate: float = 0.0  # stochastic depth: a training-recipe knob, 0 for every variant
     file: str | None = None  # released checkpoint at each of LOCATIONS, "<stem>-<sha256 prefix>.pth"
     top1: float | None = None
     top5: float | None = None
