@@ -115,7 +115,7 @@ def test_old_label_smoothing_key_is_refused_naming_the_new_one(tmp_path):
         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
         timeout=120,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # a config error (res2net.errors.USAGE_EXIT_CODE)
     assert "moved to loss.label_smoothing; write loss.label_smoothing=0.1" in proc.stdout + proc.stderr
 
 
