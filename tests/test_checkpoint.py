@@ -190,6 +190,16 @@ def test_incompatible_config_is_refused_naming_every_differing_key():
     check_compatible(saved, {**saved, "resume": "auto", "trainer": {"max_steps": 9, "seed": 0}})
 
 
+def test_a_knob_newer_than_the_checkpoint_may_stay_at_its_default():
+    saved = {"optim": {"lr": 0.1}}  # written before optim.name and mixup existed
+    defaults = {"optim": {"name": "sgd", "lr": 0.1}, "mixup": {"alpha": 0.0}}
+    check_compatible(saved, {"optim": {"lr": 0.1, "name": "sgd"}, "mixup": {"alpha": 0.0}}, defaults=defaults)
+    with pytest.raises(CheckpointError, match=r"mixup.alpha: checkpoint '<absent>' vs now 0.2"):
+        check_compatible(saved, {"optim": {"lr": 0.1, "name": "sgd"}, "mixup": {"alpha": 0.2}}, defaults=defaults)
+    with pytest.raises(CheckpointError, match="optim.name"):  # without defaults every new key is a difference
+        check_compatible(saved, {"optim": {"lr": 0.1, "name": "sgd"}})
+
+
 def test_load_checkpoint_refuses_other_files(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "released.pth")
     with pytest.raises(CheckpointError, match="not a train.py checkpoint"):

@@ -147,15 +147,26 @@ def _may_differ(key: str, allowed: Iterable[str]) -> bool:
 
 
 def check_compatible(
-    saved: Mapping, current: Mapping, *, path: str | Path = "checkpoint", allowed: Iterable[str] = RESUME_MAY_DIFFER
+    saved: Mapping,
+    current: Mapping,
+    *,
+    path: str | Path = "checkpoint",
+    allowed: Iterable[str] = RESUME_MAY_DIFFER,
+    defaults: Mapping | None = None,
 ) -> None:
-    """Refuse to resume when resolved configs differ beyond ``allowed`` keys; the error lists every difference."""
-    old, new = _flatten(saved), _flatten(current)
-    differ = sorted(
-        key
-        for key in old.keys() | new.keys()
-        if old.get(key, "<absent>") != new.get(key, "<absent>") and not _may_differ(key, allowed)
-    )
+    """Refuse to resume when resolved configs differ beyond ``allowed`` keys; the error lists every difference.
+
+    A key the checkpoint lacks (it predates the knob) is no difference while the run keeps that knob at its
+    ``defaults`` value, which reproduces the behaviour before the knob existed.
+    """
+    old, new, default = _flatten(saved), _flatten(current), _flatten(defaults or {})
+
+    def differs(key: str) -> bool:
+        if key not in old and key in default and new.get(key) == default[key]:
+            return False
+        return old.get(key, "<absent>") != new.get(key, "<absent>")
+
+    differ = sorted(key for key in old.keys() | new.keys() if differs(key) and not _may_differ(key, allowed))
     if differ:
         lines = "; ".join(
             f"{key}: checkpoint {old.get(key, '<absent>')!r} vs now {new.get(key, '<absent>')!r}" for key in differ

@@ -24,7 +24,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from res2net.config import check_train_config, to_dict
+from res2net.config import TrainConfig, check_train_config, to_dict
 from res2net.data import build_loader
 from res2net.models import model_from_config, resolve_model_config
 
@@ -209,7 +209,8 @@ def _train(cfg: Any, run_dir: Path, dist: DistInfo, stop: StopRequest | None) ->
         )
     ckpt = load_checkpoint(resume_path) if resume_path else None
     if ckpt is not None:
-        check_compatible(ckpt["config"], config, path=resume_path)
+        defaults = OmegaConf.to_container(OmegaConf.structured(TrainConfig), enum_to_str=True)
+        check_compatible(ckpt["config"], config, path=resume_path, defaults=defaults)
     loader_args = dict(
         rank=dist.rank,
         world_size=dist.world_size,
