@@ -4,8 +4,9 @@ torchvision's TrivialAugmentWide, AutoAugment's ImageNet policy), ``data.color_j
 Every random choice is drawn here, from transforms.sample_uniforms (seed, epoch, sample position) at stream indices
 after the crops' (see ``ERASE_FIRST`` ...), into a plan that does not depend on the pixels: per op slot an op id and
 its parameter in the op's own unit, per sample the jitter factors and order and the erasing box. Both backends apply
-the same plan (torch: ``apply_ops`` with torchvision.transforms.v2 ops; the DALI graph: DALI ops fed the plan), so a
-resumed epoch is bit-exact and the backends agree sample by sample. Random erasing works on the normalized batch on
+the same plan with the same code (``apply_ops``: torchvision.transforms.v2 ops on uint8 CHW tensors; the DALI backend
+runs ``TrainAugment.apply_batch`` on its uint8 batch, on the GPU when DALI decoded there), so a resumed epoch is
+bit-exact and the backends agree sample by sample. Random erasing works on the normalized batch on
 the device (``erase_batch``), the same code for every backend, as timm's PrefetchLoader does it.
 """
 
@@ -442,6 +443,17 @@ class TrainAugment:
             torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), plan, self.interpolation, self.fill
         )
         return out.permute(1, 2, 0).numpy()
+
+    def apply_batch(self, images: torch.Tensor, plan: AugmentPlan) -> torch.Tensor:
+        """apply_ops on each sample of a uint8 NHWC batch (any device: torchvision's v2 ops run on CUDA tensors
+        too), in place; ``plan`` holds the batch's rows in order. The DALI backend's one augmenting function, for
+        its 'torch' and 'graph' paths; each sample is seen as CHW over HWC memory, as apply_hwc sees it."""
+        for i in range(len(images)):
+            image = images[i].permute(2, 0, 1)
+            out = apply_ops(image, plan.row(i), self.interpolation, self.fill)
+            if out is not image:
+                images[i].copy_(out.permute(1, 2, 0))
+        return images
 
     def erase(self, images: torch.Tensor, epoch: int, positions: np.ndarray) -> torch.Tensor:
         """Random erasing of a normalized NCHW batch of the samples at ``positions`` (no-op when off)."""

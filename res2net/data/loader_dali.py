@@ -3,8 +3,10 @@
 Each rank's files of the epoch go to ``fn.readers.file`` unshuffled; crop boxes and flips come from an
 external_source that calls the torchvision backend's functions, so a batch depends only on (seed, epoch, batch
 index), for any thread count and after a resume. ``data.dali_resize``: 'graph' resizes and normalizes in DALI (the
-GPU graph), 'torch' resizes the decoded crops with torch (the CPU default, see README "Speed"). An undecodable file
-stops the epoch with an error naming it: DALI cannot skip a sample.
+GPU graph), 'torch' resizes the decoded crops with torch (the CPU default, see README "Speed"). Train pixel ops
+(data.auto_augment / data.color_jitter) run in torch on both paths, with augment.py's code: the graph then ships the
+resized, flipped crops as uint8 and torch augments and normalizes them where they are. An undecodable file stops the
+epoch with an error naming it: DALI cannot skip a sample.
 """
 
 import ctypes
@@ -17,7 +19,7 @@ import torch
 from nvidia.dali import Pipeline, fn, types
 from PIL import Image
 
-from .augment import TrainAugment, apply_ops
+from .augment import TrainAugment
 from .config import DALI_RESIZES
 from .index import epoch_batches, train_positions
 from .loader_base import EpochLoader
@@ -215,12 +217,10 @@ class DaliLoader(EpochLoader):
             self.paths = [str(p) for p in self._paths[shard]]
             self.targets = [int(t) for t in self._labels[shard]]
         self.augment, self.val_size = TrainAugment(cfg, seed), eval_img_size(cfg.img_size, cfg.val_img_size)
-        if train and self.augment.pixel_ops and not self._torch_resize:
-            raise ValueError(
-                f"data.auto_augment={cfg.auto_augment!r} / data.color_jitter={cfg.color_jitter} are not in the DALI "
-                f"graph yet (data.dali_resize resolved to 'graph'): use data.dali_decoder=cpu with "
-                "data.dali_resize=torch (DALI decodes, torch augments) or data.backend=torchvision"
-            )
+        # 'graph' with train pixel ops: the graph ends at the resized, flipped uint8 crops (NHWC), which
+        # augment.apply_batch augments in torch where they are (the GPU with 'mixed' decoding) and the Normalizer
+        # normalizes: the same ops and magnitudes as the other paths and backends.
+        self._graph_uint8 = train and self.augment.pixel_ops and not self._torch_resize
         self.epoch, self._start = 0, 0
         self.skipped = 0  # DALI never skips: an undecodable file raises (see the module docstring)
         self._sizes_checked = False  # val: every file's header checked against the pixel limit (once)
@@ -333,7 +333,8 @@ class DaliLoader(EpochLoader):
         """The model's input batch (NCHW, channels_last strides when asked, ``dtype``, on the device). 'torch':
         ``images`` are the decoded images (train: crops, with their ``flips``), resized here. 'graph': the graph's
         normalized NCHW / NHWC batch, copied into a torch tensor where the graph ran ('mixed': on the GPU, on
-        torch's stream; CPU decoding: in host memory, then moved to the device if that is CUDA)."""
+        torch's stream; CPU decoding: in host memory, then moved to the device if that is CUDA); with train pixel
+        ops its uint8 NHWC crops, augmented there (_augment) and then normalized."""
         labels = self._pinned(torch.from_numpy(labels.as_array().reshape(-1).astype(np.int64)))
         if self._torch_resize:
             flips = None if flips is None else flips.as_array().reshape(-1)
@@ -344,11 +345,13 @@ class DaliLoader(EpochLoader):
         on_gpu = self.decoder == "mixed"
         out = torch.empty(
             tensor.shape(),
-            dtype=self._graph_dtype()[1],
+            dtype=torch.uint8 if self._graph_uint8 else self._graph_dtype()[1],
             device=self.device if on_gpu else "cpu",
             pin_memory=not on_gpu and self.device.type == "cuda",
         )
         feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(self.device) if on_gpu else None)
+        if self._graph_uint8:
+            return self.normalize(self._augment(out, positions)), labels
         if self.normalize.channels_last:
             out = out.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: exactly the channels_last layout
         return out.to(self.device, self.normalize.dtype, non_blocking=True), labels  # keeps the strides
@@ -357,19 +360,26 @@ class DaliLoader(EpochLoader):
         """``tensor`` in pinned host memory when the consumer is a GPU, so its copy there does not block the host."""
         return tensor.pin_memory() if self.device.type == "cuda" else tensor
 
+    def _augment(self, images: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
+        """A train batch of uint8 NHWC crops (resized and flipped) with its auto_augment / colour jitter plan
+        applied in place (augment.TrainAugment.apply_batch, the torchvision backend's ops), on either path."""
+        return self.augment.apply_batch(images, self.augment.plan(self.epoch, positions[: len(images)]))
+
     def _resize_crops(self, crops, flips: np.ndarray | None, positions: np.ndarray) -> torch.Tensor:
         """The model's input batch from the decoded crops: each resized to img_size x img_size with torch's
         antialiased uint8 resampling (PIL's filters), flipped where ``flips`` says and normalized one image at a
         time while it is in cache (the same float32 operations as transforms.Normalizer, so the same values; faster
         than normalizing the batch afterwards). For a CUDA
-        device the uint8 batch goes to transforms.Normalizer instead, which normalizes on the GPU. Train crops get
-        their auto_augment / colour jitter plan (augment.py, the torchvision backend's ops) after the flip."""
+        device the uint8 batch goes to transforms.Normalizer instead, which normalizes on the GPU. With train pixel
+        ops (auto_augment / colour jitter) the flipped crops stay uint8, _augment applies their plan (as on the
+        'graph' path) and the Normalizer normalizes (the same values as normalizing each image)."""
         size = self.augment.img_size(self.epoch) if flips is not None else self.val_size
         mode = self.cfg.interpolation  # 'bilinear' | 'bicubic': torch's names too
-        plan = self.augment.plan(self.epoch, positions[: len(crops)]) if flips is not None else None
+        augment = flips is not None and self.augment.pixel_ops
         short = val_resize_size(size, self.cfg.crop_pct)
         norm = self.normalize
-        if self._normalize_each:
+        normalize_each = self._normalize_each and not augment
+        if normalize_each:
             fmt = torch.channels_last if norm.channels_last else torch.contiguous_format
             out = torch.empty((len(crops), 3, size, size), dtype=torch.float32, memory_format=fmt)
             scale, shift = norm.scale[0], norm.shift[0]
@@ -390,13 +400,13 @@ class DaliLoader(EpochLoader):
                 )[0]
             if flips is not None and flips[i]:
                 image = image.flip(-1)
-            if plan is not None:
-                image = apply_ops(image, plan.row(i), mode, self.augment.fill)
-            if self._normalize_each:
+            if normalize_each:
                 out[i].copy_(image).mul_(scale).add_(shift)
             else:
                 out[i].copy_(image.permute(1, 2, 0))
-        return out.to(norm.dtype) if self._normalize_each else norm(out)
+        if augment:
+            out = self._augment(out, positions)
+        return out.to(norm.dtype) if normalize_each else norm(out)
 
     def _shape(self, idx: int) -> tuple[int, int]:
         """(height, width) of sample ``idx`` from its header (as PIL, hence the torchvision backend, sees it),
@@ -486,7 +496,10 @@ class DaliLoader(EpochLoader):
                     pipe.set_outputs(crops, label_node, flip)
                 else:
                     images = self._train_graph(jpegs, decoder_args, interp, anchor, shape)
-                    pipe.set_outputs(self._normalize_graph(images, flip), label_node)
+                    if self._graph_uint8:  # torch augments and normalizes (see _to_torch)
+                        pipe.set_outputs(fn.flip(images, horizontal=flip), label_node)
+                    else:
+                        pipe.set_outputs(self._normalize_graph(images, flip), label_node)
             elif self._torch_resize:
                 pipe.set_outputs(fn.decoders.image(jpegs, **decoder_args), label_node)
             else:
@@ -497,7 +510,7 @@ class DaliLoader(EpochLoader):
     def _train_graph(self, jpegs, decoder_args, interp, anchor, shape):
         """RandomResizedCrop from the per-sample box (see _boxes_source), decoded as a region of interest and
         resized in the graph (the 'graph' path; 'torch' resizes in _resize_crops); the flip is done by
-        _normalize_graph."""
+        _normalize_graph, or by fn.flip when torch augments the uint8 crops."""
         images = fn.decoders.image_slice(jpegs, anchor, shape, axis_names="HW", **decoder_args)
         size = self.augment.img_size(self.epoch)
         return fn.resize(images, resize_x=size, resize_y=size, interp_type=interp, antialias=True)
