@@ -18,9 +18,11 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-export.txt pyprojec
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# ruff (rules and format in pyproject.toml) over the library, entry points, scripts and tests; shellcheck the launchers.
 lint: $(STAMP)
-	$(PY) -m compileall -q res2net scripts train.py evaluate.py
-	$(VENV)/bin/shellcheck scripts/train_multigpu.sh scripts/slurm/train.sbatch
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/shellcheck scripts/train_multigpu.sh scripts/slurm/train.sbatch scripts/gpu_check.sh
 
 DATA ?=
 BACKEND ?= torchvision
@@ -33,6 +35,16 @@ demo: $(STAMP)
 eval: $(STAMP)
 	@test -n "$(DATA)" || { echo "usage: make eval DATA=<imagenet root with val/> [BACKEND=torchvision|dali] [MODELS=\"res2net50_26w_4s ...\"]"; exit 2; }
 	$(PY) scripts/eval_released.py --data "$(DATA)" --backend $(BACKEND) $(if $(MODELS),--models $(MODELS))
+
+.PHONY: eval-suite
+CHECKPOINT ?=
+ROOTS ?=
+SUITE_ARGS ?=
+
+eval-suite: $(STAMP)
+	@test -n "$(CHECKPOINT)" -a -n "$(ROOTS)" || { echo "usage: make eval-suite CHECKPOINT=<model name or .pth>" \
+		"ROOTS=<folder holding the sets> [SUITE_ARGS=...] (scripts/eval_suite.py --help)"; exit 2; }
+	$(PY) scripts/eval_suite.py --checkpoint "$(CHECKPOINT)" --roots "$(ROOTS)" $(SUITE_ARGS)
 
 bench: $(STAMP)
 	MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 $(PY) scripts/benchmark.py $(BENCH_ARGS)

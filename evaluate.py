@@ -2,13 +2,14 @@
 """Evaluate a checkpoint on a validation set: top-1/top-5, loss, per-class accuracy, img/s -> results.json.
 
     python evaluate.py model=res2net50_26w_4s checkpoint=released data.root=/data/imagenet
-    python evaluate.py checkpoint=outputs/<run>/checkpoints/best.pth data=folder data.root=<folder> save_predictions=true
+    python evaluate.py checkpoint=outputs/<run>/checkpoints/best.pth data=folder data.root=<dir> save_predictions=true
     torchrun --standalone --nproc_per_node=2 evaluate.py data.root=/data/imagenet
 
 One process or torchrun: each validation image is counted exactly once for any world size. data.backend=torchvision
 is the reference path (PIL, antialiased bilinear: how the published numbers were measured), dali the fast one.
 The output directory is Hydra's run directory (hydra.run.dir=<dir> to choose it). Options: configs/eval.yaml.
 """
+
 import logging
 import os
 
@@ -16,20 +17,21 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from res2net.config import RUN_TIME_ENV
+from res2net.config import RUN_TIME_ENV, register_configs
 from res2net.engine import distributed
-from res2net.engine.eval_config import register_eval_config
-from res2net.engine.eval_run import run_evaluation, summary_lines
+from res2net.engine.eval_job import evaluate_checkpoint, summary_lines
+from res2net.errors import hydra_entry, run_hydra_main
 
 log = logging.getLogger("evaluate")
-register_eval_config()
+register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
+@hydra_entry
 def main(cfg: DictConfig) -> None:
     out_dir = HydraConfig.get().runtime.output_dir
     with distributed.process_group() as info:  # read here, not at import (see train.py)
-        result = run_evaluation(cfg, out_dir if info.is_main else None, info)
+        result = evaluate_checkpoint(cfg, out_dir if info.is_main else None, info)
     if result is not None:
         for line in summary_lines(result):
             log.info(line)
@@ -40,4 +42,4 @@ if __name__ == "__main__":
     # The process group comes first: rank 0's launch time names the output directory of every rank.
     with distributed.process_group():
         distributed.share_run_time(RUN_TIME_ENV)
-        main()
+        run_hydra_main(main)

@@ -1,4 +1,12 @@
 """Res2Net ImageNet training and evaluation recipe (Gao et al., TPAMI 2021)."""
-from .models import create_model, list_models, load_pretrained, prepare_for_inference
 
-__all__ = ['create_model', 'list_models', 'load_pretrained', 'prepare_for_inference']
+__all__ = ["create_model", "list_models", "load_pretrained", "prepare_for_inference"]
+
+
+def __getattr__(name: str):
+    # Imported on first use, so `res2net.files` and the data scripts load without torch.
+    if name in __all__:
+        from . import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'res2net' has no attribute {name!r}")

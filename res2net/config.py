@@ -1,104 +1,193 @@
-"""Typed schema of the training config (``train.py``), registered in Hydra's ConfigStore.
+"""Typed schemas of train.py's and evaluate.py's configs, the checks Hydra's types cannot express, and resolvers.
 
-``configs/config.yaml`` composes the groups ``model``, ``data``, ``optim``, ``schedule``, ``trainer`` (and an optional
-``experiment``) on top of ``train_schema``, so a misspelt key or a value of the wrong type in a YAML file or an
-override fails at composition time with Hydra's message, before any data is read. Every field here is read by
-``res2net.engine``.
+``configs/train.yaml`` composes the groups ``model``, ``data``, ``optim``, ``schedule``, ``trainer`` (and an
+``experiment``) on top of ``train_schema``; ``configs/eval.yaml`` composes ``model`` and ``data`` on top of
+``eval_schema``. A misspelt key or a value of the wrong type fails at composition, before any data is read.
+Every field here is read by ``res2net``.
 
-Also registers two OmegaConf resolvers used by ``configs/config.yaml``:
+Resolvers used by ``configs/hydra/default.yaml``:
 
-- ``${res2net.now:FORMAT}``: like Hydra's ``${now:}``, but the time is fixed once per launch (``RES2NET_RUN_TIME``,
-  seconds since the epoch, set by ``train.py`` on rank 0 and broadcast to every torchrun rank), so all ranks of a job
-  agree on one run directory.
-- ``${res2net.rank_zero_or:VALUE,OTHER}``: VALUE on global rank 0 (env ``RANK``), OTHER on the other ranks; keeps
-  Hydra's ``.hydra/`` folder and log file to rank 0.
+- ``${res2net.now:FORMAT}``: like Hydra's ``${now:}``, but fixed once per launch (``RES2NET_RUN_TIME``, set by the
+  entry point on rank 0 and broadcast to every torchrun rank), so all ranks agree on one run directory.
+- ``${res2net.rank_zero_or:VALUE,OTHER}``: VALUE on global rank 0 (env ``RANK``), OTHER on the other ranks.
 """
+
 from __future__ import annotations
 
 import enum
+import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from res2net.data.config import DataConfig
+from res2net.errors import ConfigError
 
-__all__ = ["Amp", "ModelConfig", "OptimConfig", "RUN_TIME_ENV", "ScheduleConfig", "ScheduleName", "TrainConfig",
-           "TrainerConfig", "register_configs", "run_time"]
+__all__ = [
+    "Amp",
+    "DistillConfig",
+    "EvalConfig",
+    "LossConfig",
+    "LossName",
+    "MixupConfig",
+    "MixupMode",
+    "ModelConfig",
+    "OptimConfig",
+    "OptimName",
+    "RUN_TIME_ENV",
+    "ScheduleConfig",
+    "ScheduleName",
+    "TrainConfig",
+    "TrainerConfig",
+    "check_train_config",
+    "register_configs",
+    "run_time",
+    "to_dict",
+]
 
 RUN_TIME_ENV = "RES2NET_RUN_TIME"
 
 
 class Amp(enum.Enum):
-    off = "off"    # fp32 everywhere
+    auto = "auto"  # bf16 on CUDA GPUs that compute it natively (Ampere and later), off elsewhere (the CPU)
+    off = "off"  # fp32 everywhere
     bf16 = "bf16"  # autocast to bfloat16, no loss scaling
     fp16 = "fp16"  # autocast to float16 with a GradScaler (its skipped steps are counted, not errors)
 
 
 class ScheduleName(enum.Enum):
-    step = "step"      # lr * gamma at each milestone epoch (the paper: / 10 at 30, 60, 90)
+    step = "step"  # lr * gamma at each milestone epoch (the paper: / 10 at 30, 60, 90)
     cosine = "cosine"  # half-cosine from lr to min_lr over all epochs, per step
 
 
 @dataclass
 class ModelConfig:
-    # A name from res2net.list_models(); the other fields are that variant's arguments, stated in configs/model/.
+    # A name from res2net.list_models(). Every other field left at null takes the variant's own value
+    # (res2net/models/variants.py), so configs/model/*.yaml state only the name and what differs.
     name: str = MISSING
-    # null: the number of class folders of the training data.
-    num_classes: Optional[int] = None
-    layers: List[int] = MISSING
-    base_width: int = MISSING
-    scale: int = MISSING
-    cardinality: int = 1
-    stem: str = ""           # '' (7x7 conv) | 'deep' (three 3x3 convs, the 'd' variants)
-    avg_down: bool = False   # avg-pool before the shortcut's 1x1 conv (the 'd' variants)
-    zero_init_last: bool = False  # zero the last BN of each block (timm's default; the authors' code does not)
-    drop_rate: float = 0.0   # dropout before the classifier
+    num_classes: int | None = None  # null: the number of class folders of the training data
+    layers: list[int] | None = None  # blocks per stage
+    base_width: int | None = None  # channels per split in the first stage
+    scale: int | None = None  # number of splits
+    cardinality: int | None = None  # groups of the 3x3 convs (Res2NeXt)
+    stem: str | None = None  # '' (7x7 conv) | 'deep' (three 3x3 convs, the 'd' variants)
+    avg_down: bool | None = None  # avg-pool before the shortcut's 1x1 conv (the 'd' variants)
+    zero_init_last: bool | None = None  # zero the last BN of each block
+    drop_rate: float | None = None  # dropout before the classifier
+    # Stochastic depth: the last block's rate, rising linearly from 0 at the first block; null = the variant's 0.
+    drop_path_rate: float | None = None
+
+
+class OptimName(enum.Enum):
+    sgd = "sgd"  # torch.optim.SGD (momentum, nesterov): the paper's
+    adamw = "adamw"  # torch.optim.AdamW (betas, eps), decoupled weight decay
+    lamb = "lamb"  # LAMB as in ResNet strikes back (res2net.engine.optim.Lamb, timm's Lamb arithmetic)
+
+
+class LossName(enum.Enum):
+    ce = "ce"  # softmax cross-entropy (on soft targets when mixup is on)
+    bce = "bce"  # per-class binary cross-entropy on the (mixed, smoothed) targets, as in ResNet strikes back
+
+
+class MixupMode(enum.Enum):
+    batch = "batch"  # one draw (mixup or cutmix, lambda, box) for the whole batch
+    pair = "pair"  # one draw per pair of samples (i, n - 1 - i); needs an even batch
+    elem = "elem"  # one draw per sample
 
 
 @dataclass
 class OptimConfig:
-    # SGD. lr is for a global batch of base_batch images; the trainer uses lr * global_batch / base_batch.
+    name: OptimName = OptimName.sgd
+    # lr is for a global batch of base_batch images; the trainer uses lr * global_batch / base_batch, with
+    # global_batch = data.batch_size x processes x trainer.accum_steps.
     lr: float = 0.1
     base_batch: int = 256
-    momentum: float = 0.9
-    nesterov: bool = False
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
     weight_decay: float = 1e-4
     # true: no weight decay on norm weights and biases (every 1-D parameter); the paper decays all parameters.
+    # With lamb the exempt parameters also skip the trust ratio (timm's Lamb).
     no_decay_norm_bias: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw and lamb: moment decay rates
+    eps: float = 1e-8  # adamw and lamb: added to the second moment's root (timm's Lamb default: 1e-6)
 
 
 @dataclass
 class ScheduleConfig:
     name: ScheduleName = ScheduleName.step
     epochs: int = 100
-    milestones: List[int] = field(default_factory=lambda: [30, 60, 90])  # step only
-    gamma: float = 0.1                                                   # step only
+    milestones: list[int] = field(default_factory=lambda: [30, 60, 90])  # step only
+    gamma: float = 0.1  # step only
     min_lr: float = 0.0  # cosine only: final lr, absolute (not scaled with the batch)
-    # Linear warm-up from ~0 to the scheduled lr over this many epochs (fractions allowed), per step; 0 = none.
+    # Linear warm-up from warmup_lr to the scheduled lr over this many epochs (fractions allowed), per step; 0 = none.
     warmup_epochs: float = 0.0
+    warmup_lr: float = 0.0  # lr the warm-up starts from, absolute (not scaled with the batch); timm's warmup_lr
 
 
 @dataclass
 class TrainerConfig:
-    amp: Amp = Amp.off
-    channels_last: bool = False
-    compile: bool = False    # torch.compile the model (after the DDP wrap)
-    sync_bn: bool = False    # SyncBatchNorm across ranks; CUDA only (an error on CPU)
+    device: str = "auto"  # auto (this rank's GPU when torch sees one, else the CPU) | cuda (a GPU or an error) | cpu
+    amp: Amp = Amp.auto
+    channels_last: str = "auto"  # auto (on where amp=auto picks bf16) | true | false
+    compile: bool = False  # torch.compile the model (after the DDP wrap)
+    sync_bn: bool = False  # SyncBatchNorm across ranks; CUDA only (an error on CPU)
     # Exponential moving average of the weights, evaluated alongside them every epoch; 0 = off (e.g. 0.9998).
     ema_decay: float = 0.0
-    grad_clip: float = 0.0   # max global L2 norm of the gradients; 0 = off
-    log_interval: int = 50   # steps between 'train' records / console lines
+    grad_clip: float = 0.0  # max global L2 norm of the gradients; 0 = off
+    # Gradient accumulation: one optimizer step per accum_steps loader batches (DDP all-reduces on the last one
+    # only); the global batch, which scales the lr, is data.batch_size x processes x accum_steps. Steps, max_steps,
+    # save_every_steps and the schedule count optimizer steps; an epoch's last step takes the batches left over.
+    accum_steps: int = 1
+    log_interval: int = 50  # steps between 'train' records / console lines
     save_every_epochs: int = 1  # write checkpoints/last.pth after every N-th epoch (and always after the last)
-    save_every_steps: int = 0   # also write last.pth every N global steps, mid-epoch; 0 = off
-    keep_last: int = 3       # bounded history: checkpoints/epoch_XXXX.pth of the last N saved epochs; 0 = none
-    max_steps: int = 0       # stop after this many global steps (smoke runs); 0 = no cap
+    save_every_steps: int = 0  # also write last.pth every N global steps, mid-epoch; 0 = off
+    keep_last: int = 3  # bounded history: checkpoints/epoch_XXXX.pth of the last N saved epochs; 0 = none
+    max_steps: int = 0  # stop after this many global steps (smoke runs); 0 = no cap
     seed: int = 0
     # Deterministic kernels (torch.use_deterministic_algorithms, no cuDNN benchmark): same seed, same weights.
     deterministic: bool = False
+
+
+@dataclass
+class MixupConfig:
+    # Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019) on the device, after the loader (any backend), with
+    # timm's arithmetic: the batch is mixed with itself reversed. On when alpha > 0 or cutmix_alpha > 0. Every draw
+    # comes from a generator seeded with (trainer.seed, rank, global step, micro-step), so a resumed run mixes alike.
+    alpha: float = 0.0  # mixup's Beta(alpha, alpha); 0 = no mixup
+    cutmix_alpha: float = 0.0  # cutmix's Beta(cutmix_alpha, cutmix_alpha); 0 = no cutmix
+    prob: float = 1.0  # probability of mixing a batch / pair / sample
+    switch_prob: float = 0.5  # with both on: probability of cutmix instead of mixup
+    mode: MixupMode = MixupMode.batch
+    off_epoch: int = 0  # no mixing from this (0-based) epoch on, label smoothing stays; 0 = mix to the end
+
+
+@dataclass
+class LossConfig:
+    name: LossName = LossName.ce
+    # Label smoothing: 0.0 as in the paper's text; experiment=paper_release sets the authors' 0.1. With mixup it is
+    # folded into the mixed targets (timm's mixup_target).
+    label_smoothing: float = 0.0
+    # bce only: targets above this become 1, the others 0 (timm's bce_target_thresh); null = soft targets.
+    bce_target_thresh: float | None = None
+    # bce only: sum over classes, mean over the batch (timm's sum_classes, --bce-sum); false: mean over every
+    # (sample, class) pair, timm's default and what ResNet strikes back used.
+    bce_sum: bool = False
+
+
+@dataclass
+class DistillConfig:
+    # Logit distillation: loss = (1 - alpha) * task loss + alpha * T^2 * KL(softmax(teacher / T) || softmax(student /
+    # T)). teacher: '' = off; a variant name (its released weights, downloaded into the cache) or the path of a
+    # checkpoint written by train.py (its config names the architecture); read tensors-only (weights_only).
+    # The teacher runs in eval mode without gradients, under the same autocast, on the same mixed images; it is not
+    # part of the checkpoints (a resume loads it again).
+    teacher: str = ""
+    alpha: float = 0.5
+    temperature: float = 1.0
 
 
 @dataclass
@@ -108,11 +197,139 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    # Cross-entropy label smoothing: 0.0 as in the paper's text; experiment=paper_release sets the authors' 0.1.
-    label_smoothing: float = 0.0
+    loss: LossConfig = field(default_factory=LossConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    # Moved to loss.label_smoothing; any value here is refused with a message naming the new key.
+    label_smoothing: float | None = None
     # '' = start fresh; 'auto' = the run directory's checkpoints/last.pth if there is one, else start fresh;
     # otherwise the path of a checkpoint written by train.py.
     resume: str = ""
+
+
+@dataclass
+class EvalConfig:
+    # The same model/ and data/ groups as training, so evaluate.py composes the files train.py does.
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    # 'released': the released file of model.name (downloaded and verified into the cache if missing);
+    # otherwise the path of a released file or of any checkpoint train.py wrote.
+    checkpoint: str = "released"
+    # true: also read a checkpoint that needs Python's full unpickler, which can run arbitrary code while loading;
+    # only for a file whose origin you trust (every file train.py writes loads without it).
+    trust_checkpoint: bool = False
+    use_ema: bool = False  # evaluate the EMA weights of a train.py checkpoint
+    amp: Amp = Amp.auto  # autocast dtype of the forward pass (same knob as trainer.amp)
+    channels_last: str = "auto"  # auto | true | false (same knob as trainer.channels_last)
+    compile: bool = False  # torch.compile the prepared model
+    # Fold BatchNorm into the convs (res2net.prepare_for_inference); outputs unchanged within float tolerance.
+    fold_bn: bool = True
+    device: str = "auto"  # auto | cuda | cpu (same knob as trainer.device)
+    save_predictions: bool = False  # also write predictions.csv (path, target, top-5 indices and probabilities)
+    progress: bool = True  # progress bar on rank 0
+    # ReaL labels (Beyer et al. 2020): the path of real.json, one list of class indices per ImageNet val image in
+    # ILSVRC2012_val_00000001 ... order; adds real_top1, real_top5 and real_count (images with a non-empty list).
+    real_labels: str | None = None
+    tta: str = "none"  # none | flip (the softmax averaged over the image and its mirror)
+    # An evaluation set beyond ImageNet val, set by data=imagenet_v2|imagenet_sketch|imagenet_r|imagenet_a ('' =
+    # <data.root>/val/); layouts and scoring: res2net/data/testsets.py.
+    testset: str = ""
+    testset_variant: str = ""  # imagenet_v2: matched-frequency | threshold-0.7 | top-images
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain, resolved dict (enums as their names) of an OmegaConf node, a dataclass-like mapping or a dict."""
+    if OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
+    return dict(cfg)
+
+
+def _finite(key: str, value: float, low: float, high: float = math.inf, *, low_open: bool = False) -> None:
+    ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bound = f"> {low}" if low_open else f">= {low}"
+        upper = "" if high == math.inf else f" and <= {high}"
+        raise ConfigError(f"{key}={value} must be a finite number {bound}{upper}")
+
+
+def check_train_config(cfg: Any) -> None:
+    """Refuse values the schema's types let through but training cannot use; the error names the key."""
+    t = cfg.trainer
+    for key in ("log_interval", "save_every_epochs"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"trainer.{key}={getattr(t, key)} must be >= 1")
+    for key in ("save_every_steps", "keep_last", "max_steps"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"trainer.{key}={getattr(t, key)} must be >= 0 (0 turns it off)")
+    _finite("trainer.grad_clip", t.grad_clip, 0.0)
+    if t.seed < 0:
+        raise ConfigError(f"trainer.seed={t.seed} must be >= 0")
+    if t.accum_steps < 1:
+        raise ConfigError(f"trainer.accum_steps={t.accum_steps} must be >= 1 (1 = no accumulation)")
+    if cfg.label_smoothing is not None:
+        raise ConfigError(
+            f"label_smoothing={cfg.label_smoothing}: the key moved to loss.label_smoothing; "
+            f"write loss.label_smoothing={cfg.label_smoothing} instead"
+        )
+    _check_loss(cfg.loss)
+    _check_mixup(cfg.mixup)
+    _check_distill(cfg.distill)
+    _finite("optim.lr", cfg.optim.lr, 0.0, low_open=True)
+    _finite("optim.weight_decay", cfg.optim.weight_decay, 0.0)
+    _finite("optim.momentum", cfg.optim.momentum, 0.0, 1.0)
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas={list(cfg.optim.betas)} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+    _finite("optim.eps", cfg.optim.eps, 0.0, low_open=True)
+    if cfg.optim.nesterov and cfg.optim.momentum <= 0:
+        raise ConfigError(f"optim.nesterov=true needs optim.momentum > 0, got {cfg.optim.momentum}")
+    if cfg.optim.base_batch < 1:
+        raise ConfigError(f"optim.base_batch={cfg.optim.base_batch} must be >= 1")
+    s = cfg.schedule
+    if s.epochs < 1:
+        raise ConfigError(f"schedule.epochs={s.epochs} must be >= 1")
+    _finite("schedule.warmup_epochs", s.warmup_epochs, 0.0)
+    _finite("schedule.min_lr", s.min_lr, 0.0)
+    _finite("schedule.warmup_lr", s.warmup_lr, 0.0)
+    _finite("schedule.gamma", s.gamma, 0.0, low_open=True)
+    if list(s.milestones) != sorted(s.milestones):
+        raise ConfigError(f"schedule.milestones={list(s.milestones)} must be increasing")
+    if cfg.data.batch_size < 1:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be >= 1")
+    pair_mode = getattr(cfg.mixup.mode, "value", cfg.mixup.mode) == "pair"
+    if pair_mode and cfg.data.batch_size % 2 and (cfg.mixup.alpha > 0 or cfg.mixup.cutmix_alpha > 0):
+        raise ConfigError(f"mixup.mode=pair mixes samples in pairs: data.batch_size={cfg.data.batch_size} must be even")
+    _finite("data.crop_pct", cfg.data.crop_pct, 0.0, 1.0, low_open=True)
+    if cfg.data.img_size < 1:
+        raise ConfigError(f"data.img_size={cfg.data.img_size} must be >= 1")
+    for i, (mean, std) in enumerate(zip(cfg.data.mean, cfg.data.std)):
+        if not math.isfinite(mean):
+            raise ConfigError(f"data.mean[{i}]={mean} must be a finite number")
+        _finite(f"data.std[{i}]", std, 0.0, low_open=True)
+    if cfg.model.drop_rate is not None and not 0.0 <= cfg.model.drop_rate < 1.0:
+        raise ConfigError(f"model.drop_rate={cfg.model.drop_rate} must be in [0, 1)")
+    if t.ema_decay != 0.0 and not 0.0 < t.ema_decay < 1.0:
+        raise ConfigError(f"trainer.ema_decay={t.ema_decay} must be in (0, 1), e.g. 0.9998, or 0 to turn the EMA off")
+
+
+def _check_loss(loss: Any) -> None:
+    if not 0.0 <= loss.label_smoothing < 1.0:
+        raise ConfigError(f"loss.label_smoothing={loss.label_smoothing} must be in [0, 1)")
+    if loss.bce_target_thresh is not None:
+        _finite("loss.bce_target_thresh", loss.bce_target_thresh, 0.0, 1.0)
+
+
+def _check_mixup(mixup: Any) -> None:
+    _finite("mixup.alpha", mixup.alpha, 0.0)
+    _finite("mixup.cutmix_alpha", mixup.cutmix_alpha, 0.0)
+    _finite("mixup.prob", mixup.prob, 0.0, 1.0)
+    _finite("mixup.switch_prob", mixup.switch_prob, 0.0, 1.0)
+    if mixup.off_epoch < 0:
+        raise ConfigError(f"mixup.off_epoch={mixup.off_epoch} must be >= 0 (0 = mix until the end)")
+
+
+def _check_distill(distill: Any) -> None:
+    _finite("distill.alpha", distill.alpha, 0.0, 1.0)
+    _finite("distill.temperature", distill.temperature, 0.0, low_open=True)
 
 
 def run_time() -> float:
@@ -131,15 +348,11 @@ def _rank_zero_or(value, other):
 
 
 def register_configs() -> None:
-    """Register the schemas and resolvers (idempotent). Schemas: train_schema, model_schema, data_schema."""
+    """Register the schemas (train_schema, eval_schema) and the resolvers. Idempotent."""
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
-    store.store(name="model_schema", node=ModelConfig)
-    store.store(name="data_schema", node=DataConfig)
+    store.store(name="eval_schema", node=EvalConfig)
     if not OmegaConf.has_resolver("res2net.now"):
         OmegaConf.register_new_resolver("res2net.now", _now)
     if not OmegaConf.has_resolver("res2net.rank_zero_or"):
         OmegaConf.register_new_resolver("res2net.rank_zero_or", _rank_zero_or)
-
-
-register_configs()

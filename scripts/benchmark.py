@@ -17,6 +17,7 @@ onnxruntime) exported by timm.utils.onnx, as the reference the "vs timm eager" c
     python scripts/benchmark.py --model res2net50_26w_8s --modes inference --json bench.json
     python scripts/benchmark.py --modes inference --precision fp32 --threads 2 --compile \
         --backends torch,onnxruntime,timm
+    python scripts/benchmark.py --device cuda --batch-size 256 --compile --peer timm   # + timm's eager model
 
 On Linux the script re-executes itself once with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 unless they
 are set (or --keep-allocator is given): glibc's default allocator swings Res2Net CPU timings by up to 1.8x.
@@ -33,12 +34,14 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from res2net.errors import run_script
 
 ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -84,13 +87,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--backends",
         type=_choices(BACKENDS),
         default=["torch"],
-        help=f"comma-separated, from {', '.join(BACKENDS)} (default: torch; the others: inference, CPU)",
+        help=f"comma-separated, from {', '.join(BACKENDS)} (default: torch; onnxruntime: inference on the CPU; "
+        "timm: its eager model with the same weights)",
     )
     p.add_argument(
         "--ort-optimizations",
         type=_choices(("disable", "basic", "extended", "all")),
         default=["all", "extended"],
         help="ONNX Runtime graph optimisation levels, one row each",
+    )
+    p.add_argument(
+        "--peer",
+        choices=["timm"],
+        default=None,
+        help="add rows of timm's eager float32 NCHW model with the same weights (train and inference; same as "
+        "adding timm to --backends)",
     )
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations per row before measuring")
@@ -106,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("batch_size", "img_size", "iters", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.peer and args.peer not in args.backends:
+        args.backends = [*args.backends, args.peer]
     return args
 
 
@@ -159,7 +172,7 @@ def inference_paths(model: nn.Module, args: argparse.Namespace, device: torch.de
     """name -> step function; each runs one forward pass of a batch in inference mode."""
     import res2net
 
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    x = _batch(args, device)[0]
     x_cl = x.contiguous(memory_format=torch.channels_last)
     baseline = copy.deepcopy(model).to(device).eval()
 
@@ -238,9 +251,17 @@ def _suffix(precision: str) -> str:
     return "" if precision == "fp32" else f" + {precision}"
 
 
+def _batch(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random input batch and labels every row of a run uses."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device)
+    return x, torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device)
+
+
 def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, precision: str) -> Callable:
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    # fused on CUDA, as train.py's optimizer (res2net.engine.optim)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def run():
@@ -256,9 +277,7 @@ def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torc
 
 def train_paths(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, Callable]:
     """name -> step function; each runs forward, backward and an SGD update of its own copy of the weights."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device)
-    y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device)
+    x, y = _batch(args, device)
     x_cl = x.contiguous(memory_format=torch.channels_last)
 
     def copy_on_device(channels_last: bool) -> nn.Module:
@@ -276,6 +295,12 @@ def train_paths(model: nn.Module, args: argparse.Namespace, device: torch.device
             torch.compile(copy_on_device(True)), x_cl, y, device, args.precision
         )
     return paths
+
+
+def peer_train_path(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, Callable]:
+    """A training step of timm's eager float32 NCHW model with ``model``'s weights (``--backends timm``)."""
+    x, y = _batch(args, device)
+    return {TIMM_EAGER: _train_step(timm_reference(model, args).to(device).train(), x, y, device, "fp32")}
 
 
 def measure(paths: dict[str, Callable], args: argparse.Namespace, device: torch.device) -> dict[str, float]:
@@ -353,7 +378,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     builders = {"inference": inference_paths, "train": train_paths}
     rows: list[Row] = []
     for mode in args.modes:
-        rows += to_rows(mode, measure(builders[mode](model, args, device), args, device), args.batch_size)
+        paths = builders[mode](model, args, device)
+        if mode == "train" and "timm" in args.backends:
+            paths.update(peer_train_path(model, args, device))
+        rows += to_rows(mode, measure(paths, args, device), args.batch_size)
     return {"args": vars(args), "environment": environment(args, device), "rows": [asdict(r) for r in rows]}
 
 
@@ -382,4 +410,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -9,6 +9,7 @@ and prints top-1/top-5 and where the run directory is. Exits 1 if top-1 is below
     python scripts/demo.py                                   # what `make demo` runs
     python scripts/demo.py --per-class 60 schedule.epochs=4  # a shorter run; extra arguments go to train.py
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,12 +23,22 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from res2net.data.demo import MANIFEST, make_demo_dataset
+from res2net.errors import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # Validation preprocessing evaluate.py takes over from the training run's config.yaml.
-_EVAL_DATA_KEYS = ("root", "backend", "batch_size", "num_workers", "img_size", "crop_pct", "interpolation", "mean",
-                   "std")
+_EVAL_DATA_KEYS = (
+    "root",
+    "backend",
+    "batch_size",
+    "num_workers",
+    "img_size",
+    "crop_pct",
+    "interpolation",
+    "mean",
+    "std",
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,9 +68,13 @@ def _override(key: str, value) -> str:
 def eval_overrides(run_dir: Path) -> list[str]:
     """evaluate.py overrides that reuse the training run's model checkpoint and validation preprocessing."""
     data = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))["data"]
-    return [f"checkpoint={run_dir / 'checkpoints' / 'best.pth'}", "data=folder",
-            *[_override(f"data.{k}", data[k]) for k in _EVAL_DATA_KEYS], "progress=false",
-            f"hydra.run.dir={run_dir / 'eval'}"]
+    return [
+        f"checkpoint={run_dir / 'checkpoints' / 'best.pth'}",
+        "data=folder",
+        *[_override(f"data.{k}", data[k]) for k in _EVAL_DATA_KEYS],
+        "progress=false",
+        f"hydra.run.dir={run_dir / 'eval'}",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,15 +84,27 @@ def main(argv: list[str] | None = None) -> int:
     counts = json.loads((data / MANIFEST).read_text())["counts"]
     print(f"demo data: {data} ({counts['train']} train / {counts['val']} val images, 10 classes)", flush=True)
     run_dir = Path(args.run_dir or ROOT / "outputs" / "demo" / time.strftime("%Y-%m-%d_%H-%M-%S")).resolve()
-    _run([sys.executable, "train.py", "experiment=demo", f"data.root={data.resolve()}", f"hydra.run.dir={run_dir}",
-          *args.overrides])
+    _run(
+        [
+            sys.executable,
+            "train.py",
+            "experiment=demo",
+            f"data.root={data.resolve()}",
+            f"hydra.run.dir={run_dir}",
+            *args.overrides,
+        ]
+    )
     _run([sys.executable, "evaluate.py", *eval_overrides(run_dir)])
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     minutes, seconds = divmod(time.perf_counter() - start, 60)
-    print(f"\ndemo finished in {int(minutes)} min {seconds:.0f} s: best checkpoint val top-1 {results['top1']:.2f}%, "
-          f"top-5 {results['top5']:.2f}% ({results['count']} images)")
-    print(f"run directory: {run_dir}\n  evaluation: {run_dir / 'eval' / 'results.json'}\n"
-          f"  TensorBoard: .venv/bin/tensorboard --logdir {run_dir}")
+    print(
+        f"\ndemo finished in {int(minutes)} min {seconds:.0f} s: best checkpoint val top-1 {results['top1']:.2f}%, "
+        f"top-5 {results['top5']:.2f}% ({results['count']} images)"
+    )
+    print(
+        f"run directory: {run_dir}\n  evaluation: {run_dir / 'eval' / 'results.json'}\n"
+        f"  TensorBoard: .venv/bin/tensorboard --logdir {run_dir}"
+    )
     if results["top1"] < args.min_top1:
         print(f"demo: top-1 {results['top1']:.2f}% is below {args.min_top1}%", file=sys.stderr)
         return 1
@@ -85,4 +112,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -6,8 +6,8 @@
 Missing checkpoints are downloaded into the cache and verified (res2net.models.pretrained; RES2NET_MIRRORS and
 RES2NET_CACHE apply). Each model is evaluated at 224 px with a 0.875 crop (the published protocol) by the same code
 as evaluate.py, and a table is printed and written as Markdown and CSV to --out-dir: model, params, GMACs, published
-and measured top-1/top-5, delta, img/s. The exit status is 1 when a |delta| (top-1 or top-5) exceeds its tolerance:
-0.1 points, 0.3 for res2net50_26w_8s, whose published figure moved between timm's result tables.
+and measured top-1/top-5, delta, img/s. The exit status is 1 when a |delta| (top-1 or top-5) exceeds the model's
+tolerance (res2net.models.variants, or --tolerance for every model).
 
 --backend torchvision is the reference path (PIL decoding, how the published numbers were measured). With
 --backend dali the table also gives DALI's top-1 delta to the reference path, from the reference results already in
@@ -15,8 +15,10 @@ and measured top-1/top-5, delta, img/s. The exit status is 1 when a |delta| (top
 
 --published FILE replaces the built-in list of released checkpoints with a JSON object (for private model zoos and
 tests): {"<model name>": {"file": "<name>-<sha256 prefix>.pth", "top1": 77.99, "top5": 93.86,
-"tolerance": 0.1, "overrides": {"num_classes": 10, "base_width": 4, ...}}}; top1/top5 may be null.
+"tolerance": 0.1, "overrides": {"num_classes": 10, "base_width": 4, ...}}}; top1/top5 may be null; "overrides" takes
+the model config keys (res2net.models.CONFIG_KEYS).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,16 +32,29 @@ from pathlib import Path
 import torch
 
 from res2net.engine.distributed import init_distributed
-from res2net.engine.eval_run import RESULTS_FILE, run_evaluation
-from res2net.models.pretrained import RELEASED, download_checkpoint
+from res2net.engine.eval_job import RESULTS_FILE, evaluate_checkpoint
+from res2net.errors import run_script
+from res2net.models import RELEASED, VARIANTS, download_checkpoint, model_from_config
+from res2net.models.stats import count_macs, count_params
+from res2net.models.variants import DEFAULT_TOLERANCE
 
 log = logging.getLogger("eval_released")
 
-DEFAULT_TOLERANCE = 0.1
-TOLERANCES = {"res2net50_26w_8s": 0.3}
 REFERENCE_BACKEND = "torchvision"
-COLUMNS = ("model", "params_m", "gmacs", "published_top1", "published_top5", "top1", "top5", "delta_top1",
-           "delta_top5", "img_per_s", "tolerance", "status")
+COLUMNS = (
+    "model",
+    "params_m",
+    "gmacs",
+    "published_top1",
+    "published_top5",
+    "top1",
+    "top5",
+    "delta_top1",
+    "delta_top5",
+    "img_per_s",
+    "tolerance",
+    "status",
+)
 DALI_COLUMN = "dali_minus_torchvision_top1"
 
 
@@ -53,12 +68,18 @@ class Entry:
     overrides: dict = field(default_factory=dict)
 
 
-def released_entries(tolerance: float = DEFAULT_TOLERANCE) -> dict[str, Entry]:
-    return {name: Entry(name, r.file, r.top1, r.top5, TOLERANCES.get(name, tolerance))
-            for name, r in RELEASED.items()}
+def _tolerance(name: str, tolerance: float | None) -> float:
+    """--tolerance when given, else the variant's own, else the default."""
+    if tolerance is not None:
+        return tolerance
+    return VARIANTS[name].tolerance if name in VARIANTS else DEFAULT_TOLERANCE
 
 
-def entries_from_json(path: str | Path, tolerance: float = DEFAULT_TOLERANCE) -> dict[str, Entry]:
+def released_entries(tolerance: float | None = None) -> dict[str, Entry]:
+    return {name: Entry(name, v.file, v.top1, v.top5, _tolerance(name, tolerance)) for name, v in RELEASED.items()}
+
+
+def entries_from_json(path: str | Path, tolerance: float | None = None) -> dict[str, Entry]:
     table = json.loads(Path(path).read_text())
     allowed = {"file", "top1", "top5", "tolerance", "overrides"}
     entries = {}
@@ -66,8 +87,14 @@ def entries_from_json(path: str | Path, tolerance: float = DEFAULT_TOLERANCE) ->
         unknown = sorted(set(spec) - allowed)
         if unknown or "file" not in spec:
             raise ValueError(f"{path}: entry {name!r} needs 'file' and may have {sorted(allowed)}; got {sorted(spec)}")
-        entries[name] = Entry(name, spec["file"], spec.get("top1"), spec.get("top5"),
-                              spec.get("tolerance", TOLERANCES.get(name, tolerance)), dict(spec.get("overrides", {})))
+        entries[name] = Entry(
+            name,
+            spec["file"],
+            spec.get("top1"),
+            spec.get("top5"),
+            spec.get("tolerance", _tolerance(name, tolerance)),
+            dict(spec.get("overrides", {})),
+        )
     return entries
 
 
@@ -78,36 +105,57 @@ def select(entries: dict[str, Entry], names: list[str] | None) -> list[Entry]:
     return [entries[n] for n in (names or sorted(entries))]
 
 
+def model_config(entry: Entry) -> dict:
+    """The model config of an entry: its variant (1000 classes) with the entry's overrides."""
+    return {"name": entry.name, "num_classes": 1000, **entry.overrides}
+
+
 def model_stats(entry: Entry, img_size: int) -> tuple[float, float]:
     """(parameters in millions, GMACs at img_size), counted on a weightless (meta) copy."""
-    import res2net
-    from res2net.models.stats import count_macs, count_params
-    overrides = dict(entry.overrides)
-    num_classes = overrides.pop("num_classes", 1000)
     with torch.device("meta"):
-        model = res2net.create_model(entry.name, num_classes=num_classes, **overrides)
+        model = model_from_config(model_config(entry))
     return count_params(model) / 1e6, count_macs(model, img_size) / 1e9
 
 
 def eval_config(entry: Entry, checkpoint: Path, args: argparse.Namespace, backend: str) -> dict:
-    overrides = dict(entry.overrides)
-    model = {"name": entry.name, "num_classes": overrides.pop("num_classes", 1000), **overrides}
-    data = {"root": args.data, "backend": backend, "batch_size": args.batch_size, "num_workers": args.workers,
-            "img_size": args.img_size, "crop_pct": args.crop_pct, "interpolation": "bilinear"}
-    return {"model": model, "data": data, "checkpoint": str(checkpoint), "use_ema": False, "amp": args.amp,
-            "channels_last": True, "compile": False, "fold_bn": True, "device": args.device,
-            "save_predictions": False, "progress": not args.no_progress}
+    model = model_config(entry)
+    data = {
+        "root": args.data,
+        "backend": backend,
+        "batch_size": args.batch_size,
+        "num_workers": args.workers,
+        "img_size": args.img_size,
+        "crop_pct": args.crop_pct,
+        "interpolation": "bilinear",
+    }
+    return {
+        "model": model,
+        "data": data,
+        "checkpoint": str(checkpoint),
+        "trust_checkpoint": False,  # released files hold tensors only
+        "use_ema": False,
+        "amp": args.amp,
+        "channels_last": True,
+        "compile": False,
+        "fold_bn": True,
+        "device": args.device,
+        "save_predictions": False,
+        "progress": not args.no_progress,
+    }
 
 
 def _same_evaluation(saved: dict, cfg: dict, sha256: str) -> bool:
     keys = ("root", "img_size", "crop_pct", "interpolation")
-    return (saved.get("checkpoint_sha256") == sha256 and saved["config"]["model"]["name"] == cfg["model"]["name"]
-            and all(saved["config"]["data"].get(k) == cfg["data"][k] for k in keys))
+    return (
+        saved.get("checkpoint_sha256") == sha256
+        and saved["config"]["model"]["name"] == cfg["model"]["name"]
+        and all(saved["config"]["data"].get(k) == cfg["data"][k] for k in keys)
+    )
 
 
 def evaluate_backend(entry: Entry, checkpoint: Path, args: argparse.Namespace, backend: str, dist_info) -> dict:
     cfg = eval_config(entry, checkpoint, args, backend)
-    return run_evaluation(cfg, Path(args.out_dir) / entry.name / backend, dist_info)
+    return evaluate_checkpoint(cfg, Path(args.out_dir) / entry.name / backend, dist_info)
 
 
 def reference_top1(entry: Entry, checkpoint: Path, measured: dict, args: argparse.Namespace, dist_info) -> float:
@@ -131,10 +179,20 @@ def table_row(entry: Entry, result: dict, stats: tuple[float, float]) -> dict:
     d1, d5 = _delta(result["top1"], entry.top1), _delta(result["top5"], entry.top5)
     failed = any(d is not None and abs(d) > entry.tolerance + 1e-9 for d in (d1, d5))
     unpublished = entry.top1 is None and entry.top5 is None
-    return {"model": entry.name, "params_m": stats[0], "gmacs": stats[1], "published_top1": entry.top1,
-            "published_top5": entry.top5, "top1": result["top1"], "top5": result["top5"], "delta_top1": d1,
-            "delta_top5": d5, "img_per_s": result["img_per_s"], "tolerance": entry.tolerance,
-            "status": "FAIL" if failed else ("unpublished" if unpublished else "ok")}
+    return {
+        "model": entry.name,
+        "params_m": stats[0],
+        "gmacs": stats[1],
+        "published_top1": entry.top1,
+        "published_top5": entry.top5,
+        "top1": result["top1"],
+        "top5": result["top5"],
+        "delta_top1": d1,
+        "delta_top5": d5,
+        "img_per_s": result["img_per_s"],
+        "tolerance": entry.tolerance,
+        "status": "FAIL" if failed else ("unpublished" if unpublished else "ok"),
+    }
 
 
 def _fmt(value, digits: int = 3, signed: bool = False) -> str:
@@ -147,13 +205,36 @@ def _fmt(value, digits: int = 3, signed: bool = False) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     dali = any(DALI_COLUMN in r for r in rows)
-    head = ["model", "params (M)", "GMACs", "published top-1", "published top-5", "top-1", "top-5", "delta top-1",
-            "delta top-5", "img/s", "tolerance", "status"] + (["DALI - torchvision top-1"] if dali else [])
+    head = [
+        "model",
+        "params (M)",
+        "GMACs",
+        "published top-1",
+        "published top-5",
+        "top-1",
+        "top-5",
+        "delta top-1",
+        "delta top-5",
+        "img/s",
+        "tolerance",
+        "status",
+    ] + (["DALI - torchvision top-1"] if dali else [])
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + "---|"]
     for r in rows:
-        cells = [r["model"], _fmt(r["params_m"], 2), _fmt(r["gmacs"], 2), _fmt(r["published_top1"]),
-                 _fmt(r["published_top5"]), _fmt(r["top1"]), _fmt(r["top5"]), _fmt(r["delta_top1"], signed=True),
-                 _fmt(r["delta_top5"], signed=True), _fmt(r["img_per_s"], 1), _fmt(r["tolerance"], 2), r["status"]]
+        cells = [
+            r["model"],
+            _fmt(r["params_m"], 2),
+            _fmt(r["gmacs"], 2),
+            _fmt(r["published_top1"]),
+            _fmt(r["published_top5"]),
+            _fmt(r["top1"]),
+            _fmt(r["top5"]),
+            _fmt(r["delta_top1"], signed=True),
+            _fmt(r["delta_top5"], signed=True),
+            _fmt(r["img_per_s"], 1),
+            _fmt(r["tolerance"], 2),
+            r["status"],
+        ]
         if dali:
             cells.append(_fmt(r.get(DALI_COLUMN), signed=True))
         lines.append("| " + " | ".join(cells) + " |")
@@ -173,8 +254,11 @@ def write_tables(rows: list[dict], out_dir: Path, backend: str) -> tuple[Path, P
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--data", required=True, help="data root holding val/<wnid>/*.JPEG")
     p.add_argument("--backend", choices=("torchvision", "dali"), default=REFERENCE_BACKEND)
     p.add_argument("--models", nargs="+", default=None, help="subset to evaluate (default: all released)")
@@ -184,8 +268,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--crop-pct", type=float, default=0.875)
     p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                   help="allowed |delta| in points (default %(default)s; res2net50_26w_8s always 0.3)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="allowed |delta| in points for every model (default: each model's own in "
+        f"res2net.models.variants, {DEFAULT_TOLERANCE} unless stated there)",
+    )
     p.add_argument("--published", default=None, help="JSON table replacing the released list (see above)")
     p.add_argument("--out-dir", default="outputs/eval_released")
     p.add_argument("--no-progress", action="store_true")
@@ -193,8 +282,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> tuple[list[dict], bool]:
-    entries = entries_from_json(args.published, args.tolerance) if args.published else released_entries(
-        args.tolerance)
+    entries = entries_from_json(args.published, args.tolerance) if args.published else released_entries(args.tolerance)
     selected = select(entries, args.models)
     dist_info = init_distributed()
     rows = []
@@ -223,11 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tables: {md}, {csv_path}")
     if failed:
         bad = ", ".join(f"{r['model']} (tolerance {r['tolerance']})" for r in rows if r["status"] == "FAIL")
-        print(f"FAIL: measured accuracy differs from the published numbers by more than the tolerance: {bad}",
-              file=sys.stderr)
+        print(
+            f"FAIL: measured accuracy differs from the published numbers by more than the tolerance: {bad}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

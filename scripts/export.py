@@ -26,11 +26,11 @@ import torch
 
 import res2net
 from res2net import export
-from res2net.engine.eval_run import build_model_for
+from res2net.engine.eval_job import build_model_for
 from res2net.models.hub import HUB_REPOS, released_weights
 from res2net.models.pretrained import RELEASED, read_checkpoint, sha256_file
-from res2net.models.registry import OVERRIDES
 from res2net.models.stats import count_params
+from res2net.models.variants import MODEL_KNOBS
 
 TOLERANCE = 1e-4  # largest accepted max|exported - PyTorch| / max|PyTorch|
 
@@ -97,7 +97,7 @@ def load_model(name: str, num_classes: int | None, checkpoint: str) -> tuple[tor
         best_top1=state.get("best_top1"),
         config=saved,
         model_args=export.timm_model_args(saved_model),
-        overrides={k: v for k, v in saved_model.items() if k in OVERRIDES and k != "num_classes"},
+        overrides={k: v for k, v in saved_model.items() if k in MODEL_KNOBS},
     )
     return model.eval(), facts
 

@@ -15,11 +15,12 @@ Two sources:
     PredictionString is the label).
 
 Idempotent and resumable: a train class is assembled under ROOT/.partial/ and moved into place in one rename, a
-val file is written under a temporary name and renamed, and whatever already exists in place is skipped. An
+val file is written atomically (res2net.files.atomic_write), and whatever already exists in place is skipped. An
 interrupted run (Ctrl-C, a truncated download) is finished by running the same command again. At the end the
 counts are checked (1,281,167 train, 50,000 val, 1,000 classes by default) and any difference is reported; the exit
 status is 1 when they differ.
 """
+
 import argparse
 import csv
 import io
@@ -27,10 +28,13 @@ import os
 import shutil
 import sys
 import tarfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Dict, Iterable, List, Tuple
 
 from tqdm import tqdm
+
+from res2net.errors import run_script
+from res2net.files import atomic_write, remove_stale_temporaries
 
 TRAIN_TAR, VAL_TAR, DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"
 EXPECTED = {"train": 1_281_167, "val": 50_000, "classes": 1_000}
@@ -44,8 +48,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--kaggle", type=Path, help="folder with ILSVRC/Data/CLS-LOC and LOC_val_solution.csv")
     p.add_argument("--out", type=Path, required=True, help="output root; gets train/ and val/")
     p.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val"])
-    p.add_argument("--link", default="hardlink", choices=["hardlink", "symlink", "copy"],
-                   help="Kaggle only: how files reach the output (hardlink falls back to copy across file systems)")
+    p.add_argument(
+        "--link",
+        default="hardlink",
+        choices=["hardlink", "symlink", "copy"],
+        help="Kaggle only: how files reach the output (hardlink falls back to copy across file systems)",
+    )
     p.add_argument("--expected-train", type=int, default=EXPECTED["train"])
     p.add_argument("--expected-val", type=int, default=EXPECTED["val"])
     p.add_argument("--expected-classes", type=int, default=EXPECTED["classes"])
@@ -61,17 +69,9 @@ def require_file(path: Path, what: str) -> Path:
 
 # ------------------------------------------------------------------ writing helpers (atomic, resumable)
 
-def write_atomic(dst: Path, data_or_src, link: str = "copy") -> None:
-    """Create ``dst`` from bytes or a source file, via a temporary name, so ``dst`` is complete or absent."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    if isinstance(data_or_src, bytes):
-        tmp.write_bytes(data_or_src)
-    else:
-        place_file(Path(data_or_src), tmp, link)
-    os.replace(tmp, dst)
 
-
-def place_file(src: Path, dst: Path, link: str) -> None:
+def place_file(src: Path, dst: Path, link: str, copy=shutil.copyfile) -> None:
+    """``dst`` as a link to ``src`` or, with ``link='copy'`` or where hard links fail, ``copy(src, dst)``."""
     if dst.exists() or dst.is_symlink():
         dst.unlink()
     if link == "symlink":
@@ -83,7 +83,19 @@ def place_file(src: Path, dst: Path, link: str) -> None:
             return
         except OSError:  # another file system or no hard links there: copy instead
             pass
-    shutil.copyfile(src, dst)
+    copy(src, dst)
+
+
+def atomic_copy(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` so that ``dst`` is complete or absent (links are created in one step anyway)."""
+    with open(src, "rb") as source, atomic_write(dst) as target:
+        shutil.copyfileobj(source, target)
+
+
+def remove_stale_val_temporaries(out: Path) -> None:
+    """Delete the temporary files a killed run left in the val class folders."""
+    for folder in (out / "val").glob("*/"):
+        remove_stale_temporaries(folder)
 
 
 def fresh_partial_dir(out: Path, split: str, name: str) -> Path:
@@ -102,10 +114,13 @@ def commit_class(partial: Path, final: Path) -> None:
 
 # ------------------------------------------------------------------ official archives
 
+
 def official_train(archives: Path, out: Path, n_classes: int, progress: bool) -> None:
     tar_path = require_file(archives / TRAIN_TAR, "the ImageNet train archive (one inner tar per class)")
-    with tarfile.open(tar_path, "r:") as outer, \
-            tqdm(total=n_classes, desc="train classes", unit="class", disable=not progress) as bar:
+    with (
+        tarfile.open(tar_path, "r:") as outer,
+        tqdm(total=n_classes, desc="train classes", unit="class", disable=not progress) as bar,
+    ):
         for member in outer:  # streamed: the members of a finished class are skipped by seeking, not read
             if not (member.isfile() and member.name.endswith(".tar")):
                 continue
@@ -120,7 +135,7 @@ def official_train(archives: Path, out: Path, n_classes: int, progress: bool) ->
             bar.update()
 
 
-def devkit_val_wnids(devkit: Path) -> List[str]:
+def devkit_val_wnids(devkit: Path) -> list[str]:
     """Wnid of each val image in ILSVRC2012_val_00000001.. order (devkit ground truth mapped through meta.mat)."""
     import scipy.io
 
@@ -140,6 +155,7 @@ def devkit_val_wnids(devkit: Path) -> List[str]:
 def official_val(archives: Path, devkit: Path, out: Path, progress: bool) -> None:
     wnids = devkit_val_wnids(devkit)
     tar_path = require_file(archives / VAL_TAR, "the ImageNet val archive (50,000 flat JPEGs)")
+    remove_stale_val_temporaries(out)
     with tarfile.open(tar_path, "r:") as tar:
         for member in tqdm(tar, desc="val images", unit="img", disable=not progress, total=len(wnids)):
             if not member.isfile():
@@ -151,12 +167,14 @@ def official_val(archives: Path, devkit: Path, out: Path, progress: bool) -> Non
             if dst.is_file() and dst.stat().st_size == member.size:
                 continue
             dst.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(dst, tar.extractfile(member).read())
+            with atomic_write(dst) as f:
+                shutil.copyfileobj(tar.extractfile(member), f)
 
 
 # ------------------------------------------------------------------ Kaggle layout
 
-def kaggle_val_wnids(csv_path: Path) -> Dict[str, str]:
+
+def kaggle_val_wnids(csv_path: Path) -> dict[str, str]:
     require_file(csv_path, "LOC_val_solution.csv from the Kaggle ImageNet download")
     with open(csv_path, newline="") as f:
         return {row["ImageId"]: row["PredictionString"].split()[0] for row in csv.DictReader(f)}
@@ -168,8 +186,14 @@ def kaggle_train(kaggle: Path, out: Path, link: str, progress: bool) -> None:
         raise SystemExit(f"error: {src} is not a folder; expected the Kaggle train folders <wnid>/*.JPEG there")
     classes = sorted(d.name for d in src.iterdir() if d.is_dir())
     todo = [c for c in classes if not (out / "train" / c).is_dir()]
-    for wnid in tqdm(todo, desc="train classes", unit="class", disable=not progress,
-                     total=len(classes), initial=len(classes) - len(todo)):
+    for wnid in tqdm(
+        todo,
+        desc="train classes",
+        unit="class",
+        disable=not progress,
+        total=len(classes),
+        initial=len(classes) - len(todo),
+    ):
         partial = fresh_partial_dir(out, "train", wnid)
         for image in sorted((src / wnid).iterdir()):
             if image.is_file():
@@ -182,6 +206,7 @@ def kaggle_val(kaggle: Path, out: Path, link: str, progress: bool) -> None:
     src = kaggle / "ILSVRC" / "Data" / "CLS-LOC" / "val"
     if not src.is_dir():
         raise SystemExit(f"error: {src} is not a folder; expected the Kaggle val JPEGs there")
+    remove_stale_val_temporaries(out)
     for image in tqdm(sorted(src.iterdir()), desc="val images", unit="img", disable=not progress):
         if not image.is_file():
             continue
@@ -191,12 +216,13 @@ def kaggle_val(kaggle: Path, out: Path, link: str, progress: bool) -> None:
         if dst.is_file() and dst.stat().st_size == image.stat().st_size:
             continue
         dst.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(dst, image, link)
+        place_file(image, dst, link, copy=atomic_copy)
 
 
 # ------------------------------------------------------------------ count check
 
-def count_split(split_dir: Path) -> Tuple[int, int]:
+
+def count_split(split_dir: Path) -> tuple[int, int]:
     """(number of class folders, number of files in them); temporary files are not counted."""
     if not split_dir.is_dir():
         return 0, 0
@@ -205,14 +231,15 @@ def count_split(split_dir: Path) -> Tuple[int, int]:
     return len(classes), files
 
 
-def check_counts(out: Path, splits: Iterable[str], expected: Dict[str, int]) -> List[str]:
+def check_counts(out: Path, splits: Iterable[str], expected: dict[str, int]) -> list[str]:
     problems = []
     for split in splits:
         n_classes, n_files = count_split(out / split)
         print(f"{split}: {n_files:,} images in {n_classes:,} class folders under {out / split}")
         if n_files != expected[split]:
-            problems.append(f"{split}: {n_files:,} images, expected {expected[split]:,} "
-                            f"({n_files - expected[split]:+,})")
+            problems.append(
+                f"{split}: {n_files:,} images, expected {expected[split]:,} ({n_files - expected[split]:+,})"
+            )
         if n_classes != expected["classes"]:
             problems.append(f"{split}: {n_classes:,} class folders, expected {expected['classes']:,}")
     return problems
@@ -237,8 +264,11 @@ def main(argv=None) -> int:
     try:
         prepare(args)
     except (tarfile.TarError, EOFError) as err:
-        print(f"error: an archive ended early or is damaged ({err!r}); finished classes and files are kept: "
-              "complete the download and run the same command again", file=sys.stderr)
+        print(
+            f"error: an archive ended early or is damaged ({err!r}); finished classes and files are kept: "
+            "complete the download and run the same command again",
+            file=sys.stderr,
+        )
         return 2
     shutil.rmtree(args.out / PARTIAL, ignore_errors=True)
     expected = {"train": args.expected_train, "val": args.expected_val, "classes": args.expected_classes}
@@ -251,4 +281,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

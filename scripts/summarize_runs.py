@@ -8,8 +8,8 @@ one per job). From each run it reads the "epoch" records of ``metrics.jsonl``, t
 
 - ``summary.md`` and ``summary.csv``: the overridden knobs, best and final top-1 / top-5, epochs done, median img/s,
   wall time (the sum of the epochs' times) and GPU-hours (processes x wall time; runs on CPU are marked as such and
-  count no GPU-hours). The number of processes comes from ``checkpoints/last.pth``; a run is on CUDA when its
-  "train" records carry ``gpu_mem_mb``;
+  count no GPU-hours). The number of processes and the device come from the "epoch" records (``world_size``,
+  ``device``), epoch by epoch;
 - ``summary.png``: validation top-1 per epoch and train / val loss per epoch of every run.
 
 Epochs are counted from 1 here (metrics.jsonl counts from 0).
@@ -31,11 +31,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
-import torch  # noqa: E402
 import yaml  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from res2net.errors import run_script  # noqa: E402
 
 METRICS_FILE = "metrics.jsonl"
 MISSING = "-"
@@ -48,8 +49,7 @@ class Run:
     overrides: dict[str, str]
     config: dict
     epochs: list[dict]  # one "epoch" record per epoch number, in epoch order
-    world_size: int | None = None
-    device: str | None = None
+    hardware: list[tuple[int, str]] | None = None  # (world_size, device) of each epoch; None when not logged
     notes: list[str] = field(default_factory=list)
 
 
@@ -102,7 +102,7 @@ def read_metrics(path: Path) -> list[dict]:
                 continue
             raise ValueError(f"{path}:{number}: not a JSON object ({err.msg}); each line must be one record") from err
         if not isinstance(record, dict) or "kind" not in record:
-            raise ValueError(f"{path}:{number}: expected a JSON object with a \"kind\" field, got {line[:80]!r}")
+            raise ValueError(f'{path}:{number}: expected a JSON object with a "kind" field, got {line[:80]!r}')
         records.append(record)
     return records
 
@@ -114,7 +114,7 @@ def epoch_records(records: list[dict], path: Path) -> list[dict]:
         if record["kind"] != "epoch":
             continue
         if "epoch" not in record:
-            raise ValueError(f"{path}: an \"epoch\" record without an \"epoch\" field: {record}")
+            raise ValueError(f'{path}: an "epoch" record without an "epoch" field: {record}')
         by_epoch[int(record["epoch"])] = record
     return [by_epoch[e] for e in sorted(by_epoch)]
 
@@ -151,42 +151,43 @@ def read_config(run_dir: Path) -> dict:
     return config
 
 
-def read_world_size(run_dir: Path) -> int | None:
-    """Processes that trained the run, as its last checkpoint records them (None before the first checkpoint)."""
-    path = run_dir / "checkpoints" / "last.pth"
-    if not path.is_file():
-        return None
-    try:  # mmap: only the few bytes read are loaded, not the weights
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:
-        raise ValueError(f"{path}: not a readable train.py checkpoint ({err})") from err
-    if not isinstance(checkpoint, dict) or "world_size" not in checkpoint:
-        raise ValueError(f"{path}: has no 'world_size' entry; is it a checkpoint written by train.py?")
-    return int(checkpoint["world_size"])
-
-
-def read_device(records: list[dict]) -> str | None:
-    """'cuda' or 'cpu' from the "train" records (train.py logs gpu_mem_mb only on CUDA); None without any."""
-    train = [record for record in records if record["kind"] == "train"]
-    if not train:
-        return None
-    return "cuda" if any("gpu_mem_mb" in record for record in train) else "cpu"
+def read_hardware(epochs: list[dict], path: Path) -> list[tuple[int, str]] | None:
+    """(world_size, device) of each epoch record, as train.py logs them; None when a record lacks them (written
+    by an older train.py), so that no GPU-hours are guessed."""
+    hardware = []
+    for record in epochs:
+        if "world_size" not in record or "device" not in record:
+            return None
+        world_size, device = record["world_size"], record["device"]
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(
+                f'{path}: the "epoch" record of epoch {record["epoch"]} has world_size={world_size!r}; '
+                "expected the number of processes, an integer >= 1"
+            )
+        if not isinstance(device, str) or not device:
+            raise ValueError(
+                f'{path}: the "epoch" record of epoch {record["epoch"]} has device={device!r}; '
+                "expected a torch device type such as 'cuda' or 'cpu'"
+            )
+        hardware.append((world_size, device))
+    return hardware
 
 
 def load_run(sweep_dir: Path, run_dir: Path) -> Run:
     metrics_path = run_dir / METRICS_FILE
-    records = read_metrics(metrics_path)
+    epochs = epoch_records(read_metrics(metrics_path), metrics_path)
     run = Run(
         name=str(run_dir.relative_to(sweep_dir)) or ".",
         path=run_dir,
         overrides=read_overrides(run_dir),
         config=read_config(run_dir),
-        epochs=epoch_records(records, metrics_path),
-        world_size=read_world_size(run_dir),
-        device=read_device(records),
+        epochs=epochs,
+        hardware=read_hardware(epochs, metrics_path),
     )
     if not run.epochs:
         run.notes.append("no epoch finished")
+    elif run.hardware is None:
+        run.notes.append("epoch records without world_size / device (an older train.py): no GPU-hours")
     elif run.epochs[-1].get("partial"):  # train.py validated part of an epoch (trainer.max_steps)
         run.notes.append(f"last epoch partial (stopped at global step {run.epochs[-1].get('global_step')})")
     return run
@@ -205,17 +206,23 @@ def metric_values(run: Run, key: str) -> list[float]:
     return [float(record[key]) for record in run.epochs if record.get(key) is not None]
 
 
+def hardware_label(world_size: int, device: str) -> str:
+    return f"{world_size} GPU" if device == "cuda" else f"{device.upper()} ({world_size} proc)"
+
+
 def resource_columns(run: Run) -> dict:
-    """Wall time (sum of epoch times), and GPU-hours = processes x wall time for runs on CUDA."""
+    """Wall time (sum of epoch times), and GPU-hours: the sum over epochs on CUDA of processes x epoch time."""
     times = metric_values(run, "epoch_time_s")
     wall_h = sum(times) / 3600 if times else None
-    if wall_h is None or run.world_size is None or run.device is None:
-        gpu_hours, hardware = None, MISSING
-    elif run.device == "cuda":
-        gpu_hours, hardware = run.world_size * wall_h, f"{run.world_size} GPU"
-    else:
-        gpu_hours, hardware = 0.0, f"CPU ({run.world_size} proc)"
-    return {"hardware": hardware, "wall_h": wall_h, "gpu_hours": gpu_hours}
+    if wall_h is None or run.hardware is None:
+        return {"hardware": MISSING, "wall_h": wall_h, "gpu_hours": None}
+    gpu_seconds = sum(
+        world_size * float(record["epoch_time_s"])
+        for record, (world_size, device) in zip(run.epochs, run.hardware, strict=True)
+        if device == "cuda" and record.get("epoch_time_s") is not None
+    )
+    labels = dict.fromkeys(hardware_label(*pair) for pair in run.hardware)  # in order of appearance, once each
+    return {"hardware": ", ".join(labels), "wall_h": wall_h, "gpu_hours": gpu_seconds / 3600}
 
 
 def run_row(run: Run, knobs: list[str]) -> dict:
@@ -293,15 +300,25 @@ def plot_runs(runs: list[Run], knobs: list[str]) -> Figure:
     for index, run in enumerate(runs):
         color = colors(index % colors.N)
         x = [int(record["epoch"]) + 1 for record in run.epochs]
-        ax_top1.plot(x, [record.get("val_top1", math.nan) for record in run.epochs], "o-", color=color,
-                     label=run_label(run, knobs))
+        ax_top1.plot(
+            x,
+            [record.get("val_top1", math.nan) for record in run.epochs],
+            "o-",
+            color=color,
+            label=run_label(run, knobs),
+        )
         ax_loss.plot(x, [record.get("train_loss", math.nan) for record in run.epochs], "-", color=color)
         ax_loss.plot(x, [record.get("val_loss", math.nan) for record in run.epochs], "--", color=color)
     ax_top1.set(xlabel="epoch", ylabel="val top-1 (%)", title="Validation top-1")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss (train solid, val dashed)")
     ax_top1.legend(fontsize="small", loc="best")
-    ax_loss.legend(handles=[Line2D([], [], color="black", linestyle="-", label="train"),
-                            Line2D([], [], color="black", linestyle="--", label="val")], fontsize="small")
+    ax_loss.legend(
+        handles=[
+            Line2D([], [], color="black", linestyle="-", label="train"),
+            Line2D([], [], color="black", linestyle="--", label="val"),
+        ],
+        fontsize="small",
+    )
     for ax in (ax_top1, ax_loss):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -317,8 +334,19 @@ def summarize(sweep_dir: str | Path, out_dir: str | Path | None = None) -> Summa
     all_knobs = knob_keys(runs, varying_only=False)
     varying = knob_keys(runs, varying_only=True)
     common = {k: runs[0].overrides[k] for k in all_knobs if k not in varying and k in runs[0].overrides}
-    metrics = ["epochs", "best_top1", "best_epoch", "final_top1", "best_top5", "final_top5", "img_per_s",
-               "hardware", "wall_h", "gpu_hours", "notes"]
+    metrics = [
+        "epochs",
+        "best_top1",
+        "best_epoch",
+        "final_top1",
+        "best_top5",
+        "final_top5",
+        "img_per_s",
+        "hardware",
+        "wall_h",
+        "gpu_hours",
+        "notes",
+    ]
     rows = [run_row(run, all_knobs) for run in runs]
 
     markdown = to_markdown(rows, ["run", *varying, *metrics], common)
@@ -346,4 +374,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -1,5 +1,7 @@
 """scripts/check_dataset.py on real problem files: PNG named .JPEG, CMYK JPEG, grayscale JPEG, truncated JPEG,
 zero-byte file; --fix writes the change list, backs up, re-encodes the convertible ones and deletes nothing."""
+
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from res2net.data.index import IMG_EXTENSIONS
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "check_dataset.py"
 
@@ -32,8 +36,13 @@ def bad_folder(tmp_path) -> dict:
 
 
 def run(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args), "--workers", "2", "--no-progress"],
-                          capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args), "--workers", "2", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
 
 
 def report_lines(stdout: str) -> dict:
@@ -45,8 +54,13 @@ def test_reports_each_problem_by_path(bad_folder, tmp_path):
     result = run(bad_folder["split"], "--json", tmp_path / "report.json")
     assert result.returncode == 1
     assert "checked 6 files" in result.stdout
-    assert report_lines(result.stdout) == {"png": "not_jpeg", "cmyk": "cmyk", "gray": "grayscale",
-                                           "truncated": "undecodable", "empty": "zero_byte"}
+    assert report_lines(result.stdout) == {
+        "png": "not_jpeg",
+        "cmyk": "cmyk",
+        "gray": "grayscale",
+        "truncated": "undecodable",
+        "empty": "zero_byte",
+    }
     report = json.loads((tmp_path / "report.json").read_text())
     assert {Path(r["path"]).stem: r["problem"] for r in report} == report_lines(result.stdout)
     assert str(bad_folder["png"]) in result.stdout
@@ -58,9 +72,13 @@ def test_fix_reencodes_convertible_and_deletes_nothing(bad_folder, tmp_path):
     result = run(bad_folder["split"], "--fix", "--changes", changes, "--backup-dir", backup)
     assert result.returncode == 1  # the truncated and empty files remain problems
     listed = {Path(line.split("\t")[0]).stem: line.split("\t")[3] for line in changes.read_text().splitlines()}
-    assert listed == {"png": "re-encode as RGB JPEG", "cmyk": "re-encode as RGB JPEG",
-                      "gray": "re-encode as RGB JPEG", "truncated": "left as is (not convertible)",
-                      "empty": "left as is (not convertible)"}
+    assert listed == {
+        "png": "re-encode as RGB JPEG",
+        "cmyk": "re-encode as RGB JPEG",
+        "gray": "re-encode as RGB JPEG",
+        "truncated": "left as is (not convertible)",
+        "empty": "left as is (not convertible)",
+    }
     after = {p.name: p for p in bad_folder["split"].rglob("*") if p.is_file()}
     assert sorted(after) == sorted(before)  # nothing deleted, no temporary files left
     for name in ("png", "cmyk", "gray"):
@@ -83,8 +101,6 @@ def test_clean_folder_exits_zero(tmp_path):
 
 
 def test_scans_the_files_the_loaders_read():
-    import importlib.util
-    from res2net.data.index import IMG_EXTENSIONS
     spec = importlib.util.spec_from_file_location("check_dataset", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,4 +1,5 @@
 """Checkpoint files: atomic writes under kill -9 and a full disk, bounded history, compatibility checks, RNG."""
+
 import contextlib
 import os
 import random
@@ -14,16 +15,30 @@ import numpy as np
 import pytest
 import torch
 
-from res2net.engine.checkpoint import (CheckpointError, CheckpointManager, capture_rng, check_compatible,
-                                       load_checkpoint, resolve_resume, restore_rng, save_atomic, unwrap_model)
+from res2net.engine.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    capture_rng,
+    check_compatible,
+    load_checkpoint,
+    resolve_resume,
+    restore_rng,
+    save_atomic,
+)
+from res2net.engine.distributed import unwrap_model
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _child(code: str, *args: str) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for(predicate, proc, timeout=60.0):
@@ -46,7 +61,8 @@ def test_write_killed_before_rename_leaves_previous_last_loadable(tmp_path):
     last = tmp_path / "last.pth"
     save_atomic({"version": 1, "w": torch.ones(4)}, last)
     marker = tmp_path / "stalled"
-    proc = _child("""
+    proc = _child(
+        """
         import os, sys, time, torch
         from res2net.engine import checkpoint
         def stall(fd):  # all bytes are written; stop before fsync + rename, as a crash there would
@@ -54,7 +70,10 @@ def test_write_killed_before_rename_leaves_previous_last_loadable(tmp_path):
             time.sleep(600)
         os.fsync = stall
         checkpoint.save_atomic({"version": 2, "w": torch.zeros(1 << 20)}, sys.argv[1])
-    """, str(last), str(marker))
+    """,
+        str(last),
+        str(marker),
+    )
     _wait_for(marker.exists, proc)
     proc.kill()
     proc.wait()
@@ -67,12 +86,15 @@ def test_write_killed_before_rename_leaves_previous_last_loadable(tmp_path):
 
 def test_kill_at_a_random_moment_of_repeated_writes_leaves_a_whole_file(tmp_path):
     last = tmp_path / "last.pth"
-    proc = _child("""
+    proc = _child(
+        """
         import sys, torch
         from res2net.engine import checkpoint
         for i in range(10_000):
             checkpoint.save_atomic({"i": i, "w": torch.full((2 << 20,), float(i))}, sys.argv[1])
-    """, str(last))
+    """,
+        str(last),
+    )
     _wait_for(last.exists, proc)
     time.sleep(random.uniform(0.05, 1.0))
     assert proc.poll() is None
@@ -84,7 +106,8 @@ def test_kill_at_a_random_moment_of_repeated_writes_leaves_a_whole_file(tmp_path
 
 def test_full_disk_keeps_the_previous_checkpoint_and_names_the_path(tmp_path):
     last = tmp_path / "last.pth"
-    proc = _child("""
+    proc = _child(
+        """
         import resource, signal, sys, torch
         from res2net.engine import checkpoint
         checkpoint.save_atomic({"version": 1}, sys.argv[1])
@@ -94,7 +117,9 @@ def test_full_disk_keeps_the_previous_checkpoint_and_names_the_path(tmp_path):
             checkpoint.save_atomic({"version": 2, "w": torch.zeros(1 << 20)}, sys.argv[1])
         except checkpoint.CheckpointError as err:
             print(err)
-    """, str(last))
+    """,
+        str(last),
+    )
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert f"could not write checkpoint {last}" in out and "previous" in out and "intact" in out
@@ -135,8 +160,7 @@ def test_manager_keeps_best_and_a_bounded_history(tmp_path):
     manager = CheckpointManager(tmp_path, keep_last=2)
     for epoch in range(1, 6):
         manager.save({"epoch": epoch}, is_best=epoch == 3, epoch_end=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pth", "epoch_0004.pth", "epoch_0005.pth",
-                                                          "last.pth"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pth", "epoch_0004.pth", "epoch_0005.pth", "last.pth"]
     assert torch.load(tmp_path / "best.pth", weights_only=True)["epoch"] == 3
     assert torch.load(tmp_path / "last.pth", weights_only=True)["epoch"] == 5
     manager.save({"epoch": 5}, epoch_end=False)  # a mid-epoch save touches last.pth only
@@ -144,10 +168,18 @@ def test_manager_keeps_best_and_a_bounded_history(tmp_path):
 
 
 def test_incompatible_config_is_refused_naming_every_differing_key():
-    saved = {"model": {"name": "res2net50_26w_4s", "scale": 4}, "optim": {"lr": 0.1}, "resume": "",
-             "trainer": {"max_steps": 0, "seed": 0}}
-    now = {"model": {"name": "res2net50_26w_8s", "scale": 8}, "optim": {"lr": 0.1}, "resume": "auto",
-           "trainer": {"max_steps": 100, "seed": 1}}
+    saved = {
+        "model": {"name": "res2net50_26w_4s", "scale": 4},
+        "optim": {"lr": 0.1},
+        "resume": "",
+        "trainer": {"max_steps": 0, "seed": 0},
+    }
+    now = {
+        "model": {"name": "res2net50_26w_8s", "scale": 8},
+        "optim": {"lr": 0.1},
+        "resume": "auto",
+        "trainer": {"max_steps": 100, "seed": 1},
+    }
     with pytest.raises(CheckpointError) as info:
         check_compatible(saved, now, path="ck.pth")
     message = str(info.value)
@@ -156,6 +188,16 @@ def test_incompatible_config_is_refused_naming_every_differing_key():
         assert key in message
     assert "max_steps:" not in message and "resume:" not in message  # operational keys may change
     check_compatible(saved, {**saved, "resume": "auto", "trainer": {"max_steps": 9, "seed": 0}})
+
+
+def test_a_knob_newer_than_the_checkpoint_may_stay_at_its_default():
+    saved = {"optim": {"lr": 0.1}}  # written before optim.name and mixup existed
+    defaults = {"optim": {"name": "sgd", "lr": 0.1}, "mixup": {"alpha": 0.0}}
+    check_compatible(saved, {"optim": {"lr": 0.1, "name": "sgd"}, "mixup": {"alpha": 0.0}}, defaults=defaults)
+    with pytest.raises(CheckpointError, match=r"mixup.alpha: checkpoint '<absent>' vs now 0.2"):
+        check_compatible(saved, {"optim": {"lr": 0.1, "name": "sgd"}, "mixup": {"alpha": 0.2}}, defaults=defaults)
+    with pytest.raises(CheckpointError, match="optim.name"):  # without defaults every new key is a difference
+        check_compatible(saved, {"optim": {"lr": 0.1, "name": "sgd"}})
 
 
 def test_load_checkpoint_refuses_other_files(tmp_path):

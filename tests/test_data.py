@@ -1,18 +1,35 @@
 """Index, sharding, config, torchvision and synthetic backends (real JPEG files, real DataLoader workers)."""
+
 import logging
+import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as F
 from omegaconf import OmegaConf
 from PIL import Image
+from test_data_helpers import (
+    WNIDS,
+    check_set_epoch_contract,
+    check_train_statistics,
+    write_noise_split,
+    write_photo_split,
+)
 
 from res2net.data import DataConfig, as_data_config, build_loader, scan_split
-from res2net.data.index import epoch_permutation, train_positions, train_shard, val_shard
-from res2net.data.transforms import center_crop_offset, val_resize_size, val_resized_shape
-from test_data_helpers import (WNIDS, check_set_epoch_contract, check_train_statistics, write_noise_split,
-                               write_photo_split)
+from res2net.data.index import epoch_batches, epoch_permutation, train_positions, train_shard, val_shard
+from res2net.data.transforms import (
+    DRAW_FLIP,
+    augmentation_draws,
+    center_crop_offset,
+    random_resized_crop_box,
+    sample_uniforms,
+    val_resize_size,
+    val_resized_shape,
+)
 
 STD = DataConfig().std
 
@@ -25,6 +42,7 @@ def tv_cfg(root, **kw) -> DataConfig:
 
 # ---------------------------------------------------------------- index and labels
 
+
 def test_scan_split_labels_are_sorted_wnid_positions(tmp_path):
     write_noise_split(tmp_path, "train", 9, wnids=("n03", "n01", "n02"))
     samples, classes = scan_split(str(tmp_path), "train")
@@ -35,12 +53,15 @@ def test_scan_split_labels_are_sorted_wnid_positions(tmp_path):
     assert [p for p, _ in samples] == sorted(p for p, _ in samples)
 
 
-@pytest.mark.parametrize("layout, expected", [
-    ("no_root", "is not a directory"),
-    ("no_split", "does not exist"),
-    ("no_classes", "no class sub-folders"),
-    ("empty_class", "holds no images"),
-])
+@pytest.mark.parametrize(
+    "layout, expected",
+    [
+        ("no_root", "is not a directory"),
+        ("no_split", "does not exist"),
+        ("no_classes", "no class sub-folders"),
+        ("empty_class", "holds no images"),
+    ],
+)
 def test_scan_split_errors_name_the_path(tmp_path, layout, expected):
     root = tmp_path / "data"
     bad_path = root
@@ -73,6 +94,7 @@ def test_val_uses_train_class_mapping_when_a_class_is_missing(tmp_path):
 
 # ---------------------------------------------------------------- order and sharding helpers
 
+
 def test_epoch_order_depends_only_on_seed_and_epoch():
     a = epoch_permutation(1000, seed=3, epoch=5)
     assert np.array_equal(a, epoch_permutation(1000, seed=3, epoch=5))
@@ -96,14 +118,43 @@ def test_train_shards_are_disjoint_and_equal(world_size):
 def test_val_shards_cover_everything_once(n, world_size):
     bounds = [val_shard(n, r, world_size) for r in range(world_size)]
     assert bounds[0][0] == 0 and bounds[-1][1] == n
-    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
     sizes = [stop - start for start, stop in bounds]
     assert max(sizes) - min(sizes) <= 1
 
 
+@pytest.mark.parametrize("n, batch_size", [(101, 8), (50, 7), (16, 16), (5, 1)])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_epoch_batches_of_every_rank(n, batch_size, world_size):
+    """Train: floor(floor(n / world_size) / batch_size) whole batches on every rank; val: every sample in exactly
+    one batch of one rank; a resumed epoch yields exactly the batches after start_batch."""
+    if n // world_size < batch_size:
+        with pytest.raises(
+            ValueError,
+            match=rf"rank 0 of {world_size} gets {n // world_size} of the {n} training "
+            rf"samples, fewer than data\.batch_size={batch_size}",
+        ):
+            epoch_batches(n, batch_size, 0, world_size, train=True)
+    else:
+        for rank in range(world_size):
+            train = epoch_batches(n, batch_size, rank, world_size, train=True)
+            assert len(train.remaining(0)) == train.num_batches == n // world_size // batch_size
+            assert train.num_samples == train.num_batches * batch_size <= train.stop - train.start
+            assert [train.bounds(b) for b in train.remaining(0)] == [
+                (b * batch_size, (b + 1) * batch_size) for b in range(train.num_batches)
+            ]
+    seen = []
+    for rank in range(world_size):
+        val = epoch_batches(n, batch_size, rank, world_size, train=False)
+        rows = [i for b in val.remaining(0) for i in range(*val.bounds(b))]
+        assert rows == list(range(val.num_samples)) and val.num_batches == -(-val.num_samples // batch_size)
+        assert all(0 < val.bounds(b)[1] - val.bounds(b)[0] <= batch_size for b in val.remaining(0))
+        assert list(val.remaining(val.num_batches - 1)) == [val.num_batches - 1] and not val.remaining(val.num_batches)
+        seen += [val.start + i for i in rows]
+    assert seen == list(range(n))
+
+
 def test_val_geometry_matches_torchvision():
-    import torchvision.transforms as T
-    import torchvision.transforms.functional as F
     assert val_resize_size(224, 0.875) == 256 and val_resize_size(288, 1.0) == 288
     for h, w in [(427, 640), (640, 427), (300, 451), (387, 293), (500, 500), (211, 527)]:
         img = Image.new("RGB", (w, h))
@@ -117,6 +168,7 @@ def test_val_geometry_matches_torchvision():
 
 
 # ---------------------------------------------------------------- config
+
 
 def test_config_from_omegaconf_and_errors(noise_root):
     node = OmegaConf.structured(tv_cfg(noise_root))
@@ -132,9 +184,13 @@ def test_config_from_omegaconf_and_errors(noise_root):
         build_loader(tv_cfg(noise_root), "test")
     with pytest.raises(ValueError, match="fewer than data.batch_size=64"):
         build_loader(tv_cfg(noise_root, batch_size=64), "train")
+    synthetic = DataConfig(backend="synthetic", batch_size=6, synthetic_train_size=10)
+    with pytest.raises(ValueError, match=r"rank 1 of 2 gets 5 of the 10 training samples.*data\.batch_size=6"):
+        build_loader(synthetic, "train", rank=1, world_size=2)
 
 
 # ---------------------------------------------------------------- torchvision backend
+
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_torchvision_val_sharding_exactly_once(noise_root, world_size):
@@ -148,7 +204,7 @@ def test_torchvision_val_sharding_exactly_once(noise_root, world_size):
         seen += loader.paths
         seen_labels += loader.targets
     assert seen == all_paths  # each image once, and rank order gives the global order
-    assert seen_labels == [l for _, l in scan_split(str(noise_root), "val")[0]]
+    assert seen_labels == [label for _, label in scan_split(str(noise_root), "val")[0]]
 
 
 def test_torchvision_train_equal_batches_per_rank(noise_root):
@@ -173,7 +229,7 @@ def test_torchvision_resume_is_bit_exact_for_any_workers(noise_root):
 
     single = build_loader(tv_cfg(noise_root, num_workers=0), "train", seed=7, rank=1, world_size=2)
     single.set_epoch(3)
-    for (x0, y0), (x1, y1) in zip(single, full):
+    for (x0, y0), (x1, y1) in zip(single, full, strict=True):
         assert torch.equal(x0, x1) and torch.equal(y0, y1)
 
 
@@ -223,9 +279,16 @@ def test_torchvision_skips_corrupt_files(tmp_path, caplog):
 
 # ---------------------------------------------------------------- synthetic backend
 
+
 def test_synthetic_backend():
-    cfg = DataConfig(backend="synthetic", batch_size=4, img_size=16, synthetic_num_classes=10,
-                     synthetic_train_size=18, synthetic_val_size=11)
+    cfg = DataConfig(
+        backend="synthetic",
+        batch_size=4,
+        img_size=16,
+        synthetic_num_classes=10,
+        synthetic_train_size=18,
+        synthetic_val_size=11,
+    )
     train = build_loader(cfg, "train", rank=1, world_size=2, channels_last=True, dtype=torch.float16)
     assert len(train) == 2 and train.num_samples == 8 and train.num_classes == 10
     batches = list(train)
@@ -244,15 +307,13 @@ def test_synthetic_backend():
 
 
 def test_random_resized_crop_follows_torchvision():
-    import torchvision.transforms as T
-
-    from res2net.data.transforms import augmentation_draws, random_resized_crop_box
     scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
     draws = augmentation_draws(0, 0, np.arange(3000), scale, ratio, 0.5)
     ours = np.array([random_resized_crop_box(row, 300, 451) for row in draws])
     torch.manual_seed(0)
-    theirs = np.array([T.RandomResizedCrop.get_params(torch.empty(3, 300, 451), list(scale), list(ratio))
-                       for _ in range(3000)])
+    theirs = np.array(
+        [T.RandomResizedCrop.get_params(torch.empty(3, 300, 451), list(scale), list(ratio)) for _ in range(3000)]
+    )
     for boxes in (ours, theirs):
         assert (boxes[:, 0] >= 0).all() and (boxes[:, 0] + boxes[:, 2] <= 300).all()
         assert (boxes[:, 1] >= 0).all() and (boxes[:, 1] + boxes[:, 3] <= 451).all()
@@ -266,7 +327,6 @@ def test_random_resized_crop_follows_torchvision():
 
 
 def test_sample_uniforms_are_counter_based_and_uniform():
-    from res2net.data.transforms import sample_uniforms
     u = sample_uniforms(3, 1, np.arange(50000), 4)
     assert u.shape == (50000, 4) and 0 <= u.min() and u.max() < 1
     assert abs(u.mean() - 0.5) < 0.01 and abs(u.var() - 1 / 12) < 0.005
@@ -279,21 +339,24 @@ def test_sample_uniforms_are_counter_based_and_uniform():
 @pytest.mark.parametrize("img_size, crop_pct, interpolation", [(224, 0.875, "bilinear"), (97, 0.9, "bicubic")])
 def test_torchvision_backend_equals_torchvision_transforms(tmp_path, img_size, crop_pct, interpolation):
     """The reference path: our val batches are torchvision's Resize + CenterCrop + ToTensor + Normalize."""
-    import torchvision.transforms as T
     write_photo_split(tmp_path, "val", names=["coffee", "rocket_portrait", "astronaut_odd"])
     cfg = tv_cfg(tmp_path, batch_size=3, img_size=img_size, crop_pct=crop_pct, interpolation=interpolation)
     loader = build_loader(cfg, "val")
     images, _ = next(iter(loader))
     mode = T.InterpolationMode.BILINEAR if interpolation == "bilinear" else T.InterpolationMode.BICUBIC
-    reference = T.Compose([T.Resize(int(img_size / crop_pct), interpolation=mode), T.CenterCrop(img_size),
-                           T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
+    reference = T.Compose(
+        [
+            T.Resize(int(img_size / crop_pct), interpolation=mode),
+            T.CenterCrop(img_size),
+            T.ToTensor(),
+            T.Normalize(cfg.mean, cfg.std),
+        ]
+    )
     expected = torch.stack([reference(Image.open(p).convert("RGB")) for p in loader.paths])
     assert torch.allclose(images, expected, atol=1e-5)
 
 
 def test_torchvision_train_crop_equals_torchvision_resized_crop(tmp_path):
-    import torchvision.transforms.functional as F
-    from res2net.data.transforms import DRAW_FLIP, augmentation_draws, random_resized_crop_box
     write_photo_split(tmp_path, "train", names=["chelsea"], copies=8)  # identical files: any order gives the same
     cfg = tv_cfg(tmp_path, batch_size=8, img_size=56)
     loader = build_loader(cfg, "train", seed=4)
@@ -301,7 +364,7 @@ def test_torchvision_train_crop_equals_torchvision_resized_crop(tmp_path):
     images, _ = next(iter(loader))
     img = Image.open(loader._dataset.paths[0]).convert("RGB")
     draws = augmentation_draws(4, 2, np.arange(8), cfg.train_crop_scale, cfg.train_crop_ratio, cfg.hflip)
-    for row, image in zip(draws, images):
+    for row, image in zip(draws, images, strict=True):
         top, left, h, w = random_resized_crop_box(row, img.height, img.width)
         crop = F.resized_crop(img, top, left, h, w, [56, 56], F.InterpolationMode.BILINEAR)
         crop = F.hflip(crop) if row[DRAW_FLIP] else crop
@@ -311,9 +374,56 @@ def test_torchvision_train_crop_equals_torchvision_resized_crop(tmp_path):
 
 # ---------------------------------------------------------------- set_epoch contract (shared by every backend)
 
+
 @pytest.mark.parametrize("backend", ["torchvision", "synthetic"])
 def test_set_epoch_contract(noise_root, backend):
     cfg = tv_cfg(noise_root, backend=backend, synthetic_num_classes=3, synthetic_train_size=20)
     loader = build_loader(cfg, "train")
     assert len(loader) == (6 if backend == "torchvision" else 2)
     check_set_epoch_contract(loader)
+
+
+# ---------------------------------------------------------------- global RNG state (every backend)
+
+
+def global_rng_states():
+    return torch.get_rng_state(), random.getstate(), np.random.get_state()
+
+
+def assert_same_rng_states(before, after):
+    assert torch.equal(before[0], after[0]), "torch's global generator moved"
+    assert before[1] == after[1], "python's random module moved"
+    assert all(np.array_equal(a, b) for a, b in zip(before[2], after[2], strict=True)), "numpy's global RNG moved"
+
+
+@pytest.mark.parametrize(
+    "backend, num_workers", [("torchvision", 0), ("torchvision", 2), ("dali", 1), ("synthetic", 0)]
+)
+def test_loaders_leave_the_global_rngs_alone(noise_root, backend, num_workers):
+    """Creating, iterating (whole and cut-short epochs, a resumed one) and closing a loader draws nothing from
+    torch's, python's or numpy's global generators, so a training step sees the same random state after a
+    resume as in the uninterrupted run."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    cfg = tv_cfg(
+        noise_root,
+        backend=backend,
+        num_workers=num_workers,
+        synthetic_num_classes=3,
+        synthetic_train_size=50,
+        synthetic_val_size=101,
+    )
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)
+    before = global_rng_states()
+    for split in ("train", "val"):
+        loader = build_loader(cfg, split, seed=5, rank=1, world_size=2)
+        for epoch, start_batch in ((0, 0), (1, 1), (1, 0)):
+            loader.set_epoch(epoch, start_batch)
+            assert len(list(loader)) == len(loader) - start_batch
+        batches = iter(loader)
+        next(batches)  # an epoch cut short (a stop request), then a fresh iterator
+        del batches
+        loader.set_epoch(2)
+        next(iter(loader))
+        loader.close()
+    assert_same_rng_states(before, global_rng_states())

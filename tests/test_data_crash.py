@@ -1,4 +1,5 @@
 """A DataLoader worker that dies names the file it was decoding (real JPEGs, real workers, a real SIGKILL)."""
+
 import os
 import signal
 import threading
@@ -8,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_data_helpers import WNIDS, write_noise_split
 
 from res2net.data import DataConfig, build_loader
-from res2net.data.worker_watch import WorkerCrashError
-from test_data_helpers import WNIDS, write_noise_split
+from res2net.data.worker_watch import IDLE, WorkerCrashError
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
 BIG_SIDE = 6000  # PIL takes a few hundred ms to decode it: a wide window to kill the worker in
@@ -32,8 +33,9 @@ def big_path(root: Path) -> str:
 
 
 def val_loader(root: Path, num_workers: int):
-    cfg = DataConfig(root=str(root), backend="torchvision", batch_size=4, num_workers=num_workers, img_size=32,
-                     prefetch=2)
+    cfg = DataConfig(
+        root=str(root), backend="torchvision", batch_size=4, num_workers=num_workers, img_size=32, prefetch=2
+    )
     return build_loader(cfg, "val")
 
 
@@ -48,7 +50,8 @@ def wait_for(condition, what: str, timeout: float = 60.0):
 
 
 def pid_decoding(loader, path: str):
-    return next((pid for pid, file in loader.worker_table.decoding() if file == path and pid > 0), None)
+    index = loader.paths.index(path)  # world size 1: the position in the val order is the sample index
+    return next((pid for pid, busy in loader.worker_table.snapshot() if busy == index and pid > 0), None)
 
 
 def wait_for_the_error(timeout: float = 30.0):
@@ -96,8 +99,9 @@ def test_killed_worker_names_its_file_while_main_is_elsewhere(root):
             wait_for_the_error()
     finally:
         loader.close()
-    assert f"DataLoader worker 0 (pid {pid}, killed by signal SIGKILL) died while decoding {big_path(root)}" \
-        in str(info.value)
+    assert f"DataLoader worker 0 (pid {pid}, killed by signal SIGKILL) died while decoding {big_path(root)}" in str(
+        info.value
+    )
 
 
 def test_worker_killed_while_idle_says_so(tmp_path):
@@ -105,8 +109,10 @@ def test_worker_killed_while_idle_says_so(tmp_path):
     loader = val_loader(tmp_path, 1)
     assert len(list(loader)) == 2  # the epoch is over: the persistent worker waits for the next one
     try:
-        pid = wait_for(lambda: next((p for p, file in loader.worker_table.decoding() if p > 0 and file is None),
-                                    None), "the worker to be idle")
+        pid = wait_for(
+            lambda: next((p for p, busy in loader.worker_table.snapshot() if p > 0 and busy == IDLE), None),
+            "the worker to be idle",
+        )
         with pytest.raises(WorkerCrashError) as info:
             os.kill(pid, signal.SIGKILL)
             wait_for_the_error()

@@ -1,15 +1,28 @@
 """DALI backend in CPU-only mode (device_id=None): parity with PIL on real photographs, train statistics,
 order / resume / sharding, errors. Only the 'mixed' (GPU) decoding test needs CUDA."""
+
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from PIL import Image
+from test_data_helpers import (
+    check_set_epoch_contract,
+    check_train_statistics,
+    colour_ids,
+    grey_level_diff,
+    write_colour_split,
+    write_noise_split,
+    write_photo_split,
+)
 
-from res2net.data import DataConfig, build_loader, scan_split
-from test_data_helpers import (check_set_epoch_contract, check_train_statistics, colour_ids, grey_level_diff,
-                               write_colour_split, write_noise_split, write_photo_split)
+from res2net.config import register_configs
+from res2net.data import DataConfig, as_data_config, build_loader, scan_split
+from res2net.data.index import train_positions
+from res2net.data.transforms import DRAW_FLIP, augmentation_draws, random_resized_crop_box
 
 pytest.importorskip("nvidia.dali")
 MEAN, STD = DataConfig().mean, DataConfig().std
@@ -28,14 +41,27 @@ def photo_root(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("img_size, crop_pct, interpolation", [
-    (224, 0.875, "bilinear"), (288, 1.0, "bilinear"), (160, 0.95, "bilinear"), (97, 0.9, "bilinear"),
-    (224, 0.875, "bicubic"),
-])
+@pytest.mark.parametrize(
+    "img_size, crop_pct, interpolation",
+    [
+        (224, 0.875, "bilinear"),
+        (288, 1.0, "bilinear"),
+        (160, 0.95, "bilinear"),
+        (97, 0.9, "bilinear"),
+        (224, 0.875, "bicubic"),
+    ],
+)
 def test_val_parity_with_pil_on_photographs(photo_root, img_size, crop_pct, interpolation):
     def batch(backend):
-        cfg = cfg_for(photo_root, backend, batch_size=16, img_size=img_size, crop_pct=crop_pct,
-                      interpolation=interpolation, num_workers=0 if backend == "torchvision" else 1)
+        cfg = cfg_for(
+            photo_root,
+            backend,
+            batch_size=16,
+            img_size=img_size,
+            crop_pct=crop_pct,
+            interpolation=interpolation,
+            num_workers=0 if backend == "torchvision" else 1,
+        )
         loader = build_loader(cfg, "val")
         images, labels = next(iter(loader))
         return images, labels, loader.paths
@@ -46,7 +72,7 @@ def test_val_parity_with_pil_on_photographs(photo_root, img_size, crop_pct, inte
     assert torch.equal(pil_labels, dali_labels)
     assert dali_images.shape == pil_images.shape == (8, 3, img_size, img_size)
     diffs = grey_level_diff(dali_images, pil_images, STD)
-    assert (diffs < 0.5).all(), dict(zip((Path(p).name for p in pil_paths), diffs.round(3)))
+    assert (diffs < 0.5).all(), dict(zip((Path(p).name for p in pil_paths), diffs.round(3), strict=True))
 
 
 def test_cmyk_grayscale_and_png_named_jpeg_decode_like_pil(tmp_path):
@@ -56,8 +82,10 @@ def test_cmyk_grayscale_and_png_named_jpeg_decode_like_pil(tmp_path):
     Image.fromarray(rgb).convert("CMYK").save(folder / "a_cmyk.JPEG", "JPEG")
     Image.fromarray(rgb).save(folder / "b_png.JPEG", "PNG")
     Image.fromarray(rgb[..., 0]).save(folder / "c_gray.JPEG", "JPEG")
-    batches = [next(iter(build_loader(cfg_for(tmp_path, backend, num_workers=1, crop_pct=1.0), "val")))[0]
-               for backend in ("torchvision", "dali")]
+    batches = [
+        next(iter(build_loader(cfg_for(tmp_path, backend, num_workers=1, crop_pct=1.0), "val")))[0]
+        for backend in ("torchvision", "dali")
+    ]
     assert (grey_level_diff(*batches, STD) < 0.5).all()
 
 
@@ -117,7 +145,7 @@ def test_train_augmentation_matches_torchvision_and_resume_is_exact(tmp_path):
     assert torch.equal(tail[0][0], full[2][0]) and torch.equal(tail[0][1], full[2][1])  # bit-exact resume
     single_thread = build_loader(cfg_for(tmp_path, img_size=48, num_workers=1), "train", seed=9)
     single_thread.set_epoch(4)
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(single_thread, full))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(single_thread, full, strict=True))
 
     tv = build_loader(cfg_for(tmp_path, "torchvision", img_size=48, num_workers=0), "train", seed=9)
     tv.set_epoch(4)
@@ -179,8 +207,9 @@ def test_mixed_decoding_matches_cpu_path(photo_root, tmp_path):
     assert torch.equal(gpu_labels.cpu(), cpu_labels)
     assert (grey_level_diff(gpu_images, cpu_images, STD) < 0.5).all()
     # The same graph on the CPU (data.dali_resize=graph, what the CPU tests check): only the decoders differ.
-    cpu_graph = next(iter(build_loader(cfg_for(photo_root, batch_size=16, img_size=224, dali_resize="graph"),
-                                       "val")))[0]
+    cpu_graph = next(iter(build_loader(cfg_for(photo_root, batch_size=16, img_size=224, dali_resize="graph"), "val")))[
+        0
+    ]
     assert (grey_level_diff(gpu_images, cpu_graph, STD) < 0.5).all()
     with pytest.raises(ValueError, match=r"data\.dali_resize='torch'.*'mixed' decoding"):
         build_loader(cfg_for(photo_root, dali_resize="torch"), "val", device=cuda)  # auto decoding -> 'mixed'
@@ -193,8 +222,13 @@ def test_mixed_decoding_matches_cpu_path(photo_root, tmp_path):
     cpu_train, cpu_labels = next(iter(build_loader(train_cfg, "train", seed=2)))
     assert torch.equal(labels.cpu(), cpu_labels)
     assert (grey_level_diff(images.float(), cpu_train, STD) < 1.0).all()  # same crops and flips on the GPU
-    cpu_graph_train = build_loader(cfg_for(tmp_path, batch_size=16, img_size=64, dali_resize="graph"), "train",
-                                   seed=2, channels_last=True, dtype=torch.float16)
+    cpu_graph_train = build_loader(
+        cfg_for(tmp_path, batch_size=16, img_size=64, dali_resize="graph"),
+        "train",
+        seed=2,
+        channels_last=True,
+        dtype=torch.float16,
+    )
     assert (grey_level_diff(images.float(), next(iter(cpu_graph_train))[0].float(), STD) < 1.0).all()
 
 
@@ -202,25 +236,20 @@ def test_train_boxes_are_torchvisions_from_the_file_header(tmp_path):
     """The graph decodes exactly the box transforms.random_resized_crop_box (the torchvision backend's function)
     picks for the file's PIL size and the position's draws, for every batch, also past the end of the epoch (the
     pipeline prefetches across it) and after a resume."""
-    from types import SimpleNamespace
-
-    from res2net.data.index import train_positions
-    from res2net.data.transforms import DRAW_FLIP, augmentation_draws, random_resized_crop_box
-
     photos = write_photo_split(tmp_path, "train", copies=2, shrink=3)
     Image.open(photos[0][0]).save(photos[0][0], "PNG")  # a PNG named .JPEG: its size comes from PIL
     cfg = cfg_for(tmp_path, batch_size=4, train_crop_scale=[0.05, 1.0], train_crop_ratio=[0.2, 5.0])
     loader = build_loader(cfg, "train", seed=4, rank=1, world_size=2)
     assert sum(len(x) for x, _ in loader) == len(loader) * 4
     loader.set_epoch(3)
-    indices = loader.epoch_indices(3)
-    _, first = train_positions(len(loader._paths), 1, 2, 4, 3)
+    indices, positions = loader.epoch_positions(3)
+    assert np.array_equal(positions, train_positions(len(loader._paths), 1, 2, 4, 3)[1][: len(indices)])
     for start in (0, 1):
-        source = loader._boxes_source(indices[start * 4:], start)
+        source = loader._boxes_source(indices[start * 4 :], positions[start * 4 :])
         n = len(indices) - start * 4
         for it in range(len(loader) - start + 2):
             anchors, shapes, flips = source(SimpleNamespace(iteration=it))
-            pos = first + (start + it) * 4 + np.arange(4)
+            pos = positions[start * 4 + (it * 4 + np.arange(4)) % n]
             draws = augmentation_draws(4, 3, pos, cfg.train_crop_scale, cfg.train_crop_ratio, cfg.hflip)
             for j in range(4):
                 with Image.open(loader._paths[indices[start * 4 + (it * 4 + j) % n]]) as img:
@@ -258,14 +287,14 @@ def test_train_unreadable_file_error_names_it(tmp_path):
         list(loader)
 
 
-@pytest.mark.parametrize("channels_last, dtype", [(True, torch.float32), (False, torch.bfloat16),
-                                                  (True, torch.float16)])
+@pytest.mark.parametrize(
+    "channels_last, dtype", [(True, torch.float32), (False, torch.bfloat16), (True, torch.float16)]
+)
 def test_train_output_layout_and_dtype(tmp_path, channels_last, dtype):
     """Normalization happens in the graph; layout and dtype follow the request, values those of float32 NCHW."""
     write_photo_split(tmp_path, "train", names=["coffee"], copies=8, shrink=4)
     reference = next(iter(build_loader(cfg_for(tmp_path), "train", seed=2)))[0]
-    images = next(iter(build_loader(cfg_for(tmp_path), "train", seed=2, channels_last=channels_last,
-                                    dtype=dtype)))[0]
+    images = next(iter(build_loader(cfg_for(tmp_path), "train", seed=2, channels_last=channels_last, dtype=dtype)))[0]
     assert images.dtype == dtype and images.shape == reference.shape
     assert images.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     assert torch.allclose(images.float(), reference, atol=0.02 if dtype != torch.float32 else 0.0)
@@ -280,11 +309,16 @@ def test_set_epoch_contract(noise_root):
 # data.dali_resize=graph on the CPU: the graph the GPU runs ('mixed' decoding), built by the same functions
 # (_train_graph / _val_graph / _normalize_graph), only decoded by libjpeg-turbo and placed on the CPU.
 
+
 def test_graph_path_val_parity_with_pil_on_photographs(photo_root):
     """fn.resize with the val roi + crop_mirror_normalize: within DALI's resize tolerance of PIL for several
     (img_size, crop_pct, interpolation); channels_last + float16 give the same values in that layout and type."""
-    for img_size, crop_pct, interpolation in ((224, 0.875, "bilinear"), (160, 0.95, "bilinear"),
-                                              (97, 0.9, "bilinear"), (288, 1.0, "bicubic")):
+    for img_size, crop_pct, interpolation in (
+        (224, 0.875, "bilinear"),
+        (160, 0.95, "bilinear"),
+        (97, 0.9, "bilinear"),
+        (288, 1.0, "bicubic"),
+    ):
         size_kw = dict(batch_size=16, img_size=img_size, crop_pct=crop_pct, interpolation=interpolation)
         tv = build_loader(cfg_for(photo_root, "torchvision", num_workers=0, **size_kw), "val")
         graph = build_loader(cfg_for(photo_root, dali_resize="graph", **size_kw), "val")
@@ -292,12 +326,14 @@ def test_graph_path_val_parity_with_pil_on_photographs(photo_root):
         (pil_images, pil_labels), (images, labels) = next(iter(tv)), next(iter(graph))
         assert torch.equal(labels, pil_labels) and images.shape == pil_images.shape == (8, 3, img_size, img_size)
         diffs = grey_level_diff(images, pil_images, STD)
-        assert (diffs < 0.5).all(), (img_size, crop_pct, dict(zip((Path(p).name for p in tv.paths), diffs.round(3))))
+        names = [Path(p).name for p in tv.paths]
+        assert (diffs < 0.5).all(), (img_size, crop_pct, dict(zip(names, diffs.round(3), strict=True)))
         if img_size == 224:
             torch_path = next(iter(build_loader(cfg_for(photo_root, **size_kw), "val")))[0]
             assert not torch.equal(images, torch_path)  # DALI's resize ran, not torch's
-            half = build_loader(cfg_for(photo_root, dali_resize="graph", **size_kw), "val", channels_last=True,
-                                dtype=torch.float16)
+            half = build_loader(
+                cfg_for(photo_root, dali_resize="graph", **size_kw), "val", channels_last=True, dtype=torch.float16
+            )
             assert half._graph_dtype()[1] == torch.float16  # crop_mirror_normalize writes float16 on the CPU too
             half_images = next(iter(half))[0]
             assert half_images.dtype == torch.float16 and half_images.is_contiguous(memory_format=torch.channels_last)
@@ -314,7 +350,7 @@ def test_graph_path_train_matches_torchvision_resumes_exactly_and_follows_layout
     dali.set_epoch(4, start_batch=1)
     tail = list(dali)
     assert len(full) == 3 and len(tail) == 2
-    for (xa, ya), (xb, yb) in zip(tail, full[1:]):
+    for (xa, ya), (xb, yb) in zip(tail, full[1:], strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)  # bit-exact resume
 
     tv = build_loader(cfg_for(tmp_path, "torchvision", img_size=48, num_workers=0), "train", seed=9)
@@ -354,15 +390,10 @@ def test_dali_resize_choices_are_validated(noise_root):
 
 
 def test_dali_resize_composes_from_the_command_line():
-    from hydra import compose, initialize_config_dir
-
-    from res2net.config import register_configs
-    from res2net.data import as_data_config
-
     register_configs()
     configs = Path(__file__).resolve().parents[1] / "configs"
     with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
-        default = compose(config_name="config")
-        graph = compose(config_name="config", overrides=["data.dali_resize=graph"])
+        default = compose(config_name="train")
+        graph = compose(config_name="train", overrides=["data.dali_resize=graph"])
     assert as_data_config(default.data).dali_resize == "auto"
     assert as_data_config(graph.data).dali_resize == "graph"

@@ -1,5 +1,6 @@
 """Both backends under a real `torchrun --nproc_per_node=2` with gloo: val covers every image exactly once over
 the ranks, train shards are disjoint and equally long."""
+
 import json
 import os
 import subprocess
@@ -8,7 +9,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from test_data_helpers import write_colour_split
 
 pytest.importorskip("nvidia.dali")
@@ -54,8 +54,22 @@ def test_torchrun_two_ranks_gloo(tmp_path):
     script.write_text(WORKER)
     repo, tests = Path(__file__).resolve().parents[1], Path(__file__).resolve().parent
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(repo), str(tests)]))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(root), str(out)], env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(root),
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     for backend in ("torchvision", "dali"):

@@ -1,5 +1,6 @@
 """The `make demo` path: the digits data set, the demo experiment config, and a shortened real run of scripts/demo.py
 (real train.py, data pipeline, checkpoints, TensorBoard events, evaluate.py) that clearly beats chance."""
+
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
+from sklearn.datasets import load_digits
 
 import res2net
 from res2net.config import register_configs
@@ -22,14 +24,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_config_composes():
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["experiment=demo"])
+        cfg = compose(config_name="train", overrides=["experiment=demo"])
     assert cfg.model.name == "res2net50_26w_4s" and list(cfg.model.layers) == [1, 1, 1, 1]
     assert cfg.data.backend == "torchvision" and cfg.data.root == "data/demo" and cfg.data.img_size == 32
     assert list(cfg.data.train_crop_scale) == [0.6, 1.0] and cfg.data.hflip == 0.0
     assert cfg.schedule.name.value == "cosine" and cfg.schedule.epochs == 15 and cfg.schedule.warmup_epochs == 3
     assert cfg.optim.lr * 64 / cfg.optim.base_batch == pytest.approx(0.1)  # lr 0.1 at batch 64
-    model = res2net.create_model(cfg.model.name, num_classes=10, layers=cfg.model.layers,
-                                 base_width=cfg.model.base_width, scale=cfg.model.scale)
+    model = res2net.create_model(
+        cfg.model.name, num_classes=10, layers=cfg.model.layers, base_width=cfg.model.base_width, scale=cfg.model.scale
+    )
     assert sum(p.numel() for p in model.parameters()) < 5e6
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
@@ -57,7 +60,6 @@ def test_demo_dataset_stratified_and_idempotent(tmp_path):
 
 
 def test_full_demo_split_is_stratified(tmp_path):
-    from sklearn.datasets import load_digits
     targets = load_digits().target
     root = make_demo_dataset(tmp_path / "demo")
     counts = json.loads((root / MANIFEST).read_text())["counts"]
@@ -71,10 +73,28 @@ def test_short_demo_run_beats_chance(tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "scripts/demo.py", "--data", str(tmp_path / "digits"), "--run-dir", str(run_dir),
-         "--per-class", "100", "--min-top1", "50", "schedule.epochs=4", "schedule.warmup_epochs=1",
-         "data.batch_size=32", "optim.base_batch=32"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "scripts/demo.py",
+            "--data",
+            str(tmp_path / "digits"),
+            "--run-dir",
+            str(run_dir),
+            "--per-class",
+            "100",
+            "--min-top1",
+            "50",
+            "schedule.epochs=4",
+            "schedule.warmup_epochs=1",
+            "data.batch_size=32",
+            "optim.base_batch=32",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     assert results["count"] == 200 and results["top1"] >= 50.0  # chance is 10%

@@ -1,15 +1,16 @@
 """Optimizer, lr schedules, EMA, run-time checks of the training engine."""
+
 import pytest
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from res2net.config import OptimConfig, ScheduleConfig, TrainConfig
+from res2net.config import OptimConfig, ScheduleConfig, TrainConfig, check_train_config
 from res2net.engine.distributed import DistInfo
 from res2net.engine.ema import ModelEma
 from res2net.engine.optim import build_optimizer, param_groups, scaled_lr
-from res2net.engine.schedule import build_scheduler
-from res2net.engine.trainer import _check_runtime
+from res2net.engine.schedule import learning_rate, set_lr
+from res2net.engine.train_job import _check_machine
 
 STEPS_PER_EPOCH = 7
 
@@ -19,15 +20,15 @@ def _net():
 
 
 def _lrs(schedule: ScheduleConfig, global_batch=256, epochs=None, optim=None):
-    """lr of every step, as the optimizer sees it when the step runs."""
+    """lr of every step, as the optimizer sees it when the step runs (set from the global step before it)."""
     schedule = OmegaConf.structured(schedule)
     optimizer = build_optimizer(_net(), OmegaConf.structured(optim or OptimConfig()), global_batch)
-    scheduler = build_scheduler(optimizer, schedule, STEPS_PER_EPOCH)
+    base_lr = optimizer.param_groups[0]["lr"]
     lrs = []
-    for _ in range((epochs or schedule.epochs) * STEPS_PER_EPOCH):
+    for step in range((epochs or schedule.epochs) * STEPS_PER_EPOCH):
+        set_lr(optimizer, learning_rate(step, STEPS_PER_EPOCH, schedule, base_lr))
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
-        scheduler.step()
     return lrs
 
 
@@ -49,8 +50,8 @@ def test_cosine_with_warmup():
     lrs = _lrs(ScheduleConfig(name="cosine", epochs=10, warmup_epochs=2, min_lr=0.001))
     warmup = 2 * STEPS_PER_EPOCH
     assert lrs[0] == pytest.approx(0.1 / warmup)
-    assert all(a < b for a, b in zip(lrs[:warmup - 1], lrs[1:warmup]))  # rises during warm-up
-    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))  # then only decays
+    assert all(a < b for a, b in zip(lrs[: warmup - 1], lrs[1:warmup]))  # rises during warm-up
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1 :]))  # then only decays
     mid = 5 * STEPS_PER_EPOCH
     assert lrs[mid] == pytest.approx(0.001 + 0.099 * 0.5)
     assert lrs[-1] == pytest.approx(0.001, abs=2e-4)
@@ -64,11 +65,13 @@ def test_warmup_then_step():
 
 
 def test_bad_schedule_values_are_refused():
-    optimizer = torch.optim.SGD(_net().parameters(), lr=0.1)
+    cfg = OmegaConf.structured(TrainConfig)
+    cfg.schedule.milestones = [60, 30]
     with pytest.raises(ValueError, match="milestones"):
-        build_scheduler(optimizer, OmegaConf.structured(ScheduleConfig(milestones=[60, 30])), 10)
-    with pytest.raises(ValueError, match="at least one"):
-        build_scheduler(optimizer, OmegaConf.structured(ScheduleConfig()), 0)
+        check_train_config(cfg)
+    cfg.schedule.milestones, cfg.schedule.epochs = [30], 0
+    with pytest.raises(ValueError, match="schedule.epochs=0"):
+        check_train_config(cfg)
 
 
 def test_sgd_settings_and_weight_decay_groups():
@@ -103,14 +106,17 @@ def test_sync_bn_without_cuda_is_a_clear_error():
     cfg = OmegaConf.structured(TrainConfig)
     cfg.trainer.sync_bn = True
     with pytest.raises(ValueError, match="sync_bn=true needs CUDA"):
-        _check_runtime(cfg, DistInfo(device=torch.device("cpu")))
+        _check_machine(cfg, DistInfo(device=torch.device("cpu")))
 
 
 def test_nonsense_trainer_values_are_refused():
     cfg = OmegaConf.structured(TrainConfig)
     cfg.trainer.log_interval = 0
     with pytest.raises(ValueError, match="log_interval=0"):
-        _check_runtime(cfg, DistInfo())
-    cfg.trainer.log_interval, cfg.label_smoothing = 10, 1.5
-    with pytest.raises(ValueError, match="label_smoothing"):
-        _check_runtime(cfg, DistInfo())
+        check_train_config(cfg)
+    cfg.trainer.log_interval, cfg.loss.label_smoothing = 10, 1.5
+    with pytest.raises(ValueError, match="loss.label_smoothing=1.5 must be in"):
+        check_train_config(cfg)
+    cfg.loss.label_smoothing, cfg.label_smoothing = 0.0, 0.1  # the old top-level key names its new place
+    with pytest.raises(ValueError, match="moved to loss.label_smoothing; write loss.label_smoothing=0.1"):
+        check_train_config(cfg)

@@ -1,4 +1,5 @@
 """DDP through the engine's set-up (torchrun, gloo, 2 CPU processes) gives one process's gradients."""
+
 import os
 import subprocess
 import sys
@@ -44,8 +45,13 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
     script.write_text(textwrap.dedent(WORKER))
     out = tmp_path / "grads.pth"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(out)], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     grads = torch.load(out, weights_only=True)
     assert grads["ddp"].keys() == grads["single"].keys() and len(grads["ddp"]) > 50

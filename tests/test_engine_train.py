@@ -1,4 +1,5 @@
 """res2net.engine.train in-process on synthetic data: each trainer knob has its effect."""
+
 import json
 from pathlib import Path
 
@@ -8,9 +9,8 @@ from hydra import compose, initialize_config_dir
 
 import res2net
 from res2net.config import register_configs
-from res2net.engine.checkpoint import unwrap_model
-from res2net.engine.distributed import DistInfo, wrap_model
-from res2net.engine.trainer import train
+from res2net.engine.distributed import DistInfo, unwrap_model, wrap_model
+from res2net.engine.train_job import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -18,20 +18,29 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def _cfg(*overrides):
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(config_name="config", overrides=["experiment=debug", "data.synthetic_train_size=32",
-                                                        "data.synthetic_val_size=16", *overrides])
+        return compose(
+            config_name="train",
+            overrides=["experiment=debug", "data.synthetic_train_size=32", "data.synthetic_val_size=16", *overrides],
+        )
 
 
 def _initial_weights(cfg):
     torch.manual_seed(cfg.trainer.seed)
-    return res2net.create_model(cfg.model.name, num_classes=cfg.data.synthetic_num_classes,
-                                layers=list(cfg.model.layers), base_width=cfg.model.base_width,
-                                zero_init_last=cfg.model.zero_init_last).state_dict()
+    return res2net.create_model(
+        cfg.model.name,
+        num_classes=cfg.data.synthetic_num_classes,
+        layers=list(cfg.model.layers),
+        base_width=cfg.model.base_width,
+        zero_init_last=cfg.model.zero_init_last,
+    ).state_dict()
 
 
 def _max_change(ckpt, initial):
-    return max((ckpt["model"][k].float() - v.float()).abs().max().item() for k, v in initial.items()
-               if v.is_floating_point() and "running" not in k)
+    return max(
+        (ckpt["model"][k].float() - v.float()).abs().max().item()
+        for k, v in initial.items()
+        if v.is_floating_point() and "running" not in k
+    )
 
 
 def _records(run_dir, kind):
@@ -49,16 +58,25 @@ def test_debug_experiment_trains_and_writes_the_run_dir(tmp_path):
 
 
 def test_knobs_bf16_channels_last_ema_label_smoothing_no_decay(tmp_path):
-    cfg = _cfg("trainer.amp=bf16", "trainer.channels_last=true", "trainer.ema_decay=0.5", "label_smoothing=0.1",
-               "optim.no_decay_norm_bias=true", "schedule.warmup_epochs=1", "trainer.save_every_steps=3",
-               "trainer.keep_last=1", "trainer.max_steps=6", "trainer.log_interval=1")
+    cfg = _cfg(
+        "trainer.amp=bf16",
+        "trainer.channels_last=true",
+        "trainer.ema_decay=0.5",
+        "loss.label_smoothing=0.1",
+        "optim.no_decay_norm_bias=true",
+        "schedule.warmup_epochs=1",
+        "trainer.save_every_steps=3",
+        "trainer.keep_last=1",
+        "trainer.max_steps=6",
+        "trainer.log_interval=1",
+    )
     result = train(cfg, tmp_path)
     assert result.status == "max_steps" and (result.epoch, result.step_in_epoch) == (1, 2)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.pth", weights_only=True)
     assert ckpt["model"]["conv1.weight"].is_contiguous(memory_format=torch.channels_last)
     assert ckpt["ema"] is not None and not torch.equal(ckpt["ema"]["fc.weight"], ckpt["model"]["fc.weight"])
     assert [g["weight_decay"] for g in ckpt["optimizer"]["param_groups"]] == [1e-4, 0.0]
-    assert ckpt["config"]["label_smoothing"] == 0.1 and ckpt["config"]["trainer"]["amp"] == "bf16"
+    assert ckpt["config"]["loss"]["label_smoothing"] == 0.1 and ckpt["config"]["trainer"]["amp"] == "bf16"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best.pth", "epoch_0001.pth", "last.pth"]
     epochs = _records(tmp_path, "epoch")
     assert {"val_top1_ema", "val_top5_ema", "val_loss_ema"} <= epochs[0].keys()
@@ -117,8 +135,10 @@ def test_wrap_model_compile_keeps_plain_state_dict_keys():
 
 
 def test_save_every_epochs_writes_every_nth_epoch_and_the_last(tmp_path):
-    result = train(_cfg("schedule.epochs=3", "trainer.save_every_epochs=2", "trainer.keep_last=5",
-                        "data.synthetic_train_size=16"), tmp_path)
+    result = train(
+        _cfg("schedule.epochs=3", "trainer.save_every_epochs=2", "trainer.keep_last=5", "data.synthetic_train_size=16"),
+        tmp_path,
+    )
     assert result.status == "finished"
     history = sorted(p.name for p in (tmp_path / "checkpoints").glob("epoch_*.pth"))
     assert history == ["epoch_0002.pth", "epoch_0003.pth"]  # every 2nd epoch and the last

@@ -1,6 +1,7 @@
 """`make eval` logic (scripts/eval_released.py) on a local folder with checkpoints made here and served by a real HTTP
 server on 127.0.0.1: download into the cache, the table (printed, Markdown, CSV), the tolerance exit code, and the
 DALI path's delta to the torchvision reference."""
+
 import csv
 import functools
 import hashlib
@@ -77,15 +78,33 @@ def env(tmp_path, monkeypatch, server):
 
 
 def _zoo(path, files, published):
-    table = {name: {"file": files[name], "top1": published[name][0], "top5": published[name][1],
-                    "overrides": TINY} for name in MODELS}
+    table = {
+        name: {"file": files[name], "top1": published[name][0], "top5": published[name][1], "overrides": TINY}
+        for name in MODELS
+    }
     path.write_text(json.dumps(table))
     return path
 
 
 def _run(folder, zoo, out_dir, *extra):
-    return eval_released.main(["--data", str(folder), "--published", str(zoo), "--out-dir", str(out_dir),
-                               "--img-size", "32", "--batch-size", "4", "--workers", "1", "--no-progress", *extra])
+    return eval_released.main(
+        [
+            "--data",
+            str(folder),
+            "--published",
+            str(zoo),
+            "--out-dir",
+            str(out_dir),
+            "--img-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--workers",
+            "1",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def _csv(out_dir, backend="torchvision"):
@@ -112,8 +131,9 @@ def test_table_download_and_tolerance_exit_code(env, folder, server, capsys):
         assert results["count"] == 15 and results["top1"] == top1[m]
 
     # 2) published = measured (4s) and measured + 0.25 (8s, tolerance 0.3): passes, deltas in the table
-    zoo = _zoo(env / "zoo.json", files, {MODELS[0]: (top1[MODELS[0]], 100.0),
-                                        MODELS[1]: (top1[MODELS[1]] + 0.25, 100.0)})
+    zoo = _zoo(
+        env / "zoo.json", files, {MODELS[0]: (top1[MODELS[0]], 100.0), MODELS[1]: (top1[MODELS[1]] + 0.25, 100.0)}
+    )
     assert _run(folder, zoo, out) == 0
     rows = _csv(out)
     assert float(rows[MODELS[0]]["delta_top1"]) == 0.0 and rows[MODELS[0]]["status"] == "ok"
@@ -123,8 +143,9 @@ def test_table_download_and_tolerance_exit_code(env, folder, server, capsys):
 
     # 3) 0.25 off for the 4s model (tolerance 0.1): exit code 1, the row says FAIL and stderr names the model
     capsys.readouterr()
-    zoo = _zoo(env / "zoo.json", files, {MODELS[0]: (top1[MODELS[0]] - 0.25, 100.0),
-                                        MODELS[1]: (top1[MODELS[1]], 100.0)})
+    zoo = _zoo(
+        env / "zoo.json", files, {MODELS[0]: (top1[MODELS[0]] - 0.25, 100.0), MODELS[1]: (top1[MODELS[1]], 100.0)}
+    )
     assert _run(folder, zoo, out) == 1
     assert _csv(out)[MODELS[0]]["status"] == "FAIL" and _csv(out)[MODELS[1]]["status"] == "ok"
     assert "res2net50_26w_4s (tolerance 0.1)" in capsys.readouterr().err
@@ -156,6 +177,9 @@ def test_errors_name_the_choices(env, folder, server, capsys):
 
 def test_released_table_defaults():
     entries = eval_released.released_entries()
-    assert set(entries) == set(res2net.models.pretrained.RELEASED)
+    assert set(entries) == set(res2net.models.RELEASED)
     assert entries["res2net50_26w_8s"].tolerance == 0.3 and entries["res2net50_26w_4s"].tolerance == 0.1
     assert entries["res2net50_26w_4s"].top1 == pytest.approx(77.994)
+    assert entries["res2net50_26w_4s"].file == "res2net50_26w_4s-06e79181.pth"
+    # --tolerance replaces every model's own
+    assert {e.tolerance for e in eval_released.released_entries(0.5).values()} == {0.5}

@@ -1,5 +1,7 @@
 """evaluate.py end to end on real JPEGs: results.json / predictions.csv, and a real 2-process torchrun run that
-counts each of 101 images once and matches world size 1 exactly, with both backends (torchvision and DALI on CPU)."""
+counts each of 101 images once and matches world size 1 exactly, with both backends (torchvision and DALI on CPU);
+ReaL labels against a hand count at world size 1 and 2."""
+
 import csv
 import json
 import os
@@ -10,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from eval_set_helpers import tiny_1k_checkpoint, write_imagenet_val
 from PIL import Image
 
 import res2net
@@ -47,13 +50,31 @@ def checkpoint(tmp_path_factory):
 
 
 def _evaluate(out_dir, folder, checkpoint, *overrides, nproc=1):
-    launcher = [sys.executable, "evaluate.py"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "evaluate.py"]
+    launcher = (
+        [sys.executable, "evaluate.py"]
+        if nproc == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "evaluate.py"]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [*launcher, f"checkpoint={checkpoint}", "data=folder", f"data.root={folder}", "data.img_size=32",
-         "data.batch_size=16", "data.num_workers=1", "progress=false", f"hydra.run.dir={out_dir}", *overrides],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        [
+            *launcher,
+            f"checkpoint={checkpoint}",
+            "data=folder",
+            f"data.root={folder}",
+            "data.img_size=32",
+            "data.batch_size=16",
+            "data.num_workers=1",
+            "progress=false",
+            f"hydra.run.dir={out_dir}",
+            *overrides,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((Path(out_dir) / "results.json").read_text()), proc
 
@@ -80,8 +101,20 @@ def test_results_json_and_predictions_csv(tmp_path, folder, checkpoint):
     assert "top-1" in proc.stderr + proc.stdout
     rows = _predictions(tmp_path / "run")
     assert len(rows) == NUM_IMAGES
-    assert list(rows[0]) == ["path", "target", "top1", "top2", "top3", "top4", "top5", "prob1", "prob2", "prob3",
-                             "prob4", "prob5"]
+    assert list(rows[0]) == [
+        "path",
+        "target",
+        "top1",
+        "top2",
+        "top3",
+        "top4",
+        "top5",
+        "prob1",
+        "prob2",
+        "prob3",
+        "prob4",
+        "prob5",
+    ]
     assert rows[0]["path"].endswith("val/ant/000.jpg") and rows[-1]["path"].endswith("val/cat/098.jpg")
     assert rows[-1]["top4"] == ""  # only 3 classes: fewer than 5 predictions per image
     top1_hits = sum(int(r["top1"]) == int(r["target"]) for r in rows)
@@ -101,21 +134,38 @@ def test_use_ema_and_published_line(tmp_path, folder, checkpoint):
 
 
 def test_bad_checkpoint_path_is_a_clear_error(tmp_path, folder):
-    proc = subprocess.run([sys.executable, "evaluate.py", f"checkpoint={tmp_path}/nope.pth", "data=folder",
-                           f"data.root={folder}", f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "evaluate.py",
+            f"checkpoint={tmp_path}/nope.pth",
+            "data=folder",
+            f"data.root={folder}",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "nope.pth" in proc.stderr and "checkpoint=released" in proc.stderr
     # a misspelt key fails at composition, before any data is read
-    proc = subprocess.run([sys.executable, "evaluate.py", "chekpoint=released", f"hydra.run.dir={tmp_path}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "evaluate.py", "chekpoint=released", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "chekpoint" in proc.stderr
 
 
 @pytest.mark.parametrize("backend", ["torchvision", "dali"])
 def test_torchrun_two_processes_equal_world_size_one(tmp_path, folder, checkpoint, backend):
     one, _ = _evaluate(tmp_path / "ws1", folder, checkpoint, f"data.backend={backend}", "save_predictions=true")
-    two, _ = _evaluate(tmp_path / "ws2", folder, checkpoint, f"data.backend={backend}", "save_predictions=true",
-                       nproc=2)
+    two, _ = _evaluate(
+        tmp_path / "ws2", folder, checkpoint, f"data.backend={backend}", "save_predictions=true", nproc=2
+    )
     assert one["count"] == two["count"] == NUM_IMAGES and two["world_size"] == 2
     assert (two["top1"], two["top5"]) == (one["top1"], one["top5"])
     assert two["per_class_count"] == one["per_class_count"]
@@ -126,3 +176,51 @@ def test_torchrun_two_processes_equal_world_size_one(tmp_path, folder, checkpoin
     for r1, r2 in zip(p1, p2):
         assert float(r2["prob1"]) == pytest.approx(float(r1["prob1"]), abs=1e-5)
     assert not any(Path(tmp_path).glob("ws2/*/results.json"))  # one output directory for both ranks
+
+
+@pytest.fixture(scope="module")
+def val_1k(tmp_path_factory):
+    """A 1,000-class checkpoint and <root>/val/<wnid>/ILSVRC2012_val_<n>.JPEG: 15 photographs in 3 classes."""
+    root = tmp_path_factory.mktemp("val1k")
+    write_imagenet_val(root, per_class=5)
+    return root, tiny_1k_checkpoint(root / "tiny1k.pth")
+
+
+def _real_by_hand(rows: list[dict], real: list[list[int]]) -> tuple[float, float, int]:
+    hit1 = hit5 = count = 0
+    for r in rows:
+        labels = real[int(Path(r["path"]).name[len("ILSVRC2012_val_") :][:8]) - 1]
+        if labels:
+            count += 1
+            hit1 += int(r["top1"]) in labels
+            hit5 += any(int(r[f"top{k}"]) in labels for k in range(1, 6))
+    return 100 * hit1 / count, 100 * hit5 / count, count
+
+
+def test_real_labels_against_a_hand_count_at_world_size_1_and_2(tmp_path, val_1k):
+    root, ckpt = val_1k
+    plain, _ = _evaluate(tmp_path / "plain", root, ckpt, "save_predictions=true", "data.backend=torchvision")
+    assert "real_top1" not in plain
+    rows = _predictions(tmp_path / "plain")
+    # ReaL lists in file-name order: empty, the predicted class alone, it second of two, two others, ...
+    real = []
+    for i, r in enumerate(sorted(rows, key=lambda r: Path(r["path"]).name)):
+        top1 = int(r["top1"])
+        real.append([[], [top1], [(top1 + 1) % 1000, top1], [(top1 + 1) % 1000, (top1 + 2) % 1000]][i % 4])
+    (tmp_path / "real.json").write_text(json.dumps(real + [[5]]))  # one list more: a shorter folder than val
+    top1, top5, count = _real_by_hand(rows, real)
+    assert count == 11 and 0 < top1 < 100
+    for nproc in (1, 2):
+        out, proc = _evaluate(
+            tmp_path / f"ws{nproc}",
+            root,
+            ckpt,
+            f"real_labels={tmp_path / 'real.json'}",
+            "data.backend=torchvision",
+            nproc=nproc,
+        )
+        assert out["world_size"] == nproc and out["count"] == 15 and out["real_count"] == count
+        assert out["real_top1"] == pytest.approx(top1) and out["real_top5"] == pytest.approx(top5)
+        assert "ReaL: top-1" in proc.stderr + proc.stdout
+        for key in ("ece", "nll", "param_count"):
+            assert key in out

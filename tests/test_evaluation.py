@@ -1,7 +1,8 @@
-"""The count-exact evaluation loop: top-k and loss by hand, and world size 2 (real gloo processes) == world size 1."""
+"""The count-exact evaluation loop: top-k and loss by hand, and world size 2 (real gloo processes) == world size 1,
+also with flip TTA, a class subset and ReaL labels."""
+
 import json
 import math
-import os
 import socket
 
 import pytest
@@ -11,7 +12,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from res2net.data.index import val_shard
-from res2net.engine.evaluation import evaluate, topk_correct
+from res2net.engine.eval_metrics import real_label_rows
+from res2net.engine.loops import evaluate
 
 NUM_CLASSES = 7
 NUM_IMAGES = 101  # prime: no world size or batch size divides it
@@ -24,7 +26,7 @@ class ListLoader:
         start, stop = val_shard(len(targets), rank, world_size)
         index = list(range(start, stop))
         self.images, self.targets = images[index], targets[index]
-        self.paths = [f"class{int(targets[i])}/img{i:04d}.jpg" for i in index]
+        self.paths = [f"class{int(targets[i])}/ILSVRC2012_val_{i + 1:08d}.JPEG" for i in index]
         self.batch_size, self.num_classes = batch_size, NUM_CLASSES
         self.num_samples = len(index)
 
@@ -33,7 +35,7 @@ class ListLoader:
 
     def __iter__(self):
         for s in range(0, self.num_samples, self.batch_size):
-            yield self.images[s:s + self.batch_size], self.targets[s:s + self.batch_size]
+            yield self.images[s : s + self.batch_size], self.targets[s : s + self.batch_size]
 
 
 def _dataset():
@@ -43,22 +45,26 @@ def _dataset():
     return images, targets
 
 
+# ReaL lists of the 101 images: empty, single and multiple labels in turn
+REAL = [
+    [] if i % 3 == 0 else [i % NUM_CLASSES] if i % 3 == 1 else [i % NUM_CLASSES, (i + 2) % NUM_CLASSES]
+    for i in range(NUM_IMAGES)
+]
+OPTIONS = {"plain": {}, "tta_subset_real": {"tta": "flip", "class_subset": [0, 2, 3, 6], "real": True}}
+
+
+def _options(name, loader):
+    options = dict(OPTIONS[name])
+    if options.pop("real", False):
+        options["real_labels"] = real_label_rows(REAL, loader.paths, NUM_CLASSES)
+    return options
+
+
 def _model():
     torch.manual_seed(1)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, NUM_CLASSES))
     net.num_classes = NUM_CLASSES
     return net
-
-
-def test_topk_correct_by_hand():
-    logits = torch.tensor([[0.1, 0.9, 0.0],   # top1 = 1, top2 = {1, 0}
-                           [0.8, 0.1, 0.3],   # top1 = 0, top2 = {0, 2}
-                           [0.2, 0.3, 0.5]])  # top1 = 2, top2 = {2, 1}
-    targets = torch.tensor([1, 2, 0])
-    assert topk_correct(logits, targets, (1, 2, 3)) == [1, 2, 3]
-    assert topk_correct(logits, targets, (1, 5)) == [1, 3]  # k beyond the class count: everything is correct
-    with pytest.raises(ValueError, match="logits"):
-        topk_correct(logits[0], targets)
 
 
 def test_evaluate_loss_and_accuracy_by_hand():
@@ -80,8 +86,12 @@ def test_evaluate_loss_and_accuracy_by_hand():
 
     r = evaluate(Fixed(), Loader(), device="cpu", collect_predictions=True)
     # CE per row: -log softmax[target]
-    ce = [math.log(1 + 2 * math.exp(-2)), math.log(math.exp(1) + 2), math.log(3),
-          math.log(math.exp(1) + math.exp(3) + math.exp(2)) - 3]
+    ce = [
+        math.log(1 + 2 * math.exp(-2)),
+        math.log(math.exp(1) + 2),
+        math.log(3),
+        math.log(math.exp(1) + math.exp(3) + math.exp(2)) - 3,
+    ]
     assert r["loss"] == pytest.approx(sum(ce) / 4, rel=1e-6)
     # top-1 hits: rows 0 and 3 (row 2 is a three-way tie: topk picks index 0, not target 1)
     assert r["count"] == 4 and r["top1"] == pytest.approx(50.0) and r["top5"] == pytest.approx(100.0)
@@ -116,13 +126,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, out_path):
+def _worker(rank, world_size, port, out_path, options):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         images, targets = _dataset()
         loader = ListLoader(images, targets, batch_size=16, rank=rank, world_size=world_size)
-        result = evaluate(_model(), loader, device="cpu", collect_predictions=True)
+        result = evaluate(_model(), loader, device="cpu", collect_predictions=True, **_options(options, loader))
         if rank == 0:
             with open(out_path, "w") as f:
                 json.dump(result, f)
@@ -133,16 +143,24 @@ def _worker(rank, world_size, port, out_path):
         dist.destroy_process_group()
 
 
-def test_two_gloo_processes_match_world_size_one(tmp_path):
+@pytest.mark.parametrize("options", sorted(OPTIONS))
+def test_two_gloo_processes_match_world_size_one(tmp_path, options):
     images, targets = _dataset()
-    single = evaluate(_model(), ListLoader(images, targets, batch_size=16), device="cpu", collect_predictions=True)
+    loader = ListLoader(images, targets, batch_size=16)
+    single = evaluate(_model(), loader, device="cpu", collect_predictions=True, **_options(options, loader))
     out = tmp_path / "rank0.json"
-    mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(2, _free_port(), str(out), options), nprocs=2, join=True, start_method="spawn")
     multi = json.loads(out.read_text())
     assert single["count"] == multi["count"] == NUM_IMAGES  # shards of 51 and 50: 4 batches each
-    for key in ("top1", "top5", "per_class_correct", "per_class_count"):
+    exact = ["top1", "top5", "per_class_correct", "per_class_count"]
+    if "real" in OPTIONS[options]:
+        exact += ["real_top1", "real_top5", "real_count"]
+        assert single["real_count"] == sum(1 for r in REAL if r)
+        assert 0 < single["real_top1"] < 100
+    for key in exact:
         assert multi[key] == single[key], key
-    assert multi["loss"] == pytest.approx(single["loss"], rel=1e-6)
+    for key in ("loss", "nll", "ece"):
+        assert multi[key] == pytest.approx(single[key], rel=1e-6), key
     assert [p["path"] for p in multi["predictions"]] == [p["path"] for p in single["predictions"]]
     assert [p["top5"] for p in multi["predictions"]] == [p["top5"] for p in single["predictions"]]
     for m, s in zip(multi["predictions"], single["predictions"]):

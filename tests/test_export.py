@@ -12,10 +12,10 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+from res2net.engine.evaluation import evaluate
 from safetensors import safe_open
 
 import res2net
-from res2net.engine.evaluation import evaluate
 from res2net.export import OPSET, OnnxRuntimeModel, max_relative_error
 
 ROOT = Path(__file__).resolve().parents[1]

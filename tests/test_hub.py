@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from hub_server import hub_server  # noqa: F401  (fixture)
 from safetensors.torch import save
 
 import res2net
-from hub_server import hub_server  # noqa: F401  (fixture)
 from res2net.models.hub import HUB_REPOS, released_weights
 
 TINY = dict(base_width=4, layers=[1, 1, 1, 1], scale=2)

@@ -1,10 +1,10 @@
 """prepare_for_inference: BatchNorm folding keeps outputs, leaves the original alone, covers every variant."""
+
 import pytest
 import torch
 import torch.nn as nn
 
 import res2net
-from res2net.models.inference import fold_batchnorm
 from tests.test_models import VARIANTS, _randomize_batchnorm
 
 # Reduced depth keeps every structural feature (deep stem, avg-pool shortcut, groups, splits, chained blocks).
@@ -15,7 +15,7 @@ def _max_relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got - expected).abs().max() / expected.abs().max()).item()
 
 
-@pytest.mark.parametrize('name', VARIANTS)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_folded_model_matches_unfolded(name):
     torch.manual_seed(0)
     model = res2net.create_model(name, **SMALL)
@@ -31,7 +31,7 @@ def test_folded_model_matches_unfolded(name):
 
 
 def test_original_is_untouched_and_copy_is_eval_channels_last():
-    model = res2net.create_model('res2net50d', base_width=4, **SMALL)
+    model = res2net.create_model("res2net50d", base_width=4, **SMALL)
     _randomize_batchnorm(model)
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -46,7 +46,7 @@ def test_original_is_untouched_and_copy_is_eval_channels_last():
 
 
 def test_channels_last_off_and_compile_on():
-    model = res2net.create_model('res2net50_26w_4s', base_width=4, **SMALL)
+    model = res2net.create_model("res2net50_26w_4s", base_width=4, **SMALL)
     plain = res2net.prepare_for_inference(model, channels_last=False)
     assert plain.layer1[0].conv1.weight.is_contiguous()
     compiled = res2net.prepare_for_inference(model, channels_last=False, compile=True)
@@ -55,16 +55,16 @@ def test_channels_last_off_and_compile_on():
 
 def test_fold_refuses_batchnorm_without_conv_before_it():
     with pytest.raises(ValueError, match="without a conv directly before them: \\['2'\\]"):
-        fold_batchnorm(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU(), nn.BatchNorm2d(3)))
+        res2net.prepare_for_inference(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU(), nn.BatchNorm2d(3)))
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_folded_model_matches_on_cuda():
-    model = res2net.create_model('res2net50_26w_4s', **SMALL)
+    model = res2net.create_model("res2net50_26w_4s", **SMALL)
     _randomize_batchnorm(model)
     model = model.cuda().eval()
-    x = torch.randn(2, 3, 64, 64, device='cuda')
+    x = torch.randn(2, 3, 64, 64, device="cuda")
     torch.backends.cudnn.allow_tf32 = False
     with torch.no_grad():
         expected = model(x)

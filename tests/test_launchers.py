@@ -143,27 +143,48 @@ def test_sbatch_requests_requeue_and_a_warning_signal_before_the_time_limit():
 
 def test_sbatch_dry_run_renders_two_nodes_of_four_gpus(fake_slurm_bin, tmp_path):
     (tmp_path / "train.py").write_text("")
-    result = run_script(SBATCH, ["model=res2net50_26w_8s", "data.root=/data/image net"],
-                        slurm_env(fake_slurm_bin, tmp_path, DRY_RUN="1"))
+    result = run_script(
+        SBATCH,
+        ["model=res2net50_26w_8s", "data.root=/data/image net"],
+        slurm_env(fake_slurm_bin, tmp_path, DRY_RUN="1"),
+    )
     assert result.returncode == 0, result.stderr
     run_dir = f"{tmp_path}/outputs/slurm/res2net-4242"
     expected = [
-        "srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--cpus-per-task=32",
-        sys.executable, "-m", "torch.distributed.run",
-        "--nnodes=2", "--nproc-per-node=4", "--rdzv-id=4242", "--rdzv-backend=c10d",
-        f"--rdzv-endpoint=gpu07:{20000 + 4242}", f"--signals-to-handle={HANDLED_SIGNALS}", "--shutdown-timeout=150",
-        f"{tmp_path}/train.py", "resume=auto", f"hydra.run.dir={run_dir}",
-        "model=res2net50_26w_8s", "data.root=/data/image net",
+        "srun",
+        "--nodes=2",
+        "--ntasks=2",
+        "--ntasks-per-node=1",
+        "--kill-on-bad-exit=1",
+        "--cpus-per-task=32",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc-per-node=4",
+        "--rdzv-id=4242",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=gpu07:{20000 + 4242}",
+        f"--signals-to-handle={HANDLED_SIGNALS}",
+        "--shutdown-timeout=150",
+        f"{tmp_path}/train.py",
+        "resume=auto",
+        f"hydra.run.dir={run_dir}",
+        "model=res2net50_26w_8s",
+        "data.root=/data/image net",
     ]
     command_line = result.stdout.strip().splitlines()[-1]
     assert shlex.split(command_line) == expected
     assert "2 node(s) x 4 process(es), rendezvous gpu07:24242" in result.stdout
 
 
-@pytest.mark.parametrize(("extra", "nproc"), [
-    ({"SLURM_GPUS_ON_NODE": "", "SLURM_GPUS_PER_NODE": "a100:8"}, "8"),
-    ({"NPROC_PER_NODE": "2"}, "2"),
-])
+@pytest.mark.parametrize(
+    ("extra", "nproc"),
+    [
+        ({"SLURM_GPUS_ON_NODE": "", "SLURM_GPUS_PER_NODE": "a100:8"}, "8"),
+        ({"NPROC_PER_NODE": "2"}, "2"),
+    ],
+)
 def test_sbatch_processes_per_node_from_gres_or_override(fake_slurm_bin, tmp_path, extra, nproc):
     (tmp_path / "train.py").write_text("")
     env = slurm_env(fake_slurm_bin, tmp_path, DRY_RUN="1", RDZV_HOST="head", RDZV_PORT="29400", **extra)
@@ -181,12 +202,15 @@ def test_sbatch_takes_the_first_of_a_long_node_list(fake_slurm_bin, tmp_path):
     assert f"--rdzv-endpoint=big1:{20000 + 4242}" in shlex.split(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    ({"SLURM_JOB_ID": ""}, "not inside a SLURM job"),
-    ({"SLURM_GPUS_ON_NODE": ""}, "cannot tell how many GPUs each node has"),
-    ({"NPROC_PER_NODE": "four"}, "must be a positive integer, got 'four'"),
-    ({"SLURM_JOB_NUM_NODES": "0"}, "SLURM_JOB_NUM_NODES must be a positive integer, got '0'"),
-])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"SLURM_JOB_ID": ""}, "not inside a SLURM job"),
+        ({"SLURM_GPUS_ON_NODE": ""}, "cannot tell how many GPUs each node has"),
+        ({"NPROC_PER_NODE": "four"}, "must be a positive integer, got 'four'"),
+        ({"SLURM_JOB_NUM_NODES": "0"}, "SLURM_JOB_NUM_NODES must be a positive integer, got '0'"),
+    ],
+)
 def test_sbatch_explains_what_is_missing(fake_slurm_bin, tmp_path, extra, message):
     (tmp_path / "train.py").write_text("")
     result = run_script(SBATCH, env=slurm_env(fake_slurm_bin, tmp_path, DRY_RUN="1", **extra))
@@ -202,10 +226,26 @@ def start_fake_job(fake_slurm_bin: Path, tmp_path: Path) -> tuple[subprocess.Pop
     """The sbatch script on one 'node' with two processes running the train.py stand-in, all of them ready."""
     (tmp_path / "train.py").write_text(FAKE_TRAIN)
     log = tmp_path / "scontrol.log"
-    env = slurm_env(fake_slurm_bin, tmp_path, SLURM_JOB_NUM_NODES="1", NPROC_PER_NODE="2", RDZV_HOST="127.0.0.1",
-                    RDZV_PORT=str(free_port()), SHUTDOWN_TIMEOUT="30", SCONTROL_LOG=str(log), OMP_NUM_THREADS="1")
-    job = subprocess.Popen(["bash", str(SBATCH), "model=res2net50_26w_4s"], env=env, cwd=tmp_path,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    env = slurm_env(
+        fake_slurm_bin,
+        tmp_path,
+        SLURM_JOB_NUM_NODES="1",
+        NPROC_PER_NODE="2",
+        RDZV_HOST="127.0.0.1",
+        RDZV_PORT=str(free_port()),
+        SHUTDOWN_TIMEOUT="30",
+        SCONTROL_LOG=str(log),
+        OMP_NUM_THREADS="1",
+    )
+    job = subprocess.Popen(
+        ["bash", str(SBATCH), "model=res2net50_26w_4s"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 60
     while not all((tmp_path / f"ready.{rank}").exists() for rank in (0, 1)):
         if job.poll() is not None or time.monotonic() > deadline:
@@ -253,8 +293,15 @@ def test_multigpu_dry_run_passes_overrides_through(tmp_path):
     result = run_script(MULTIGPU, ["model=res2net50_26w_4s", "model.layers=[1,1,1,1]", "data.root=/a b"], env)
     assert result.returncode == 0, result.stderr
     assert shlex.split(result.stdout) == [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3", str(REPO / "train.py"),
-        "model=res2net50_26w_4s", "model.layers=[1,1,1,1]", "data.root=/a b",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=3",
+        str(REPO / "train.py"),
+        "model=res2net50_26w_4s",
+        "model.layers=[1,1,1,1]",
+        "data.root=/a b",
     ]
 
 
@@ -273,8 +320,11 @@ def test_slurm_sweep_launcher_composes_with_train_config_and_renders_a_job_array
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose(config_name="config", return_hydra_config=True, overrides=[
-            "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "experiment=ablation_depth"])
+        cfg = compose(
+            config_name="train",
+            return_hydra_config=True,
+            overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "experiment=ablation_depth"],
+        )
     launcher = instantiate(cfg.hydra.launcher)
     # (Hydra's plugin discovery imports the module anew, so compare the class by name.)
     assert f"{type(launcher).__module__}.{type(launcher).__name__}" == SLURM_LAUNCHER
@@ -283,26 +333,51 @@ def test_slurm_sweep_launcher_composes_with_train_config_and_renders_a_job_array
 
     # The plugin's own translation of its parameters into submitit's, then submitit's sbatch text for two jobs.
     monkeypatch.setenv("PATH", f"{fake_slurm_bin}{os.pathsep}{os.environ['PATH']}")  # submitit looks for srun
-    executor = submitit.AutoExecutor(folder="sweep/.submitit/%j", cluster="slurm",
-                                     slurm_max_num_timeout=launcher.params["max_num_timeout"])
+    executor = submitit.AutoExecutor(
+        folder="sweep/.submitit/%j", cluster="slurm", slurm_max_num_timeout=launcher.params["max_num_timeout"]
+    )
     base_keys = set(OmegaConf.structured(BaseQueueConf).keys())
-    executor.update_parameters(**{key if key in base_keys else f"slurm_{key}": value
-                                  for key, value in launcher.params.items()
-                                  if key not in ("submitit_folder", "max_num_timeout")})
+    executor.update_parameters(
+        **{
+            key if key in base_keys else f"slurm_{key}": value
+            for key, value in launcher.params.items()
+            if key not in ("submitit_folder", "max_num_timeout")
+        }
+    )
     text = executor._executor._make_submission_file_text("python -u -m submitit.core._submit sweep", "uid")
-    for directive in ("--gpus-per-node=1", "--ntasks-per-node=1", "--partition=gpu", "--signal=USR2@120",
-                      "--time=4320", "--mem=64GB"):
+    for directive in (
+        "--gpus-per-node=1",
+        "--ntasks-per-node=1",
+        "--partition=gpu",
+        "--signal=USR2@120",
+        "--time=4320",
+        "--mem=64GB",
+    ):
         assert f"#SBATCH {directive}\n" in text, text
 
 
-REAL_RUN = ["experiment=debug", "data.synthetic_train_size=4000", "trainer.deterministic=true", "trainer.log_interval=1"]
+REAL_RUN = [
+    "experiment=debug",
+    "data.synthetic_train_size=4000",
+    "trainer.deterministic=true",
+    "trainer.log_interval=1",
+]
 
 
 def real_job_env(fake_bin: Path, tmp_path: Path, run_dir: Path, **extra) -> dict:
     """One 'node' with two CPU processes running the repository's train.py."""
-    return slurm_env(fake_bin, REPO, SLURM_JOB_NUM_NODES="1", NPROC_PER_NODE="2", RDZV_HOST="127.0.0.1",
-                     RDZV_PORT=str(free_port()), RUN_DIR=str(run_dir), SCONTROL_LOG=str(tmp_path / "scontrol.log"),
-                     OMP_NUM_THREADS="1", **extra)
+    return slurm_env(
+        fake_bin,
+        REPO,
+        SLURM_JOB_NUM_NODES="1",
+        NPROC_PER_NODE="2",
+        RDZV_HOST="127.0.0.1",
+        RDZV_PORT=str(free_port()),
+        RUN_DIR=str(run_dir),
+        SCONTROL_LOG=str(tmp_path / "scontrol.log"),
+        OMP_NUM_THREADS="1",
+        **extra,
+    )
 
 
 def load_last(run_dir: Path) -> dict:
@@ -311,9 +386,15 @@ def load_last(run_dir: Path) -> dict:
 
 def test_requeued_job_continues_train_py_exactly_where_the_warning_stopped_it(fake_slurm_bin, tmp_path):
     run_dir = tmp_path / "run"
-    job = subprocess.Popen(["bash", str(SBATCH), *REAL_RUN], env=real_job_env(fake_slurm_bin, tmp_path, run_dir),
-                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           start_new_session=True)
+    job = subprocess.Popen(
+        ["bash", str(SBATCH), *REAL_RUN],
+        env=real_job_env(fake_slurm_bin, tmp_path, run_dir),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and '"kind": "train"' in metrics.read_text()):
@@ -330,15 +411,23 @@ def test_requeued_job_continues_train_py_exactly_where_the_warning_stopped_it(fa
 
     # SLURM starts the same script again (same job id, so the same run directory); this one stops a few steps on.
     target = stopped["global_step"] + 3
-    again = run_script(SBATCH, [*REAL_RUN, f"trainer.max_steps={target}"],
-                       real_job_env(fake_slurm_bin, tmp_path, run_dir, SLURM_RESTART_COUNT="1"), timeout=180)
+    again = run_script(
+        SBATCH,
+        [*REAL_RUN, f"trainer.max_steps={target}"],
+        real_job_env(fake_slurm_bin, tmp_path, run_dir, SLURM_RESTART_COUNT="1"),
+        timeout=180,
+    )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"resumed from {run_dir}/checkpoints/last.pth at epoch 0, step {stopped['global_step']}" in again.stdout
 
     # the same steps in one go, never interrupted: bit for bit the same weights
     straight = tmp_path / "straight"
-    once = run_script(SBATCH, [*REAL_RUN, f"trainer.max_steps={target}"],
-                      real_job_env(fake_slurm_bin, tmp_path, straight, SLURM_JOB_ID="4343"), timeout=180)
+    once = run_script(
+        SBATCH,
+        [*REAL_RUN, f"trainer.max_steps={target}"],
+        real_job_env(fake_slurm_bin, tmp_path, straight, SLURM_JOB_ID="4343"),
+        timeout=180,
+    )
     assert once.returncode == 0, once.stderr[-3000:]
     resumed, uninterrupted = load_last(run_dir), load_last(straight)
     assert resumed["global_step"] == uninterrupted["global_step"] == target

@@ -11,23 +11,34 @@ import sys
 from pathlib import Path
 
 import torch
-
 from test_launchers import free_port
-from test_sweeps import image_folder  # noqa: F401  (the fixture: a small generated JPEG folder)
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = [
-    str(REPO / "train.py"), "data=folder", "data.img_size=32", "data.batch_size=4", "data.num_workers=0",
-    "model.layers=[1,1,1,1]", "model.base_width=4", "schedule.epochs=1", "trainer.max_steps=4",
-    "trainer.deterministic=true", "trainer.log_interval=1",
+    str(REPO / "train.py"),
+    "data=folder",
+    "data.img_size=32",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "model.layers=[1,1,1,1]",
+    "model.base_width=4",
+    "schedule.epochs=1",
+    "trainer.max_steps=4",
+    "trainer.deterministic=true",
+    "trainer.log_interval=1",
 ]
 TIMEOUT_S = 240
 
 
 def torchrun(args: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], cwd=cwd,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", *args],
+        cwd=cwd,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def wait_all(procs: list[subprocess.Popen]) -> list[str]:
@@ -47,11 +58,18 @@ def wait_all(procs: list[subprocess.Popen]) -> list[str]:
 
 def test_two_nodes_rendezvous_and_train_like_one_two_process_job(image_folder, tmp_path):
     port = free_port()
-    node_args = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-                 "--rdzv-id=test-two-nodes"]
+    node_args = [
+        "--nnodes=2",
+        "--nproc-per-node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=test-two-nodes",
+    ]
     two_nodes = tmp_path / "two_nodes"
-    nodes = [torchrun([*node_args, *TRAIN, f"data.root={image_folder}", f"hydra.run.dir={two_nodes}"], tmp_path)
-             for _ in range(2)]
+    nodes = [
+        torchrun([*node_args, *TRAIN, f"data.root={image_folder}", f"hydra.run.dir={two_nodes}"], tmp_path)
+        for _ in range(2)
+    ]
     outputs = wait_all(nodes)
     # one world: exactly one of the two agents ran rank 0, which reports; its validation counted all 20 images once
     reports = [out for out in outputs if "max_steps after 0 epochs (global step 4)" in out]
@@ -59,8 +77,20 @@ def test_two_nodes_rendezvous_and_train_like_one_two_process_job(image_folder, t
     assert "(20 images)" in reports[0]
 
     one_node = tmp_path / "one_node"
-    wait_all([torchrun(["--standalone", "--nproc-per-node=2", *TRAIN, f"data.root={image_folder}",
-                        f"hydra.run.dir={one_node}"], tmp_path)])
+    wait_all(
+        [
+            torchrun(
+                [
+                    "--standalone",
+                    "--nproc-per-node=2",
+                    *TRAIN,
+                    f"data.root={image_folder}",
+                    f"hydra.run.dir={one_node}",
+                ],
+                tmp_path,
+            )
+        ]
+    )
 
     multi = torch.load(two_nodes / "checkpoints" / "last.pth", map_location="cpu", weights_only=True)
     single = torch.load(one_node / "checkpoints" / "last.pth", map_location="cpu", weights_only=True)

@@ -1,5 +1,6 @@
 """scripts/prepare_imagenet.py on small fake archives built here: official tars + devkit (meta.mat), Kaggle CSV,
 an interrupted run (truncated downloads) finished by a second run, idempotence and the count check."""
+
 import csv
 import io
 import os
@@ -12,6 +13,8 @@ import numpy as np
 import pytest
 import scipy.io
 from PIL import Image
+
+from res2net.data import scan_split
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "prepare_imagenet.py"
 # ILSVRC2012_ID order is deliberately not the sorted-wnid order; ID 4 is an inner node (not a class).
@@ -44,8 +47,10 @@ def make_official(folder: Path) -> None:
     with tarfile.open(folder / "ILSVRC2012_img_val.tar", "w") as tar:
         for i in range(len(VAL_IDS)):
             add_bytes(tar, f"ILSVRC2012_val_{i + 1:08d}.JPEG", jpeg_bytes(1000 + i))
-    synsets = np.array([(i, w, f"words {w}", k) for i, w, k in SYNSETS],
-                       dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")])
+    synsets = np.array(
+        [(i, w, f"words {w}", k) for i, w, k in SYNSETS],
+        dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")],
+    )
     meta = io.BytesIO()
     scipy.io.savemat(meta, {"synsets": synsets})
     truth = "".join(f"{i}\n" for i in VAL_IDS).encode()
@@ -74,8 +79,13 @@ def make_kaggle(folder: Path) -> None:
 
 def run(*args) -> subprocess.CompletedProcess:
     counts = ["--expected-train", "9", "--expected-val", "7", "--expected-classes", "3"]
-    return subprocess.run([sys.executable, str(SCRIPT), *args, *counts], capture_output=True, text=True,
-                          timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args, *counts],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
 
 
 def layout(root: Path) -> dict:
@@ -116,6 +126,8 @@ def test_official_archives_interrupted_then_resumed(tmp_path):
 
     (src / "ILSVRC2012_img_train.tar").write_bytes(full_train)
     (src / "ILSVRC2012_img_val.tar").write_bytes(full_val)
+    stale = next((out / "val").glob("*/")) / ".ILSVRC2012_val_00000009.JPEG.tmp-4242"  # a killed run's leftover
+    stale.write_bytes(b"half a file")
     second = run("--archives", str(src), "--out", str(out), "--no-progress")
     assert second.returncode == 0, second.stderr
     assert "counts OK" in second.stdout
@@ -133,10 +145,9 @@ def test_official_labels_follow_meta_mat_not_id_order(tmp_path):
     assert run("--archives", str(src), "--out", str(out), "--splits", "val", "--no-progress").returncode == 0
     # val_00000001 has ILSVRC2012_ID 2 -> n01000001 (the first wnid in sorted order, though ID 2)
     assert (out / "val" / "n01000001" / "ILSVRC2012_val_00000001.JPEG").is_file()
-    from res2net.data import scan_split
     samples, classes = scan_split(str(out), "val")
     assert classes == ["n01000001", "n02000002", "n03000003"]
-    assert [l for p, l in samples if p.endswith("val_00000002.JPEG")] == [2]  # ID 1 -> n03000003 -> label 2
+    assert [label for p, label in samples if p.endswith("val_00000002.JPEG")] == [2]  # ID 1 -> n03000003 -> label 2
 
 
 @pytest.mark.parametrize("link", ["hardlink", "symlink", "copy"])

@@ -11,7 +11,6 @@ import matplotlib.colors
 import matplotlib.image
 import numpy as np
 import pytest
-import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,10 +29,22 @@ summarize_runs = load_script()
 
 # (job dir, model override, per-epoch (val_top1, val_top5, train_loss, val_loss), world size, device, epoch time)
 RUNS = [
-    ("0", "res2net50_48w_2s", [(10.0, 30.0, 6.0, 5.5), (25.0, 50.0, 4.0, 3.5), (22.0, 52.0, 3.0, 3.6)], 4, "cuda",
-     1200.0),
-    ("1", "res2net50_26w_4s", [(12.0, 33.0, 5.9, 5.2), (27.5, 55.0, 3.8, 3.2), (31.0, 58.5, 2.9, 3.0)], 4, "cuda",
-     1500.0),
+    (
+        "0",
+        "res2net50_48w_2s",
+        [(10.0, 30.0, 6.0, 5.5), (25.0, 50.0, 4.0, 3.5), (22.0, 52.0, 3.0, 3.6)],
+        4,
+        "cuda",
+        1200.0,
+    ),
+    (
+        "1",
+        "res2net50_26w_4s",
+        [(12.0, 33.0, 5.9, 5.2), (27.5, 55.0, 3.8, 3.2), (31.0, 58.5, 2.9, 3.0)],
+        4,
+        "cuda",
+        1500.0,
+    ),
     ("2", "res2net50_14w_8s", [(8.0, 25.0, 6.2, 5.9), (20.0, 45.0, 4.4, 4.0)], 2, "cpu", 90.0),
 ]
 
@@ -42,21 +53,39 @@ def write_run(sweep: Path, job: str, model: str, epochs, world_size: int, device
     run_dir = sweep / job
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / ".hydra" / "overrides.yaml").write_text(
-        yaml.safe_dump([f"model={model}", "experiment=ablation_scale_equal_cost", "+trainer.max_steps=7"]))
+        yaml.safe_dump([f"model={model}", "experiment=ablation_scale_equal_cost", "+trainer.max_steps=7"])
+    )
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"model": {"name": model}, "schedule": {"epochs": 3}}))
-    (run_dir / "checkpoints").mkdir()
-    torch.save({"model": {"fc.weight": torch.zeros(2, 2)}, "world_size": world_size, "epoch": len(epochs)},
-               run_dir / "checkpoints" / "last.pth")
     lines = []
     for epoch, (top1, top5, train_loss, val_loss) in enumerate(epochs):
-        train = {"kind": "train", "epoch": epoch, "step": epoch * 10 + 5, "loss": train_loss + 0.1, "lr": 0.1,
-                 "img_per_s": 100.0, "data_wait_frac": 0.01}
+        train = {
+            "kind": "train",
+            "epoch": epoch,
+            "step": epoch * 10 + 5,
+            "loss": train_loss + 0.1,
+            "lr": 0.1,
+            "img_per_s": 100.0,
+            "data_wait_frac": 0.01,
+        }
         if device == "cuda":  # as train.py logs it
             train["gpu_mem_mb"] = 1234.0
         lines.append(train)
-        lines.append({"kind": "epoch", "epoch": epoch, "train_loss": train_loss, "lr": 0.1, "val_loss": val_loss,
-                      "val_top1": top1, "val_top5": top5, "epoch_time_s": epoch_time,
-                      "img_per_s": 100.0 * (epoch + 1), "global_step": (epoch + 1) * 10})
+        lines.append(
+            {
+                "kind": "epoch",
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "lr": 0.1,
+                "val_loss": val_loss,
+                "val_top1": top1,
+                "val_top5": top5,
+                "epoch_time_s": epoch_time,
+                "img_per_s": 100.0 * (epoch + 1),
+                "global_step": (epoch + 1) * 10,
+                "world_size": world_size,
+                "device": device,
+            }
+        )
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return run_dir
 
@@ -102,8 +131,9 @@ def test_figure_has_one_curve_per_run_with_the_logged_values(sweep, tmp_path):
     ax_top1, ax_loss = summary.figure.axes
 
     assert [text.get_text() for text in ax_top1.get_legend().get_texts()] == [
-        f"{job}: model={model}" for job, model, *_ in RUNS]
-    for line, (_, _, epochs, *_) in zip(ax_top1.get_lines(), RUNS):
+        f"{job}: model={model}" for job, model, *_ in RUNS
+    ]
+    for line, (_, _, epochs, *_) in zip(ax_top1.get_lines(), RUNS, strict=True):
         assert list(line.get_xdata()) == list(range(1, len(epochs) + 1))
         assert list(line.get_ydata()) == [top1 for top1, *_ in epochs]
     assert len(ax_loss.get_lines()) == 2 * len(RUNS)  # train and val loss of each run
@@ -163,26 +193,73 @@ def test_broken_run_config_is_named(sweep, capsys):
 def test_cut_off_last_line_and_repeated_epoch_are_handled(sweep):
     metrics = sweep / "2" / "metrics.jsonl"
     # a resumed run logged epoch 1 again; the writer was then killed mid-line
-    metrics.write_text(metrics.read_text()
-                       + json.dumps({"kind": "epoch", "epoch": 1, "val_top1": 21.0, "val_top5": 46.0}) + "\n"
-                       + '{"kind": "epoch", "epo')
+    metrics.write_text(
+        metrics.read_text()
+        + json.dumps({"kind": "epoch", "epoch": 1, "val_top1": 21.0, "val_top5": 46.0})
+        + "\n"
+        + '{"kind": "epoch", "epo'
+    )
     summary = summarize_runs.summarize(sweep)
     run = summary.runs[2]
     assert [record["epoch"] for record in run.epochs] == [0, 1]
     assert run.epochs[-1]["val_top1"] == 21.0
 
 
-def test_unreadable_checkpoint_is_named(sweep, capsys):
-    last = sweep / "0" / "checkpoints" / "last.pth"
-    last.write_bytes(b"not a checkpoint")
+def rewrite_epoch_records(metrics: Path, change) -> None:
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    for record in records:
+        if record["kind"] == "epoch":
+            change(record)
+    metrics.write_text("".join(json.dumps(record) + "\n" for record in records))
+
+
+def test_hardware_comes_from_the_epoch_records_not_the_checkpoints(sweep):
+    (sweep / "0" / "checkpoints").mkdir()
+    (sweep / "0" / "checkpoints" / "last.pth").write_bytes(b"not a checkpoint")  # never opened
+    # Resumed on the CPU after two epochs on 4 GPUs: only the GPU epochs count.
+    rewrite_epoch_records(sweep / "0" / "metrics.jsonl", lambda r: r.update(device="cpu") if r["epoch"] == 2 else None)
+    row = summarize_runs.summarize(sweep).rows[0]
+    assert row["hardware"] == "4 GPU, CPU (4 proc)"
+    assert row["gpu_hours"] == pytest.approx(4 * 2 * 1200 / 3600) and row["wall_h"] == pytest.approx(1.0)
+
+
+def test_bad_world_size_or_device_is_named(sweep, capsys):
+    metrics = sweep / "1" / "metrics.jsonl"
+    rewrite_epoch_records(metrics, lambda r: r.update(world_size="four") if r["epoch"] == 1 else None)
     assert summarize_runs.main([str(sweep)]) == 2
-    assert f"{last}: not a readable train.py checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{metrics}: the \"epoch\" record of epoch 1 has world_size='four'" in err and "integer >= 1" in err
+
+    rewrite_epoch_records(metrics, lambda r: r.update(world_size=4, device=None))
+    assert summarize_runs.main([str(sweep)]) == 2
+    assert f'{metrics}: the "epoch" record of epoch 0 has device=None' in capsys.readouterr().err
+
+
+def test_epoch_records_without_hardware_get_no_gpu_hours(sweep):
+    rewrite_epoch_records(sweep / "2" / "metrics.jsonl", lambda r: r.pop("world_size"))  # an older train.py
+    row = summarize_runs.summarize(sweep).rows[2]
+    assert row["hardware"] == "-" and row["gpu_hours"] is None and row["wall_h"] == pytest.approx(180 / 3600)
+    assert row["notes"] == "epoch records without world_size / device (an older train.py): no GPU-hours"
 
 
 def test_partial_last_epoch_is_noted(sweep):
     metrics = sweep / "1" / "metrics.jsonl"
-    metrics.write_text(metrics.read_text() + json.dumps(
-        {"kind": "epoch", "epoch": 3, "val_top1": 33.0, "val_top5": 60.0, "partial": True, "global_step": 35}) + "\n")
+    metrics.write_text(
+        metrics.read_text()
+        + json.dumps(
+            {
+                "kind": "epoch",
+                "epoch": 3,
+                "val_top1": 33.0,
+                "val_top5": 60.0,
+                "partial": True,
+                "global_step": 35,
+                "world_size": 4,
+                "device": "cuda",
+            }
+        )
+        + "\n"
+    )
     row = summarize_runs.summarize(sweep).rows[1]
     assert row["final_top1"] == 33.0 and row["notes"] == "last epoch partial (stopped at global step 35)"
 
@@ -193,5 +270,5 @@ def test_run_without_a_finished_epoch_gets_a_row(sweep):
     summary = summarize_runs.summarize(sweep)
     row = summary.rows[-1]
     assert row["run"] == "3" and row["best_top1"] is None and row["notes"] == "no epoch finished"
-    assert row["hardware"] == "-" and row["gpu_hours"] is None  # no checkpoint yet: the process count is unknown
+    assert row["hardware"] == "-" and row["gpu_hours"] is None  # no epoch record yet: the hardware is unknown
     assert "| 3 |" in summary.markdown

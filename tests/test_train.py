@@ -2,6 +2,7 @@
 
 Tiny Res2Net (base_width 4, one block per stage) on a generated ImageFolder of 32 px JPEGs, torchvision backend.
 """
+
 import json
 import os
 import random
@@ -17,7 +18,7 @@ import torch
 from PIL import Image
 
 import res2net
-from res2net.engine.trainer import PREEMPTED_EXIT_CODE
+from res2net.engine.stop import PREEMPTED_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("n0001", "n0002", "n0003", "n0004")
@@ -37,15 +38,27 @@ def folder(tmp_path_factory) -> Path:
                 pixels = rng.integers(0, 96, (40, 40, 3)) + np.array([160 if c == label % 3 else 0 for c in range(3)])
                 if label == 3:
                     pixels[:, :20] = 255
-                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(root / split / wnid / f"{i}.JPEG",
-                                                                           quality=90)
+                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(
+                    root / split / wnid / f"{i}.JPEG", quality=90
+                )
     return root
 
 
 def _overrides(folder: Path, **extra) -> list[str]:
-    settings = {"data": "folder", "data.root": str(folder), "data.img_size": 32, "data.batch_size": 4,
-                "data.num_workers": 0, **TINY_MODEL, "schedule.epochs": 2, "schedule.milestones": "[1]",
-                "trainer.log_interval": 1, "trainer.deterministic": "true", "trainer.keep_last": 1, **extra}
+    settings = {
+        "data": "folder",
+        "data.root": str(folder),
+        "data.img_size": 32,
+        "data.batch_size": 4,
+        "data.num_workers": 0,
+        **TINY_MODEL,
+        "schedule.epochs": 2,
+        "schedule.milestones": "[1]",
+        "trainer.log_interval": 1,
+        "trainer.deterministic": "true",
+        "trainer.keep_last": 1,
+        **extra,
+    }
     return [f"{key}={value}" for key, value in settings.items()]
 
 
@@ -105,22 +118,38 @@ def reference(tmp_path_factory, folder) -> dict:
 
 
 def test_torchrun_two_processes_write_one_run_dir(tmp_path, folder):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "train.py"), *_overrides(folder, **{"trainer.deterministic": "false", "trainer.ema_decay": 0.9})]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), timeout=300,
-                          cwd=tmp_path)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "train.py"),
+        *_overrides(folder, **{"trainer.deterministic": "false", "trainer.ema_decay": 0.9}),
+    ]
+    proc = subprocess.run(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), timeout=300, cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stdout[-4000:]
     run_dirs = [p for p in (tmp_path / "outputs").glob("*/*")]
     assert len(run_dirs) == 1, run_dirs  # not one per rank
     run_dir = run_dirs[0]
-    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "checkpoints", "config.yaml", "metrics.jsonl",
-                                                         "tb", "train.log"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".hydra",
+        ".lock",  # rank 0's lock on the run directory (res2net/engine/run_lock.py)
+        "checkpoints",
+        "config.yaml",
+        "metrics.jsonl",
+        "tb",
+        "train.log",
+    ]
     assert sorted(p.name for p in run_dir.rglob("*.log")) == ["train.log"]
     epochs = _records(run_dir, "epoch")
     assert [r["epoch"] for r in epochs] == [0, 1]
     assert all(r["global_step"] == 4 * (r["epoch"] + 1) for r in epochs)  # 16 images per rank, batch 4
-    assert all({"val_top1", "val_top5", "val_loss", "val_top1_ema", "epoch_time_s", "img_per_s"} <= r.keys()
-               for r in epochs)
+    assert all(
+        {"val_top1", "val_top5", "val_loss", "val_top1_ema", "epoch_time_s", "img_per_s"} <= r.keys() for r in epochs
+    )
     assert all(r["world_size"] == 2 and r["device"] == "cpu" for r in epochs)
     train = _records(run_dir, "train")
     assert [r["step"] for r in train] == list(range(1, 9))
@@ -128,6 +157,7 @@ def test_torchrun_two_processes_write_one_run_dir(tmp_path, folder):
     assert train[0]["lr"] == pytest.approx(0.1 * 8 / 256)  # 2 processes x batch 4, linear scaling
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = EventAccumulator(str(run_dir / "tb"))
     events.Reload()
     scalars = events.Tags()["scalars"]
@@ -141,6 +171,7 @@ def test_torchrun_two_processes_write_one_run_dir(tmp_path, folder):
     ours.load_state_dict(ckpt["model"], strict=True)
     ours.load_state_dict(ckpt["ema"], strict=True)
     import timm
+
     reference = timm.create_model("res2net50_26w_4s", num_classes=4, base_width=4, layers=[1, 1, 1, 1])
     reference.load_state_dict(ckpt["model"], strict=True)
     best = torch.load(run_dir / "checkpoints" / "best.pth", weights_only=True)
@@ -202,6 +233,7 @@ def test_the_task_function_does_not_carry_the_submitting_machines_rank_or_device
     import runpy
 
     import cloudpickle
+
     entry = runpy.run_path(str(REPO / "train.py"), run_name="train_entry")  # not importable: pickled by value
     payload = cloudpickle.dumps(entry["main"].__wrapped__)  # the undecorated function is what Hydra hands on
     assert b"process_group" in payload  # the function's own code came along, not a reference to it
@@ -239,15 +271,40 @@ def test_resume_from_another_architecture_is_refused(tmp_path, folder, reference
 @pytest.mark.slow
 def test_torchrun_resume_from_max_steps_is_bit_exact_with_dropout(tmp_path):
     """Two ranks, dropout drawing from each rank's torch generator: per-rank RNG states make the resume exact."""
-    common = ["experiment=debug", "data.synthetic_train_size=128", "trainer.deterministic=true",
-              "model.drop_rate=0.3"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                str(REPO / "train.py"), *common]
+    common = ["experiment=debug", "data.synthetic_train_size=128", "trainer.deterministic=true", "model.drop_rate=0.3"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "train.py"),
+        *common,
+    ]
     for run_dir, extra in (("a", []), ("b", ["trainer.max_steps=5"]), ("b", ["resume=auto"])):
-        proc = subprocess.run([*torchrun, f"hydra.run.dir={tmp_path / run_dir}", *extra], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=_env(), timeout=300)
+        proc = subprocess.run(
+            [*torchrun, f"hydra.run.dir={tmp_path / run_dir}", *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=_env(),
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stdout[-3000:]
     assert "resumed from" in proc.stdout and "step 5/8" in proc.stdout
     a, b = _last(tmp_path / "a"), _last(tmp_path / "b")
     assert a["global_step"] == b["global_step"] == 16
     _assert_same_weights(a, b)
+
+
+def test_resume_mid_epoch_with_dropout_and_torchvision_workers_is_bit_exact(tmp_path, folder):
+    """Dropout draws from torch's global generator and the torchvision backend starts DataLoader iterators: the
+    resumed run is bit-exact only if creating an iterator draws nothing from that generator (the RNG states are
+    restored once, at resume, before the first step)."""
+    extra = {"model.drop_rate": 0.3, "data.num_workers": 1}
+    assert _train(tmp_path / "a", folder, **extra).returncode == 0
+    assert _train(tmp_path / "b", folder, **extra, **{"trainer.max_steps": 5}).returncode == 0
+    resumed = _train(tmp_path / "b", folder, **extra, resume="auto")
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "step 5/8" in resumed.stdout
+    _assert_same_weights(_last(tmp_path / "a"), _last(tmp_path / "b"))

@@ -1,5 +1,6 @@
 """Failure paths of a real torchrun job: a rank that dies takes the job down instead of hanging the others; a
 preemption signal that every process gets (twice, through torchrun) still ends in one checkpoint."""
+
 import os
 import signal
 import subprocess
@@ -36,12 +37,29 @@ def _rank_of(pid: int) -> int | None:
 
 def _start_two_rank_job(run_dir: Path) -> subprocess.Popen:
     """A 2-process torchrun job of the debug experiment, returned once it has logged two training steps."""
-    overrides = ["experiment=debug", f"hydra.run.dir={run_dir}", "data.synthetic_train_size=4096",
-                 "schedule.epochs=1", "trainer.log_interval=1"]
+    overrides = [
+        "experiment=debug",
+        f"hydra.run.dir={run_dir}",
+        "data.synthetic_train_size=4096",
+        "schedule.epochs=1",
+        "trainer.log_interval=1",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                              str(REPO / "train.py"), *overrides], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(REPO / "train.py"),
+            *overrides,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 180
     metrics = run_dir / "metrics.jsonl"
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
@@ -73,6 +91,7 @@ def test_preemption_signal_to_every_process_and_again_from_torchrun_still_checkp
     """SLURM's preemption SIGTERM reaches the agent and both workers; the agent forwards it again. Both ranks
     checkpoint together and end within torchrun's grace period, and only rank 0 says where the checkpoint is."""
     import torch
+
     agent = _start_two_rank_job(tmp_path)
     try:
         workers = [pid for pid in _children(agent.pid) if _rank_of(pid) is not None]

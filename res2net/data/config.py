@@ -3,8 +3,8 @@
 Plain dataclasses and typing only (no Hydra import), so the engine's structured config can nest it. Sequences are
 lists, not tuples, because OmegaConf stores lists.
 """
+
 from dataclasses import dataclass, field
-from typing import List, Optional
 
 __all__ = ["DataConfig", "IMAGENET_MEAN", "IMAGENET_STD", "BACKENDS", "INTERPOLATIONS", "DALI_DECODERS", "DALI_RESIZES"]
 
@@ -19,7 +19,7 @@ DALI_RESIZES = ("auto", "graph", "torch")
 @dataclass
 class DataConfig:
     # <root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG; unused by the synthetic backend.
-    root: Optional[str] = None
+    root: str | None = None
     backend: str = "dali"
     # Per process. Train drops the last partial batch; val keeps it.
     batch_size: int = 64
@@ -29,11 +29,35 @@ class DataConfig:
     # Val resizes the shorter side to floor(img_size / crop_pct), then center-crops img_size. Must be in (0, 1].
     crop_pct: float = 0.875
     interpolation: str = "bilinear"
-    train_crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
-    train_crop_ratio: List[float] = field(default_factory=lambda: [3.0 / 4.0, 4.0 / 3.0])
+    train_crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    train_crop_ratio: list[float] = field(default_factory=lambda: [3.0 / 4.0, 4.0 / 3.0])
     hflip: float = 0.5
-    mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: List[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    # Per-sample augmentation of train images, after the crop and flip (res2net/data/augment.py; README
+    # "Augmentation"). Every random choice comes from the crops' counter-based stream, so resume stays exact.
+    # auto_augment: null | timm's RandAugment strings 'rand-m9-mstd0.5-inc1' (keys m magnitude, n ops, mstd
+    # magnitude noise (inf: uniform), mmax clip, inc 1 = timm's increasing ops, p per-op probability) | 'ta_wide'
+    # (torchvision's TrivialAugmentWide) | 'original' (AutoAugment's ImageNet policy, timm's 'original').
+    auto_augment: str | None = None
+    # RandomErasing probability, timm's per-pixel mode: one box of 2-33% of the area, aspect 0.3-3.3, filled with
+    # N(0, 1) noise in normalized space (applied to the normalized batch on the device). 0 = off.
+    random_erasing: float = 0.0
+    # ColorJitter strength: brightness, contrast and saturation factors in [1 - x, 1 + x], applied in a random
+    # order (torchvision's ColorJitter(x, x, x)), after auto_augment. 0 = off.
+    color_jitter: float = 0.0
+    # Repeated augmentation (timm's RASampler): each epoch takes ceil(N / repeats) images of its permutation, each
+    # `repeats` times, interleaved over ranks so the repeats land on different ranks with different draws; an
+    # epoch still yields floor(N / world_size) samples per rank. 1 = off (3 in RSB A1/A2, 4 in torchvision's).
+    repeated_aug: int = 1
+    # Val / eval crop size (null: img_size); val resizes the shorter side to floor(val_img_size / crop_pct).
+    val_img_size: int | None = None
+    # Progressive resizing (FFCV): train at progressive_sizes[0] up to epoch progressive_epochs[0], then ramp
+    # linearly to progressive_sizes[1] at epoch progressive_epochs[1], each size rounded to a multiple of
+    # progressive_step. null = train at img_size every epoch. Both or neither must be set.
+    progressive_sizes: list[int] | None = None
+    progressive_epochs: list[int] | None = None
+    progressive_step: int = 32
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     # Batches each torchvision worker prepares ahead / DALI pipeline prefetch depth.
     prefetch: int = 2
     # DALI decoding placement: auto = 'mixed' when the loader's device is CUDA, 'cpu' otherwise.

@@ -8,6 +8,7 @@ half-written data set behind.
 
     python -m res2net.data.demo [--root data/demo] [--size 32]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,9 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:  # pragma: no cover - scikit-learn is pinned in requirements-dev.txt
-        raise ImportError("the demo data set needs scikit-learn (`make install` installs it from "
-                          "requirements-dev.txt)") from e
+        raise ImportError(
+            "the demo data set needs scikit-learn (`make install` installs it from requirements-dev.txt)"
+        ) from e
     digits = load_digits()
     return digits.images, digits.target
 
@@ -42,8 +44,9 @@ def _to_jpeg_image(pixels: np.ndarray, size: int) -> Image.Image:
     return grey.resize((size, size), Image.BICUBIC).convert("RGB")
 
 
-def _write(root: Path, images: np.ndarray, targets: np.ndarray, size: int, val_every: int,
-           per_class: int | None) -> dict:
+def _write(
+    root: Path, images: np.ndarray, targets: np.ndarray, size: int, val_every: int, per_class: int | None
+) -> dict:
     counts = {"train": 0, "val": 0}
     for label in range(10):
         members = np.flatnonzero(targets == label)
@@ -58,8 +61,9 @@ def _write(root: Path, images: np.ndarray, targets: np.ndarray, size: int, val_e
     return counts
 
 
-def make_demo_dataset(root: str | Path = DEFAULT_ROOT, *, size: int = 32, val_every: int = 5,
-                      per_class: int | None = None) -> Path:
+def make_demo_dataset(
+    root: str | Path = DEFAULT_ROOT, *, size: int = 32, val_every: int = 5, per_class: int | None = None
+) -> Path:
     """Write (or reuse) the digits ImageFolder under `root` (root/train/<digit>/*.jpg, root/val/<digit>/*.jpg).
 
     size: output side in pixels; val_every: 1 in val_every images of each class goes to val; per_class: keep only the

@@ -1,36 +1,42 @@
 """Synthetic backend: one batch of random images made once on the device and yielded again and again, so a
 benchmark measures the model alone. Follows the Loader protocol, including val sharding and fake paths."""
+
 import torch
 
-from .index import train_shard, val_shard
+from .index import epoch_batches
 from .loader_base import EpochLoader
+from .transforms import eval_img_size
 
 __all__ = ["SyntheticLoader"]
 
 
 class SyntheticLoader(EpochLoader):
-    def __init__(self, cfg, train: bool, *, rank: int, world_size: int, seed: int, device: torch.device,
-                 channels_last: bool, dtype: torch.dtype):
+    def __init__(
+        self,
+        cfg,
+        train: bool,
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: torch.device,
+        channels_last: bool,
+        dtype: torch.dtype,
+    ):
         self.num_classes = cfg.synthetic_num_classes
         if self.num_classes < 1:
             raise ValueError(f"data.synthetic_num_classes must be >= 1, got {self.num_classes}")
         self.classes = [f"class{i:04d}" for i in range(self.num_classes)]
         self.batch_size, self.train = cfg.batch_size, train
         size = cfg.synthetic_train_size if train else cfg.synthetic_val_size
-        start, stop = (train_shard if train else val_shard)(size, rank, world_size)
-        if train:
-            self._num_batches = (stop - start) // self.batch_size
-            if self._num_batches == 0:
-                raise ValueError(f"data.synthetic_train_size={size} gives rank {rank} of {world_size} fewer than "
-                                 f"data.batch_size={self.batch_size} samples")
-            self.num_samples = self._num_batches * self.batch_size
-        else:
-            self._num_batches = -(-(stop - start) // self.batch_size)
-            self.num_samples = stop - start
+        self._batches = epoch_batches(size, self.batch_size, rank, world_size, train=train)
+        if not train:
+            start, stop = self._batches.start, self._batches.stop
             self.paths = [f"synthetic/val/{i:08d}.JPEG" for i in range(start, stop)]
             self.targets = [i % self.num_classes for i in range(start, stop)]
         gen = torch.Generator().manual_seed(seed + rank)
-        images = torch.randn(self.batch_size, 3, cfg.img_size, cfg.img_size, generator=gen).to(device, dtype)
+        size = cfg.img_size if train else eval_img_size(cfg.img_size, cfg.val_img_size)
+        images = torch.randn(self.batch_size, 3, size, size, generator=gen).to(device, dtype)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self._images = images.contiguous(memory_format=fmt)
         if train:
@@ -45,11 +51,11 @@ class SyntheticLoader(EpochLoader):
 
     def __iter__(self):
         start, self._start = self._start, 0
-        for b in range(start, self._num_batches):
+        for b in self._batches.remaining(start):
             if self.train:
                 yield self._images, self._labels
             else:
-                lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, self.num_samples)
+                lo, hi = self._batches.bounds(b)
                 yield self._images[: hi - lo], self._labels[lo:hi]
 
     def close(self) -> None:

@@ -1,17 +1,27 @@
-"""Geometry of the train / val transforms, shared by the backends, and the one place batches are normalized.
+"""Geometry and randomness of the train / val transforms, shared by the backends, and the one place batches are
+normalized.
 
-Every backend ships uint8 NHWC batches and ``Normalizer`` turns them into the model's input on the device: moving
-uint8 instead of float between processes and to the GPU is 4x less traffic (DESIGN.md: the fastest torchvision path).
+Every backend ships uint8 NHWC batches and ``Normalizer`` turns them into the model's input on the device: uint8
+moves a quarter of float32's bytes between processes and to the GPU.
 """
+
 import math
-from typing import Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 __all__ = [
-    "val_resize_size", "val_resized_shape", "center_crop_offset", "augmentation_draws", "random_resized_crop_box",
-    "Normalizer", "NUM_DRAWS", "sample_uniforms",
+    "val_resize_size",
+    "eval_img_size",
+    "train_img_size",
+    "val_resized_shape",
+    "center_crop_offset",
+    "augmentation_draws",
+    "random_resized_crop_box",
+    "Normalizer",
+    "NUM_DRAWS",
+    "sample_uniforms",
 ]
 
 
@@ -22,7 +32,27 @@ def val_resize_size(img_size: int, crop_pct: float) -> int:
     return int(math.floor(img_size / crop_pct))
 
 
-def val_resized_shape(height: int, width: int, short: int) -> Tuple[int, int]:
+def eval_img_size(img_size: int, val_img_size: int | None) -> int:
+    """The val crop: data.val_img_size, or data.img_size when that is null."""
+    return img_size if val_img_size is None else val_img_size
+
+
+def train_img_size(
+    img_size: int, sizes: Sequence[int] | None, epochs: Sequence[int] | None, step: int, epoch: int
+) -> int:
+    """The train resolution of ``epoch``: ``img_size`` without progressive resizing, else FFCV's schedule: sizes[0]
+    up to epochs[0], sizes[1] from epochs[1] on, linear in between rounded to a multiple of ``step``."""
+    if sizes is None:
+        return img_size
+    (lo, hi), (start, end) = sizes, epochs
+    if epoch <= start:
+        return lo
+    if epoch >= end:
+        return hi
+    return int(round((lo + (hi - lo) * (epoch - start) / (end - start)) / step)) * step
+
+
+def val_resized_shape(height: int, width: int, short: int) -> tuple[int, int]:
     """(height, width) after resizing the shorter side to ``short``; the long side is truncated like torchvision."""
     if width <= height:
         return int(short * height / width), short
@@ -52,20 +82,22 @@ def _mix64(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def sample_uniforms(seed: int, epoch: int, positions: np.ndarray, count: int) -> np.ndarray:
-    """[len(positions), count] uniforms in [0, 1) that depend only on (seed, epoch, position, index): a
-    counter-based generator, so any batch can be drawn on its own, in any process, vectorized."""
+def sample_uniforms(seed: int, epoch: int, positions: np.ndarray, count: int, first: int = 0) -> np.ndarray:
+    """[len(positions), count] uniforms in [0, 1) that depend only on (seed, epoch, position, index) for the
+    indices first .. first + count - 1: a counter-based generator, so any batch can be drawn on its own, in any
+    process, vectorized. Index ranges: [0, NUM_DRAWS) crops and flips, then augment.py's layout."""
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
     key = _mix64(np.array([seed & _MASK64], dtype=np.uint64))
     key = _mix64(key ^ np.uint64(epoch & _MASK64))
     z = _mix64(key ^ np.asarray(positions, dtype=np.uint64)[:, None])
-    z = _mix64(z ^ np.arange(count, dtype=np.uint64)[None, :])
+    z = _mix64(z ^ np.arange(first, first + count, dtype=np.uint64)[None, :])
     return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
-def augmentation_draws(seed: int, epoch: int, positions: np.ndarray, scale: Sequence[float],
-                       ratio: Sequence[float], hflip: float) -> np.ndarray:
+def augmentation_draws(
+    seed: int, epoch: int, positions: np.ndarray, scale: Sequence[float], ratio: Sequence[float], hflip: float
+) -> np.ndarray:
     """Everything random about the training samples at ``positions`` of the epoch's order, as a float64
     [len(positions), NUM_DRAWS] array that does not depend on the images: the area fraction and aspect ratio of
     each RandomResizedCrop attempt, uniforms for the crop position, the flip (1.0 or 0.0) and the ratio bounds of
@@ -87,7 +119,7 @@ def _round(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
-def random_resized_crop_box(draws: np.ndarray, height: int, width: int) -> Tuple[int, int, int, int]:
+def random_resized_crop_box(draws: np.ndarray, height: int, width: int) -> tuple[int, int, int, int]:
     """(top, left, crop_h, crop_w): torchvision's RandomResizedCrop algorithm (the first of 10 attempts that fits,
     else a center crop clamped to the ratio range) evaluated on ``augmentation_draws``."""
     area = float(height * width)
@@ -113,11 +145,13 @@ def random_resized_crop_box(draws: np.ndarray, height: int, width: int) -> Tuple
 class Normalizer:
     """uint8 NHWC batch (any device) -> normalized NCHW batch on ``device`` in ``dtype`` (channels_last if asked)."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device, dtype: torch.dtype,
-                 channels_last: bool):
+    def __init__(
+        self, mean: Sequence[float], std: Sequence[float], device: torch.device, dtype: torch.dtype, channels_last: bool
+    ):
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ValueError(f"data.mean and data.std need 3 values each (std > 0), got mean={list(mean)}, "
-                             f"std={list(std)}")
+            raise ValueError(
+                f"data.mean and data.std need 3 values each (std > 0), got mean={list(mean)}, std={list(std)}"
+            )
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
         self.device, self.dtype, self.channels_last = device, dtype, channels_last
@@ -129,8 +163,8 @@ class Normalizer:
     def __call__(self, images_nhwc_u8: torch.Tensor) -> torch.Tensor:
         x = images_nhwc_u8.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
         # Elementwise ops keep the permuted (channels_last) strides, so that layout costs no extra pass. NCHW is
-        # transposed while still uint8 (4x fewer bytes to move than float: 21 instead of 47 ms for 64 x 224 px on
-        # one CPU thread). In place after the one float conversion to save a batch-sized allocation.
+        # transposed while still uint8 (a quarter of float32's bytes to move). In place after the one float
+        # conversion to save a batch-sized allocation.
         if not self.channels_last:
             x = x.contiguous()
         return x.float().mul_(self.scale).add_(self.shift).to(self.dtype)

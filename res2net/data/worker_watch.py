@@ -1,23 +1,18 @@
-"""Which file each DataLoader worker is decoding, so that a worker that dies names it.
+"""Which file each DataLoader worker is decoding, so that a worker that dies (OOM killer, decoder crash) names it.
 
-A worker killed by the OOM killer (SIGKILL) or by a crash in a decoder (SIGSEGV) surfaces in torch as "DataLoader
-worker (pid X) exited unexpectedly" / "is killed by signal", without the file. ``WorkerTable`` is a shared-memory
-table (two int64 slots per worker: pid, index of the sample being decoded or -1 when idle) created in the main
-process before the workers start; each worker writes its pid once per batch and the sample index before decoding
-each sample (one store, ~60 ns). When torch reports a dead worker, ``crash_error`` looks up which recorded pids
-have exited and builds a ``WorkerCrashError`` naming their files.
-
-torch raises a worker's death in two places: inside ``next()`` on the DataLoader iterator (the loader catches it
-there) and from its SIGCHLD handler, i.e. wherever the main thread happens to be, usually the training step.
-``watch_sigchld`` wraps that handler once per process so the second path raises the same error.
+torch reports such a death as "DataLoader worker (pid X) exited unexpectedly", without the file. Each worker records
+its pid and the sample it is about to decode in a shared-memory ``WorkerTable``; ``crash_error`` turns torch's error
+into a ``WorkerCrashError`` naming the dead workers' files, and ``watch_sigchld`` does the same for the error torch's
+SIGCHLD handler raises wherever the main thread is (usually the training step).
 """
+
 import multiprocessing
 import os
 import signal
 import threading
 import time
 import weakref
-from typing import Callable, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -32,7 +27,9 @@ class WorkerCrashError(RuntimeError):
 
 
 class WorkerTable:
-    """Per worker (pid, sample index being decoded or -1) in shared memory; ``describe(index)`` names a sample."""
+    """Per worker (pid, sample index being decoded or -1) in shared memory; ``describe(index)`` names a sample.
+    Created in the main process before the workers start, so they inherit it; a worker writes its pid once per
+    batch and the sample index before each decode (one store)."""
 
     def __init__(self, num_workers: int, describe: Callable[[int], str]):
         # RawArray (lock=False): each worker writes only its own slots, the main process reads after a death.
@@ -43,7 +40,7 @@ class WorkerTable:
     def __getstate__(self):  # spawn / forkserver workers: the array travels as shared memory, not as a copy
         return {"_slots": self._slots, "_describe": None}
 
-    def worker_slot(self) -> Optional[int]:
+    def worker_slot(self) -> int | None:
         """In a worker: the offset of its slots, after recording its pid; None in the main process."""
         info = torch.utils.data.get_worker_info()
         if info is None:
@@ -56,16 +53,12 @@ class WorkerTable:
         """In a worker: about to decode sample ``index`` (IDLE: done)."""
         self._slots[slot + 1] = index
 
-    def snapshot(self) -> List[Tuple[int, int]]:
+    def snapshot(self) -> list[tuple[int, int]]:
         """[(pid or -1 before the worker started, sample index or -1 when idle)] per worker id."""
         values = list(self._slots)
-        return list(zip(values[0::2], values[1::2]))
+        return list(zip(values[0::2], values[1::2], strict=True))
 
-    def decoding(self) -> List[Tuple[int, Optional[str]]]:
-        """[(pid or -1, the file being decoded or None when idle)] per worker id."""
-        return [(pid, None if index == IDLE else self._describe(index)) for pid, index in self.snapshot()]
-
-    def dead_workers(self) -> List[Tuple[int, int, int, str]]:
+    def dead_workers(self) -> list[tuple[int, int, int, str]]:
         """(worker id, pid, sample index or -1, how it ended) of every recorded worker that has exited."""
         dead = []
         for worker, (pid, index) in enumerate(self.snapshot()):
@@ -79,7 +72,7 @@ class WorkerTable:
         _TABLES.discard(self)
 
 
-def _exit_status(pid: int) -> Optional[str]:
+def _exit_status(pid: int) -> str | None:
     """None while child ``pid`` runs; else how it ended ('' once already reaped). Leaves a zombie unreaped."""
     if not hasattr(os, "waitid"):  # e.g. macOS: cannot tell a zombie from a live process
         try:
@@ -98,8 +91,9 @@ def _exit_status(pid: int) -> Optional[str]:
     return f"exit code {info.si_status}"
 
 
-def crash_error(err: BaseException, tables: Optional[Sequence[WorkerTable]] = None,
-                grace_s: float = 0.0) -> Optional[WorkerCrashError]:
+def crash_error(
+    err: BaseException, tables: Sequence[WorkerTable] | None = None, grace_s: float = 0.0
+) -> WorkerCrashError | None:
     """The error naming what the dead workers of ``tables`` (default: every open loader's) were decoding; None when
     no recorded worker has died within ``grace_s`` (``err`` is then some other failure). The grace covers a
     worker killed while sending a batch: the main process sees the broken connection before the worker has
@@ -122,14 +116,16 @@ def crash_error(err: BaseException, tables: Optional[Sequence[WorkerTable]] = No
             parts.append(f"{who} died while decoding {table._describe(index)}")
     if not parts:
         return None
-    hints = ["SIGKILL usually means the out-of-memory killer (see `dmesg`; lower data.num_workers, data.prefetch or "
-             "data.batch_size)"]
+    hints = [
+        "SIGKILL usually means the out-of-memory killer (see `dmesg`; lower data.num_workers, data.prefetch or "
+        "data.batch_size)"
+    ]
     if any(index != IDLE for _, (_, _, index, _) in dead):
         hints.append("a decoder crash (e.g. SIGSEGV) points to the file: check it with scripts/check_dataset.py")
     return WorkerCrashError(f"{'; '.join(parts)}. {'; '.join(hints)}. torch said: {str(err).strip()}")
 
 
-def _named_in_chain(err: Optional[BaseException]) -> Optional[WorkerCrashError]:
+def _named_in_chain(err: BaseException | None) -> WorkerCrashError | None:
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, WorkerCrashError):

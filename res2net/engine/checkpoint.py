@@ -4,121 +4,120 @@ A checkpoint is a dict (see ``CHECKPOINT_KEYS``) that ``torch.load(..., weights_
 entry is a plain state_dict (no ``module.`` / ``_orig_mod.`` prefixes) that loads strictly into
 ``res2net.create_model`` and ``timm.create_model`` of the same variant.
 """
+
 from __future__ import annotations
 
 import logging
-import os
 import random
 import shutil
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["CHECKPOINT_KEYS", "CheckpointError", "CheckpointManager", "RESUME_MAY_DIFFER", "capture_rng",
-           "check_compatible", "load_checkpoint", "model_state_dict", "resolve_resume", "restore_rng",
-           "save_atomic", "unwrap_model"]
+from res2net.engine.distributed import DistInfo
+from res2net.errors import CheckpointError
+from res2net.files import atomic_write, remove_stale_temporaries, temporary_path
+from res2net.models.pretrained import read_checkpoint
+
+__all__ = [
+    "CHECKPOINT_KEYS",
+    "CheckpointError",
+    "CheckpointManager",
+    "RESUME_MAY_DIFFER",
+    "capture_rng",
+    "check_compatible",
+    "gather_rng",
+    "load_checkpoint",
+    "resolve_resume",
+    "restore_rng",
+    "restore_training",
+    "save_atomic",
+    "training_checkpoint",
+]
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "ema", "epoch", "step_in_epoch", "global_step",
-                   "rng", "config", "best_top1", "world_size", "meters")
+# "epoch", "step_in_epoch", "global_step", "best_top1", "meters" are the TrainState (res2net.engine.loops).
+CHECKPOINT_KEYS = (
+    "model",
+    "optimizer",
+    "scaler",
+    "ema",
+    "epoch",
+    "step_in_epoch",
+    "global_step",
+    "rng",
+    "config",
+    "best_top1",
+    "world_size",
+    "meters",
+)
 
 # Config keys that may change between a run and its resumption without changing its trajectory (or that only
 # extend it); any other difference is refused. Prefixes end with a dot.
-RESUME_MAY_DIFFER = ("resume", "data.root", "data.num_workers", "data.prefetch", "trainer.log_interval",
-                     "trainer.save_every_epochs", "trainer.save_every_steps", "trainer.keep_last",
-                     "trainer.max_steps", "trainer.compile")
-
-_TMP_MARK = ".tmp-"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written, read or used; the message names the file and what to do."""
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain network inside DDP and torch.compile wrappers."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
+RESUME_MAY_DIFFER = (
+    "resume",
+    "data.root",
+    "data.num_workers",
+    "data.prefetch",
+    "trainer.log_interval",
+    "trainer.save_every_epochs",
+    "trainer.save_every_steps",
+    "trainer.keep_last",
+    "trainer.max_steps",
+    "trainer.compile",
+)
 
 
-def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return unwrap_model(model).state_dict()
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Run ``write(file)`` on a temporary file beside ``path``, fsync it, rename it over ``path``, fsync the folder.
-
-    A crash or an error at any point leaves the previous ``path`` as it was.
-    """
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        previous = f"the previous {path} is intact" if path.exists() else f"there was no previous {path.name}"
-        raise CheckpointError(f"could not write checkpoint {path} (temporary file {tmp}): {err}; {previous}. "
-                              f"Free disk space or make {path.parent} writable, then resume with resume=auto") from err
-
-
-def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+def save_atomic(obj: Any, path: str | Path) -> None:
     """``torch.save(obj, path)`` that never leaves a partial file at ``path``."""
-    _write_atomic(Path(path), lambda f: torch.save(obj, f))
+    _write(Path(path), lambda f: torch.save(obj, f))
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
     def copy(f):
         with open(src, "rb") as source:
             shutil.copyfileobj(source, f, length=16 << 20)
-    _write_atomic(dst, copy)
+
+    _write(dst, copy)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint written by train.py, on the CPU; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass resume=auto or the path of a checkpoint "
-                                f"written by train.py (<run dir>/checkpoints/last.pth)")
+def _write(path: Path, write) -> None:
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"could not read checkpoint {path}: {err}") from err
+        with atomic_write(path) as f:
+            write(f)
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
+        previous = f"the previous {path} is intact" if path.exists() else f"there was no previous {path.name}"
+        raise CheckpointError(
+            f"could not write checkpoint {path} (temporary file {temporary_path(path)}): {err}; {previous}. "
+            f"Free disk space or make {path.parent} writable, then resume with resume=auto"
+        ) from err
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint written by train.py, on the CPU, read tensors-only (``read_checkpoint``: never a file that needs
+    the full unpickler, as train.py never writes one); errors name the file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist; pass resume=auto or the path of a checkpoint "
+            f"written by train.py (<run dir>/checkpoints/last.pth)"
+        )
+    ckpt = read_checkpoint(path)
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or key not in ckpt]
     if missing:
-        raise CheckpointError(f"{path} is not a train.py checkpoint: it lacks {missing}; to start from released "
-                              f"weights use model.name and res2net.load_pretrained instead of resume")
+        raise CheckpointError(
+            f"{path} is not a train.py checkpoint: it lacks {missing}; to start from released "
+            f"weights use model.name and res2net.load_pretrained instead of resume"
+        )
     return ckpt
 
 
-def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Optional[Path]:
+def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
     """The checkpoint to resume from: None for '' (fresh start) and for 'auto' without a last.pth yet."""
     if not resume:
         return None
@@ -126,9 +125,11 @@ def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Optional[Path]:
         last = Path(run_dir) / "checkpoints" / "last.pth"
         return last if last.is_file() else None
     path = Path(resume)
-    if not path.is_file():
-        raise FileNotFoundError(f"resume={resume!r}: no such checkpoint file; use resume=auto to continue the run "
-                                f"directory's checkpoints/last.pth, or the path of a .pth file written by train.py")
+    if not path.exists():  # a directory or a damaged file: load_checkpoint says what is wrong with it
+        raise FileNotFoundError(
+            f"resume={resume!r}: no such checkpoint file; use resume=auto to continue the run "
+            f"directory's checkpoints/last.pth, or the path of a .pth file written by train.py"
+        )
     return path
 
 
@@ -145,18 +146,36 @@ def _may_differ(key: str, allowed: Iterable[str]) -> bool:
     return any(key == a or key.startswith(a + ".") for a in allowed)
 
 
-def check_compatible(saved: Mapping, current: Mapping, *, path: str | os.PathLike = "checkpoint",
-                     allowed: Iterable[str] = RESUME_MAY_DIFFER) -> None:
-    """Refuse to resume when resolved configs differ beyond ``allowed`` keys; the error lists every difference."""
-    old, new = _flatten(saved), _flatten(current)
-    differ = sorted(key for key in old.keys() | new.keys()
-                    if old.get(key, "<absent>") != new.get(key, "<absent>") and not _may_differ(key, allowed))
+def check_compatible(
+    saved: Mapping,
+    current: Mapping,
+    *,
+    path: str | Path = "checkpoint",
+    allowed: Iterable[str] = RESUME_MAY_DIFFER,
+    defaults: Mapping | None = None,
+) -> None:
+    """Refuse to resume when resolved configs differ beyond ``allowed`` keys; the error lists every difference.
+
+    A key the checkpoint lacks (it predates the knob) is no difference while the run keeps that knob at its
+    ``defaults`` value, which reproduces the behaviour before the knob existed.
+    """
+    old, new, default = _flatten(saved), _flatten(current), _flatten(defaults or {})
+
+    def differs(key: str) -> bool:
+        if key not in old and key in default and new.get(key) == default[key]:
+            return False
+        return old.get(key, "<absent>") != new.get(key, "<absent>")
+
+    differ = sorted(key for key in old.keys() | new.keys() if differs(key) and not _may_differ(key, allowed))
     if differ:
-        lines = "; ".join(f"{key}: checkpoint {old.get(key, '<absent>')!r} vs now {new.get(key, '<absent>')!r}"
-                          for key in differ)
-        raise CheckpointError(f"cannot resume from {path}: it was written with a different config ({lines}). "
-                              f"Resume with the checkpoint's settings, or start a new run directory "
-                              f"(resume='') to train with these")
+        lines = "; ".join(
+            f"{key}: checkpoint {old.get(key, '<absent>')!r} vs now {new.get(key, '<absent>')!r}" for key in differ
+        )
+        raise CheckpointError(
+            f"cannot resume from {path}: it was written with a different config ({lines}). "
+            f"Resume with the checkpoint's settings, or start a new run directory "
+            f"(resume='') to train with these"
+        )
 
 
 def capture_rng() -> dict[str, Any]:
@@ -166,10 +185,12 @@ def capture_rng() -> dict[str, Any]:
     context on every GPU from every rank.
     """
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
-                                                   gauss],
-            "torch": torch.get_rng_state(),
-            "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else []}
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],
+    }
 
 
 def restore_rng(state: Mapping[str, Any]) -> None:
@@ -181,14 +202,84 @@ def restore_rng(state: Mapping[str, Any]) -> None:
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"][0])
     elif state["cuda"]:
-        log.warning("the checkpoint holds a CUDA generator state but this process has no GPU; CUDA-side random "
-                    "draws will differ from the interrupted run")
+        log.warning(
+            "the checkpoint holds a CUDA generator state but this process has no GPU; CUDA-side random "
+            "draws will differ from the interrupted run"
+        )
+
+
+def gather_rng(dist: DistInfo) -> list[dict[str, Any]]:
+    """Every rank's generator states on every rank, in rank order (rank r resumes with entry r). A collective."""
+    state = capture_rng()
+    if dist.world_size == 1:
+        return [state]
+    gathered: list[Any] = [None] * dist.world_size
+    torch.distributed.all_gather_object(gathered, state)
+    return gathered
+
+
+def training_checkpoint(
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    ema: Any,
+    state: Any,
+    rng: list,
+    config: Mapping,
+    world_size: int,
+) -> dict[str, Any]:
+    """The dict train.py writes: the plain network's weights, optimizer, scaler, EMA, TrainState, RNGs, config."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "rng": rng,
+        "config": dict(config),
+        "world_size": world_size,
+        **state.state_dict(),
+    }
+
+
+def restore_training(
+    ckpt: Mapping[str, Any],
+    path: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    ema: Any,
+    state: Any,
+    dist: DistInfo,
+) -> None:
+    """Load a ``training_checkpoint`` into the run's objects and this rank's generators; errors name the file."""
+    if ckpt["world_size"] != dist.world_size:
+        raise ValueError(
+            f"cannot resume from {path}: it was written by {ckpt['world_size']} processes, this run "
+            f"has {dist.world_size}; the data order and steps per epoch depend on it. Resume "
+            f"with {ckpt['world_size']} processes"
+        )
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"cannot resume from {path}: its weights do not fit the configured model: {err}") from err
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    if ema is not None:
+        if ckpt["ema"] is None:
+            raise ValueError(
+                f"cannot resume from {path} with trainer.ema_decay={ema.decay}: the checkpoint has no EMA weights"
+            )
+        ema.load_state_dict(ckpt["ema"])
+    state.load_state_dict(ckpt)
+    restore_rng(ckpt["rng"][dist.rank])
 
 
 class CheckpointManager:
     """Writes ``<dir>/last.pth``, ``best.pth`` and a bounded history ``epoch_XXXX.pth`` (rank 0 only)."""
 
-    def __init__(self, directory: str | os.PathLike, keep_last: int):
+    def __init__(self, directory: str | Path, keep_last: int):
         self.dir = Path(directory)
         self.keep_last = keep_last
         self.last = self.dir / "last.pth"
@@ -197,8 +288,7 @@ class CheckpointManager:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise CheckpointError(f"cannot create the checkpoint folder {self.dir}: {err}") from err
-        for stale in self.dir.glob(f".*{_TMP_MARK}*"):  # left by a write that was killed
-            stale.unlink(missing_ok=True)
+        remove_stale_temporaries(self.dir)  # left by a write that was killed
 
     def save(self, state: Mapping[str, Any], *, is_best: bool = False, epoch_end: bool = False) -> Path:
         """Write last.pth; copy it to best.pth when ``is_best`` and to the history when ``epoch_end``."""
@@ -207,6 +297,6 @@ class CheckpointManager:
             _copy_atomic(self.last, self.best)
         if epoch_end and self.keep_last > 0:
             _copy_atomic(self.last, self.dir / f"epoch_{state['epoch']:04d}.pth")
-            for old in sorted(self.dir.glob("epoch_*.pth"))[:-self.keep_last]:
+            for old in sorted(self.dir.glob("epoch_*.pth"))[: -self.keep_last]:
                 old.unlink()
         return self.last

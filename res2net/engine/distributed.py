@@ -5,21 +5,35 @@ with NCCL on CUDA and gloo on CPU. Multi-node jobs use torchrun's rendezvous (``
 is node-specific. A rank that dies takes the job down through torchrun, which stops the others; the timeout below
 bounds how long a collective may wait on a peer that hangs instead of dying.
 """
+
 from __future__ import annotations
 
 import contextlib
 import datetime
 import os
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistInfo", "all_reduce_sum", "barrier", "broadcast_object", "cleanup", "init_distributed",
-           "process_group", "share_run_time", "wrap_model"]
+__all__ = [
+    "DEVICES",
+    "DistInfo",
+    "all_reduce_sum",
+    "barrier",
+    "broadcast_object",
+    "cleanup",
+    "init_distributed",
+    "process_group",
+    "select_device",
+    "share_run_time",
+    "unwrap_model",
+    "wrap_model",
+]
 
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 
@@ -44,33 +58,88 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer; it is set by torchrun") from None
 
 
-def init_distributed() -> DistInfo:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK), or run alone. Idempotent."""
+DEVICES = ("auto", "cuda", "cpu")
+
+
+def _cuda_driver_hint() -> str:
+    """What torch's CUDA build needs from the driver, and what torch sees, for the 'no usable GPU' error."""
+    build = torch.version.cuda
+    if build is None:
+        return (
+            "this torch is a CPU-only build; install a CUDA build of torch (README: Install on a GPU machine) "
+            "or use device=cpu"
+        )
+    driver = ">= 580" if build.startswith("13") else ">= 525" if build.startswith("12") else "matching its CUDA version"
+    return (
+        f"torch {torch.__version__} is built for CUDA {build} (needs an NVIDIA driver {driver}) and sees "
+        f"{torch.cuda.device_count()} GPU(s); check nvidia-smi, CUDA_VISIBLE_DEVICES, or install the torch build "
+        f"for your driver (README: Install on a GPU machine); device=cpu runs on the CPU"
+    )
+
+
+def select_device(spec: str, local_rank: int = 0, world_size: int = 1) -> torch.device:
+    """The device for ``spec`` (auto | cuda | cpu, or cuda:N): auto takes this rank's GPU when torch sees one.
+
+    ``cuda`` without a usable GPU is an error naming torch's CUDA build, the driver it needs and the GPUs it sees;
+    ``auto`` without a GPU in a multi-process job warns once (it would train on CPU processes).
+    """
+    kind = spec.split(":", 1)[0]
+    if kind not in DEVICES:
+        raise ValueError(f"device={spec!r} is not one of {DEVICES} (or cuda:<index>)")
+    if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
+        if kind == "auto" and world_size > 1 and local_rank == 0:
+            warnings.warn(
+                f"device=auto found no usable GPU, so these {world_size} processes train on the CPU with "
+                f"gloo. If this machine has GPUs: {_cuda_driver_hint()}; set trainer.device=cuda to make "
+                f"this an error",
+                stacklevel=2,
+            )
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"device={spec} but torch cannot use a GPU here: {_cuda_driver_hint()}")
+    index = int(spec.split(":", 1)[1]) if ":" in spec else local_rank
+    if index >= torch.cuda.device_count():
+        raise RuntimeError(
+            f"this process needs cuda:{index} (LOCAL_RANK={local_rank}) but only "
+            f"{torch.cuda.device_count()} CUDA devices are visible; start at most that many processes "
+            f"per node (--nproc_per_node)"
+        )
+    return torch.device("cuda", index)
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK), or run alone. Idempotent.
+
+    The group's backend follows the device: NCCL on CUDA, gloo on the CPU. A group that already exists (train.py's
+    launcher block creates one with ``auto``) must fit the device asked for.
+    """
     rank, world_size, local_rank = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
-    if torch.cuda.is_available():
-        if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are "
-                               f"visible; start at most that many processes per node (--nproc_per_node)")
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    chosen = select_device(device, local_rank, world_size)
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
+    if world_size > 1:
+        backend = "nccl" if chosen.type == "cuda" else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
+        elif dist.get_backend() != backend:
+            raise RuntimeError(
+                f"device={device} needs a {backend} process group, but this job's group uses "
+                f"{dist.get_backend()}; to run on the CPU of a GPU machine hide the GPUs "
+                f"(CUDA_VISIBLE_DEVICES=) instead of setting device=cpu"
+            )
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=chosen)
 
 
 @contextlib.contextmanager
-def process_group() -> Iterator[DistInfo]:
-    """``init_distributed()`` for the enclosed code; on leaving, destroys the process group only if this call created
-    it, so nested uses (train.py's launcher block around its task function) share one group.
+def process_group(device: str = "auto") -> Iterator[DistInfo]:
+    """``init_distributed(device)`` for the enclosed code; on leaving, destroys the process group only if this call
+    created it, so nested uses (train.py's launcher block around its task function) share one group.
 
     Call it where the work runs, never at import: Hydra's submitit launcher pickles the task function with its
     globals, and a ``DistInfo`` made on the submitting machine would carry that machine's device into every job.
     """
     created = not _initialized()
-    info = init_distributed()
+    info = init_distributed(device)
     try:
         yield info
         if created:
@@ -128,3 +197,14 @@ def wrap_model(model: nn.Module, info: DistInfo, compile: bool = False) -> nn.Mo
     if compile:
         model = torch.compile(model)
     return model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain network inside DDP and torch.compile wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model

@@ -7,6 +7,7 @@ global_step, rss_mb, skipped_steps (fp16 steps the GradScaler skipped), world_si
 partial (true when trainer.max_steps ended the epoch early)). TensorBoard events go to ``<run dir>/tb/``, tagged
 ``<kind>/<field>`` (train/loss, epoch/val_top1, ...).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -14,17 +15,18 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import torch
 
-__all__ = ["MetricsWriter", "Throughput", "format_eta", "gpu_mem_mb", "rss_mb"]
+__all__ = ["MetricsWriter", "Throughput", "TrainProgress", "format_eta", "gpu_mem_mb", "rss_mb"]
 
 log = logging.getLogger(__name__)
 
 
-def rss_mb() -> Optional[float]:
+def rss_mb() -> float | None:
     """Resident memory of this process in MiB (Linux /proc), None elsewhere."""
     try:
         with open("/proc/self/statm") as f:
@@ -34,7 +36,7 @@ def rss_mb() -> Optional[float]:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def gpu_mem_mb(device: torch.device) -> Optional[float]:
+def gpu_mem_mb(device: torch.device) -> float | None:
     """Peak CUDA memory allocated since the last reset, MiB; None off CUDA."""
     if device.type != "cuda":
         return None
@@ -46,7 +48,7 @@ def format_eta(seconds: float) -> str:
 
 
 class Throughput:
-    """Images per second and the fraction of wall time spent waiting for data, over a window of steps."""
+    """Images per second, the fraction of wall time spent waiting for data and the mean loss, over a window of steps."""
 
     def __init__(self):
         self.reset()
@@ -57,17 +59,21 @@ class Throughput:
         self.images = 0
         self.steps = 0
         self.loss_sum = 0.0
+        self.losses = 0
 
-    def add(self, images: int, data_wait: float, loss: float) -> None:
+    def add(self, images: int, data_wait: float) -> None:
         self.images += images
         self.data_wait += data_wait
         self.steps += 1
-        self.loss_sum += loss
 
     def summary(self) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        return {"loss": self.loss_sum / max(self.steps, 1), "img_per_s": self.images / elapsed,
-                "data_wait_frac": min(self.data_wait / elapsed, 1.0), "step_time_s": elapsed / max(self.steps, 1)}
+        return {
+            "loss": self.loss_sum / max(self.losses, 1),
+            "img_per_s": self.images / elapsed,
+            "data_wait_frac": min(self.data_wait / elapsed, 1.0),
+            "step_time_s": elapsed / max(self.steps, 1),
+        }
 
 
 class MetricsWriter:
@@ -77,7 +83,7 @@ class MetricsWriter:
     global step, so the files describe one trajectory.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, enabled: bool, purge_after: Optional[int] = None):
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool, purge_after: int | None = None):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.tb = None
@@ -86,8 +92,8 @@ class MetricsWriter:
         if purge_after is not None:
             self._purge(purge_after)
         from torch.utils.tensorboard import SummaryWriter
-        self.tb = SummaryWriter(str(Path(run_dir) / "tb"),
-                                purge_step=None if purge_after is None else purge_after + 1)
+
+        self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=None if purge_after is None else purge_after + 1)
         self.file = open(self.path, "a", encoding="utf-8")
 
     def _purge(self, global_step: int) -> None:
@@ -119,3 +125,132 @@ class MetricsWriter:
             self.file.close()
             self.tb.close()
             self.enabled = False
+
+
+class TrainProgress:
+    """The training loop's console line and 'train' records: every ``log_interval`` steps and at the epoch's end,
+    with loss, lr, img/s, the share of time spent waiting for data, peak GPU memory and the ETA of epoch and run."""
+
+    def __init__(
+        self,
+        writer: MetricsWriter,
+        device: torch.device,
+        *,
+        epochs: int,
+        steps_per_epoch: int,
+        log_interval: int,
+        world_size: int,
+    ):
+        self.writer, self.device = writer, device
+        self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
+        self.log_interval, self.world_size = log_interval, world_size
+        self.window = Throughput()
+        self._fetch_start = time.perf_counter()
+        self._waited = 0.0
+
+    def batches(self, loader: Iterable) -> Iterator:
+        """``loader``'s batches, timing how long each one was waited for."""
+        self.window.reset()
+        self._fetch_start = time.perf_counter()
+        for batch in loader:
+            self._waited = time.perf_counter() - self._fetch_start
+            yield batch
+            self._fetch_start = time.perf_counter()
+
+    def due(self, state: Any) -> bool:
+        """Whether the step ``state`` just finished ends a logging window."""
+        return state.step_in_epoch % self.log_interval == 0 or state.step_in_epoch == self.steps_per_epoch
+
+    def add_loss(self, loss: float) -> None:
+        self.window.loss_sum += loss
+        self.window.losses += 1
+
+    def step(self, state: Any, images: int, lr: float) -> None:
+        """Count one finished step of ``images`` per rank; log when the window ends (its losses already added)."""
+        self.window.add(images * self.world_size, self._waited)
+        if not self.due(state):
+            return
+        stats = self.window.summary()
+        record = {
+            "kind": "train",
+            "epoch": state.epoch,
+            "step": state.global_step,
+            "loss": stats["loss"],
+            "lr": lr,
+            "img_per_s": stats["img_per_s"],
+            "data_wait_frac": stats["data_wait_frac"],
+        }
+        mem = gpu_mem_mb(self.device)
+        if mem is not None:
+            record["gpu_mem_mb"] = mem
+        self.writer.write(record, state.global_step)
+        left_in_epoch = (self.steps_per_epoch - state.step_in_epoch) * stats["step_time_s"]
+        left_total = left_in_epoch + (self.epochs - state.epoch - 1) * self.steps_per_epoch * stats["step_time_s"]
+        log.info(
+            "epoch %d/%d step %d/%d  loss %.4f  lr %.4g  %.1f img/s  data %.0f%%%s  eta %s (run %s)",
+            state.epoch + 1,
+            self.epochs,
+            state.step_in_epoch,
+            self.steps_per_epoch,
+            stats["loss"],
+            lr,
+            stats["img_per_s"],
+            100 * stats["data_wait_frac"],
+            f"  mem {mem:.0f} MiB" if mem is not None else "",
+            format_eta(left_in_epoch),
+            format_eta(left_total),
+        )
+        self.window.reset()
+
+
+def log_epoch(
+    writer: MetricsWriter,
+    state: Any,
+    val: Mapping[str, Any],
+    *,
+    epochs: int,
+    lr: float,
+    seconds: float,
+    global_batch: int,
+    world_size: int,
+    device: torch.device,
+    partial: bool,
+) -> None:
+    """Write the 'epoch' record of the epoch ``state`` is in (before it advances) and its console line."""
+    m = state.meters
+    record = {
+        "kind": "epoch",
+        "epoch": state.epoch,
+        "train_loss": m["loss_sum"] / max(m["steps"], 1),
+        "lr": lr,
+        "val_loss": val["loss"],
+        "val_top1": val["top1"],
+        "val_top5": val["top5"],
+        "epoch_time_s": seconds,
+        "img_per_s": m["steps"] * global_batch / max(m["train_seconds"], 1e-9),
+        "global_step": state.global_step,
+        "skipped_steps": m["skipped_steps"],
+        "world_size": world_size,
+        "device": device.type,
+    }
+    for key in ("loss", "top1", "top5"):
+        if f"{key}_ema" in val:
+            record[f"val_{key}_ema"] = val[f"{key}_ema"]
+    if rss_mb() is not None:
+        record["rss_mb"] = rss_mb()
+    if partial:
+        record["partial"] = True
+    writer.write(record, state.global_step)
+    ema = f"  ema top-1 {val['top1_ema']:.2f}" if "top1_ema" in val else ""
+    log.info(
+        "epoch %d/%d done in %.1f s: train loss %.4f  val loss %.4f  top-1 %.2f  top-5 %.2f%s (%d images)",
+        state.epoch + 1,
+        epochs,
+        seconds,
+        record["train_loss"],
+        val["loss"],
+        val["top1"],
+        val["top5"],
+        ema,
+        val["count"],
+    )

@@ -1,18 +1,19 @@
-"""Learning-rate schedules as a per-step factor of the (scaled) base lr, driven by torch's LambdaLR.
+"""The learning rate as a pure function of the global step: step or cosine decay, with an optional linear warm-up
+from ``warmup_lr`` (absolute, like cosine's ``min_lr``).
 
 The factor is evaluated at the fractional epoch where a step starts, so the step schedule changes the lr exactly at
-the first step of a milestone epoch and the cosine schedule is smooth across steps. A linear warm-up multiplies
-either schedule during its first ``warmup_epochs``.
+the first step of a milestone epoch and the cosine schedule is smooth across steps. Nothing is stored: a resumed run
+recomputes the lr from its global step.
 """
+
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import Any
 
 import torch
 
-__all__ = ["SCHEDULES", "build_scheduler", "lr_factor"]
+__all__ = ["SCHEDULES", "learning_rate", "lr_factor", "set_lr"]
 
 SCHEDULES = ("step", "cosine")
 
@@ -35,21 +36,16 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: Any, base_lr: float = 1.0) -
         factor = floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     warmup_steps = cfg.warmup_epochs * steps_per_epoch
     if warmup_steps > 0 and step < warmup_steps:
-        factor *= (step + 1) / warmup_steps
+        start = cfg.warmup_lr / base_lr if base_lr > 0 else 0.0
+        factor = start + (factor - start) * ((step + 1) / warmup_steps)  # with start 0: the former ramp, bit for bit
     return factor
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any,
-                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR to be stepped once per optimizer step; its state_dict holds the step count for resume."""
-    if steps_per_epoch < 1:
-        raise ValueError(f"the training loader yields {steps_per_epoch} batches per epoch; it needs at least one "
-                         f"(fewer images per rank than data.batch_size?)")
-    if cfg.epochs < 1 or cfg.warmup_epochs < 0:
-        raise ValueError(f"schedule.epochs={cfg.epochs} must be >= 1 and "
-                         f"schedule.warmup_epochs={cfg.warmup_epochs} >= 0")
-    if _name(cfg) == "step" and list(cfg.milestones) != sorted(cfg.milestones):
-        raise ValueError(f"schedule.milestones={list(cfg.milestones)} must be increasing")
-    base_lr = optimizer.param_groups[0]["lr"]
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(lr_factor, steps_per_epoch=steps_per_epoch, cfg=cfg, base_lr=base_lr))
+def learning_rate(step: int, steps_per_epoch: int, cfg: Any, base_lr: float) -> float:
+    """The lr of global step ``step``: ``base_lr`` (already scaled to the global batch) times the schedule."""
+    return base_lr * lr_factor(step, steps_per_epoch, cfg, base_lr)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

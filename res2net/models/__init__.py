@@ -1,12 +1,27 @@
-"""The Res2Net family: network, variant registry, released weights, statistics, inference preparation.
+"""The Res2Net family: network, variant table, registry, released weights, statistics, inference preparation.
 
 Imports with torch alone.
 """
-from . import res2net as _variants  # noqa: F401  (registers the variants)
-from .inference import prepare_for_inference
-from .pretrained import RELEASED, download_checkpoint, load_pretrained
-from .registry import create_model, list_models
-from .res2net import Bottle2neck, Res2Net
 
-__all__ = ['RELEASED', 'Bottle2neck', 'Res2Net', 'create_model', 'download_checkpoint', 'list_models',
-           'load_pretrained', 'prepare_for_inference']
+from .inference import prepare_for_inference
+from .pretrained import download_checkpoint, load_pretrained
+from .registry import CONFIG_KEYS, create_model, list_models, model_from_config, resolve_model_config
+from .res2net import Bottle2neck, Res2Net
+from .variants import MODEL_KNOBS, RELEASED, VARIANTS, Variant
+
+__all__ = [
+    "CONFIG_KEYS",
+    "MODEL_KNOBS",
+    "RELEASED",
+    "VARIANTS",
+    "Bottle2neck",
+    "Res2Net",
+    "Variant",
+    "create_model",
+    "download_checkpoint",
+    "list_models",
+    "load_pretrained",
+    "model_from_config",
+    "prepare_for_inference",
+    "resolve_model_config",
+]

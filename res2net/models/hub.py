@@ -12,27 +12,15 @@ import logging
 import os
 from pathlib import Path
 
-from .pretrained import RELEASED, cache_dir, download_checkpoint
+from .pretrained import cache_dir, download_checkpoint
+from .variants import RELEASED, VARIANTS
 
 __all__ = ["HUB_FILE", "HUB_REPOS", "download_from_hub", "released_weights"]
 
 logger = logging.getLogger(__name__)
 
 HUB_FILE = "model.safetensors"
-HUB_REPOS = {
-    name: f"timm/{name}.in1k"
-    for name in (
-        "res2net50_26w_4s",
-        "res2net50_26w_6s",
-        "res2net50_26w_8s",
-        "res2net50_48w_2s",
-        "res2net50_14w_8s",
-        "res2net101_26w_4s",
-        "res2next50",
-        "res2net50d",
-        "res2net101d",
-    )
-}
+HUB_REPOS = {name: variant.hub_id for name, variant in VARIANTS.items()}  # timm/<name>.in1k
 
 
 def download_from_hub(name: str, cache: str | os.PathLike | None = None) -> Path:

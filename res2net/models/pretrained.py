@@ -1,11 +1,8 @@
-"""Released ImageNet checkpoints: where they live, what they scored, and how to fetch and load them.
+"""Released checkpoints: fetch them into the cache (verified against the sha256 prefix in their names) and load
+weights from a URL, a local file, a released model name or a checkpoint dict into a model.
 
-Downloads go to ``cache_dir()`` (``$RES2NET_CACHE``, default ``~/.cache/res2net``). Each released file carries the
-first 8 hex digits of its sha256 in its name (``res2net50_26w_4s-06e79181.pth``); a download is written to a temporary
-file in the cache directory, checked against its Content-Length and that prefix, synced and only then renamed into
-place, so a file under its final name is always complete and verified. When a location fails (HTTP error, connection
-error, interrupted transfer, wrong hash) the next one is tried. ``$RES2NET_MIRRORS`` (comma-separated base URLs)
-replaces the public locations with ``<base>/<file>`` for each base, in order.
+The cache is ``$RES2NET_CACHE`` (default ``~/.cache/res2net``). ``$RES2NET_MIRRORS`` (comma-separated base URLs)
+replaces the public locations of ``res2net.models.variants``; each failing location falls through to the next.
 """
 
 from __future__ import annotations
@@ -15,29 +12,30 @@ import http.client
 import logging
 import os
 import pickle
+import pickletools
 import re
-import tempfile
-import urllib.error
 import urllib.parse
-import urllib.request
-from collections.abc import Mapping
-from dataclasses import dataclass
+import warnings
+import zipfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable
 
 import torch
 import torch.nn as nn
 
+from res2net.errors import CheckpointError, UnsafeCheckpointError
+from res2net.files import fsync_dir, temporary_path
+
+from .variants import RELEASED, VARIANTS, Variant
+
 __all__ = [
-    "RELEASED",
-    "ReleasedCheckpoint",
-    "DownloadError",
     "cache_dir",
     "checkpoint_urls",
     "download_checkpoint",
     "extract_state_dict",
     "hash_prefix",
     "load_pretrained",
+    "load_weights",
     "read_checkpoint",
     "released_checkpoint",
     "sha256_file",
@@ -48,69 +46,27 @@ logger = logging.getLogger(__name__)
 CACHE_ENV = "RES2NET_CACHE"
 MIRRORS_ENV = "RES2NET_MIRRORS"
 _DEFAULT_CACHE = "~/.cache/res2net"
-_TIMEOUT_S = 60.0
 _CHUNK = 1 << 20
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format is a zip archive
 _WRAPPER_KEYS = ("model", "state_dict", "state_dict_ema")
 _EMA_KEYS = ("ema", "state_dict_ema", "model_ema")
 _PREFIXES = ("module.", "_orig_mod.")  # left by DistributedDataParallel and torch.compile
 _REPORT_FIRST = 5
 
-# The two public locations serving the same files (timm's GitHub release and the authors' bucket).
-_LOCATIONS = (
-    "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-res2net",
-    "https://shanghuagao.oss-cn-beijing.aliyuncs.com/res2net",
-)
 
-
-@dataclass(frozen=True)
-class ReleasedCheckpoint:
-    """A released ImageNet-1k checkpoint: file name (with sha256 prefix), locations, published top-1/top-5 (%)."""
-
-    file: str
-    urls: tuple[str, ...]
-    top1: float | None
-    top5: float | None
-
-
-def _released(file: str, top1: float, top5: float) -> ReleasedCheckpoint:
-    return ReleasedCheckpoint(file, tuple(f"{base}/{file}" for base in _LOCATIONS), top1, top5)
-
-
-# Published accuracy: timm's results-imagenet.csv (latest table; 50,000 val images, 224 px, crop 0.875, bilinear),
-# i.e. measured with the same preprocessing as our evaluator, and one source for every row.
-# res2net50_26w_8s: the model card says 79.19 / 94.37 and older timm tables 79.20, but timm's latest table
-# re-measured 78.950 / 94.280. We use the latest measurement (same source as the other rows); the evaluator's
-# tolerance for this model is wider because of that move.
-# res2net50d (80.280) and res2net101d (81.236) have no released file at the two public locations (their weights
-# exist only on the Hugging Face hub as safetensors), so they are not in this table.
-RELEASED: dict[str, ReleasedCheckpoint] = {
-    "res2net50_26w_4s": _released("res2net50_26w_4s-06e79181.pth", 77.994, 93.860),
-    "res2net50_26w_6s": _released("res2net50_26w_6s-19041792.pth", 78.586, 94.120),
-    "res2net50_26w_8s": _released("res2net50_26w_8s-2c7c9f12.pth", 78.950, 94.280),
-    "res2net50_48w_2s": _released("res2net50_48w_2s-afed724a.pth", 77.528, 93.562),
-    "res2net50_14w_8s": _released("res2net50_14w_8s-6527dddc.pth", 78.142, 93.852),
-    "res2net101_26w_4s": _released("res2net101_26w_4s-02a759a1.pth", 79.192, 94.466),
-    "res2next50": _released("res2next50_4s-6ef7e7bf.pth", 78.238, 93.904),
-}
-_HUB_ONLY = ("res2net50d", "res2net101d")
-
-
-class DownloadError(RuntimeError):
-    """A transfer that ended short or delivered the wrong bytes."""
-
-
-def released_checkpoint(name: str) -> ReleasedCheckpoint:
-    """The release entry of a model name; ValueError naming the released models when there is none."""
+def released_checkpoint(name: str) -> Variant:
+    """The variant entry of a model with a released file; ValueError naming the released models otherwise."""
     if name in RELEASED:
         return RELEASED[name]
-    if name in _HUB_ONLY:
+    released = ", ".join(sorted(RELEASED))
+    if name in VARIANTS:
         raise ValueError(
-            f"{name} has no released checkpoint file at the public locations (its weights exist only on the "
-            f"Hugging Face hub as timm/{name}.in1k: download its model.safetensors and pass the file to "
-            f"load_pretrained); pretrained=True works for: {', '.join(sorted(RELEASED))}"
+            f"{name} has no released checkpoint file at the public locations: its weights are on the Hugging Face "
+            f"hub as {VARIANTS[name].hub_id}, which pretrained=True and load_pretrained(model, {name!r}) fetch; "
+            f"released files exist for: {released}"
         )
-    raise ValueError(f"no released checkpoint for {name!r}; released models: {', '.join(sorted(RELEASED))}")
+    raise ValueError(f"no released checkpoint for {name!r}; released models: {released}")
 
 
 def cache_dir() -> Path:
@@ -189,7 +145,7 @@ def download_checkpoint(
         try:
             _fetch(url, target, expected, progress)
             return target
-        except (OSError, http.client.HTTPException, DownloadError) as err:
+        except (OSError, http.client.HTTPException, RuntimeError) as err:  # torch.hub: RuntimeError on a bad hash
             errors.append(f"{url}: {err}")
             logger.warning("download of %s failed (%s); trying the next location", url, err)
     raise RuntimeError(
@@ -201,53 +157,25 @@ def download_checkpoint(
 
 
 def _fetch(url: str, target: Path, expected: str | None, progress: bool) -> None:
-    """Download url to target atomically: temp file in the same directory, size and hash checks, fsync, rename."""
-    request = urllib.request.Request(url, headers={"User-Agent": "res2net-recipe"})
-    with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response:
-        length = response.headers.get("Content-Length")
-        total = int(length) if length and length.isdigit() else None
-        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-        try:
-            digest, received = hashlib.sha256(), 0
-            with os.fdopen(fd, "wb") as f, _progress_bar(total, target.name, progress) as bar:
-                while chunk := response.read(_CHUNK):
-                    f.write(chunk)
-                    digest.update(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-                f.flush()
-                os.fsync(f.fileno())
-            if total is not None and received != total:
-                raise DownloadError(f"transfer interrupted after {received} of {total} bytes")
-            sha256 = digest.hexdigest()
-            if expected is not None and not sha256.startswith(expected):
-                raise DownloadError(
-                    f"sha256 {sha256[:16]}... does not start with {expected} (from the file name): "
-                    "the file is corrupt or not the released one; it was discarded"
-                )
-            os.replace(tmp_name, target)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename durable; not every platform can open a directory.
+    """Download url into a hidden sibling of target (torch.hub checks the sha256 prefix), then fsync and rename."""
+    tmp = temporary_path(target)
     try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
+        torch.hub.download_url_to_file(url, str(tmp), hash_prefix=expected, progress=progress)
+        # torch.hub ignores Content-Length; without a hash only a torch.save archive's missing end record shows a
+        # transfer that stopped early.
+        if expected is None and _truncated_archive(tmp):
+            raise RuntimeError("transfer interrupted: the zip archive (torch.save format) lacks its end record")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
     finally:
-        os.close(fd)
+        tmp.unlink(missing_ok=True)
+    fsync_dir(target.parent)
 
 
-def _progress_bar(total: int | None, name: str, enabled: bool):
-    from tqdm import tqdm  # imported lazily: res2net.models imports with torch alone
-
-    return tqdm(total=total, desc=name, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled)
+def _truncated_archive(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC and not zipfile.is_zipfile(path)
 
 
 def _is_state_dict(obj: object) -> bool:
@@ -266,13 +194,13 @@ def extract_state_dict(checkpoint: Mapping, use_ema: bool = False, origin: str =
         key = next((k for k in keys if isinstance(state.get(k), Mapping)), None)
         if key is None:
             wanted = "EMA weights under " if use_ema else "a state_dict or a dict with weights under "
-            raise ValueError(
+            raise CheckpointError(
                 f"{origin} holds no model weights: expected {wanted}one of {list(keys)}, "
                 f"found keys {sorted(map(str, state))[:10]}"
             )
         state = state[key]
     if not _is_state_dict(state):
-        raise ValueError(f"{origin} holds no model weights (a mapping of tensors), got {type(state).__name__}")
+        raise CheckpointError(f"{origin} holds no model weights (a mapping of tensors), got {type(state).__name__}")
     return {_strip_prefixes(key): value for key, value in state.items()}
 
 
@@ -306,23 +234,107 @@ def _key_report(model: nn.Module, state: Mapping[str, torch.Tensor], origin: str
     return "\n".join(lines)
 
 
-def read_checkpoint(path: str | os.PathLike, trusted: bool = True) -> object:
-    """The object in a checkpoint file (on the CPU): .safetensors, or a torch file read tensors-only first.
+def read_checkpoint(path: str | os.PathLike, trusted: bool = False) -> object:
+    """The object in a checkpoint file (on the CPU): .safetensors, or a torch file read tensors-only.
 
-    ``trusted`` (a local file the user named, e.g. a train.py checkpoint with numpy RNG states) allows falling back
-    to the full unpickler when the tensors-only reader refuses the file.
+    Raises ``CheckpointError`` naming the file and what is wrong with it (a directory, empty, a truncated archive,
+    not a checkpoint at all) and its subclass ``UnsafeCheckpointError`` for a file that only Python's full unpickler
+    reads, which can run arbitrary code while loading. ``trusted=True`` reads such a file anyway: only for a file
+    whose origin you trust. FileNotFoundError when there is no such path.
     """
     path = Path(path)
+    _check_file(path)
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
+    if _truncated_archive(path):
+        raise CheckpointError(
+            f"checkpoint {path} is truncated: the zip archive torch.save writes lacks its end record (an interrupted "
+            "download, copy or write); fetch or copy the file again"
+        )
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+        with warnings.catch_warnings():  # "Detected pickle protocol 4": noise beside the error said below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not _pickled(path):
+            raise CheckpointError(
+                f"checkpoint {path} is not a PyTorch checkpoint: neither a torch.save archive nor a pickle"
+            ) from None
         if not trusted:
-            raise
-    # A local training checkpoint may hold objects weights_only refuses (e.g. numpy RNG state).
-    logger.info("%s holds more than tensors; loading it with weights_only=False (local file)", path)
-    return torch.load(path, map_location="cpu", weights_only=False)
+            raise UnsafeCheckpointError(
+                f"checkpoint {path} was not loaded: it holds objects other than tensors and plain containers "
+                f"({_refusal(err)}), and reading it needs Python's full unpickler, which can run arbitrary code "
+                "while loading.\nIf you trust the file's origin: res2net.load_pretrained(model, source, "
+                "trusted=True), or evaluate.py trust_checkpoint=true"
+            ) from None
+    except Exception as err:  # torch reports a damaged file as RuntimeError, EOFError, ValueError, ...
+        raise CheckpointError(f"checkpoint {path} is damaged or not a PyTorch checkpoint: {_first_line(err)}") from None
+    logger.warning("%s holds more than tensors; loading it with Python's full unpickler (trusted=True)", path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a trusted file can still be damaged
+        raise CheckpointError(f"checkpoint {path} could not be unpickled: {_first_line(err)}") from err
+
+
+def _check_file(path: Path) -> None:
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} is a directory, not a checkpoint file; name a file in it (a train.py run directory "
+            "keeps checkpoints/last.pth and checkpoints/best.pth)"
+        )
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb"):
+            pass
+    except OSError as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {err}") from None
+    if size == 0:
+        raise CheckpointError(
+            f"checkpoint {path} is empty (0 bytes): an interrupted download, copy or write; fetch or copy it again"
+        )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _refusal(err: pickle.UnpicklingError) -> str:
+    """What the tensors-only reader refused, from torch's message: 'posix.system', 'pickle opcode 149', ..."""
+    text = str(err)
+    if found := re.search(r"GLOBAL ([\w.]+)", text):
+        return f"it refers to {found.group(1)}"
+    if found := re.search(r"Unsupported operand (\d+)", text):
+        return f"pickle opcode {found.group(1)}"
+    return "refused by torch.load(weights_only=True)"
+
+
+def _pickled(path: Path) -> bool:
+    """Whether the file (or the data.pkl of its torch.save archive) holds a well-formed pickle: parsed opcode by
+    opcode, nothing executed. Tells a file the tensors-only reader refuses apart from one that is not a pickle."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                member = next((n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+                if member is None:
+                    return False
+                with archive.open(member) as f:
+                    return _parses(f)
+        with open(path, "rb") as f:
+            return _parses(f)
+    except Exception:  # a damaged archive: zipfile raises BadZipFile, UnicodeDecodeError, EOFError, ...
+        return False
+
+
+def _parses(stream) -> bool:
+    try:
+        for _ in pickletools.genops(stream):
+            pass
+    except Exception:  # pickletools raises ValueError and others for anything that is not a pickle
+        return False
+    return True
 
 
 def _load_safetensors(path: Path) -> dict:
@@ -331,43 +343,55 @@ def _load_safetensors(path: Path) -> dict:
         from safetensors.torch import load_file
     except ImportError as err:
         raise ImportError(f"loading {path} needs the safetensors package: .venv/bin/pip install safetensors") from err
-    return load_file(path, device="cpu")
+    try:
+        return load_file(path, device="cpu")
+    except Exception as err:  # safetensors raises SafetensorError (and others) for a damaged header or data
+        raise CheckpointError(f"checkpoint {path} is not a valid safetensors file: {_first_line(err)}") from None
 
 
-def _read_source(source: str | os.PathLike) -> tuple[object, str]:
+def _read_source(source: str | os.PathLike, trusted: bool) -> tuple[object, str]:
     text = os.fspath(source)
     if text.startswith(("http://", "https://")):
         file = Path(urllib.parse.urlparse(text).path).name
         path = download_checkpoint(file, urls=(text,))
-        return read_checkpoint(path, trusted=False), f"checkpoint {text}"
+        return read_checkpoint(path, trusted), f"checkpoint {text}"
     path = Path(text).expanduser()
-    if path.is_file():
-        return read_checkpoint(path, trusted=True), f"checkpoint {path}"
-    if text in RELEASED or text in _HUB_ONLY:
+    if path.exists():
+        return read_checkpoint(path, trusted), f"checkpoint {path}"
+    if text in VARIANTS:
         from .hub import released_weights  # hub.py imports this module
 
-        return read_checkpoint(released_weights(text), trusted=False), f"released checkpoint {text}"
+        return read_checkpoint(released_weights(text), trusted), f"released checkpoint {text}"
     raise FileNotFoundError(
         f"checkpoint {text!r} not found: it is not a file, not an http(s) URL and not a released "
         f"model name ({', '.join(sorted(RELEASED))})"
     )
 
 
-def load_pretrained(model: nn.Module, source: str | os.PathLike | Mapping, use_ema: bool = False) -> None:
+def load_pretrained(
+    model: nn.Module, source: str | os.PathLike | Mapping, use_ema: bool = False, trusted: bool = False
+) -> None:
     """Load weights into ``model`` (strict) from a URL, a local file (.pth / .pt, or .safetensors), a released model
     name or a checkpoint dict.
 
-    Training checkpoints are unwrapped (see ``extract_state_dict``). A checkpoint that does not fit raises
-    RuntimeError listing missing, unexpected and wrongly shaped keys (first few of each, with counts).
+    Files are read tensors-only (see ``read_checkpoint``); ``trusted=True`` also reads one that needs Python's full
+    unpickler, which can run arbitrary code: only for files whose origin you trust. Training checkpoints are unwrapped
+    (see ``extract_state_dict``). A checkpoint that does not fit raises CheckpointError (a RuntimeError) listing
+    missing, unexpected and wrongly shaped keys (first few of each, with counts).
     """
     if isinstance(source, Mapping):
         checkpoint, origin = source, "the given checkpoint dict"
     else:
-        checkpoint, origin = _read_source(source)
+        checkpoint, origin = _read_source(source, trusted)
     if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"{origin} holds a {type(checkpoint).__name__}, not a state_dict or checkpoint dict")
-    state = extract_state_dict(checkpoint, use_ema=use_ema, origin=origin)
+        raise CheckpointError(f"{origin} holds a {type(checkpoint).__name__}, not a state_dict or checkpoint dict")
+    load_weights(model, extract_state_dict(checkpoint, use_ema=use_ema, origin=origin), origin)
+
+
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], origin: str = "the given state_dict") -> None:
+    """``model.load_state_dict(state, strict=True)``, or CheckpointError naming ``origin`` and listing missing,
+    unexpected and wrongly shaped keys."""
     report = _key_report(model, state, origin)
     if report:
-        raise RuntimeError(report)
+        raise CheckpointError(report)
     model.load_state_dict(state, strict=True)

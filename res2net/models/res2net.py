@@ -5,19 +5,17 @@ Paper: Gao et al., "Res2Net: A New Multi-Scale Backbone Architecture", TPAMI 43(
 
 Module and parameter names (``conv1``, ``bn1``, ``layer1``, ``convs.i``, ``bns.i``, ``downsample``, ``fc``, ...)
 are fixed: the released checkpoints load into this module tree with ``strict=True`` and without any key renaming.
-Do not rename them.
+Do not rename them. The variants and their arguments are listed in ``variants.py``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from .registry import register_model
 
 __all__ = ["Bottle2neck", "OUTPUT_STRIDES", "Res2Net", "STEMS"]
 
@@ -39,6 +37,12 @@ def _check_bool(name: str, value: object) -> bool:
     return value
 
 
+def _check_rate(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
 def _check_layers(layers: object) -> tuple[int, ...]:
     # Accept any sequence (list, tuple, OmegaConf ListConfig) of four positive integers.
     if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or len(layers) != 4:
@@ -49,13 +53,21 @@ def _check_layers(layers: object) -> tuple[int, ...]:
     return tuple(layers)
 
 
+def _drop_path_rates(rate: float, blocks: int) -> list[float]:
+    """Block i of n drops its residual branch at rate * i / (n - 1): none at the first block, ``rate`` at the last."""
+    return [rate * i / max(blocks - 1, 1) for i in range(blocks)]
+
+
 class Bottle2neck(nn.Module):
     """Res2Net bottleneck: a 1x1 conv, ``scale`` splits joined by hierarchical 3x3 convs, a 1x1 conv, a shortcut.
 
     In the first block of a stage every split but the last is convolved on its own and the last split is
     average-pooled (3x3, count_include_pad=True, even at stride 1: that is what the released weights saw).
     In the other blocks split i is convolved after adding the previous split's output and the last split
-    passes through unchanged. ``dilation`` dilates the 3x3 convs (not the pool), as timm does for output_stride < 32.
+    passes through unchanged.
+
+    ``drop_path``: stochastic depth (Huang et al. 2016) at this rate: in training, each sample's residual branch is
+    dropped with this probability and scaled by 1 / (1 - rate) otherwise; in eval the branch is used as is.
     """
 
     expansion = 4
@@ -69,13 +81,15 @@ class Bottle2neck(nn.Module):
         cardinality: int = 1,
         base_width: int = 26,
         scale: int = 4,
+        drop_path: float = 0.0,
         dilation: int = 1,
     ) -> None:
         super().__init__()
         _check_int("scale", scale, 1)
+        _check_int("dilation", dilation, 1)
+        _check_rate("drop_path", drop_path)
         _check_int("base_width", base_width, 1)
         _check_int("cardinality", cardinality, 1)
-        _check_int("dilation", dilation, 1)
         self.scale = scale
         self.is_first = stride > 1 or downsample is not None
         self.width = width = math.floor(planes * base_width / 64) * cardinality
@@ -105,6 +119,7 @@ class Bottle2neck(nn.Module):
         self.bn3 = nn.BatchNorm2d(outplanes)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        self.drop_path = float(drop_path)
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn3.weight)
@@ -123,6 +138,9 @@ class Bottle2neck(nn.Module):
         if self.scale > 1:
             outs.append(self.pool(splits[-1]) if self.pool is not None else splits[-1])
         out = self.bn3(self.conv3(torch.cat(outs, dim=1)))
+        if self.training and self.drop_path > 0.0:
+            keep = 1.0 - self.drop_path
+            out = out * out.new_empty((out.shape[0], 1, 1, 1)).bernoulli_(keep).div_(keep)
         return self.relu(out + shortcut)
 
 
@@ -137,11 +155,13 @@ class Res2Net(nn.Module):
         stem: '' for the 7x7 stem, 'deep' for three 3x3 convs (widths 32, 32, 64) as in the 'd' variants.
         avg_down: shortcut downsampling by a 2x2 average pool before a stride-1 1x1 conv ('d' variants).
         num_classes: classifier outputs; 0 drops the classifier (``fc`` becomes an identity).
-        output_stride: input size / feature map size (32, 16 or 8); below 32 the last stage(s) keep their input
-            resolution and dilate their 3x3 convs instead (a backbone for dense prediction), as timm does.
         in_chans: input image channels.
         drop_rate: dropout probability before ``fc``.
         zero_init_last: zero the last BN weight of every block, so each block starts as the identity.
+        output_stride: input size / feature map size (32, 16 or 8); below 32 the last stage(s) keep their input
+            resolution and dilate their 3x3 convs instead (a backbone for dense prediction), as timm does.
+        drop_path_rate: stochastic depth of the last block; the rate grows linearly with the block's index over the
+            whole network, from 0 at the first block (timm's rule for ResNets).
     """
 
     def __init__(
@@ -156,6 +176,7 @@ class Res2Net(nn.Module):
         in_chans: int = 3,
         drop_rate: float = 0.0,
         zero_init_last: bool = True,
+        drop_path_rate: float = 0.0,
         output_stride: int = 32,
     ) -> None:
         super().__init__()
@@ -169,10 +190,10 @@ class Res2Net(nn.Module):
         _check_bool("zero_init_last", zero_init_last)
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+        _check_rate("drop_rate", drop_rate)
+        _check_rate("drop_path_rate", drop_path_rate)
         if output_stride not in OUTPUT_STRIDES:
             raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride!r}")
-        if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0.0 <= drop_rate < 1.0:
-            raise ValueError(f"drop_rate must be a number in [0, 1), got {drop_rate!r}")
         self.num_classes = num_classes
         self.drop_rate = float(drop_rate)
 
@@ -196,14 +217,25 @@ class Res2Net(nn.Module):
         # timm's feature_info: channels, reduction (input size / map size) and module of each feature map.
         self.feature_info = [dict(num_chs=64, reduction=2, module="relu")]
         inplanes, reduction, dilation = 64, 4, 1
+        rates = _drop_path_rates(drop_path_rate, sum(layers))
         for index, (planes, blocks) in enumerate(zip(_STAGE_PLANES, layers)):
             stride = 1 if index == 0 else 2
             first_dilation = dilation
             if reduction >= output_stride:  # trade the stride for dilation from here on
                 stride, dilation = 1, dilation * stride
             reduction *= stride
+            first = sum(layers[:index])
             stage = self._make_stage(
-                inplanes, planes, blocks, stride, base_width, scale, cardinality, avg_down, first_dilation, dilation
+                inplanes,
+                planes,
+                stride,
+                base_width,
+                scale,
+                cardinality,
+                avg_down,
+                rates[first : first + blocks],
+                first_dilation,
+                dilation,
             )
             self.add_module(f"layer{index + 1}", stage)
             inplanes = planes * Bottle2neck.expansion
@@ -217,14 +249,14 @@ class Res2Net(nn.Module):
     def _make_stage(
         inplanes: int,
         planes: int,
-        blocks: int,
         stride: int,
         base_width: int,
         scale: int,
         cardinality: int,
         avg_down: bool,
-        first_dilation: int,
-        dilation: int,
+        drop_paths: Sequence[float],
+        first_dilation: int = 1,
+        dilation: int = 1,
     ) -> nn.Sequential:
         # The first block keeps the previous stage's dilation (first_dilation), the others use the stage's own.
         outplanes = planes * Bottle2neck.expansion
@@ -240,9 +272,13 @@ class Res2Net(nn.Module):
                 downsample = nn.Sequential(
                     nn.Conv2d(inplanes, outplanes, 1, stride=stride, bias=False), nn.BatchNorm2d(outplanes)
                 )
-        stage = [Bottle2neck(inplanes, planes, stride, downsample, cardinality, base_width, scale, first_dilation)]
+        stage = [
+            Bottle2neck(
+                inplanes, planes, stride, downsample, cardinality, base_width, scale, drop_paths[0], first_dilation
+            )
+        ]
         stage += [
-            Bottle2neck(outplanes, planes, 1, None, cardinality, base_width, scale, dilation) for _ in range(1, blocks)
+            Bottle2neck(outplanes, planes, 1, None, cardinality, base_width, scale, p, dilation) for p in drop_paths[1:]
         ]
         return nn.Sequential(*stage)
 
@@ -284,61 +320,3 @@ def _shortcut_pool(stride: int, dilation: int) -> nn.Module:
     if stride > 1:
         return nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)
     return nn.Identity()
-
-
-_R50 = (3, 4, 6, 3)
-_R101 = (3, 4, 23, 3)
-
-
-@register_model
-def res2net50_26w_4s(**overrides) -> Res2Net:
-    """Res2Net-50, 26w x 4s."""
-    return Res2Net(**{**dict(layers=_R50, base_width=26, scale=4), **overrides})
-
-
-@register_model
-def res2net50_26w_6s(**overrides) -> Res2Net:
-    """Res2Net-50, 26w x 6s."""
-    return Res2Net(**{**dict(layers=_R50, base_width=26, scale=6), **overrides})
-
-
-@register_model
-def res2net50_26w_8s(**overrides) -> Res2Net:
-    """Res2Net-50, 26w x 8s."""
-    return Res2Net(**{**dict(layers=_R50, base_width=26, scale=8), **overrides})
-
-
-@register_model
-def res2net50_48w_2s(**overrides) -> Res2Net:
-    """Res2Net-50, 48w x 2s."""
-    return Res2Net(**{**dict(layers=_R50, base_width=48, scale=2), **overrides})
-
-
-@register_model
-def res2net50_14w_8s(**overrides) -> Res2Net:
-    """Res2Net-50, 14w x 8s."""
-    return Res2Net(**{**dict(layers=_R50, base_width=14, scale=8), **overrides})
-
-
-@register_model
-def res2net101_26w_4s(**overrides) -> Res2Net:
-    """Res2Net-101, 26w x 4s."""
-    return Res2Net(**{**dict(layers=_R101, base_width=26, scale=4), **overrides})
-
-
-@register_model
-def res2next50(**overrides) -> Res2Net:
-    """Res2NeXt-50, 4w x 4s x 8 groups."""
-    return Res2Net(**{**dict(layers=_R50, base_width=4, scale=4, cardinality=8), **overrides})
-
-
-@register_model
-def res2net50d(**overrides) -> Res2Net:
-    """Res2Net-50-D, 26w x 4s, deep stem and average-pool shortcut downsampling."""
-    return Res2Net(**{**dict(layers=_R50, base_width=26, scale=4, stem="deep", avg_down=True), **overrides})
-
-
-@register_model
-def res2net101d(**overrides) -> Res2Net:
-    """Res2Net-101-D, 26w x 4s, deep stem and average-pool shortcut downsampling."""
-    return Res2Net(**{**dict(layers=_R101, base_width=26, scale=4, stem="deep", avg_down=True), **overrides})

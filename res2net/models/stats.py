@@ -1,10 +1,10 @@
-"""Model statistics: parameters and multiply-accumulates, counted by forward hooks.
+"""Model statistics: parameters and multiply-accumulates (timm's GMACs convention), counted by forward hooks.
 
-GMACs follow timm's published convention (fvcore's counter): one per multiply-add of conv and linear layers,
-two per batch-norm output element (scale and shift); activations, pooling and additions are not counted.
-
-``python -m res2net.models.stats`` prints both for every variant next to the published values.
+GMACs: one per multiply-add of conv and linear layers, two per batch-norm output element (scale and shift);
+activations, pooling and additions are not counted. ``python -m res2net.models.stats`` prints both for every
+variant next to the published values of ``res2net.models.variants``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,21 +13,9 @@ import torch
 import torch.nn as nn
 
 from .registry import create_model, list_models
+from .variants import VARIANTS
 
-__all__ = ['PUBLISHED', 'count_macs', 'count_params', 'stats_table']
-
-# name -> (parameters, GMACs @224): parameters of the model card (exact counts), GMACs of timm's tables.
-PUBLISHED: dict[str, tuple[int | None, float]] = {
-    'res2net50_26w_4s': (25_699_120, 4.28),
-    'res2net50_26w_6s': (37_051_448, 6.33),
-    'res2net50_26w_8s': (48_403_776, 8.37),
-    'res2net50_48w_2s': (25_287_304, 4.18),
-    'res2net50_14w_8s': (25_059_816, 4.21),
-    'res2net101_26w_4s': (45_206_688, 8.10),
-    'res2next50': (None, 4.20),
-    'res2net50d': (None, 4.52),
-    'res2net101d': (None, 8.35),
-}
+__all__ = ["count_macs", "count_params", "stats_table"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -52,15 +40,14 @@ _COUNTERS = ((nn.Conv2d, _conv_macs), (nn.Linear, _linear_macs), (nn.BatchNorm2d
 
 
 @torch.no_grad()
-def count_macs(model: nn.Module, img_size: int = 224, in_chans: int | None = None) -> int:
+def count_macs(model: nn.Module, img_size: int = 224) -> int:
     """Multiply-accumulates of one forward pass of a single image of img_size x img_size (timm's convention).
 
     Runs on the model's device; a model built under ``torch.device('meta')`` is counted without any arithmetic.
     The model is put in eval mode for the pass and restored afterwards.
     """
     first = next(model.parameters())
-    if in_chans is None:
-        in_chans = next(m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d))
+    in_chans = next(m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d))
     total = 0
 
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -68,8 +55,9 @@ def count_macs(model: nn.Module, img_size: int = 224, in_chans: int | None = Non
         counter = next(fn for kind, fn in _COUNTERS if isinstance(module, kind))
         total += counter(module, output)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, tuple(kind for kind, _ in _COUNTERS))]
+    handles = [
+        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, tuple(kind for kind, _ in _COUNTERS))
+    ]
     was_training = model.training
     try:
         model.eval()
@@ -81,31 +69,38 @@ def count_macs(model: nn.Module, img_size: int = 224, in_chans: int | None = Non
     return total
 
 
+def _published(value: int | float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
 def stats_table(names: list[str] | None = None, img_size: int = 224) -> str:
     """A Markdown table of parameters and GMACs for the named variants (default: all), published values beside."""
-    rows = ['| model | params | published params | GMACs | published GMACs |', '|---|---:|---:|---:|---:|']
+    rows = ["| model | params | published params | GMACs | published GMACs |", "|---|---:|---:|---:|---:|"]
     for name in names or list_models():
-        with torch.device('meta'):
+        with torch.device("meta"):
             model = create_model(name)
-        params, macs = count_params(model), count_macs(model, img_size)
-        published_params, published_gmacs = PUBLISHED.get(name, (None, None))
-        rows.append(f'| {name} | {params:,} | {f"{published_params:,}" if published_params else "-"} | '
-                    f'{macs / 1e9:.3f} | {f"{published_gmacs:.2f}" if published_gmacs is not None else "-"} |')
-    return '\n'.join(rows)
+        params, macs, variant = count_params(model), count_macs(model, img_size), VARIANTS[name]
+        rows.append(
+            f"| {name} | {params:,} | {_published(variant.params, ',')} | {macs / 1e9:.3f} | "
+            f"{_published(variant.gmacs, '.2f')} |"
+        )
+    return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('models', nargs='*', help=f'variants (default: all): {", ".join(list_models())}')
-    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument("models", nargs="*", help=f"variants (default: all): {', '.join(list_models())}")
+    parser.add_argument("--img-size", type=int, default=224)
     args = parser.parse_args(argv)
     unknown = sorted(set(args.models) - set(list_models()))
     if unknown:
-        parser.error(f'unknown model(s) {unknown}; valid: {", ".join(list_models())}')
-    print(f'Parameters and GMACs at {args.img_size}x{args.img_size} '
-          '(1 per conv/linear multiply-add + 2 per BN output element)')
+        parser.error(f"unknown model(s) {unknown}; valid: {', '.join(list_models())}")
+    print(
+        f"Parameters and GMACs at {args.img_size}x{args.img_size} "
+        "(1 per conv/linear multiply-add + 2 per BN output element)"
+    )
     print(stats_table(args.models or None, args.img_size))
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main()

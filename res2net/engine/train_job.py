@@ -1,0 +1,417 @@
+"""A training run from a composed config: build the objects, resume, run the epochs, validate, checkpoint.
+
+``train(cfg, run_dir, dist, stop)`` takes a ``TrainConfig`` node (res2net/config.py), the run directory and this
+process's ``DistInfo``; it never reads Hydra's global state. A checkpoint written mid-epoch resumes at the next
+unseen batch with the generators restored, so a deterministic run continues bit for bit as if it had never stopped.
+On SIGTERM / SIGUSR1 every rank finishes its step, rank 0 writes ``last.pth`` at that position and ``train`` returns
+status 'preempted' (train.py exits with ``PREEMPTED_EXIT_CODE``); SIGINT or SIGKILL end the run without one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from res2net.config import TrainConfig, check_train_config, to_dict
+from res2net.data import build_loader
+from res2net.models import model_from_config, resolve_model_config
+
+from .amp import resolve_amp, resolve_channels_last
+from .checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    check_compatible,
+    gather_rng,
+    load_checkpoint,
+    resolve_resume,
+    restore_training,
+    training_checkpoint,
+)
+from .distill import DistillationLoss, load_teacher
+from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, wrap_model
+from .ema import ModelEma
+from .loops import NonFiniteLossError, Outcome, TrainState, evaluate, optimizer_steps_per_epoch, train_one_epoch
+from .losses import build_criterion
+from .metrics import MetricsWriter, TrainProgress, log_epoch
+from .mixup import Mixup, mixup_enabled
+from .optim import build_optimizer, scaled_lr
+from .run_lock import run_dir_lock
+from .schedule import learning_rate
+from .stop import StopRequest
+
+__all__ = ["TrainResult", "train"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    status: Outcome
+    epoch: int  # epochs completed
+    step_in_epoch: int
+    global_step: int
+    best_top1: float | None
+    last_val: dict | None
+    checkpoint: Path | None
+
+
+def _check_machine(cfg: Any, dist: DistInfo) -> None:
+    if cfg.trainer.sync_bn and dist.device.type != "cuda":
+        raise ValueError(
+            "trainer.sync_bn=true needs CUDA (SyncBatchNorm runs on GPUs only); this process has no "
+            "GPU. Set trainer.sync_bn=false for CPU runs"
+        )
+
+
+def _set_determinism(deterministic: bool, device: torch.device) -> None:
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _build_model(cfg: Any, num_classes: int, dist: DistInfo, channels_last: bool) -> nn.Module:
+    model = model_from_config(cfg.model, num_classes=num_classes)
+    if cfg.trainer.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(dist.device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _objective(cfg: Any, num_classes: int, dist: DistInfo, channels_last: bool) -> tuple[nn.Module, Mixup | None]:
+    """(the loss, the batch mixer or None) of the loss / mixup / distill groups."""
+    mixup = None
+    if mixup_enabled(cfg.mixup):
+        mixup = Mixup.from_config(
+            cfg.mixup,
+            label_smoothing=cfg.loss.label_smoothing,
+            num_classes=num_classes,
+            seed=cfg.trainer.seed,
+            rank=dist.rank,
+        )
+    criterion = build_criterion(cfg.loss, soft_targets=mixup is not None)
+    if cfg.distill.teacher:
+        teacher, arch = load_teacher(cfg.distill.teacher, num_classes, dist, channels_last=channels_last)
+        if dist.is_main:
+            log.info(
+                "distilling from %s (%s), alpha %g, T %g",
+                cfg.distill.teacher,
+                arch["name"],
+                cfg.distill.alpha,
+                cfg.distill.temperature,
+            )
+        criterion = DistillationLoss(criterion, teacher, cfg.distill.alpha, cfg.distill.temperature)
+    return criterion, mixup
+
+
+def _num_classes(cfg: Any, loader: Any) -> int:
+    wanted = cfg.model.num_classes
+    if wanted is not None and wanted != loader.num_classes:
+        raise ValueError(
+            f"model.num_classes={wanted} but the training data has {loader.num_classes} classes "
+            f"(data.root={cfg.data.root}); set model.num_classes={loader.num_classes} or null"
+        )
+    return loader.num_classes
+
+
+class _Saver:
+    """Writes last.pth (and best / history) at the run's current position: every rank calls it, rank 0 writes."""
+
+    def __init__(self, run_dir: Path, keep_last: int, dist: DistInfo, **objects: Any):
+        self.dist, self.objects = dist, objects
+        self.manager = CheckpointManager(run_dir / "checkpoints", keep_last) if dist.is_main else None
+        self.last = run_dir / "checkpoints" / "last.pth"
+        self.saved: Path | None = None  # the latest checkpoint of this trajectory (written or resumed from)
+
+    def __call__(self, *, is_best: bool = False, epoch_end: bool = False) -> Path:
+        rng = gather_rng(self.dist)
+        error = None
+        if self.dist.is_main:
+            ckpt = training_checkpoint(rng=rng, world_size=self.dist.world_size, **self.objects)
+            try:
+                self.manager.save(ckpt, is_best=is_best, epoch_end=epoch_end)
+            except Exception as err:  # every rank must learn of it, or the others would wait in the next collective
+                error = str(err)
+        error = broadcast_object(error)
+        if error is not None:
+            raise CheckpointError(error if self.dist.is_main else f"rank 0 failed to save a checkpoint: {error}")
+        self.saved = self.last
+        return self.saved
+
+
+def _validate(
+    model: nn.Module, ema: ModelEma | None, loader: Any, device: torch.device, amp: str, channels_last: bool
+) -> dict:
+    val = evaluate(model, loader, device=device, amp=amp, channels_last=channels_last)
+    if ema is not None:
+        on_ema = evaluate(ema.module, loader, device=device, amp=amp, channels_last=channels_last)
+        val.update({f"{key}_ema": on_ema[key] for key in ("loss", "top1", "top5")})
+    return val
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    return all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0
+
+
+def train(
+    cfg: Any, run_dir: str | os.PathLike, dist: DistInfo | None = None, stop: StopRequest | None = None
+) -> TrainResult:
+    """Train as ``cfg`` says, writing into ``run_dir`` (rank 0); returns how the run ended.
+
+    ``stop``: an entered ``StopRequest`` to watch (train.py keeps one open until the process exits); without it,
+    ``train`` installs its own for the epochs and removes it before returning.
+    """
+    dist = dist or DistInfo()
+    run_dir = Path(run_dir)
+    check_train_config(cfg)
+    # One writer per run directory (rank 0 writes for all), held before any checkpoint is read or written.
+    with run_dir_lock(run_dir) if dist.is_main else contextlib.nullcontext():
+        return _train(cfg, run_dir, dist, stop)
+
+
+def _train(cfg: Any, run_dir: Path, dist: DistInfo, stop: StopRequest | None) -> TrainResult:
+    _check_machine(cfg, dist)
+    amp = resolve_amp(cfg.trainer.amp, dist.device, "trainer.amp")
+    channels_last = resolve_channels_last(cfg.trainer.channels_last, dist.device, "trainer.channels_last")
+    config = to_dict(cfg)
+    config["model"] = resolve_model_config(config["model"])  # the variant's values in place of null
+    # What auto became on this machine: recorded in config.yaml and checkpoints, so a resume on a machine where it
+    # would resolve differently (another trajectory) is refused by check_compatible.
+    config["trainer"].update(amp=amp, channels_last=channels_last, device=dist.device.type)
+    _set_determinism(cfg.trainer.deterministic, dist.device)
+    resume_path = resolve_resume(cfg.resume, run_dir)
+    if cfg.resume == "auto" and resume_path is None and dist.is_main:
+        log.warning(
+            "resume=auto: no %s yet, starting fresh (to continue an earlier run, pass its directory as "
+            "hydra.run.dir=...)",
+            run_dir / "checkpoints" / "last.pth",
+        )
+    ckpt = load_checkpoint(resume_path) if resume_path else None
+    if ckpt is not None:
+        defaults = OmegaConf.to_container(OmegaConf.structured(TrainConfig), enum_to_str=True)
+        check_compatible(ckpt["config"], config, path=resume_path, defaults=defaults)
+    loader_args = dict(
+        rank=dist.rank,
+        world_size=dist.world_size,
+        seed=cfg.trainer.seed,
+        device=dist.device,
+        channels_last=channels_last,
+    )
+    train_loader = build_loader(cfg.data, "train", **loader_args)
+    val_loader = writer = None
+    try:
+        val_loader = build_loader(cfg.data, "val", **loader_args)
+        accum_steps = cfg.trainer.accum_steps
+        steps_per_epoch = optimizer_steps_per_epoch(len(train_loader), accum_steps)
+        if steps_per_epoch < 1:
+            raise ValueError(
+                f"the training loader yields no batch per epoch (fewer images per rank than "
+                f"data.batch_size={cfg.data.batch_size}?); lower data.batch_size"
+            )
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config), encoding="utf-8")
+        writer = MetricsWriter(run_dir, dist.is_main, ckpt["global_step"] if ckpt is not None else None)
+
+        torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank
+        num_classes = _num_classes(cfg, train_loader)
+        model = _build_model(cfg, num_classes, dist, channels_last)
+        ema = ModelEma(model, cfg.trainer.ema_decay) if cfg.trainer.ema_decay > 0 else None
+        global_batch = cfg.data.batch_size * dist.world_size * accum_steps
+        optimizer = build_optimizer(model, cfg.optim, global_batch)
+        scaler = torch.amp.GradScaler(dist.device.type, enabled=amp == "fp16")
+        criterion, mixup = _objective(cfg, num_classes, dist, channels_last)
+        state = TrainState()
+        save = _Saver(
+            run_dir,
+            cfg.trainer.keep_last,
+            dist,
+            model=model,
+            optimizer=optimizer,
+            scaler=scaler,
+            ema=ema,
+            state=state,
+            config=config,
+        )
+        if ckpt is not None:
+            restore_training(
+                ckpt, resume_path, model=model, optimizer=optimizer, scaler=scaler, ema=ema, state=state, dist=dist
+            )
+            save.saved = resume_path
+            log.info(
+                "resumed from %s at epoch %d, step %d/%d (global step %d)",
+                resume_path,
+                state.epoch,
+                state.step_in_epoch,
+                steps_per_epoch,
+                state.global_step,
+            )
+        else:
+            _seed_all(cfg.trainer.seed + dist.rank)  # the training stream of this rank
+        del ckpt
+        base_lr = scaled_lr(cfg.optim.lr, global_batch, cfg.optim.base_batch)
+        log.info(
+            "%s: %.2fM parameters on %s (amp %s, channels_last %s), %d process(es) x batch %d x %d accumulated "
+            "= %d, base lr %.4g, %d steps/epoch, %d epochs",
+            cfg.model.name,
+            sum(p.numel() for p in model.parameters()) / 1e6,
+            dist.device,
+            amp,
+            channels_last,
+            dist.world_size,
+            cfg.data.batch_size,
+            accum_steps,
+            global_batch,
+            base_lr,
+            steps_per_epoch,
+            cfg.schedule.epochs,
+        )
+        progress = TrainProgress(
+            writer,
+            dist.device,
+            epochs=cfg.schedule.epochs,
+            steps_per_epoch=steps_per_epoch,
+            log_interval=cfg.trainer.log_interval,
+            world_size=dist.world_size,
+        )
+        epoch_args = dict(
+            lr_at=partial(learning_rate, steps_per_epoch=steps_per_epoch, cfg=cfg.schedule, base_lr=base_lr),
+            amp=amp,
+            grad_clip=cfg.trainer.grad_clip,
+            dist=dist,
+            progress=progress,
+            max_steps=cfg.trainer.max_steps,
+            save_every_steps=cfg.trainer.save_every_steps,
+            save=save,
+            data_root=cfg.data.root,
+            accum_steps=accum_steps,
+            mixup=mixup,
+        )
+        running = wrap_model(model, dist, compile=cfg.trainer.compile)
+        with contextlib.nullcontext(stop) if stop is not None else StopRequest() as request:
+            result = _run_epochs(
+                cfg,
+                running,
+                ema,
+                train_loader,
+                val_loader,
+                optimizer,
+                scaler,
+                criterion,
+                state,
+                save,
+                writer,
+                request,
+                dist,
+                amp,
+                channels_last,
+                epoch_args,
+            )
+        barrier()
+        return result
+    finally:
+        if writer is not None:
+            writer.close()
+        for loader in (train_loader, val_loader):
+            if loader is not None:
+                loader.close()
+
+
+def _run_epochs(
+    cfg,
+    model,
+    ema,
+    train_loader,
+    val_loader,
+    optimizer,
+    scaler,
+    criterion,
+    state: TrainState,
+    save: _Saver,
+    writer: MetricsWriter,
+    stop: StopRequest,
+    dist: DistInfo,
+    amp: str,
+    channels_last: bool,
+    epoch_args: dict,
+) -> TrainResult:
+    """The epoch loop: train, validate, record, checkpoint by the save rules; stop at max_steps or a signal."""
+    epochs, t, val = cfg.schedule.epochs, cfg.trainer, None
+    steps_per_epoch = optimizer_steps_per_epoch(len(train_loader), t.accum_steps)
+
+    def result(status: Outcome, checkpoint: Path | None) -> TrainResult:
+        return TrainResult(
+            status=status,
+            epoch=state.epoch,
+            step_in_epoch=state.step_in_epoch,
+            global_step=state.global_step,
+            best_top1=state.best_top1,
+            last_val=val,
+            checkpoint=checkpoint,
+        )
+
+    while state.epoch < epochs:
+        start = time.perf_counter()
+        try:
+            outcome = train_one_epoch(
+                model, train_loader, optimizer, scaler, criterion, ema, state, stop=stop, **epoch_args
+            )
+        except NonFiniteLossError as err:
+            raise NonFiniteLossError(
+                f"{err}. Last good checkpoint: {save.saved or 'none written yet'}. Lower optim.lr, set "
+                f"trainer.grad_clip or add warm-up (schedule.warmup_epochs), then resume=<that checkpoint> or start "
+                f"again"
+            ) from None
+        state.meters["train_seconds"] += time.perf_counter() - start
+        if outcome is Outcome.PREEMPTED:
+            if dist.is_main:
+                log.warning("stop requested by signal: checkpoint at %s", state.where(steps_per_epoch))
+            return result(Outcome.PREEMPTED, save())
+        partial_epoch = state.step_in_epoch < steps_per_epoch
+        val = _validate(model, ema, val_loader, dist.device, amp, channels_last)
+        log_epoch(
+            writer,
+            state,
+            val,
+            epochs=epochs,
+            lr=optimizer.param_groups[0]["lr"],
+            seconds=time.perf_counter() - start,
+            global_batch=cfg.data.batch_size * dist.world_size * t.accum_steps,
+            world_size=dist.world_size,
+            device=dist.device,
+            partial=partial_epoch,
+        )
+        is_best = state.best_top1 is None or val["top1"] > state.best_top1
+        state.best_top1 = max(val["top1"], state.best_top1 or val["top1"])
+        if not partial_epoch:
+            state.next_epoch()
+        scheduled = not partial_epoch and (state.epoch % t.save_every_epochs == 0 or state.epoch == epochs)
+        saved = scheduled or partial_epoch or is_best or outcome is Outcome.MAX_STEPS
+        if saved:
+            save(is_best=is_best, epoch_end=scheduled)
+        if outcome is Outcome.MAX_STEPS:
+            return result(Outcome.MAX_STEPS, save.saved)
+        if _any_rank(stop.requested, dist.device):  # a signal during validation or saving
+            return result(Outcome.PREEMPTED, save.saved if saved else save())
+    return result(Outcome.FINISHED, save.saved)
