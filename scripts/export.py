@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import pickle
 import sys
 from pathlib import Path
 
@@ -77,13 +76,7 @@ def load_model(name: str, num_classes: int | None, checkpoint: str) -> tuple[tor
         path = Path(checkpoint).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {checkpoint} not found (give 'released' or an existing file)")
-    try:
-        state = read_checkpoint(path, trusted=False)
-    except pickle.UnpicklingError as err:
-        raise RuntimeError(
-            f"{path} holds objects other than tensors and is not read (weights_only=True): "
-            f"save its state_dict alone or as .safetensors ({str(err).splitlines()[0]})"
-        ) from None
+    state = read_checkpoint(path, trusted=False)  # tensors only: an unsafe file is an UnsafeCheckpointError
     if not isinstance(state, dict):
         raise RuntimeError(f"{path} holds a {type(state).__name__}, not a state_dict or checkpoint dict")
     model, cfg = build_model_for({"name": name, "num_classes": num_classes}, state)
