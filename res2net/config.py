@@ -227,6 +227,9 @@ class EvalConfig:
     device: str = "auto"  # auto | cuda | cpu (same knob as trainer.device)
     save_predictions: bool = False  # also write predictions.csv (path, target, top-5 indices and probabilities)
     progress: bool = True  # progress bar on rank 0
+    # torch | onnxruntime: run an .onnx file from scripts/export.py (checkpoint=<file>.onnx) with ONNX Runtime on
+    # the CPU in fp32 instead of the PyTorch model (model.name names the architecture for the records).
+    runtime: str = "torch"
     # ReaL labels (Beyer et al. 2020): the path of real.json, one list of class indices per ImageNet val image in
     # ILSVRC2012_val_00000001 ... order; adds real_top1, real_top5 and real_count (images with a non-empty list).
     real_labels: str | None = None

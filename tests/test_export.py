@@ -200,3 +200,33 @@ def test_bad_arguments_give_one_short_error(trained, tmp_path, capsys):
     code, err = run("--model", NAME, "--checkpoint", str(unsafe), "--format", "safetensors", "--out", out)
     assert code == 1 and "can run arbitrary code" in err and "trusted=True" in err and not marker.exists()
     assert not Path(out).exists()
+
+
+def test_evaluate_runtime_onnxruntime_matches_the_pytorch_model(trained, noise_root, tmp_path):
+    """evaluate.py runtime=onnxruntime: the exported file scored on a real JPEG folder like the checkpoint it came
+    from (same counts and top-1, loss within float tolerance); a non-.onnx checkpoint is refused by name."""
+    from res2net.engine.eval_job import evaluate_checkpoint
+    from res2net.export import export_onnx
+
+    model, checkpoint = trained
+    onnx_file = export_onnx(model, tmp_path / "model.onnx", img_size=IMG)
+    common = {
+        "model": {"name": NAME, **ARCH},
+        "data": {
+            "root": str(noise_root),
+            "backend": "torchvision",
+            "img_size": IMG,
+            "batch_size": 16,
+            "num_workers": 0,
+        },
+        "device": "cpu",
+        "progress": False,
+    }
+    torch_run = evaluate_checkpoint({**common, "checkpoint": str(checkpoint)}, tmp_path / "torch")
+    ort_run = evaluate_checkpoint({**common, "checkpoint": str(onnx_file), "runtime": "onnxruntime"}, tmp_path / "ort")
+    assert ort_run["count"] == torch_run["count"] == 101
+    assert ort_run["top1"] == torch_run["top1"] and ort_run["top5"] == torch_run["top5"]
+    assert ort_run["loss"] == pytest.approx(torch_run["loss"], rel=1e-4)
+    assert json.loads((tmp_path / "ort" / "results.json").read_text())["config"]["runtime"] == "onnxruntime"
+    with pytest.raises(ValueError, match=r"runtime=onnxruntime needs checkpoint=<file>\.onnx"):
+        evaluate_checkpoint({**common, "checkpoint": str(checkpoint), "runtime": "onnxruntime"}, tmp_path / "bad")

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 PREDICTIONS_FILE = "predictions.csv"
+RUNTIMES = ("torch", "onnxruntime")
 _RESULT_KEYS = ("top1", "top5", "loss", "nll", "ece", "count", "param_count", "img_per_s", "seconds")
 _REAL_KEYS = ("real_top1", "real_top5", "real_count")
 
@@ -63,15 +64,14 @@ class Published:
 def resolve_checkpoint(spec: str, model_name: str, dist_info: DistInfo | None = None) -> Path:
     """The local file of `spec`: 'released' -> the released file of `model_name` (rank 0 downloads it, the others
     wait and find it in the cache); otherwise an existing path."""
-    from res2net.models.pretrained import download_checkpoint, released_checkpoint
+    from res2net.models.hub import released_weights
 
     dist_info = dist_info or DistInfo()
-    if spec == "released":
-        released_checkpoint(model_name)  # a clear error for variants without a released file
+    if spec == "released":  # the file locations, then the Hugging Face hub (res2net50d / res2net101d live there)
         if dist_info.is_main:
-            path = download_checkpoint(model_name)
+            path = released_weights(model_name)
         barrier()
-        return path if dist_info.is_main else download_checkpoint(model_name, progress=False)
+        return path if dist_info.is_main else released_weights(model_name)
     path = Path(spec).expanduser()
     if not path.exists():  # a directory or a damaged file: read_checkpoint says what is wrong with it
         raise FileNotFoundError(
@@ -224,6 +224,8 @@ def _check_options(cfg: dict) -> None:
     """Refuse option combinations that cannot be evaluated, before any data is read; the error names the key."""
     if cfg["tta"] not in TTA_MODES:
         raise ValueError(f"tta={cfg['tta']!r} is invalid; use one of {' | '.join(TTA_MODES)}")
+    if cfg["runtime"] not in RUNTIMES:
+        raise ValueError(f"runtime={cfg['runtime']!r} is invalid; use one of {' | '.join(RUNTIMES)}")
     if cfg["testset"]:
         if cfg["real_labels"]:
             raise ValueError(
@@ -274,6 +276,26 @@ def _check_imagenet1k_classes(model_cfg: Mapping, checkpoint: Mapping, what: str
             )
 
 
+def _onnxruntime_model(cfg: dict, device: torch.device) -> tuple[nn.Module, Path, dict, dict]:
+    """(ONNX Runtime runner, its file, the model config, an empty checkpoint) for runtime=onnxruntime: the
+    checkpoint is an .onnx file from scripts/export.py, run on the CPU in fp32."""
+    from res2net.export import OnnxRuntimeModel
+    from res2net.models import resolve_model_config
+
+    if device.type != "cpu" or cfg["amp"] != "off" or cfg["tta"] != "none":
+        raise ValueError(
+            f"runtime=onnxruntime evaluates the exported fp32 graph on the CPU as it is: set device=cpu amp=off "
+            f"tta=none (got device={device.type} amp={cfg['amp']} tta={cfg['tta']})"
+        )
+    path = Path(cfg["checkpoint"]).expanduser()
+    if path.suffix != ".onnx":
+        raise ValueError(
+            f"runtime=onnxruntime needs checkpoint=<file>.onnx (scripts/export.py --format onnx), got {path}"
+        )
+    net = OnnxRuntimeModel(path, threads=torch.get_num_threads())
+    return net, path, {**resolve_model_config(cfg["model"]), "num_classes": net.num_classes}, {}
+
+
 def evaluate_checkpoint(cfg: Any, out_dir: str | Path | None, dist_info: DistInfo | None = None) -> dict | None:
     """Evaluate per `cfg` (an EvalConfig node or mapping: model, data, checkpoint, use_ema, amp, channels_last,
     compile, fold_bn, device, save_predictions, progress, trust_checkpoint, real_labels, tta, testset, testset_variant;
@@ -290,11 +312,16 @@ def evaluate_checkpoint(cfg: Any, out_dir: str | Path | None, dist_info: DistInf
     # The data first: a wrong data.root fails in seconds, before any checkpoint download.
     loader, scored = _build_loader(cfg, dist_info, device)
     try:
-        ckpt_path = resolve_checkpoint(cfg["checkpoint"], cfg["model"]["name"], dist_info)
-        checkpoint = read_checkpoint(ckpt_path, trusted=cfg["trust_checkpoint"])
-        model, model_cfg = build_model_for(cfg["model"], checkpoint, cfg["use_ema"], f"checkpoint {ckpt_path}")
+        if cfg["runtime"] == "onnxruntime":
+            net, ckpt_path, model_cfg, checkpoint = _onnxruntime_model(cfg, device)
+            param_count = None
+        else:
+            ckpt_path = resolve_checkpoint(cfg["checkpoint"], cfg["model"]["name"], dist_info)
+            checkpoint = read_checkpoint(ckpt_path, trusted=cfg["trust_checkpoint"])
+            model, model_cfg = build_model_for(cfg["model"], checkpoint, cfg["use_ema"], f"checkpoint {ckpt_path}")
+            param_count = count_params(model)  # before BatchNorm folding
+            net = _prepare(model, cfg, device)
         cfg = {**cfg, "model": model_cfg}
-        param_count = count_params(model)  # before BatchNorm folding
         if cfg["testset"] or real is not None:
             _check_imagenet1k_classes(model_cfg, checkpoint, cfg["testset"] or f"real_labels={cfg['real_labels']}")
         if loader.num_classes > model_cfg["num_classes"]:
@@ -306,7 +333,7 @@ def evaluate_checkpoint(cfg: Any, out_dir: str | Path | None, dist_info: DistInf
             None if real is None else real_label_rows(real, loader.paths, model_cfg["num_classes"], cfg["real_labels"])
         )
         result = evaluate(
-            _prepare(model, cfg, device),
+            net,
             loader,
             device=device,
             amp=cfg["amp"],
