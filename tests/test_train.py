@@ -308,3 +308,25 @@ def test_resume_mid_epoch_with_dropout_and_torchvision_workers_is_bit_exact(tmp_
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert "step 5/8" in resumed.stdout
     _assert_same_weights(_last(tmp_path / "a"), _last(tmp_path / "b"))
+
+
+def test_torchrun_gradient_accumulation_steps_and_scales_the_lr_by_the_effective_batch(tmp_path, folder):
+    """2 processes x batch 4 x trainer.accum_steps=2 under DDP (no_sync on the first micro-step): 16 images per rank
+    make 4 micro-batches, so 2 optimizer steps per epoch, at lr 0.1 x (4 x 2 x 2) / 256."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "train.py"),
+        f"hydra.run.dir={tmp_path}",
+        *_overrides(folder, **{"trainer.accum_steps": 2, "trainer.deterministic": "false"}),
+    ]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    ckpt = _last(tmp_path)
+    assert (ckpt["epoch"], ckpt["global_step"], ckpt["world_size"]) == (2, 4, 2)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if r["kind"] == "train"]
+    assert lrs == pytest.approx([0.1 * 16 / 256] * 2 + [0.01 * 16 / 256] * 2)  # / 10 from epoch 1 (milestones [1])
