@@ -21,6 +21,15 @@ import res2net
 from res2net.engine.stop import PREEMPTED_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[1]
+# train.py under torchrun with two local processes (gloo on the CPU).
+TORCHRUN_TRAIN = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    "--nproc_per_node=2",
+    str(REPO / "train.py"),
+]
 CLASSES = ("n0001", "n0002", "n0003", "n0004")
 TRAIN_PER_CLASS, VAL_PER_CLASS = 8, 3  # 32 train images: 8 steps of 4 per epoch on one process
 TINY_MODEL = {"model.base_width": 4, "model.layers": "[1,1,1,1]"}
@@ -119,12 +128,7 @@ def reference(tmp_path_factory, folder) -> dict:
 
 def test_torchrun_two_processes_write_one_run_dir(tmp_path, folder):
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(REPO / "train.py"),
+        *TORCHRUN_TRAIN,
         *_overrides(folder, **{"trainer.deterministic": "false", "trainer.ema_decay": 0.9}),
     ]
     proc = subprocess.run(
@@ -273,12 +277,7 @@ def test_torchrun_resume_from_max_steps_is_bit_exact_with_dropout(tmp_path):
     """Two ranks, dropout drawing from each rank's torch generator: per-rank RNG states make the resume exact."""
     common = ["experiment=debug", "data.synthetic_train_size=128", "trainer.deterministic=true", "model.drop_rate=0.3"]
     torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(REPO / "train.py"),
+        *TORCHRUN_TRAIN,
         *common,
     ]
     for run_dir, extra in (("a", []), ("b", ["trainer.max_steps=5"]), ("b", ["resume=auto"])):
@@ -314,12 +313,7 @@ def test_torchrun_gradient_accumulation_steps_and_scales_the_lr_by_the_effective
     """2 processes x batch 4 x trainer.accum_steps=2 under DDP (no_sync on the first micro-step): 16 images per rank
     make 4 micro-batches, so 2 optimizer steps per epoch, at lr 0.1 x (4 x 2 x 2) / 256."""
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(REPO / "train.py"),
+        *TORCHRUN_TRAIN,
         f"hydra.run.dir={tmp_path}",
         *_overrides(folder, **{"trainer.accum_steps": 2, "trainer.deterministic": "false"}),
     ]

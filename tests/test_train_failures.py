@@ -4,11 +4,11 @@ preemption signal that every process gets (twice, through torchrun) still ends i
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from test_train import TORCHRUN_TRAIN
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,15 +46,7 @@ def _start_two_rank_job(run_dir: Path) -> subprocess.Popen:
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     agent = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(REPO / "train.py"),
-            *overrides,
-        ],
+        [*TORCHRUN_TRAIN, *overrides],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
