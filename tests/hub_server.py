@@ -3,9 +3,9 @@ huggingface_hub's ``hf_hub_download`` asks for a file; point ``HF_ENDPOINT`` at 
 
 import hashlib
 import http.server
-import threading
 
 import pytest
+from local_server import local_http_server
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -44,12 +44,5 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def hub_server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HubHandler)
-    httpd.repos, httpd.requests = {}, []
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    httpd.base = f"http://127.0.0.1:{httpd.server_address[1]}"
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
+    with local_http_server(_HubHandler, repos={}) as httpd:
+        yield httpd
