@@ -6,8 +6,9 @@ import threading
 
 
 @contextlib.contextmanager
-def local_http_server(handler: type[http.server.BaseHTTPRequestHandler], **state):
-    """Serve ``handler`` on 127.0.0.1; the server carries ``state`` as attributes, ``requests`` and ``base`` (URL)."""
+def local_http_server(handler, **state):
+    """Serve ``handler`` (a request handler class or a partial of one) on 127.0.0.1; the server carries ``state``
+    as attributes, plus ``requests`` and ``base`` (its URL)."""
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     for key, value in {"requests": [], **state}.items():
         setattr(httpd, key, value)

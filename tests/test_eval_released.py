@@ -9,12 +9,12 @@ import http.server
 import importlib.util
 import json
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from local_server import local_http_server
 from PIL import Image
 
 import res2net
@@ -62,11 +62,8 @@ def server(tmp_path_factory):
         tmp.rename(served / files[name])
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
     handler.log_message = lambda *a: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", files
-    httpd.shutdown()
+    with local_http_server(handler) as httpd:
+        yield httpd.base, files
 
 
 @pytest.fixture
