@@ -3,25 +3,13 @@
 import pytest
 import timm
 import torch
-import torch.nn as nn
+from test_models import _randomize_batchnorm
 
 import res2net
 
 VARIANTS = res2net.list_models()
 # Two blocks in the last two stages, so a dilated stage has a first block (previous dilation) and a later one.
 TINY = dict(base_width=4, layers=[1, 1, 2, 2])
-
-
-def _randomize_batchnorm(model: nn.Module, seed: int = 0) -> None:
-    # Random BN statistics and affine parameters, so zero-initialised bn3 weights cannot hide a wrong block.
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
 
 
 def _assert_equal_to_timm(name: str, output_stride: int, overrides: dict, size: int = 64) -> None:
