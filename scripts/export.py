@@ -25,9 +25,9 @@ import torch
 
 import res2net
 from res2net import export
-from res2net.engine.eval_job import build_model_for
-from res2net.models.hub import HUB_REPOS, released_weights
-from res2net.models.pretrained import RELEASED, read_checkpoint, sha256_file
+from res2net.models.hub import HUB_REPOS
+from res2net.models.loading import load_checkpoint_model
+from res2net.models.pretrained import RELEASED, sha256_file
 from res2net.models.stats import count_params
 from res2net.models.variants import MODEL_KNOBS
 
@@ -70,16 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_model(name: str, num_classes: int | None, checkpoint: str) -> tuple[torch.nn.Module, dict]:
     """(model with the checkpoint's weights, facts for the model card: source, sha256, metrics, recipe)."""
-    if checkpoint == "released":
-        path = released_weights(name)
-    else:
-        path = Path(checkpoint).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {checkpoint} not found (give 'released' or an existing file)")
-    state = read_checkpoint(path, trusted=False)  # tensors only: an unsafe file is an UnsafeCheckpointError
-    if not isinstance(state, dict):
-        raise RuntimeError(f"{path} holds a {type(state).__name__}, not a state_dict or checkpoint dict")
-    model, cfg = build_model_for({"name": name, "num_classes": num_classes}, state)
+    spec = name if checkpoint == "released" else checkpoint
+    # tensors only: an unsafe file is an UnsafeCheckpointError
+    model, cfg, path, state = load_checkpoint_model(spec, {"name": name, "num_classes": num_classes})
     saved = state.get("config") if isinstance(state.get("config"), dict) else None
     saved_model = saved.get("model") if saved and isinstance(saved.get("model"), dict) else {}
     facts = dict(

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 from .features import FEATURE_INDICES, FeatureListNet
 from .hub import released_weights
-from .pretrained import load_pretrained
+from .pretrained import extract_state_dict, load_weights, read_checkpoint
 from .res2net import Res2Net
 from .variants import MODEL_KNOBS, VARIANTS, Variant
 
@@ -53,7 +53,9 @@ def create_model(
     arch = {**variant.arch(), **{key: value for key, value in overrides.items() if value is not None}}
     model = Res2Net(num_classes=_IMAGENET_CLASSES if features_only else num_classes, **arch)
     if pretrained:
-        load_pretrained(model, released_weights(name))
+        path = released_weights(name)
+        origin = f"checkpoint {path}"
+        load_weights(model, extract_state_dict(read_checkpoint(path), origin=origin), origin)
     return FeatureListNet(model, out_indices) if features_only else model
 
 
