@@ -90,11 +90,8 @@ def test_dry_run_commands_are_valid_here():
         assert proc.returncode == 0, proc.stderr
         assert "device: cuda" in proc.stdout and "root: /tmp/w/jpegs" in proc.stdout
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import benchmark
-    finally:
-        sys.path.pop(0)
+    from scripts import benchmark
+
     bench = next(c for c in cmds if "scripts/benchmark.py" in c)
     args = benchmark.parse_args(bench[2:])
     assert args.peer == "timm" and args.compile and args.batch_size == 256 and args.precision == "bf16"

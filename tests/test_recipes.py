@@ -313,7 +313,7 @@ def test_accumulating_2_x_8_equals_one_step_of_16_without_batchnorm():
     twin = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 14 * 14, 10))
     twin.load_state_dict(net.state_dict())
     images, labels = _batch(16)
-    criterion = nn.CrossEntropyLoss()
+    criterion = CrossEntropy()
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     whole = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
     parts = torch.optim.SGD(twin.parameters(), lr=0.5, momentum=0.9)

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from res2net.config import MixupMode
+
 from .losses import smooth_one_hot
 
 __all__ = ["Mixup", "MixDraw", "mixup_enabled"]
@@ -77,7 +79,7 @@ class Mixup:
             cutmix_alpha=cfg.cutmix_alpha,
             prob=cfg.prob,
             switch_prob=cfg.switch_prob,
-            mode=getattr(cfg.mode, "value", cfg.mode),
+            mode=str(MixupMode.of(cfg.mode, "mixup.mode")),
             off_epoch=cfg.off_epoch,
             label_smoothing=label_smoothing,
             num_classes=num_classes,

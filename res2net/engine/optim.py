@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["OPTIMIZERS", "Lamb", "build_optimizer", "param_groups", "scaled_lr"]
+from res2net.config import OptimName
 
-OPTIMIZERS = ("sgd", "adamw", "lamb")
+__all__ = ["Lamb", "build_optimizer", "param_groups", "scaled_lr"]
 
 
 def scaled_lr(lr: float, global_batch: int, base_batch: int = 256) -> float:
@@ -105,7 +105,7 @@ def build_optimizer(model: nn.Module, cfg: Any, global_batch: int) -> torch.opti
     SGD and AdamW on CUDA use the fused kernels (one launch for all parameters; with fp16 they also skip an overflowed
     step on the device instead of asking the host); elsewhere torch's default (foreach on CPU tensors).
     """
-    name = getattr(cfg.name, "value", cfg.name)
+    name = OptimName.of(cfg.name, "optim.name")
     groups = param_groups(model, cfg.weight_decay, cfg.no_decay_norm_bias)
     lr = scaled_lr(cfg.lr, global_batch, cfg.base_batch)
     fused = True if next(model.parameters()).is_cuda else None
@@ -117,4 +117,4 @@ def build_optimizer(model: nn.Module, cfg: Any, global_batch: int) -> torch.opti
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
     if name == "lamb":
         return Lamb(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
-    raise ValueError(f"optim.name={name!r} is not one of {OPTIMIZERS}")
+    raise AssertionError(name)
