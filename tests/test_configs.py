@@ -202,7 +202,7 @@ def test_values_stated_in_eval_yaml_take_effect(tmp_path):
         assert OmegaConf.to_container(as_shipped, enum_to_str=True)[key] == value, key
     for key in flags:
         assert flipped[key] is (not stated[key]), key
-    assert flipped.channels_last is False  # an auto | true | false knob: a bool once set (it used to be the text 'False')
+    assert flipped.channels_last is False  # auto | true | false: a bool once set (it was the text "False")
 
 
 def test_misspelt_experiment_fails_listing_the_available_ones(tmp_path):
