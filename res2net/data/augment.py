@@ -29,6 +29,8 @@ __all__ = [
     "AugmentPlan",
     "augment_plan",
     "apply_ops",
+    "affine_theta",
+    "affine_images",
     "apply_jitter",
     "erase_boxes",
     "erase_batch",
@@ -323,12 +325,59 @@ def augment_plan(
     return AugmentPlan(ops, params, jitter, order)
 
 
-_INTERP = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
+_INTERP = {"bilinear": InterpolationMode.BILINEAR, "nearest": InterpolationMode.NEAREST}
+
+
+def affine_theta(op: str, value: float, height: int, width: int) -> np.ndarray:
+    """The [2, 3] matrix of a geometric op (or identity) for ``F.affine_grid`` (normalized coordinates, output ->
+    source): torchvision's conventions, derived in pixel coordinates about the image centre (x right, y down), where
+    the source of output pixel p is A p + t: rotate by ``value`` degrees counter-clockwise, shear about the top-left
+    corner (source x = x + f y from that corner), translate by ``value`` pixels."""
+    a, t = np.eye(2), np.zeros(2)
+    if op == "rotate":
+        c, s = math.cos(math.radians(value)), math.sin(math.radians(value))
+        a = np.array([[c, -s], [s, c]])
+    elif op == "shear_x":
+        a[0, 1], t[0] = value, value * height / 2
+    elif op == "shear_y":
+        a[1, 0], t[1] = value, value * width / 2
+    elif op == "translate_x":
+        t[0] = -value
+    elif op == "translate_y":
+        t[1] = -value
+    elif op != "identity":
+        raise ValueError(f"{op!r} is not a geometric op")
+    scale = np.array([width / 2, height / 2])  # pixels = scale * normalized
+    theta = np.empty((2, 3))
+    theta[:, :2] = a * scale[None, :] / scale[:, None]
+    theta[:, 2] = t / scale
+    return theta
+
+
+def affine_images(images: torch.Tensor, theta: torch.Tensor, fill: torch.Tensor, interpolation: str) -> torch.Tensor:
+    """Each uint8 NCHW image warped by its ``theta`` [n, 2, 3] (affine_theta) in one ``grid_sample``, as
+    torchvision's tensor affine: pixels from outside the image take ``fill`` [C] (blended by a sampled mask of
+    ones), rounded to uint8; bicubic's overshoot is clamped to [0, 255] (and the mask to [0, 1])."""
+    n, c, h, w = images.shape
+    mode = "nearest" if interpolation == "nearest" else interpolation
+    grid = torch.nn.functional.affine_grid(theta.float(), [n, c, h, w], align_corners=False)
+    planes = torch.cat([images.float(), images.new_ones((n, 1, h, w), dtype=torch.float32)], dim=1)
+    warped = torch.nn.functional.grid_sample(planes, grid, mode=mode, padding_mode="zeros", align_corners=False)
+    out, mask = warped[:, :c], warped[:, c:]
+    fill = fill.view(1, c, 1, 1).float()
+    if mode == "nearest":
+        out = torch.where(mask < 0.5, fill, out)
+    else:
+        out = (out - fill).mul_(mask.clamp_(0.0, 1.0)).add_(fill)
+    return out.clamp_(0.0, 255.0).round_().to(torch.uint8)
 
 
 def _apply_op(img: torch.Tensor, op: str, value: float, interpolation: str, fill: list[float]) -> torch.Tensor:
     """One op on a uint8 CHW tensor, with torchvision.transforms.v2's functional ops (as its RandAugment)."""
-    interp = _INTERP[interpolation]
+    if op in GEOMETRIC and interpolation not in _INTERP:  # bicubic: torchvision's tensor ops have no such mode
+        theta = torch.from_numpy(affine_theta(op, value, img.shape[-2], img.shape[-1]))[None]
+        return affine_images(img[None], theta, torch.tensor(fill), interpolation)[0]
+    interp = _INTERP.get(interpolation)
     if op == "identity":
         return img
     if op == "auto_contrast":
@@ -341,8 +390,8 @@ def _apply_op(img: torch.Tensor, op: str, value: float, interpolation: str, fill
         return TF.rotate(img, value, interpolation=interp, fill=fill)
     if op == "posterize":
         return TF.posterize(img, int(value))
-    if op == "solarize":
-        return TF.solarize(img, value)
+    if op == "solarize":  # timm's threshold 256 (magnitude 10) inverts nothing; torchvision refuses it
+        return img if value > 255 else TF.solarize(img, value)
     if op == "solarize_add":  # timm's: add to the pixels below 128, saturating (no torchvision op)
         return torch.where(img < 128, (img.to(torch.int16) + int(value)).clamp_(0, 255).to(torch.uint8), img)
     if op == "color":
