@@ -4,10 +4,13 @@ torchvision's TrivialAugmentWide, AutoAugment's ImageNet policy), ``data.color_j
 Every random choice is drawn here, from transforms.sample_uniforms (seed, epoch, sample position) at stream indices
 after the crops' (see ``ERASE_FIRST`` ...), into a plan that does not depend on the pixels: per op slot an op id and
 its parameter in the op's own unit, per sample the jitter factors and order and the erasing box. Both backends apply
-the same plan with the same code (``apply_ops``: torchvision.transforms.v2 ops on uint8 CHW tensors; the DALI backend
-runs ``TrainAugment.apply_batch`` on its uint8 batch, on the GPU when DALI decoded there), so a resumed epoch is
-bit-exact and the backends agree sample by sample. Random erasing works on the normalized batch on
-the device (``erase_batch``), the same code for every backend, as timm's PrefetchLoader does it.
+the same plan, so a resumed epoch is bit-exact and the backends agree sample by sample: the torchvision backend per
+sample in its workers (``apply_ops``: torchvision.transforms.v2 ops on uint8 CHW tensors, the reference), the DALI
+backend on its whole uint8 batch (``TrainAugment.apply_batch``, on the GPU when DALI decoded there): one pass per op
+type and slot with per-sample parameters, equal to the reference up to float rounding. Rotate / shear / translate
+with bicubic interpolation use our ``affine_images`` (torchvision's tensor ops have no bicubic mode) in both.
+Random erasing works on the normalized batch on the device (``erase_batch``), the same code for every backend, as
+timm's PrefetchLoader does it.
 """
 
 import math
