@@ -276,14 +276,20 @@ def _timm_magnitude(policy: Policy, magnitude: float, u1: float, u2: float) -> f
     return max(0.0, min(magnitude, policy.magnitude_max))
 
 
+# The bins of each TrivialAugmentWide op (torch's float32 linspace, as torchvision's), made once; -1.0: solarize's
+# descending bins.
+_TA_LEVELS = {top: torch.linspace(0.0, top, _TA_BINS).tolist() for _, top, _ in _TA_WIDE}
+_TA_LEVELS[-1.0] = torch.linspace(1.0, 0.0, _TA_BINS).tolist()
+
+
 def _ta_param(u_op: float, u_bin: float, u_sign: float) -> tuple[int, float]:
     op, top, signed = _TA_WIDE[int(u_op * len(_TA_WIDE))]
     b = int(u_bin * _TA_BINS)
     if op == "posterize":
         return OP_ID[op], float(8 - int(round(b / ((_TA_BINS - 1) / 6))))
     if op == "solarize":
-        return OP_ID[op], 255.0 * float(torch.linspace(1.0, 0.0, _TA_BINS)[b])
-    value = float(torch.linspace(0.0, top, _TA_BINS)[b])  # torch's float32 bins, as torchvision's
+        return OP_ID[op], 255.0 * _TA_LEVELS[-1.0][b]
+    value = _TA_LEVELS[top][b]  # torch's float32 bins, as torchvision's
     if signed and u_sign < 0.5:
         value = -value
     if op in ("brightness", "color", "contrast", "sharpness"):
