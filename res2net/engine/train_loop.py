@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from res2net.data.loader_base import is_read_error
 from res2net.engine.amp import autocast
 from res2net.engine.distributed import DistInfo
 from res2net.engine.ema import ModelEma
@@ -240,6 +241,8 @@ def _guarded(run: Run):
         except StopIteration:
             return
         except Exception as err:
+            if not is_read_error(err):
+                raise  # a bug, not a file: its own message and traceback
             raise RuntimeError(
                 f"the training data loader failed on rank {run.dist.rank} at epoch {run.state.epoch}, batch "
                 f"{run.state.step_in_epoch} of {run.steps_per_epoch} "
