@@ -10,7 +10,7 @@ launches and stream syncs (``torch.cuda.set_sync_debug_mode``), so the counts re
 
 ``preset_census`` counts one steady-state training step of a training preset (configs/experiment/*.yaml) with its
 knobs on: the device augmentation of one batch (TrainAugment.apply_batch, the Normalizer, random erasing: the DALI
-path), mixup / CutMix, and the step itself (train_loop.backward_micro_step + train_loop.optimizer_step with the preset's loss,
+path), mixup / CutMix, and the step itself (backward_micro_step + optimizer_step of train_loop, with the preset's loss,
 optimizer and EMA) on a reduced model at a small resolution. ``scripts/benchmark.py --census`` prints it per preset.
 """
 
