@@ -13,9 +13,10 @@ import torch
 from .augment import parse_policy
 from .config import BACKENDS, DALI_DECODERS, DALI_RESIZES, INTERPOLATIONS, DataConfig
 from .index import class_folders, scan_split
+from .loader_base import is_read_error
 from .transforms import Normalizer, val_resize_size
 
-__all__ = ["DataConfig", "build_loader", "scan_split", "as_data_config", "loader_from_samples"]
+__all__ = ["DataConfig", "build_loader", "scan_split", "as_data_config", "loader_from_samples", "is_read_error"]
 
 SPLITS = ("train", "val")
 

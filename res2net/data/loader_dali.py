@@ -10,6 +10,7 @@ epoch with an error naming it: DALI cannot skip a sample.
 """
 
 import ctypes
+import re
 import struct
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ from PIL import Image
 from .augment import TrainAugment
 from .config import DALI_RESIZES
 from .index import epoch_batches, train_positions
-from .loader_base import EpochLoader
+from .loader_base import DataReadError, EpochLoader
 from .transforms import (
     DRAW_FLIP,
     augmentation_draws,
@@ -165,8 +166,12 @@ class _HeaderError(Exception):
         self.path, self.reason = path, reason
 
 
+# A DALI error from one of these operators is about the files (reading or decoding them), not about our code.
+_READ_OPS = re.compile(r"fn\.(decoders|readers)\.")
+
+
 def _suspects(files: Sequence[str]) -> list[str]:
-    """The files of a failed batch that PIL cannot decode either (all of them when PIL decodes every one)."""
+    """The files of a failed batch that PIL cannot decode either."""
     bad = []
     for path in files:
         try:
@@ -174,7 +179,7 @@ def _suspects(files: Sequence[str]) -> list[str]:
                 img.load()
         except Exception:  # any decoder failure marks the file
             bad.append(path)
-    return bad or list(files)
+    return bad
 
 
 class DaliLoader(EpochLoader):
@@ -295,16 +300,19 @@ class DaliLoader(EpochLoader):
             return pipe.run()
         except _HeaderError as err:
             self._release()
-            raise RuntimeError(
+            raise DataReadError(
                 f"DALI train loader cannot use {err.path} (epoch {self.epoch}, rank "
                 f"{self.rank}): {err.reason}. Find such files with `python scripts/check_dataset.py "
                 f"{self.cfg.root}` (--fix re-encodes them), or use data.backend=torchvision, which skips them."
             ) from err
         except RuntimeError as err:
             self._release()
-            raise RuntimeError(
+            bad = _suspects(batch_files)
+            if not bad and not _READ_OPS.search(str(err)):
+                raise  # not a file DALI could not read or decode (e.g. a bug in a Python callback): as it is
+            raise DataReadError(
                 f"DALI failed on batch {b} of epoch {self.epoch} (rank {self.rank}); undecodable "
-                f"file(s): {_suspects(batch_files)}\n{err}\nFind such files with "
+                f"file(s): {bad or batch_files}\n{err}\nFind such files with "
                 f"`python scripts/check_dataset.py {self.cfg.root}` (--fix re-encodes them), or use "
                 "data.backend=torchvision, which skips them."
             ) from err

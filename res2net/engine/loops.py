@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from res2net.data.loader_base import is_read_error
 from res2net.engine.amp import autocast
 from res2net.engine.distill import DistillationLoss
 from res2net.engine.distributed import DistInfo, unwrap_model
@@ -235,6 +236,8 @@ def _guarded(loader: Iterable, state: TrainState, dist: DistInfo, steps_per_epoc
         except StopIteration:
             return
         except Exception as err:
+            if not is_read_error(err):
+                raise  # a bug, not a file: its own message and traceback
             raise RuntimeError(
                 f"the training data loader failed on rank {dist.rank} at epoch {state.epoch}, batch "
                 f"{state.step_in_epoch} of {steps_per_epoch} (data.root={data_root}): {err}. "
