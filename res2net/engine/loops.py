@@ -354,7 +354,8 @@ def train_one_epoch(
         if last or stop_now:
             stop_now |= drain()
         progress.step(state, seen, lr)
-        if state.global_step == 1 and dist.device.type == "cuda" and os.environ.get("RES2NET_SYNC_DEBUG"):
+        if state.step_in_epoch == 1 and dist.device.type == "cuda" and os.environ.get("RES2NET_SYNC_DEBUG"):
+            # armed after each epoch's first step (warm-up, a new progressive size); evaluate() disarms it
             torch.cuda.set_sync_debug_mode(int(os.environ["RES2NET_SYNC_DEBUG"]))  # 1 warn, 2 error: gpu_check.sh
         if save_every_steps and state.global_step % save_every_steps == 0:
             save()
@@ -475,6 +476,8 @@ def evaluate(
     if tta not in TTA_MODES:
         raise ValueError(f"tta={tta!r} is not a test-time augmentation; use one of {TTA_MODES}")
     device = torch.device(device)
+    if device.type == "cuda":  # validation reads results on the host: RES2NET_SYNC_DEBUG watches training steps only
+        torch.cuda.set_sync_debug_mode(0)
     net = unwrap_model(model)  # DDP's forward may broadcast buffers: uneven shards would hang in that collective
     num_classes = _num_classes(net, loader)
     mask = class_mask(num_classes, class_subset, device)
