@@ -130,8 +130,13 @@ class Mixup:
     def _mix(self, images: torch.Tensor, draw: MixDraw, lam: np.ndarray) -> torch.Tensor:
         if np.all(lam == 1.0):  # nothing drawn to mix (prob < 1)
             return images
-        source = images.flip(0)
         batch = images.shape[0]
+        if self.mode == "batch" and draw.cutmix[0]:  # one box for all: one slice copy from the reversed batch
+            y0, y1, x0, x1 = draw.boxes[0].tolist()
+            out = images.clone()
+            out[:, :, y0:y1, x0:x1] = images[:, :, y0:y1, x0:x1].flip(0)
+            return out
+        source = images.flip(0)
         blend = np.where(self._per_sample(draw.cutmix, batch), 1.0, lam)  # mixup's weight of the image itself
         weight = torch.from_numpy(blend).to(device=images.device, dtype=images.dtype, non_blocking=True)
         out = images * weight.view(-1, 1, 1, 1) + source * (1.0 - weight.view(-1, 1, 1, 1))
