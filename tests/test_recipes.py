@@ -533,6 +533,6 @@ def test_cfg_job_of_rsb_a3_shows_the_procedure(tmp_path):
     assert (job["optim"]["name"], job["optim"]["lr"], job["optim"]["base_batch"]) == ("lamb", 8e-3, 2048)
     assert (job["loss"]["name"], job["loss"]["label_smoothing"]) == ("bce", 0.0)
     assert (job["mixup"]["alpha"], job["mixup"]["cutmix_alpha"]) == (0.1, 1.0)
-    assert job["data"]["auto_augment"] == "rand-m6-mstd0.5"
+    assert job["data"]["auto_augment"] == "rand-m6-mstd0.5-inc1"
     assert (job["schedule"]["name"], job["schedule"]["epochs"], job["schedule"]["warmup_epochs"]) == ("cosine", 100, 5)
     assert (job["data"]["img_size"], job["data"]["val_img_size"], job["data"]["crop_pct"]) == (160, 224, 0.95)

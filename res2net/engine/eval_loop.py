@@ -140,6 +140,8 @@ def evaluate(
     """
     tta = Tta.of(tta, "tta")
     device = torch.device(device)
+    if device.type == "cuda":  # validation reads results on the host: RES2NET_SYNC_DEBUG watches training steps only
+        torch.cuda.set_sync_debug_mode(0)
     net = _without_ddp(model)
     num_classes = _num_classes(_plain(net), loader)
     mask = class_mask(num_classes, class_subset, device)

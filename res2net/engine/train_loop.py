@@ -131,7 +131,7 @@ class Run:
     grad_clip: float = 0.0
     ema: ModelEma | None = None
     mixup: Mixup | None = None
-    sync_debug: int | None = None  # torch.cuda.set_sync_debug_mode after the first step (RES2NET_SYNC_DEBUG)
+    sync_debug: int | None = None  # torch.cuda.set_sync_debug_mode after each epoch's first step (RES2NET_SYNC_DEBUG)
     data_root: Any = None  # named when the loader fails
     steps_per_epoch: int = field(init=False)
 
@@ -331,7 +331,8 @@ def train_one_epoch(run: Run, stop: StopRequest) -> Outcome:
         if state.step_in_epoch == run.steps_per_epoch or at_max or run.progress.due(state) or save_now or stop_now:
             stop_now |= drain()
         run.progress.step(state, seen, lr)
-        if state.global_step == 1 and run.sync_debug is not None:
+        if state.step_in_epoch == 1 and run.sync_debug is not None:
+            # armed after each epoch's first step (warm-up, a new progressive size); evaluate() disarms it
             torch.cuda.set_sync_debug_mode(run.sync_debug)  # 1 warn, 2 error: scripts/gpu_check.sh
         if save_now:
             run.save()
