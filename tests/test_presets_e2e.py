@@ -28,8 +28,8 @@ from test_data_helpers import write_noise_split
 
 from res2net.config import register_configs, to_dict
 from res2net.engine.eval_job import evaluate_checkpoint
-from res2net.engine.loops import optimizer_steps_per_epoch
 from res2net.engine.train_job import train
+from res2net.engine.train_loop import optimizer_steps_per_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
