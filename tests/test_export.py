@@ -188,7 +188,7 @@ def test_bad_arguments_give_one_short_error(trained, tmp_path, capsys):
     code, err = run("--model", "resnet50", "--checkpoint", "released", "--format", "onnx", "--out", out)
     assert code == 2 and "invalid choice: 'resnet50'" in err
     code, err = run("--model", NAME, "--checkpoint", str(tmp_path / "missing.pth"), "--format", "onnx", "--out", out)
-    assert code == 1 and "missing.pth not found" in err
+    assert code == 1 and "missing.pth' is not a file" in err
     other = tmp_path / "other.pth"
     torch.save(res2net.create_model("res2net50_26w_4s", **ARCH).state_dict(), other)
     code, err = run("--model", NAME, "--checkpoint", str(other), "--format", "onnx", "--out", out)
