@@ -23,7 +23,7 @@ from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 
-from res2net.data.config import Choice, DataConfig
+from res2net.data.config import Choice, DataConfig, check_data_config
 from res2net.errors import ConfigError
 
 __all__ = [
@@ -344,18 +344,10 @@ def check_train_config(cfg: Any) -> None:
     _finite("schedule.gamma", s.gamma, 0.0, low_open=True)
     if list(s.milestones) != sorted(s.milestones):
         raise ConfigError(f"schedule.milestones={list(s.milestones)} must be increasing")
-    if cfg.data.batch_size < 1:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be >= 1")
     pair_mode = cfg.mixup.mode == MixupMode.pair
     if pair_mode and cfg.data.batch_size % 2 and (cfg.mixup.alpha > 0 or cfg.mixup.cutmix_alpha > 0):
         raise ConfigError(f"mixup.mode=pair mixes samples in pairs: data.batch_size={cfg.data.batch_size} must be even")
-    _finite("data.crop_pct", cfg.data.crop_pct, 0.0, 1.0, low_open=True)
-    if cfg.data.img_size < 1:
-        raise ConfigError(f"data.img_size={cfg.data.img_size} must be >= 1")
-    for i, (mean, std) in enumerate(zip(cfg.data.mean, cfg.data.std)):
-        if not math.isfinite(mean):
-            raise ConfigError(f"data.mean[{i}]={mean} must be a finite number")
-        _finite(f"data.std[{i}]", std, 0.0, low_open=True)
+    check_data_config(cfg.data)
     if cfg.model.drop_rate is not None and not 0.0 <= cfg.model.drop_rate < 1.0:
         raise ConfigError(f"model.drop_rate={cfg.model.drop_rate} must be in [0, 1)")
     if t.ema_decay != 0.0 and not 0.0 < t.ema_decay < 1.0:

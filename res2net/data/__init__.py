@@ -10,11 +10,10 @@ from typing import Any
 
 import torch
 
-from .augment import parse_policy
-from .config import DataConfig
+from .config import DataConfig, check_data_config
 from .index import class_folders, scan_split
 from .loader_base import is_read_error
-from .transforms import Normalizer, val_resize_size
+from .transforms import Normalizer
 
 __all__ = ["DataConfig", "build_loader", "scan_split", "as_data_config", "loader_from_samples", "is_read_error"]
 
@@ -38,47 +37,9 @@ def as_data_config(cfg: Any) -> DataConfig:
 
 
 def _validate(cfg: DataConfig, split: str) -> None:
-    def bad(key: str, value, expected: str) -> ValueError:
-        return ValueError(f"data.{key}={value!r} is invalid: expected {expected}")
-
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is invalid: expected one of {SPLITS}")
-    for key in ("batch_size", "img_size", "prefetch"):
-        if int(getattr(cfg, key)) < 1:
-            raise bad(key, getattr(cfg, key), "an integer >= 1")
-    if cfg.num_workers < 0:
-        raise bad("num_workers", cfg.num_workers, "an integer >= 0")
-    scale, ratio = list(cfg.train_crop_scale), list(cfg.train_crop_ratio)
-    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-        raise bad("train_crop_scale", scale, "[min, max] with 0 < min <= max <= 1")
-    if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
-        raise bad("train_crop_ratio", ratio, "[min, max] with 0 < min <= max")
-    if not 0.0 <= cfg.hflip <= 1.0:
-        raise bad("hflip", cfg.hflip, "a probability in [0, 1]")
-    val_resize_size(cfg.img_size, cfg.crop_pct)
-    _validate_augmentation(cfg, bad)
-
-
-def _validate_augmentation(cfg: DataConfig, bad) -> None:
-    parse_policy(cfg.auto_augment)
-    if not 0.0 <= cfg.random_erasing <= 1.0:
-        raise bad("random_erasing", cfg.random_erasing, "a probability in [0, 1]")
-    if cfg.color_jitter < 0:
-        raise bad("color_jitter", cfg.color_jitter, "a strength >= 0 (0 = off)")
-    if int(cfg.repeated_aug) < 1:
-        raise bad("repeated_aug", cfg.repeated_aug, "an integer >= 1 (1 = off)")
-    if cfg.val_img_size is not None and int(cfg.val_img_size) < 1:
-        raise bad("val_img_size", cfg.val_img_size, "null (= data.img_size) or an integer >= 1")
-    sizes, epochs = cfg.progressive_sizes, cfg.progressive_epochs
-    if (sizes is None) != (epochs is None):
-        raise bad("progressive_sizes", sizes, f"set together with data.progressive_epochs (now {epochs}), or both null")
-    if cfg.progressive_step < 1:
-        raise bad("progressive_step", cfg.progressive_step, "an integer >= 1")
-    if sizes is not None:
-        if len(sizes) != 2 or min(sizes) < 1 or any(s % cfg.progressive_step for s in sizes):
-            raise bad("progressive_sizes", sizes, f"[start, end] sizes, multiples of {cfg.progressive_step}")
-        if len(epochs) != 2 or not 0 <= epochs[0] < epochs[1]:
-            raise bad("progressive_epochs", epochs, "[start, end] epochs with 0 <= start < end")
+    check_data_config(cfg)
 
 
 def _train_classes(root: str | None) -> Sequence[str] | None:

@@ -5,12 +5,16 @@ lists, not tuples, because OmegaConf stores lists.
 """
 
 import enum
+import math
 from dataclasses import dataclass, field
+
+from res2net.errors import ConfigError
 
 __all__ = [
     "BACKENDS",
     "Backend",
     "Choice",
+    "check_data_config",
     "DALI_DECODERS",
     "DALI_RESIZES",
     "DaliDecoder",
@@ -135,3 +139,54 @@ class DataConfig:
         self.interpolation = Interpolation.of(self.interpolation, "data.interpolation")
         self.dali_decoder = DaliDecoder.of(self.dali_decoder, "data.dali_decoder")
         self.dali_resize = DaliResize.of(self.dali_resize, "data.dali_resize")
+
+
+def _bad(key: str, value: object, expected: str) -> ConfigError:
+    return ConfigError(f"data.{key}={value!r} is invalid: expected {expected}")
+
+
+def check_data_config(cfg: DataConfig) -> None:
+    """Refuse values the schema's types let through but no loader can use (every backend, train.py and evaluate.py
+    alike); the error names the key, the value and what is allowed. The augmentation policy text is parsed, and
+    checked, where it is used (res2net.data.augment.parse_policy)."""
+    for key in ("batch_size", "img_size", "prefetch"):
+        if int(getattr(cfg, key)) < 1:
+            raise _bad(key, getattr(cfg, key), "an integer >= 1")
+    if cfg.num_workers < 0:
+        raise _bad("num_workers", cfg.num_workers, "an integer >= 0")
+    if not (math.isfinite(cfg.crop_pct) and 0.0 < cfg.crop_pct <= 1.0):
+        raise _bad("crop_pct", cfg.crop_pct, "a fraction in (0, 1]")
+    for i, (mean, std) in enumerate(zip(cfg.mean, cfg.std)):
+        if not math.isfinite(mean):
+            raise _bad(f"mean[{i}]", mean, "a finite number")
+        if not (math.isfinite(std) and std > 0):
+            raise _bad(f"std[{i}]", std, "a finite number > 0")
+    scale, ratio = list(cfg.train_crop_scale), list(cfg.train_crop_ratio)
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise _bad("train_crop_scale", scale, "[min, max] with 0 < min <= max <= 1")
+    if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+        raise _bad("train_crop_ratio", ratio, "[min, max] with 0 < min <= max")
+    if not 0.0 <= cfg.hflip <= 1.0:
+        raise _bad("hflip", cfg.hflip, "a probability in [0, 1]")
+    if not 0.0 <= cfg.random_erasing <= 1.0:
+        raise _bad("random_erasing", cfg.random_erasing, "a probability in [0, 1]")
+    if cfg.color_jitter < 0:
+        raise _bad("color_jitter", cfg.color_jitter, "a strength >= 0 (0 = off)")
+    if int(cfg.repeated_aug) < 1:
+        raise _bad("repeated_aug", cfg.repeated_aug, "an integer >= 1 (1 = off)")
+    if cfg.val_img_size is not None and int(cfg.val_img_size) < 1:
+        raise _bad("val_img_size", cfg.val_img_size, "null (= data.img_size) or an integer >= 1")
+    _check_progressive(cfg)
+
+
+def _check_progressive(cfg: DataConfig) -> None:
+    sizes, epochs = cfg.progressive_sizes, cfg.progressive_epochs
+    if (sizes is None) != (epochs is None):
+        raise _bad("progressive_sizes", sizes, f"both set with data.progressive_epochs (now {epochs}), or both null")
+    if cfg.progressive_step < 1:
+        raise _bad("progressive_step", cfg.progressive_step, "an integer >= 1")
+    if sizes is not None:
+        if len(sizes) != 2 or min(sizes) < 1 or any(s % cfg.progressive_step for s in sizes):
+            raise _bad("progressive_sizes", sizes, f"[start, end] sizes, multiples of {cfg.progressive_step}")
+        if len(epochs) != 2 or not 0 <= epochs[0] < epochs[1]:
+            raise _bad("progressive_epochs", epochs, "[start, end] epochs with 0 <= start < end")
