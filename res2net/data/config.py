@@ -4,9 +4,11 @@ Plain dataclasses and typing only (no Hydra import), so the engine's structured 
 lists, not tuples, because OmegaConf stores lists.
 """
 
+import logging
+import os
 from dataclasses import dataclass, field
 
-__all__ = ["DataConfig", "IMAGENET_MEAN", "IMAGENET_STD", "BACKENDS", "INTERPOLATIONS", "DALI_DECODERS", "DALI_RESIZES"]
+__all__ = ["DataConfig", "resolve_num_workers", "IMAGENET_MEAN", "IMAGENET_STD", "BACKENDS", "INTERPOLATIONS", "DALI_DECODERS", "DALI_RESIZES"]
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -24,7 +26,9 @@ class DataConfig:
     # Per process. Train drops the last partial batch; val keeps it.
     batch_size: int = 64
     # torchvision: DataLoader worker processes (0 = decode in the main process). dali: CPU threads of the pipeline.
-    num_workers: int = 4
+    # null: the CPUs this process may use (os.sched_getaffinity) shared among the processes of this machine
+    # (LOCAL_WORLD_SIZE under torchrun); a value above this process's CPUs is lowered to them, with a warning.
+    num_workers: int | None = None
     img_size: int = 224
     # Val resizes the shorter side to floor(img_size / crop_pct), then center-crops img_size. Must be in (0, 1].
     crop_pct: float = 0.875
@@ -69,3 +73,34 @@ class DataConfig:
     synthetic_num_classes: int = 1000
     synthetic_train_size: int = 1281167
     synthetic_val_size: int = 50000
+
+
+_log = logging.getLogger(__name__)
+_warned: set[int] = set()
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def resolve_num_workers(value: int | None) -> int:
+    """``data.num_workers`` as a count: null = this process's share of the CPUs; a count above the CPUs this process
+    may use is lowered to them (torch's DataLoader would warn, and the workers would only compete for the cores)."""
+    cpus = _cpus()
+    if value is None:
+        return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    if value > cpus:
+        if value not in _warned:
+            _warned.add(value)
+            _log.warning(
+                "data.num_workers=%d is more than the %d CPUs this process may use: using %d (null picks a share of "
+                "the CPUs)",
+                value,
+                cpus,
+                cpus,
+            )
+        return cpus
+    return value
