@@ -364,7 +364,9 @@ def check_train_config(cfg: Any) -> None:
     _finite("optim.lr", cfg.optim.lr, 0.0, low_open=True)
     _finite("optim.weight_decay", cfg.optim.weight_decay, 0.0)
     if not (math.isfinite(cfg.optim.momentum) and 0.0 <= cfg.optim.momentum < 1.0):
-        raise ConfigError(f"optim.momentum={cfg.optim.momentum} must be in [0, 1), e.g. 0.9 (1 never forgets a gradient)")
+        raise ConfigError(
+            f"optim.momentum={cfg.optim.momentum} must be in [0, 1), e.g. 0.9 (1 never forgets a gradient)"
+        )
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas={list(cfg.optim.betas)} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
     _finite("optim.eps", cfg.optim.eps, 0.0, low_open=True)
@@ -407,7 +409,9 @@ def check_checkpoint_position(ckpt: Any, path: Any) -> None:
     for key in ("epoch", "step_in_epoch", "global_step"):
         value = ckpt.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise CheckpointError(f"cannot resume from {path}: its {key}={value!r} is not a count >= 0 (a damaged file?)")
+            raise CheckpointError(
+                f"cannot resume from {path}: its {key}={value!r} is not a count >= 0 (a damaged file?)"
+            )
     if ckpt["step_in_epoch"] > ckpt["global_step"]:
         raise CheckpointError(
             f"cannot resume from {path}: step_in_epoch={ckpt['step_in_epoch']} exceeds "

@@ -8,7 +8,16 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-__all__ = ["DataConfig", "resolve_num_workers", "IMAGENET_MEAN", "IMAGENET_STD", "BACKENDS", "INTERPOLATIONS", "DALI_DECODERS", "DALI_RESIZES"]
+__all__ = [
+    "DataConfig",
+    "resolve_num_workers",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "BACKENDS",
+    "INTERPOLATIONS",
+    "DALI_DECODERS",
+    "DALI_RESIZES",
+]
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]

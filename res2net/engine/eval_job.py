@@ -30,6 +30,7 @@ from res2net.engine.amp import resolve_amp, resolve_channels_last
 from res2net.engine.distributed import DistInfo, barrier, select_device
 from res2net.engine.eval_metrics import read_real_labels, real_label_rows
 from res2net.engine.loops import PREDICTION_TOPK, TTA_MODES, evaluate
+from res2net.engine.metrics import dataset_name
 from res2net.errors import CheckpointError
 from res2net.models.stats import count_params
 
@@ -188,7 +189,7 @@ def _results(
     }
     out = {key: result[key] for key in _RESULT_KEYS + tuple(k for k in _REAL_KEYS if k in result)}
     out.update(
-        dataset=cfg["testset"] or "imagenet",
+        dataset=dataset_name(cfg["data"], cfg["testset"]),
         model=cfg["model"]["name"],
         checkpoint=str(ckpt_path),
         checkpoint_sha256=sha256_file(ckpt_path),

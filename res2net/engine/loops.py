@@ -30,7 +30,7 @@ from res2net.engine.amp import autocast
 from res2net.engine.distill import DistillationLoss
 from res2net.engine.distributed import DistInfo, unwrap_model
 from res2net.engine.eval_metrics import EvalTally, class_mask, restrict
-from res2net.engine.metrics import TrainProgress
+from res2net.engine.metrics import TrainProgress, progress_bar
 from res2net.engine.mixup import Mixup
 from res2net.engine.schedule import set_lr
 from res2net.engine.stop import StopRequest
@@ -412,11 +412,8 @@ def _gather_predictions(rows: list[dict]) -> list[dict] | None:
 
 
 def _batches(loader: Iterable, progress: bool):
-    if not progress or _world()[0] != 0:
-        return loader
-    from tqdm import tqdm
-
-    return tqdm(loader, desc="eval", unit="batch", dynamic_ncols=True)
+    total = len(loader) if hasattr(loader, "__len__") else None
+    return progress_bar(loader, desc="eval", total=total, enabled=progress and _world()[0] == 0)
 
 
 def _log_probs(

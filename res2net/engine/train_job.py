@@ -44,7 +44,7 @@ from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, wr
 from .ema import ModelEma
 from .loops import NonFiniteLossError, Outcome, TrainState, evaluate, optimizer_steps_per_epoch, train_one_epoch
 from .losses import build_criterion
-from .metrics import MetricsWriter, TrainProgress, log_epoch
+from .metrics import MetricsWriter, TrainProgress, dataset_name, log_epoch
 from .mixup import Mixup, mixup_enabled
 from .optim import build_optimizer, scaled_lr
 from .run_lock import run_dir_lock
@@ -294,6 +294,8 @@ def _train(cfg: Any, run_dir: Path, dist: DistInfo, stop: StopRequest | None) ->
             steps_per_epoch=steps_per_epoch,
             log_interval=cfg.trainer.log_interval,
             world_size=dist.world_size,
+            val_steps=len(val_loader),
+            dataset=dataset_name(cfg.data),
         )
         epoch_args = dict(
             lr_at=partial(learning_rate, steps_per_epoch=steps_per_epoch, cfg=cfg.schedule, base_lr=base_lr),
@@ -389,7 +391,9 @@ def _run_epochs(
                 log.warning("stop requested by signal: checkpoint at %s", state.where(steps_per_epoch))
             return result(Outcome.PREEMPTED, save())
         partial_epoch = state.step_in_epoch < steps_per_epoch
+        val_start = time.perf_counter()
         val = _validate(model, ema, val_loader, dist.device, amp, channels_last)
+        epoch_args["progress"].validated(time.perf_counter() - val_start)
         log_epoch(
             writer,
             state,
@@ -401,6 +405,7 @@ def _run_epochs(
             world_size=dist.world_size,
             device=dist.device,
             partial=partial_epoch,
+            dataset=epoch_args["progress"].dataset,
         )
         is_best = state.best_top1 is None or val["top1"] > state.best_top1
         state.best_top1 = max(val["top1"], state.best_top1 or val["top1"])
