@@ -16,29 +16,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import test_train
 from PIL import Image
-from test_train import (
-    REPO,
-    _assert_same_weights,
-    _env,
-    _last,
-    _overrides,
-    _records,
-    _start,
-    _train,
-    _wait_until_step,
-    folder,  # noqa: F401  (a fixture)
-    reference,  # noqa: F401  (a fixture)
-)
+from test_train import REPO, _assert_same_weights, _env, _last, _overrides, _records, _start, _train, _wait_until_step
 
 from res2net.engine.stop import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 
 pytestmark = pytest.mark.slow
+folder = test_train.folder  # the fixtures, shared by name
+reference = test_train.reference
 
 
-def _run(*args: str, **kwargs) -> subprocess.CompletedProcess:
+def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, env=_env(), timeout=300, cwd=REPO, **kwargs
+        [sys.executable, *args], capture_output=True, text=True, env=env or _env(), timeout=300, cwd=REPO
     )
 
 
@@ -127,7 +118,7 @@ def test_a_resume_with_another_head_is_one_line_and_exit_1(tmp_path, folder, ref
 
 
 def test_a_misspelt_model_group_is_one_short_line():
-    proc = _run(str(REPO / "train.py"), "model=res2net50_26w_4")
+    proc = _run(str(REPO / "train.py"), "model=res2net50_26w_4", env={**_env(), "HYDRA_FULL_ERROR": "0"})
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: model=res2net50_26w_4:")
     assert "did you mean res2net50_26w_4s" in proc.stderr
