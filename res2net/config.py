@@ -282,9 +282,8 @@ def _unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
             continue
         f = fields[key]
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        child = node[key]
-        if dataclasses.is_dataclass(default) and hasattr(child, "keys"):
-            unknown += _unknown_keys(child, type(default), f"{prefix}{key}.")
+        if dataclasses.is_dataclass(default) and hasattr(node[key], "keys"):
+            unknown += _unknown_keys(node[key], type(default), f"{prefix}{key}.")
     return unknown
 
 
