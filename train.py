@@ -16,7 +16,8 @@ during start-up (the handlers are installed first of all) stops the run after it
 
 from res2net.engine import stop
 
-stop.install()  # before the slow imports and composition below: an early signal is a stop request, not a kill
+if __name__ == "__main__":  # first of all, before the slow imports and composition: an early signal is a stop request
+    stop.install()
 
 import logging  # noqa: E402
 import sys  # noqa: E402

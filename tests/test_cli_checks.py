@@ -215,3 +215,21 @@ def test_help_and_cfg_job_do_not_import_torch():
         imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
         heavy = sorted(m for m in imported if m.split(".")[0] in ("torch", "torchvision", "nvidia", "onnxruntime"))
         assert not heavy, f"{script} {' '.join(args)} imported {heavy[:5]}"
+
+
+def test_a_garbage_onnx_file_and_an_image_of_another_size_are_one_line_errors(tmp_path):
+    import res2net
+    from res2net.export import OnnxRuntimeModel, export_onnx
+
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a protobuf at all")
+    with pytest.raises(CheckpointError) as err:
+        OnnxRuntimeModel(garbage)
+    assert str(garbage) in str(err.value) and "\n" not in str(err.value) and exit_code(err.value) == 1
+    model = res2net.create_model("res2net50_26w_4s", num_classes=3, layers=[1, 1, 1, 1], base_width=4)
+    net = OnnxRuntimeModel(export_onnx(model.eval(), tmp_path / "m.onnx", img_size=32), threads=1)
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+    with pytest.raises(ValueError) as err:
+        net(torch.zeros(2, 3, 64, 64))
+    assert "takes images of 3x32x32" in str(err.value) and "got 3x64x64" in str(err.value)
+    assert exit_code(err.value) == 2 and "\n" not in str(err.value)

@@ -3,8 +3,9 @@
 ``train(cfg, run_dir, dist, stop)`` takes a ``TrainConfig`` node (res2net/config.py), the run directory and this
 process's ``DistInfo``; it never reads Hydra's global state. A checkpoint written mid-epoch resumes at the next
 unseen batch with the generators restored, so a deterministic run continues bit for bit as if it had never stopped.
-On SIGTERM / SIGUSR1 every rank finishes its step, rank 0 writes ``last.pth`` at that position and ``train`` returns
-status 'preempted' (train.py exits with ``PREEMPTED_EXIT_CODE``); SIGINT or SIGKILL end the run without one.
+On SIGTERM / SIGUSR1 or a first SIGINT every rank finishes its step, rank 0 writes ``last.pth`` at that position and
+``train`` returns status 'preempted' (train.py exits with ``stop.exit_code_for``: 75, or 130 after Ctrl-C); a second
+SIGINT or SIGKILL end the run without one.
 """
 
 from __future__ import annotations
