@@ -2,7 +2,9 @@
 
 ``configs/train.yaml`` composes the groups ``model``, ``data``, ``optim``, ``schedule``, ``trainer`` (and an
 ``experiment``) on top of ``train_schema``; ``configs/eval.yaml`` composes ``model`` and ``data`` on top of
-``eval_schema``. A misspelt key or a value of the wrong type fails at composition, before any data is read.
+``eval_schema``. A misspelt key or a value of the wrong type fails at composition, before any data is read; a key
+appended with ``+group.key=...`` that the schema lacks (Hydra accepts it) fails in ``check_known_keys``, and each
+value's range is checked once, in the ``check_*`` functions below (train.py and evaluate.py call them at start-up).
 Every field here is read by ``res2net``.
 
 Resolvers used by ``configs/hydra/default.yaml``:
