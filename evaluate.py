@@ -12,23 +12,29 @@ The output directory is Hydra's run directory (hydra.run.dir=<dir> to choose it)
 
 import logging
 import os
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from res2net.config import RUN_TIME_ENV, register_configs
-from res2net.engine import distributed
-from res2net.engine.eval_job import evaluate_checkpoint, summary_lines
-from res2net.errors import hydra_entry, run_hydra_main
+from res2net.config import check_eval_config, register_configs
+from res2net.errors import hydra_entry
+from res2net.launch import run_entry_point
 
 log = logging.getLogger("evaluate")
 register_configs()
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 @hydra_entry
 def main(cfg: DictConfig) -> None:
+    # torch loads here, not at import: `--help` answers in a second.
+    from res2net.engine import distributed
+    from res2net.engine.eval_job import evaluate_checkpoint, summary_lines
+
+    check_eval_config(cfg)
     out_dir = HydraConfig.get().runtime.output_dir
     with distributed.process_group() as info:  # read here, not at import (see train.py)
         result = evaluate_checkpoint(cfg, out_dir if info.is_main else None, info)
@@ -39,7 +45,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    # The process group comes first: rank 0's launch time names the output directory of every rank.
-    with distributed.process_group():
-        distributed.share_run_time(RUN_TIME_ENV)
-        run_hydra_main(main)
+    run_entry_point(main, CONFIG_DIR)

@@ -2,7 +2,9 @@
 
 ``configs/train.yaml`` composes the groups ``model``, ``data``, ``optim``, ``schedule``, ``trainer`` (and an
 ``experiment``) on top of ``train_schema``; ``configs/eval.yaml`` composes ``model`` and ``data`` on top of
-``eval_schema``. A misspelt key or a value of the wrong type fails at composition, before any data is read.
+``eval_schema``. A misspelt key or a value of the wrong type fails at composition, before any data is read; a key
+appended with ``+group.key=...`` that the schema lacks (Hydra accepts it) fails in ``check_known_keys``, and each
+value's range is checked once, in the ``check_*`` functions below (train.py and evaluate.py call them at start-up).
 Every field here is read by ``res2net``.
 
 Resolvers used by ``configs/hydra/default.yaml``:
@@ -10,21 +12,26 @@ Resolvers used by ``configs/hydra/default.yaml``:
 - ``${res2net.now:FORMAT}``: like Hydra's ``${now:}``, but fixed once per launch (``RES2NET_RUN_TIME``, set by the
   entry point on rank 0 and broadcast to every torchrun rank), so all ranks agree on one run directory.
 - ``${res2net.rank_zero_or:VALUE,OTHER}``: VALUE on global rank 0 (env ``RANK``), OTHER on the other ranks.
+- ``${res2net.attempt_subdir:OUTPUT_DIR}``: ``.hydra`` for a directory's first launch, ``.hydra/attempt-<time>`` for
+  later ones (a resume, a refused attempt), so the first launch's record of its command stays as it was.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from res2net.data.config import Choice, DataConfig, check_data_config
-from res2net.errors import ConfigError
+from res2net.errors import CheckpointError, ConfigError
 
 __all__ = [
     "Amp",
@@ -44,7 +51,13 @@ __all__ = [
     "TrainerConfig",
     "as_eval_config",
     "as_train_config",
+    "MAX_SEED",
+    "check_checkpoint_position",
+    "check_group_choices",
+    "check_eval_config",
+    "check_known_keys",
     "check_train_config",
+    "recorded_run_config",
     "register_configs",
     "run_time",
     "to_dict",
@@ -303,8 +316,51 @@ def _finite(key: str, value: float, low: float, high: float = math.inf, *, low_o
         raise ConfigError(f"{key}={value} must be a finite number {bound}{upper}")
 
 
+MAX_SEED = 2**31 - 1  # the widest seed every generator here takes (DALI's is a 32-bit int)
+
+
+def _unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
+    """Keys of ``node`` (an OmegaConf node or mapping) that the dataclass ``schema`` does not declare, dotted."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    unknown = []
+    for key in node.keys():
+        if key not in fields:
+            unknown.append(prefix + str(key))
+            continue
+        f = fields[key]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default) and hasattr(node[key], "keys"):
+            unknown += _unknown_keys(node[key], type(default), f"{prefix}{key}.")
+    return unknown
+
+
+def check_known_keys(cfg: Any, schema: type) -> None:
+    """Refuse keys the schema (TrainConfig / EvalConfig) does not declare: a ``+group.key=value`` override is
+    accepted by Hydra even where the typed schema has no such field, and nothing would read it."""
+    unknown = _unknown_keys(cfg, schema)
+    if unknown:
+        first = unknown[0]
+        group, _, _ = first.rpartition(".")
+        node = OmegaConf.select(OmegaConf.structured(schema), group) if group else OmegaConf.structured(schema)
+        known = ", ".join(str(k) for k in node.keys())
+        more = f" (and {', '.join(unknown[1:])})" if len(unknown) > 1 else ""
+        raise ConfigError(
+            f"unknown config key {first}{more}: {schema.__name__} has no such field, so nothing would read it; "
+            f"known keys{' of ' + group if group else ''}: {known}"
+        )
+
+
+def check_eval_config(cfg: Any) -> None:
+    """evaluate.py's config: no unknown key, usable data values."""
+    check_known_keys(cfg, EvalConfig)
+    check_data_config(cfg.data, training=False)
+
+
 def check_train_config(cfg: Any) -> None:
-    """Refuse values the schema's types let through but training cannot use; the error names the key."""
+    """Refuse keys the schema does not declare and values its types let through but training cannot use; the error
+    names the key and the allowed range."""
+    if OmegaConf.is_config(cfg):
+        check_known_keys(cfg, TrainConfig)
     t = cfg.trainer
     for key in ("log_interval", "save_every_epochs"):
         if getattr(t, key) < 1:
@@ -313,8 +369,8 @@ def check_train_config(cfg: Any) -> None:
         if getattr(t, key) < 0:
             raise ConfigError(f"trainer.{key}={getattr(t, key)} must be >= 0 (0 turns it off)")
     _finite("trainer.grad_clip", t.grad_clip, 0.0)
-    if t.seed < 0:
-        raise ConfigError(f"trainer.seed={t.seed} must be >= 0")
+    if not 0 <= t.seed <= MAX_SEED:
+        raise ConfigError(f"trainer.seed={t.seed} must be in [0, {MAX_SEED}] (2**31 - 1)")
     if t.accum_steps < 1:
         raise ConfigError(f"trainer.accum_steps={t.accum_steps} must be >= 1 (1 = no accumulation)")
     if cfg.label_smoothing is not None:
@@ -327,7 +383,10 @@ def check_train_config(cfg: Any) -> None:
     _check_distill(cfg.distill)
     _finite("optim.lr", cfg.optim.lr, 0.0, low_open=True)
     _finite("optim.weight_decay", cfg.optim.weight_decay, 0.0)
-    _finite("optim.momentum", cfg.optim.momentum, 0.0, 1.0)
+    if not (math.isfinite(cfg.optim.momentum) and 0.0 <= cfg.optim.momentum < 1.0):
+        raise ConfigError(
+            f"optim.momentum={cfg.optim.momentum} must be in [0, 1), e.g. 0.9 (1 never forgets a gradient)"
+        )
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas={list(cfg.optim.betas)} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
     _finite("optim.eps", cfg.optim.eps, 0.0, low_open=True)
@@ -339,19 +398,51 @@ def check_train_config(cfg: Any) -> None:
     if s.epochs < 1:
         raise ConfigError(f"schedule.epochs={s.epochs} must be >= 1")
     _finite("schedule.warmup_epochs", s.warmup_epochs, 0.0)
+    if s.warmup_epochs > s.epochs:
+        raise ConfigError(
+            f"schedule.warmup_epochs={s.warmup_epochs} is longer than the run (schedule.epochs={s.epochs}); "
+            f"use at most {s.epochs}"
+        )
     _finite("schedule.min_lr", s.min_lr, 0.0)
+    if s.min_lr > cfg.optim.lr:
+        raise ConfigError(
+            f"schedule.min_lr={s.min_lr} is above optim.lr={cfg.optim.lr}: the schedule would raise the lr; use a "
+            f"value in [0, {cfg.optim.lr}]"
+        )
     _finite("schedule.warmup_lr", s.warmup_lr, 0.0)
     _finite("schedule.gamma", s.gamma, 0.0, low_open=True)
-    if list(s.milestones) != sorted(s.milestones):
-        raise ConfigError(f"schedule.milestones={list(s.milestones)} must be increasing")
+    if list(s.milestones) != sorted(s.milestones) or any(m < 0 for m in s.milestones):
+        raise ConfigError(f"schedule.milestones={list(s.milestones)} must be increasing epochs >= 0, e.g. [30, 60, 90]")
+    check_data_config(cfg.data, training=True)
     pair_mode = cfg.mixup.mode == MixupMode.pair
     if pair_mode and cfg.data.batch_size % 2 and (cfg.mixup.alpha > 0 or cfg.mixup.cutmix_alpha > 0):
         raise ConfigError(f"mixup.mode=pair mixes samples in pairs: data.batch_size={cfg.data.batch_size} must be even")
-    check_data_config(cfg.data)
     if cfg.model.drop_rate is not None and not 0.0 <= cfg.model.drop_rate < 1.0:
         raise ConfigError(f"model.drop_rate={cfg.model.drop_rate} must be in [0, 1)")
     if t.ema_decay != 0.0 and not 0.0 < t.ema_decay < 1.0:
         raise ConfigError(f"trainer.ema_decay={t.ema_decay} must be in (0, 1), e.g. 0.9998, or 0 to turn the EMA off")
+
+
+def check_checkpoint_position(ckpt: Any, path: Any) -> None:
+    """A train.py checkpoint's position and records (epoch, step_in_epoch, global_step, best_top1, meters) are what
+    a resume can continue from; a damaged or hand-edited file is refused naming the value."""
+    for key in ("epoch", "step_in_epoch", "global_step"):
+        value = ckpt.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CheckpointError(
+                f"cannot resume from {path}: its {key}={value!r} is not a count >= 0 (a damaged file?)"
+            )
+    if ckpt["step_in_epoch"] > ckpt["global_step"]:
+        raise CheckpointError(
+            f"cannot resume from {path}: step_in_epoch={ckpt['step_in_epoch']} exceeds "
+            f"global_step={ckpt['global_step']} (a damaged file?)"
+        )
+    best = ckpt.get("best_top1")
+    if best is not None and (isinstance(best, bool) or not isinstance(best, (int, float)) or not 0 <= best <= 100):
+        raise CheckpointError(f"cannot resume from {path}: its best_top1={best!r} is not a top-1 in [0, 100]")
+    meters = ckpt.get("meters")
+    if not isinstance(meters, dict) or not all(isinstance(v, (int, float)) for v in meters.values()):
+        raise CheckpointError(f"cannot resume from {path}: its meters={meters!r} are not numbers (a damaged file?)")
 
 
 def _check_loss(loss: Any) -> None:
@@ -390,10 +481,63 @@ def _rank_zero_or(value, other):
     return value if int(os.environ.get("RANK", "0")) == 0 else other
 
 
+_attempt_subdirs: dict[str, str] = {}
+
+
+def _attempt_subdir(output_dir: str) -> str:
+    """Where Hydra records this launch (config, overrides): ``.hydra`` for the first in a directory, then
+    ``.hydra/attempt-<launch time>``, so a later attempt (a resume, a refused one, another evaluation) never rewrites
+    the records of the first. Fixed at first use in this process (Hydra writes the directory it names)."""
+    if output_dir not in _attempt_subdirs:
+        first = not (Path(output_dir) / ".hydra" / "overrides.yaml").exists()
+        _attempt_subdirs[output_dir] = ".hydra" if first else f".hydra/attempt-{_now('%Y-%m-%d_%H-%M-%S')}"
+    return _attempt_subdirs[output_dir]
+
+
+def check_group_choices(overrides: list[str], config_dir: str | os.PathLike) -> None:
+    """Refuse ``group=option`` overrides whose option has no file in ``config_dir/group/``, in one line with the
+    closest names (Hydra's own message lists every option over many lines)."""
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        group = key.lstrip("+~")
+        folder = Path(config_dir) / group
+        if not sep or not folder.is_dir() or value in ("", "null") or any(c in value for c in "[],"):
+            continue
+        if not (folder / f"{value}.yaml").is_file():
+            options = sorted(p.stem for p in folder.glob("*.yaml"))
+            close = difflib.get_close_matches(value, options, n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            raise ConfigError(
+                f"{group}={value}: configs/{group}/ has no {value}.yaml; {hint}options: {', '.join(options)}"
+            )
+
+
+def recorded_run_config(cfg: Any, run_dir: str | os.PathLike, overrides: list[str]) -> Any:
+    """For ``resume=auto`` in a run directory that holds ``config.yaml`` (written by the run's last accepted
+    attempt): that recorded config, with the keys (or whole groups) the command line names taken from ``cfg``, so
+    ``train.py hydra.run.dir=<run> resume=auto`` continues the run as it was configured. Otherwise ``cfg``."""
+    path = Path(run_dir) / "config.yaml"
+    if cfg.resume != "auto" or not path.is_file():
+        return cfg
+    recorded = OmegaConf.load(path)
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), recorded)
+    for override in overrides:
+        key = override.partition("=")[0].lstrip("+~")
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is _ABSENT:
+            raise ConfigError(
+                f"{override}: resume=auto takes the run's recorded config ({path}); name the keys to change "
+                f"(e.g. trainer.max_steps=100), not a group of several ({key})"
+            )
+        OmegaConf.update(merged, key, value, merge=False)
+    return merged
+
+
+_ABSENT = object()
+
+
 def register_configs() -> None:
     """Register the schemas (train_schema, eval_schema) and the resolvers. Idempotent."""
-    from hydra.core.config_store import ConfigStore
-
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="eval_schema", node=EvalConfig)
@@ -401,3 +545,5 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("res2net.now", _now)
     if not OmegaConf.has_resolver("res2net.rank_zero_or"):
         OmegaConf.register_new_resolver("res2net.rank_zero_or", _rank_zero_or)
+    if not OmegaConf.has_resolver("res2net.attempt_subdir"):
+        OmegaConf.register_new_resolver("res2net.attempt_subdir", _attempt_subdir)

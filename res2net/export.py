@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from res2net.data.config import DataConfig
+from res2net.errors import CheckpointError
 from res2net.files import atomic_write
 from res2net.models.inference import prepare_for_inference
 
@@ -204,12 +205,30 @@ class OnnxRuntimeModel(nn.Module):
         if threads:
             options.intra_op_num_threads = threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # ORT raises its own types (InvalidProtobuf, Fail, ...) with multi-line text
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(
+                f"{path} is not an ONNX model ONNX Runtime can load ({reason}); write one with scripts/export.py "
+                f"--format onnx"
+            ) from err
+        self.path = path
         self.input_name = self.session.get_inputs()[0].name
+        # Fixed dimensions of the graph's input (None where dynamic): a batch of another size is refused by name.
+        self.input_shape = [d if isinstance(d, int) else None for d in self.session.get_inputs()[0].shape]
         classes = self.session.get_outputs()[0].shape[-1]
         self.num_classes = classes if isinstance(classes, int) else None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        wanted = self.input_shape
+        if len(wanted) != images.dim() or any(w is not None and w != g for w, g in zip(wanted[1:], images.shape[1:])):
+            size = "x".join("?" if w is None else str(w) for w in wanted[1:])
+            raise ValueError(
+                f"{self.path} takes images of {size} (channels x height x width), got "
+                f"{'x'.join(map(str, images.shape[1:]))}; evaluate at its size (data.img_size / data.val_img_size) or "
+                f"export it again with --img-size"
+            )
         array = images.detach().to("cpu", torch.float32).contiguous().numpy()
         return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
 

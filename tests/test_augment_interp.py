@@ -9,9 +9,9 @@ import pytest
 import torch
 from test_data_helpers import grey_level_diff, write_noise_split, write_photo_split
 
-from res2net.data import DataConfig, build_loader, is_read_error, loader_dali
+from res2net.data import DataConfig, build_loader, loader_dali
 from res2net.data.augment import GEOMETRIC, OP_ID, affine_images, affine_theta, apply_ops, augment_plan, parse_policy
-from res2net.data.loader_base import DataReadError
+from res2net.data.loader_base import DataReadError, is_read_error
 from res2net.engine.distributed import DistInfo
 from res2net.engine.train_loop import TrainState, _guarded
 

@@ -3,19 +3,22 @@ the Loader of one rank (the protocol: loader_base.EpochLoader) from one of three
 ``data.backend``: dali, torchvision (PIL in DataLoader workers) or synthetic.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .config import DataConfig, check_data_config
+from .config import DataConfig, check_data_config, resolve_num_workers
 from .index import class_folders, scan_split
-from .loader_base import is_read_error
-from .transforms import Normalizer
 
-__all__ = ["DataConfig", "build_loader", "scan_split", "as_data_config", "loader_from_samples", "is_read_error"]
+if TYPE_CHECKING:
+    import torch
+# torch, torchvision and the pipelines load on first use: res2net/config.py imports res2net.data.config, and
+# `train.py --help` must not wait for them.
+
+__all__ = ["DataConfig", "build_loader", "scan_split", "as_data_config", "loader_from_samples"]
 
 SPLITS = ("train", "val")
 
@@ -23,7 +26,7 @@ SPLITS = ("train", "val")
 def as_data_config(cfg: Any) -> DataConfig:
     """DataConfig from a DataConfig, an OmegaConf node or a mapping; unknown keys are an error."""
     if isinstance(cfg, DataConfig):
-        return cfg
+        return dataclasses.replace(cfg, num_workers=resolve_num_workers(cfg.num_workers))
     if hasattr(cfg, "_metadata"):  # an OmegaConf node; imported lazily so the library does not need it
         from omegaconf import OmegaConf
 
@@ -33,7 +36,8 @@ def as_data_config(cfg: Any) -> DataConfig:
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise ValueError(f"unknown data config keys {unknown}; valid keys: {sorted(known)}")
-    return DataConfig(**cfg)
+    data = DataConfig(**cfg)
+    return dataclasses.replace(data, num_workers=resolve_num_workers(data.num_workers))
 
 
 def _validate(cfg: DataConfig, split: str) -> None:
@@ -59,9 +63,13 @@ def build_loader(
     seed: int = 0,
     device: Any = "cpu",
     channels_last: bool = False,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ):
-    """The Loader for ``split`` ('train' | 'val') of this rank; loader_base.EpochLoader states the protocol."""
+    """The Loader for ``split`` ('train' | 'val') of this rank; loader_base.EpochLoader states the protocol.
+    ``dtype``: of the normalized batches, None = float32."""
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     cfg = as_data_config(cfg)
     _validate(cfg, split)
     device = torch.device(device)
@@ -90,6 +98,8 @@ def loader_from_samples(
 ):
     """The torchvision or DALI Loader over an explicit [(path, label)] list whose labels index ``classes``:
     ``build_loader``'s scan of <root>/<split> is one source, ``res2net.data.testsets`` (evaluation sets) another."""
+    from .transforms import Normalizer
+
     common = dict(rank=rank, world_size=world_size, seed=seed, device=device)
     normalizer = Normalizer(cfg.mean, cfg.std, device, dtype, channels_last)
     if cfg.backend == "torchvision":

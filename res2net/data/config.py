@@ -5,7 +5,9 @@ lists, not tuples, because OmegaConf stores lists.
 """
 
 import enum
+import logging
 import math
+import os
 from dataclasses import dataclass, field
 
 from res2net.errors import ConfigError
@@ -15,6 +17,7 @@ __all__ = [
     "Backend",
     "Choice",
     "check_data_config",
+    "resolve_num_workers",
     "DALI_DECODERS",
     "DALI_RESIZES",
     "DaliDecoder",
@@ -87,7 +90,9 @@ class DataConfig:
     # Per process. Train drops the last partial batch; val keeps it.
     batch_size: int = 64
     # torchvision: DataLoader worker processes (0 = decode in the main process). dali: CPU threads of the pipeline.
-    num_workers: int = 4
+    # null: the CPUs this process may use (os.sched_getaffinity) shared among the processes of this machine
+    # (LOCAL_WORLD_SIZE under torchrun); a value above this process's CPUs is lowered to them, with a warning.
+    num_workers: int | None = None
     img_size: int = 224
     # Val resizes the shorter side to floor(img_size / crop_pct), then center-crops img_size. Must be in (0, 1].
     crop_pct: float = 0.875
@@ -142,20 +147,33 @@ class DataConfig:
 
 
 def _bad(key: str, value: object, expected: str) -> ConfigError:
-    return ConfigError(f"data.{key}={value!r} is invalid: expected {expected}")
+    return ConfigError(f"data.{key}={value!r} must be {expected}")
 
 
-def check_data_config(cfg: DataConfig) -> None:
+MAX_IMG_SIZE = 4096  # crops beyond this are a typo (one 4096 px fp32 image is 200 MB)
+
+
+def check_data_config(cfg: DataConfig, *, training: bool = False) -> None:
     """Refuse values the schema's types let through but no loader can use (every backend, train.py and evaluate.py
-    alike); the error names the key, the value and what is allowed. The augmentation policy text is parsed, and
-    checked, where it is used (res2net.data.augment.parse_policy)."""
-    for key in ("batch_size", "img_size", "prefetch"):
-        if int(getattr(cfg, key)) < 1:
-            raise _bad(key, getattr(cfg, key), "an integer >= 1")
-    if cfg.num_workers < 0:
-        raise _bad("num_workers", cfg.num_workers, "an integer >= 0")
+    alike); the error names the key, the value and what is allowed. ``training``: BatchNorm statistics need two
+    samples per process. The augmentation policy text is parsed, and checked, where it is used
+    (res2net.data.augment.parse_policy)."""
+    least = 2 if training else 1
+    if int(cfg.batch_size) < least:
+        why = " (BatchNorm computes its statistics over the batch of each process)" if training else ""
+        raise _bad("batch_size", cfg.batch_size, f">= {least}{why}")
+    for key in ("img_size", "val_img_size"):
+        size = getattr(cfg, key)
+        if size is not None and not 1 <= int(size) <= MAX_IMG_SIZE:
+            raise _bad(key, size, f"in [1, {MAX_IMG_SIZE}] pixels, e.g. 224" + (" (or null)" if "val" in key else ""))
+    if int(cfg.prefetch) < 1:
+        raise _bad("prefetch", cfg.prefetch, ">= 1")
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        raise _bad("num_workers", cfg.num_workers, ">= 0 (null: a share of this process's CPUs)")
     if not (math.isfinite(cfg.crop_pct) and 0.0 < cfg.crop_pct <= 1.0):
         raise _bad("crop_pct", cfg.crop_pct, "a fraction in (0, 1]")
+    if len(cfg.mean) != 3 or len(cfg.std) != 3:
+        raise _bad("mean", list(cfg.mean), f"three values (R, G, B), as data.std (now {list(cfg.std)})")
     for i, (mean, std) in enumerate(zip(cfg.mean, cfg.std)):
         if not math.isfinite(mean):
             raise _bad(f"mean[{i}]", mean, "a finite number")
@@ -174,8 +192,10 @@ def check_data_config(cfg: DataConfig) -> None:
         raise _bad("color_jitter", cfg.color_jitter, "a strength >= 0 (0 = off)")
     if int(cfg.repeated_aug) < 1:
         raise _bad("repeated_aug", cfg.repeated_aug, "an integer >= 1 (1 = off)")
-    if cfg.val_img_size is not None and int(cfg.val_img_size) < 1:
-        raise _bad("val_img_size", cfg.val_img_size, "null (= data.img_size) or an integer >= 1")
+    if cfg.backend == "synthetic":
+        for key in ("synthetic_num_classes", "synthetic_train_size", "synthetic_val_size"):
+            if getattr(cfg, key) < 1:
+                raise _bad(key, getattr(cfg, key), ">= 1")
     _check_progressive(cfg)
 
 
@@ -190,3 +210,34 @@ def _check_progressive(cfg: DataConfig) -> None:
             raise _bad("progressive_sizes", sizes, f"[start, end] sizes, multiples of {cfg.progressive_step}")
         if len(epochs) != 2 or not 0 <= epochs[0] < epochs[1]:
             raise _bad("progressive_epochs", epochs, "[start, end] epochs with 0 <= start < end")
+
+
+_log = logging.getLogger(__name__)
+_warned: set[int] = set()
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def resolve_num_workers(value: int | None) -> int:
+    """``data.num_workers`` as a count: null = this process's share of the CPUs; a count above the CPUs this process
+    may use is lowered to them (torch's DataLoader would warn, and the workers would only compete for the cores)."""
+    cpus = _cpus()
+    if value is None:
+        return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    if value > cpus:
+        if value not in _warned:
+            _warned.add(value)
+            _log.warning(
+                "data.num_workers=%d is more than the %d CPUs this process may use: using %d (null picks a share of "
+                "the CPUs)",
+                value,
+                cpus,
+                cpus,
+            )
+        return cpus
+    return value

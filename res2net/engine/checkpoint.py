@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from res2net.config import check_checkpoint_position
 from res2net.engine.distributed import DistInfo
 from res2net.errors import CheckpointError
 from res2net.files import atomic_write, remove_stale_temporaries, temporary_path
@@ -245,6 +246,23 @@ def training_checkpoint(run: Any, rng: list, config: Mapping) -> dict[str, Any]:
     }
 
 
+def weights_mismatch(saved: Mapping[str, Any], expected: Mapping[str, torch.Tensor], first: int = 3) -> str:
+    """How ``saved`` tensors differ from a model's ``expected`` state dict, in one line ('' when they fit)."""
+    missing = [k for k in expected if k not in saved]
+    extra = [k for k in saved if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {list(saved[k].shape)} vs model {list(v.shape)}"
+        for k, v in expected.items()
+        if k in saved and hasattr(saved[k], "shape") and tuple(saved[k].shape) != tuple(v.shape)
+    ]
+    parts = []
+    for title, items in (("shapes differ", shapes), ("missing", missing), ("unexpected", extra)):
+        if items:
+            more = f" and {len(items) - first} more" if len(items) > first else ""
+            parts.append(f"{title}: {'; '.join(items[:first])}{more}")
+    return "; ".join(parts)
+
+
 def restore_training(ckpt: Mapping[str, Any], path: Path, run: Any) -> None:
     """Load a ``training_checkpoint`` into the run's objects and this rank's generators; errors name the file."""
     if ckpt["world_size"] != run.dist.world_size:
@@ -253,10 +271,14 @@ def restore_training(ckpt: Mapping[str, Any], path: Path, run: Any) -> None:
             f"has {run.dist.world_size}; the data order and steps per epoch depend on it. Resume "
             f"with {ckpt['world_size']} processes"
         )
-    try:
-        run.net.load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"cannot resume from {path}: its weights do not fit the configured model: {err}") from err
+    check_checkpoint_position(ckpt, path)
+    mismatch = weights_mismatch(ckpt["model"], run.net.state_dict())
+    if mismatch:
+        raise CheckpointError(
+            f"cannot resume from {path}: its weights do not fit the configured model ({mismatch}); resume with the "
+            f"model settings the run was started with, or start a new run"
+        )
+    run.net.load_state_dict(ckpt["model"], strict=True)
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scaler.load_state_dict(ckpt["scaler"])
     if run.ema is not None:

@@ -29,6 +29,7 @@ from res2net.engine.amp import resolve_amp, resolve_channels_last
 from res2net.engine.distributed import DistInfo, select_device
 from res2net.engine.eval_loop import PREDICTION_TOPK, evaluate
 from res2net.engine.eval_metrics import read_real_labels, real_label_rows
+from res2net.engine.metrics import dataset_name
 from res2net.models.loading import load_checkpoint_model
 from res2net.models.stats import count_params
 
@@ -114,7 +115,7 @@ def _results(
     }
     out = {key: result[key] for key in _RESULT_KEYS + tuple(k for k in _REAL_KEYS if k in result)}
     out.update(
-        dataset=record["testset"] or "imagenet",
+        dataset=dataset_name(record["data"], record["testset"]),
         model=record["model"]["name"],
         checkpoint=str(ckpt_path),
         checkpoint_sha256=sha256_file(ckpt_path),

@@ -21,6 +21,7 @@ from torch import nn
 from res2net.config import Tta
 from res2net.engine.amp import autocast
 from res2net.engine.eval_metrics import EvalTally, class_mask, restrict
+from res2net.engine.metrics import progress_bar
 
 __all__ = ["PREDICTION_TOPK", "evaluate"]
 
@@ -81,11 +82,8 @@ def _gather_predictions(rows: list[dict]) -> list[dict] | None:
 
 
 def _batches(loader: Iterable, progress: bool):
-    if not progress or _world()[0] != 0:
-        return loader
-    from tqdm import tqdm
-
-    return tqdm(loader, desc="eval", unit="batch", dynamic_ncols=True)
+    total = len(loader) if hasattr(loader, "__len__") else None
+    return progress_bar(loader, desc="eval", total=total, enabled=progress and _world()[0] == 0)
 
 
 def _log_probs(

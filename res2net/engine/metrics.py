@@ -10,10 +10,12 @@ partial (true when trainer.max_steps ended the epoch early)). TensorBoard events
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -21,7 +23,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["MetricsWriter", "Throughput", "TrainProgress", "format_eta", "gpu_mem_mb", "rss_mb"]
+__all__ = [
+    "MetricsWriter",
+    "RunEta",
+    "Throughput",
+    "TrainProgress",
+    "dataset_name",
+    "format_eta",
+    "gpu_mem_mb",
+    "progress_bar",
+    "rss_mb",
+]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +57,58 @@ def gpu_mem_mb(device: torch.device) -> float | None:
 
 def format_eta(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
+def dataset_name(data: Any, testset: str = "") -> str:
+    """What the console and results.json call the data set: the evaluation set (data=imagenet_r, ...), 'synthetic',
+    or the name of data.root's folder (so any ImageFolder is named as its owner named it, not 'imagenet')."""
+    if testset:
+        return testset
+    get = data.get if isinstance(data, Mapping) else lambda key: getattr(data, key, None)
+    if get("backend") == "synthetic" or not get("root"):
+        return "synthetic"
+    return Path(str(get("root"))).expanduser().resolve().name or str(get("root"))
+
+
+def progress_bar(iterable: Iterable, *, desc: str, total: int | None = None, enabled: bool = True) -> Iterable:
+    """A tqdm bar over ``iterable`` when stderr is a terminal and ``enabled``; the iterable itself otherwise (a log
+    file or a pipe gets the plain log lines, no carriage returns)."""
+    if not enabled or not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, unit="batch", dynamic_ncols=True, leave=False)
+
+
+class RunEta:
+    """Time left in the run, steady from one log line to the next: the training step time is the mean over every
+    step timed so far (the first window, with its warm-up, weighs only as much as its steps), and each epoch's
+    validation costs what the last one took (before the first: ``val_steps`` forward passes at a third of a step).
+    """
+
+    def __init__(self, *, epochs: int, steps_per_epoch: int, val_steps: int = 0):
+        self.epochs, self.steps_per_epoch, self.val_steps = epochs, steps_per_epoch, val_steps
+        self.seconds = 0.0
+        self.steps = 0
+        self.val_seconds: float | None = None
+
+    def add_window(self, seconds: float, steps: int) -> None:
+        self.seconds += seconds
+        self.steps += steps
+
+    def validated(self, seconds: float) -> None:
+        self.val_seconds = seconds
+
+    @property
+    def step_seconds(self) -> float:
+        return self.seconds / max(self.steps, 1)
+
+    def left(self, epoch: int, step_in_epoch: int) -> tuple[float, float]:
+        """(seconds left in this epoch's training, seconds left in the run with every validation) at a position."""
+        val = self.val_seconds if self.val_seconds is not None else self.val_steps * self.step_seconds / 3
+        in_epoch = (self.steps_per_epoch - step_in_epoch) * self.step_seconds
+        later_epochs = self.epochs - epoch - 1
+        return in_epoch, in_epoch + val + later_epochs * (self.steps_per_epoch * self.step_seconds + val)
 
 
 class Throughput:
@@ -140,22 +204,59 @@ class TrainProgress:
         steps_per_epoch: int,
         log_interval: int,
         world_size: int,
+        val_steps: int = 0,
+        dataset: str = "",
     ):
         self.writer, self.device = writer, device
         self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
         self.log_interval, self.world_size = log_interval, world_size
+        self.dataset = dataset
         self.window = Throughput()
+        self.eta = RunEta(epochs=epochs, steps_per_epoch=steps_per_epoch, val_steps=val_steps)
         self._fetch_start = time.perf_counter()
         self._waited = 0.0
+        self._bar = None
+
+    def validated(self, seconds: float) -> None:
+        """Record how long this epoch's validation took (it enters the run's ETA)."""
+        self.eta.validated(seconds)
 
     def batches(self, loader: Iterable) -> Iterator:
         """``loader``'s batches, timing how long each one was waited for."""
         self.window.reset()
         self._fetch_start = time.perf_counter()
-        for batch in loader:
-            self._waited = time.perf_counter() - self._fetch_start
-            yield batch
-            self._fetch_start = time.perf_counter()
+        with self._console():
+            for batch in loader:
+                self._waited = time.perf_counter() - self._fetch_start
+                yield batch
+                self._fetch_start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def _console(self):
+        """On a terminal (rank 0): a bar over the epoch's steps, the log lines printed above it; else nothing."""
+        if not (self.writer.enabled and sys.stderr.isatty()):
+            yield
+            return
+        from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        self._bar = tqdm(total=self.steps_per_epoch, unit="step", dynamic_ncols=True, leave=False)
+        try:
+            with logging_redirect_tqdm():
+                yield
+        finally:
+            self._bar.close()
+            self._bar = None
+
+    def _update_bar(self, state: Any, loss: float | None, eta: str) -> None:
+        bar = self._bar
+        if bar is None:
+            return
+        bar.set_description(f"epoch {state.epoch + 1}/{self.epochs} on {self.dataset}", refresh=False)
+        bar.n = state.step_in_epoch
+        if loss is not None:
+            bar.set_postfix_str(f"loss {loss:.4f}  eta {eta}", refresh=False)
+        bar.refresh()
 
     def due(self, state: Any) -> bool:
         """Whether the step ``state`` just finished ends a logging window."""
@@ -169,6 +270,7 @@ class TrainProgress:
         """Count one finished step of ``images`` per rank; log when the window ends (its losses already added)."""
         self.window.add(images * self.world_size, self._waited)
         if not self.due(state):
+            self._update_bar(state, None, "")
             return
         stats = self.window.summary()
         record = {
@@ -184,14 +286,16 @@ class TrainProgress:
         if mem is not None:
             record["gpu_mem_mb"] = mem
         self.writer.write(record, state.global_step)
-        left_in_epoch = (self.steps_per_epoch - state.step_in_epoch) * stats["step_time_s"]
-        left_total = left_in_epoch + (self.epochs - state.epoch - 1) * self.steps_per_epoch * stats["step_time_s"]
+        self.eta.add_window(stats["step_time_s"] * self.window.steps, self.window.steps)
+        left_in_epoch, left_total = self.eta.left(state.epoch, state.step_in_epoch)
+        self._update_bar(state, stats["loss"], format_eta(left_total))
         log.info(
-            "epoch %d/%d step %d/%d  loss %.4f  lr %.4g  %.1f img/s  data %.0f%%%s  eta %s (run %s)",
+            "epoch %d/%d step %d/%d on %s  loss %.4f  lr %.4g  %.1f img/s  data %.0f%%%s  eta %s (run %s)",
             state.epoch + 1,
             self.epochs,
             state.step_in_epoch,
             self.steps_per_epoch,
+            self.dataset,
             stats["loss"],
             lr,
             stats["img_per_s"],
@@ -215,6 +319,7 @@ def log_epoch(
     world_size: int,
     device: torch.device,
     partial: bool,
+    dataset: str = "",
 ) -> None:
     """Write the 'epoch' record of the epoch ``state`` is in (before it advances) and its console line."""
     m = state.meters
@@ -243,7 +348,7 @@ def log_epoch(
     writer.write(record, state.global_step)
     ema = f"  ema top-1 {val['top1_ema']:.2f}" if "top1_ema" in val else ""
     log.info(
-        "epoch %d/%d done in %.1f s: train loss %.4f  val loss %.4f  top-1 %.2f  top-5 %.2f%s (%d images)",
+        "epoch %d/%d done in %.1f s: train loss %.4f  val loss %.4f  top-1 %.2f  top-5 %.2f%s (%d images of %s)",
         state.epoch + 1,
         epochs,
         seconds,
@@ -253,4 +358,5 @@ def log_epoch(
         val["top5"],
         ema,
         val["count"],
+        dataset or "the validation set",
     )

@@ -3,8 +3,9 @@
 ``train(cfg, run_dir, dist, stop)`` takes a ``TrainConfig`` node (res2net/config.py), the run directory and this
 process's ``DistInfo``; it never reads Hydra's global state. A checkpoint written mid-epoch resumes at the next
 unseen batch with the generators restored, so a deterministic run continues bit for bit as if it had never stopped.
-On SIGTERM / SIGUSR1 every rank finishes its step, rank 0 writes ``last.pth`` at that position and ``train`` returns
-status 'preempted' (train.py exits with ``PREEMPTED_EXIT_CODE``); SIGINT or SIGKILL end the run without one.
+On SIGTERM / SIGUSR1 or a first SIGINT every rank finishes its step, rank 0 writes ``last.pth`` at that position and
+``train`` returns status 'preempted' (train.py exits with ``stop.exit_code_for``: 75, or 130 after Ctrl-C); a second
+SIGINT or SIGKILL end the run without one.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, wr
 from .ema import ModelEma
 from .eval_loop import evaluate
 from .losses import build_criterion
-from .metrics import MetricsWriter, TrainProgress, log_epoch
+from .metrics import MetricsWriter, TrainProgress, dataset_name, log_epoch
 from .mixup import Mixup, mixup_enabled
 from .optim import build_optimizer, scaled_lr
 from .run_lock import run_dir_lock
@@ -319,6 +320,8 @@ def _build_run(
             steps_per_epoch=steps_per_epoch,
             log_interval=t.log_interval,
             world_size=dist.world_size,
+            val_steps=len(val_loader),
+            dataset=dataset_name(cfg.data),
         ),
         limits=Limits(cfg.schedule.epochs, t.max_steps, t.save_every_steps, t.save_every_epochs),
         save=save,
@@ -394,7 +397,9 @@ def _run_epochs(run: Run, stop: StopRequest, writer: MetricsWriter) -> TrainResu
                 log.warning("stop requested by signal: checkpoint at %s", state.where(run.steps_per_epoch))
             return result(Outcome.PREEMPTED, save())
         partial_epoch = state.step_in_epoch < run.steps_per_epoch
+        val_start = time.perf_counter()
         val = _validate(run)
+        run.progress.validated(time.perf_counter() - val_start)
         log_epoch(
             writer,
             state,
@@ -406,6 +411,7 @@ def _run_epochs(run: Run, stop: StopRequest, writer: MetricsWriter) -> TrainResu
             world_size=run.dist.world_size,
             device=run.dist.device,
             partial=partial_epoch,
+            dataset=run.progress.dataset,
         )
         is_best = state.best_top1 is None or val["top1"] > state.best_top1
         state.best_top1 = max(val["top1"], state.best_top1 or val["top1"])

@@ -177,10 +177,15 @@ def extract_state_dict(checkpoint: Mapping, use_ema: bool = False, origin: str =
     while isinstance(state, Mapping) and not _is_state_dict(state):
         key = next((k for k in keys if isinstance(state.get(k), Mapping)), None)
         if key is None:
+            if use_ema and any(k in state for k in keys):  # train.py writes ema: None when the EMA was off
+                raise CheckpointError(
+                    f"{origin} has no EMA weights: its run trained without them (trainer.ema_decay=0); evaluate "
+                    f"its weights without use_ema=true"
+                )
             wanted = "EMA weights under " if use_ema else "a state_dict or a dict with weights under "
+            found = sorted(str(k) for k, v in state.items() if v is not None)
             raise CheckpointError(
-                f"{origin} holds no model weights: expected {wanted}one of {list(keys)}, "
-                f"found keys {sorted(map(str, state))[:10]}"
+                f"{origin} holds no model weights: expected {wanted}one of {list(keys)}, found keys {found[:10]}"
             )
         state = state[key]
     if not _is_state_dict(state):

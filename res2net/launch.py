@@ -1,0 +1,46 @@
+"""What train.py and evaluate.py do around Hydra's composition: refuse a misspelt group option in one line, join
+torchrun's process group (only under torchrun, so a single process never loads torch before it needs it), and end a
+second Ctrl-C with one line and ``INTERRUPTED_EXIT_CODE`` instead of a traceback."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from res2net.config import RUN_TIME_ENV, check_group_choices
+from res2net.engine.stop import INTERRUPTED_EXIT_CODE
+from res2net.errors import USAGE_EXIT_CODE, ConfigError, report, run_hydra_main
+
+__all__ = ["run_entry_point"]
+
+
+def _group_overrides(argv: list[str]) -> list[str]:
+    # Flags (--cfg job, -m) and Hydra's own groups (hydra/launcher=..., from plugins) are Hydra's to check.
+    return [a for a in argv if "=" in a and not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
+
+
+def run_entry_point(main: Callable[[], Any], config_dir: str | os.PathLike) -> None:
+    """Run a ``@hydra.main`` function ``main`` whose configs live in ``config_dir``."""
+    try:
+        check_group_choices(_group_overrides(sys.argv[1:]), Path(config_dir))
+    except ConfigError as err:
+        report(err)
+        raise SystemExit(USAGE_EXIT_CODE) from None
+    try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # torchrun's ranks join the process group before Hydra composes the config, so rank 0 can hand every
+            # rank the launch time that names the run directory (Hydra's own ${now:} would differ between ranks).
+            # The task function joins the same group again (a no-op here; a fresh one in a submitit job).
+            from res2net.engine import distributed
+
+            with distributed.process_group():
+                distributed.share_run_time(RUN_TIME_ENV)
+                run_hydra_main(main)
+        else:
+            run_hydra_main(main)
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C): stopped at once, without writing anything new", file=sys.stderr)
+        raise SystemExit(INTERRUPTED_EXIT_CODE) from None
