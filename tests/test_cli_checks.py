@@ -147,7 +147,7 @@ def test_resume_auto_takes_the_runs_recorded_config_and_the_command_line_still_w
     cfg = recorded_run_config(now, tmp_path, ["resume=auto", "trainer.max_steps=9"])
     assert (cfg.data.root, cfg.model.base_width, cfg.schedule.epochs, cfg.trainer.seed) == ("/data/x", 4, 7, 3)
     assert (cfg.trainer.max_steps, cfg.resume) == (9, "auto")
-    assert cfg.trainer.channels_last == "false"  # the schema's string, from the recorded bool
+    assert cfg.trainer.channels_last is False  # auto | true | false: the recorded bool
     check_train_config(cfg)
     with pytest.raises(ConfigError, match="experiment=debug: resume=auto takes the run's recorded config"):
         recorded_run_config(_compose("train", "resume=auto", "experiment=debug"), tmp_path, ["experiment=debug"])
