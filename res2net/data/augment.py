@@ -711,7 +711,7 @@ class TrainAugment:
         kernel_at = packer.constant(np.array([1, 1, 1, 1, 5, 1, 1, 1, 1]) / 13.0)  # torchvision's sharpness blur
         packed = _to_device(torch.tensor(np.concatenate(packer.parts)), images.device)
         fill = packed[fill_at : fill_at + channels]
-        kernel = packed[kernel_at : kernel_at + 9].view(1, 1, 3, 3).expand(channels, 1, 3, 3)
+        kernel = packed[kernel_at : kernel_at + 9].view(1, 1, 3, 3).expand(channels, 1, 3, 3).contiguous()
         batch = images.permute(0, 3, 1, 2).contiguous()  # NCHW: each pass gathers and scatters whole planes
         for step in packer.passes:
             rows = packed[step.start : step.start + step.m].long()
