@@ -472,50 +472,57 @@ def erase_boxes(probability: float, seed: int, epoch: int, positions: np.ndarray
     return boxes
 
 
-_M32 = 0xFFFFFFFF
+# Random erasing's noise: a fixed pool of N(0, 1) values (made once per process and device from a fixed seed, the
+# same on every device); a box reads C * h * w consecutive values from an offset its noise seed picks.
+_POOL_SIZE = 1 << 22
+_POOL_SEED = 0x5EED_E2A5E
+_pools: dict[torch.device, torch.Tensor] = {}
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer mix of int64 values in [0, 2^32) (multipliers below 2^31, so no int64 product overflows)."""
-    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
-    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
-    return x ^ (x >> 16)
+def _noise_pool(device: torch.device) -> torch.Tensor:
+    pool = _pools.get(device)
+    if pool is None:
+        generator = torch.Generator().manual_seed(_POOL_SEED)
+        pool = _pools[device] = torch.randn(_POOL_SIZE, generator=generator).to(device)
+    return pool
 
 
-def _noise(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
-    """float32 N(0, 1) values that depend only on (seed, counter) (int64 tensors that broadcast): two hashed
-    uniforms through Box-Muller, the same on every device."""
-    key = _hash32(_hash32(seed & _M32) ^ (seed >> 32))
-    counter = (counter & _M32) * 2
-    u1 = (_hash32(key ^ _hash32(counter)) >> 8).float().add_(0.5).mul_(2.0**-24)
-    u2 = (_hash32(key ^ _hash32(counter + 1)) >> 8).float().mul_(2.0**-24)
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+def _noise_offsets(noise_seeds: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Where each box's noise starts in the pool: a mix of its seed, so that the box fits."""
+    z = noise_seeds.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(29))) * np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(32)
+    return (z % (_POOL_SIZE - sizes).astype(np.uint64)).astype(np.int64)
 
 
 def erase_noise(noise_seed: int, channels: int, height: int, width: int) -> torch.Tensor:
     """The [channels, height, width] N(0, 1) noise erase_batch writes into a box of that size with that seed."""
-    return _noise(torch.tensor(noise_seed), torch.arange(channels * height * width)).view(channels, height, width)
+    size = channels * height * width
+    start = int(_noise_offsets(np.array([noise_seed]), np.array([size]))[0])
+    return _noise_pool(torch.device("cpu"))[start : start + size].view(channels, height, width)
 
 
 def erase_batch(images: torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
-    """Fills each sample's box of a normalized NCHW batch, in place, with the N(0, 1) noise of its noise seed
-    (``erase_noise``: counter-based, so every device gets the same values), for all boxes in one go: their
-    numbers go to the device in one copy, and one masked write covers the samples that have a box."""
+    """Fills each sample's box of a normalized NCHW batch, in place, with its seed's N(0, 1) noise (``erase_noise``,
+    the same on every device), all boxes in one go: their numbers reach the device in one copy; the samples with a
+    box are gathered, their boxes filled by one masked write and scattered back."""
     rows = np.flatnonzero(boxes[:, 2] > 0)
     if len(rows) == 0:
         return images
-    host = np.concatenate([rows[:, None], boxes[rows]], axis=1).T  # [6, m]: row, top, left, height, width, seed
-    idx, top, left, h, w, seed = _to_device(torch.tensor(np.ascontiguousarray(host)), images.device).view(
-        6, -1, 1, 1, 1
-    )
     _, channels, height, width = images.shape
-    y = torch.arange(height, device=images.device).view(1, 1, height, 1) - top
-    x = torch.arange(width, device=images.device).view(1, 1, 1, width) - left
-    c = torch.arange(channels, device=images.device).view(1, channels, 1, 1)
-    inside = (y >= 0) & (y < h) & (x >= 0) & (x < w)
-    noise = _noise(seed, (c * h + y) * w + x).to(images.dtype)
-    rows_t = idx.view(-1)
-    images.index_copy_(0, rows_t, torch.where(inside, noise, images.index_select(0, rows_t)))
+    top, left, h, w, seeds = boxes[rows].T
+    offsets = _noise_offsets(seeds, channels * h * w)
+    host = np.stack([rows, top, left, h, w, offsets])  # [6, m]
+    row, top_t, left_t, h_t, w_t, offset = _to_device(torch.tensor(host), images.device).view(6, -1, 1, 1, 1)
+    device = images.device
+    y = torch.arange(height, device=device).view(1, 1, height, 1) - top_t  # within the box
+    x = torch.arange(width, device=device).view(1, 1, 1, width) - left_t
+    c = torch.arange(channels, device=device).view(1, channels, 1, 1)
+    inside = (y >= 0) & (y < h_t) & (x >= 0) & (x < w_t)
+    index = torch.where(inside, ((c * h_t + y) * w_t + offset) + x, 0)  # one full-size add
+    noise = _noise_pool(device).take(index).to(images.dtype)
+    row = row.view(-1)
+    images.index_copy_(0, row, torch.where(inside, noise, images.index_select(0, row)))
     return images
 
 
@@ -704,8 +711,8 @@ class TrainAugment:
         kernel_at = packer.constant(np.array([1, 1, 1, 1, 5, 1, 1, 1, 1]) / 13.0)  # torchvision's sharpness blur
         packed = _to_device(torch.tensor(np.concatenate(packer.parts)), images.device)
         fill = packed[fill_at : fill_at + channels]
-        kernel = packed[kernel_at : kernel_at + 9].view(1, 1, 3, 3).expand(channels, 1, 3, 3)
-        batch = images.permute(0, 3, 1, 2)  # CHW views of the HWC memory
+        kernel = packed[kernel_at : kernel_at + 9].view(1, 1, 3, 3).expand(channels, 1, 3, 3).contiguous()
+        batch = images.permute(0, 3, 1, 2).contiguous()  # NCHW: each pass gathers and scatters whole planes
         for step in packer.passes:
             rows = packed[step.start : step.start + step.m].long()
             params = packed[step.start + step.m : step.start + step.m * (1 + step.width)].view(step.m, step.width)
@@ -717,6 +724,7 @@ class TrainAugment:
             else:
                 out = _BATCH_OPS[step.op](x, params[:, 0])
             batch.index_copy_(0, rows, out)
+        images.copy_(batch.permute(0, 2, 3, 1))
         return images
 
     def erase(self, images: torch.Tensor, epoch: int, positions: np.ndarray) -> torch.Tensor:

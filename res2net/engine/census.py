@@ -134,7 +134,7 @@ def preset_census(
 ) -> StepCensus:
     """The census of one steady-state training step of preset ``name`` on the CPU (see the module docstring): the
     preset's data knobs, loss, mixup, optimizer and EMA, a reduced model, ``batch_size`` images of ``img_size``.
-    Two steps run first, so lazily built state (optimizer moments, buffers) is not counted."""
+    One step runs first, so lazily built state (optimizer moments, buffers) is not counted."""
     from res2net.data import as_data_config
     from res2net.data.augment import TrainAugment
     from res2net.data.transforms import Normalizer
@@ -194,7 +194,7 @@ def preset_census(
 
         return count(run)[1]
 
-    for step in range(3):  # two warm-up steps, then the counted one
+    for step in range(2):  # a warm-up step (optimizer state, flat buffers), then the counted one
         x, aug = augment_batch(step)
         (x, targets), mixed = mix(x, step)
         trained = train(x, targets)
