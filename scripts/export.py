@@ -278,7 +278,9 @@ def export_int8(model: torch.nn.Module, facts: dict, args: argparse.Namespace) -
     """Write args.out as int8 ONNX (calibrated on args.calibration), check the float32 export it comes from against
     PyTorch and the int8 file at batch 1 and 3, and with args.check_root score both; (lines to print, top-1 drop)."""
     out, data = args.out, dataclasses.replace(facts["data"], img_size=args.img_size)
-    files = export.calibration_files(args.calibration, args.calibration_images)  # a bad folder fails before the work
+    # Bad folders fail before the work.
+    files = export.calibration_files(args.calibration, args.calibration_images)
+    checks = None if args.check_root is None else check_batches(args.check_root, data, model.num_classes)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}-", dir=out.parent) as tmp:
         float_file = export.export_onnx(model, Path(tmp) / "float32.onnx", img_size=args.img_size)
         reference = export.OnnxRuntimeModel(float_file)
@@ -296,9 +298,9 @@ def export_int8(model: torch.nn.Module, facts: dict, args: argparse.Namespace) -
         f"calibration on {len(files)} images of {args.calibration} at {args.img_size} px (crop {data.crop_pct}, "
         f"{data.interpolation}) in {seconds:.1f} s; its float32 export vs PyTorch: max relative error {error:.1e}"
     ]
-    if args.check_root is None:
+    if checks is None:
         return lines, None
-    r = export.compare_predictions(reference, quantized, check_batches(args.check_root, data, model.num_classes))
+    r = export.compare_predictions(reference, quantized, checks)
     drop = r["reference_top1"] - r["candidate_top1"]
     lines.append(
         f"check on {args.check_root / 'val'} ({r['count']} images): float32 top-1 {r['reference_top1']:.2f} "
