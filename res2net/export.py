@@ -44,6 +44,7 @@ __all__ = [
     "max_relative_error",
     "onnx_metadata",
     "quantize_int8",
+    "quantize_static_int8",
     "timm_model_args",
 ]
 
@@ -350,17 +351,41 @@ def quantize_int8(
     files: Sequence[str],
     data: DataConfig,
     method: str = CALIBRATION_METHOD,
-) -> dict[str, str]:
+) -> Path:
+    """Write ``out``: the float32 export ``float_onnx`` quantised to int8 (``quantize_static_int8``), its activation
+    ranges calibrated with ``method`` on ``files`` put through ``data``'s evaluation preprocessing; returns ``out``.
+    Its ONNX metadata records precision, quantisation, calibration method, image count and preprocessing."""
+    calibration = {
+        "calibration_images": str(len(files)),
+        "calibration_preprocessing": json.dumps(
+            dict(
+                img_size=data.img_size,
+                crop_pct=data.crop_pct,
+                interpolation=data.interpolation,
+                mean=list(data.mean),
+                std=list(data.std),
+            )
+        ),
+    }
+    return quantize_static_int8(float_onnx, out, _preprocessed_batches(files, data), method, calibration)
+
+
+def quantize_static_int8(
+    float_onnx: str | os.PathLike,
+    out: str | os.PathLike,
+    batches: Sequence[np.ndarray],
+    method: str = CALIBRATION_METHOD,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
     """Write ``out``: ONNX Runtime's static int8 quantisation of the float32 export ``float_onnx`` (quant_pre_process,
-    then QDQ with per-channel int8 weights and uint8 activations), its activation ranges calibrated with ``method``
-    on ``files`` put through ``data``'s evaluation preprocessing. The file's ONNX metadata records it (precision,
-    quantisation, calibration method, image count and preprocessing); returns that metadata."""
+    then QDQ with per-channel int8 weights and uint8 activations), activation ranges calibrated with ``method`` on
+    ``batches`` (float32 NCHW model inputs); returns ``out``. Its ONNX metadata: precision, quantisation, method and
+    ``metadata``."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
 
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
-    batches = _preprocessed_batches(files, data)
     out = Path(out)
     # The calibrators print their progress to stdout: kept out of the caller's output.
     with tempfile.TemporaryDirectory(prefix=f".{out.name}-", dir=out.parent) as tmp, redirect_stdout(io.StringIO()):
@@ -386,21 +411,12 @@ def quantize_int8(
         "precision": "int8",
         "quantization": "onnxruntime static, QDQ, per-channel int8 weights, uint8 activations",
         "calibration_method": method,
-        "calibration_images": str(len(files)),
-        "calibration_preprocessing": json.dumps(
-            dict(
-                img_size=data.img_size,
-                crop_pct=data.crop_pct,
-                interpolation=data.interpolation,
-                mean=list(data.mean),
-                std=list(data.std),
-            )
-        ),
+        **(metadata or {}),
     }
     onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, **metadata})
     with atomic_write(out) as f:
         f.write(proto.SerializeToString())
-    return metadata
+    return out
 
 
 def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:

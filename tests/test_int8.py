@@ -245,7 +245,9 @@ def test_bad_calibration_folders_are_one_error_line(untrained, noise_root, tmp_p
     assert not out.exists()
     # Usage errors: exit status 2, one line.
     code, _, stderr = _export(*base, "--out", str(out))
-    assert code == 2 and stderr.strip() == "export.py: error: --quantize int8 needs --calibration <folder of training images>"
+    assert code == 2 and stderr.strip() == (
+        "export.py: error: --quantize int8 needs --calibration <folder of training images>"
+    )
     torchscript = ("--model", NAME, "--checkpoint", str(untrained), "--format", "torchscript", "--quantize", "int8")
     code, _, stderr = _export(*torchscript, "--calibration", str(tmp_path), "--out", str(out))
     assert code == 2 and "use --format onnx" in stderr
