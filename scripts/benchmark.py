@@ -349,9 +349,9 @@ def cpu_int8_flags() -> list[str] | None:
 
 
 def int8_note(flags: list[str] | None) -> str:
-    """The header line on the CPU's int8 units."""
+    """What the header says about the CPU's int8 units."""
     if flags is None:
-        return "CPU int8 units: unknown (no /proc/cpuinfo)"
+        return "CPU int8 units: unknown (no /proc/cpuinfo): int8 may not pay on this CPU"
     if flags:
         return f"CPU int8 units: {', '.join(flags)}"
     return f"CPU int8 units: none of {', '.join(INT8_CPU_FLAGS)}: int8 may not pay on this CPU"
@@ -428,9 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{a.model}, batch {a.batch_size}, {a.img_size} px, {a.device} ({env['cpu_capability']}), {a.precision}, "
         f"{env['torch_threads']} threads, median of {a.rounds} rounds x {a.iters} iterations"
+        + (f"; {int8_note(env['cpu_int8_flags'])}" if a.device == "cpu" else "")
     )
-    if a.device == "cpu":
-        print(int8_note(env["cpu_int8_flags"]))
     print(markdown_table([Row(**r) for r in report["rows"]]))
     if args.json:
         with open(args.json, "w") as f:
