@@ -247,3 +247,46 @@ def test_bad_calibration_folders_are_one_error_line(untrained, noise_root, tmp_p
     torchscript = ("--model", NAME, "--checkpoint", str(untrained), "--format", "torchscript", "--quantize", "int8")
     code, _, stderr = _export(*torchscript, "--calibration", str(tmp_path), "--out", str(out))
     assert code == 2 and "use --format onnx" in stderr
+
+
+@pytest.mark.slow
+def test_eval_released_adds_the_int8_columns(noise_root, tmp_path, monkeypatch):
+    """make eval's table with --int8: the checkpoint (here a reduced one in the cache) quantised with calibration
+    from <data>/train and evaluated by runtime=onnxruntime on the same val images; its results and files kept."""
+    import csv
+    import importlib.util
+
+    from res2net.models.pretrained import sha256_file
+
+    spec = importlib.util.spec_from_file_location("eval_released", ROOT / "scripts" / "eval_released.py")
+    eval_released = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "eval_released", eval_released)  # dataclasses look their module up there
+    spec.loader.exec_module(eval_released)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    arch = dict(layers=[1, 1, 1, 1], base_width=4, num_classes=3)
+    torch.manual_seed(0)
+    torch.save(res2net.create_model(NAME, **arch).state_dict(), cache / "tmp.pth")
+    file = f"tiny-{sha256_file(cache / 'tmp.pth')[:8]}.pth"
+    (cache / "tmp.pth").rename(cache / file)
+    monkeypatch.setenv("RES2NET_CACHE", str(cache))
+    zoo = tmp_path / "zoo.json"
+    zoo.write_text(json.dumps({NAME: {"file": file, "top1": None, "top5": None, "overrides": arch}}))
+    out = tmp_path / "out"
+    code = eval_released.main(
+        [
+            *("--data", str(noise_root), "--published", str(zoo), "--out-dir", str(out), "--img-size", "32"),
+            *("--batch-size", "16", "--workers", "0", "--no-progress", "--int8", "--calibration-images", "20"),
+        ]
+    )
+    assert code == 0
+    with open(out / "released_torchvision.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    int8 = json.loads((out / NAME / "int8" / "results.json").read_text())
+    assert int8["count"] == 101 and int8["config"]["runtime"] == "onnxruntime"
+    assert float(row["int8_top1"]) == pytest.approx(int8["top1"]) and float(row["int8_top5"]) == int8["top5"]
+    assert float(row["int8_minus_fp32_top1"]) == pytest.approx(int8["top1"] - float(row["top1"]))
+    meta = onnx_metadata(out / NAME / "int8" / f"{NAME}.int8.onnx")
+    assert meta["precision"] == "int8" and meta["calibration_images"] == "20"
+    assert json.loads(meta["calibration_preprocessing"])["crop_pct"] == 0.875  # the published protocol
+    assert "| int8 top-1 |" in (out / "released_torchvision.md").read_text()
