@@ -56,7 +56,7 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 CALIBRATION_METHOD = "percentile"  # chosen by measurement: README, "Export and deployment", int8
 CALIBRATION_IMAGES = 256
 # Images per calibration run: ONNX Runtime's calibrators hold every intermediate tensor of the batches they are given
-# at once (about 100 MB per 224 px image for res2net50), so they are fed one batch at a time.
+# at once, so they are fed one batch at a time to bound the memory.
 _CALIBRATION_BATCH = 16
 
 
