@@ -38,8 +38,8 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py
 
 eval: $(STAMP)
-	@test -n "$(DATA)" || { echo "usage: make eval DATA=<imagenet root with val/> [BACKEND=torchvision|dali] [MODELS=\"res2net50_26w_4s ...\"]"; exit 2; }
-	$(PY) scripts/eval_released.py --data "$(DATA)" --backend $(BACKEND) $(if $(MODELS),--models $(MODELS))
+	@test -n "$(DATA)" || { echo "usage: make eval DATA=<imagenet root with val/ (and train/ for the int8 calibration)> [BACKEND=torchvision|dali] [MODELS=\"res2net50_26w_4s ...\"] [INT8=0]"; exit 2; }
+	$(PY) scripts/eval_released.py --data "$(DATA)" --backend $(BACKEND) $(if $(MODELS),--models $(MODELS)) $(if $(filter 0,$(INT8)),,--int8)
 
 .PHONY: eval-suite
 CHECKPOINT ?=

@@ -1,5 +1,6 @@
-"""Deployment formats of a Res2Net classifier (ONNX, TorchScript, safetensors, a Hugging Face hub folder) and
-``OnnxRuntimeModel``, an ONNX Runtime session behind the model's own call, ``model(images) -> logits``.
+"""Deployment formats of a Res2Net classifier (ONNX, TorchScript, safetensors, a Hugging Face hub folder, an int8
+ONNX file calibrated on real images) and ``OnnxRuntimeModel``, an ONNX Runtime session behind the model's own call,
+``model(images) -> logits``.
 
 onnx, onnxscript and onnxruntime (requirements-export.txt) are imported only by the functions that need them.
 """
@@ -9,9 +10,12 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import redirect_stdout
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -21,18 +25,27 @@ from res2net.files import atomic_write
 from res2net.models.inference import prepare_for_inference
 
 __all__ = [
+    "CALIBRATION_IMAGES",
+    "CALIBRATION_METHOD",
+    "CALIBRATION_METHODS",
     "FORMATS",
     "GRAPH_OPTIMIZATIONS",
     "INPUT_NAME",
     "OPSET",
     "OUTPUT_NAME",
     "OnnxRuntimeModel",
+    "calibration_files",
+    "checkpoint_eval_data",
+    "compare_predictions",
     "export_hf",
     "export_onnx",
     "export_safetensors",
     "export_torchscript",
     "hf_config",
     "max_relative_error",
+    "onnx_metadata",
+    "quantize_int8",
+    "quantize_static_int8",
     "timm_model_args",
 ]
 
@@ -40,6 +53,12 @@ FORMATS = ("onnx", "torchscript", "safetensors", "hf")
 OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 GRAPH_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+CALIBRATION_METHOD = "percentile"  # chosen by measurement: README, "Export and deployment", int8
+CALIBRATION_IMAGES = 256
+# Images per calibration run: ONNX Runtime's calibrators hold every intermediate tensor of the batches they are given
+# at once, so they are fed one batch at a time to bound the memory.
+_CALIBRATION_BATCH = 16
 
 
 def _example(img_size: int, batch_size: int = 2) -> torch.Tensor:
@@ -251,3 +270,207 @@ def max_relative_error(
                 raise RuntimeError(f"exported model gives shape {tuple(got.shape)}, PyTorch {tuple(expected.shape)}")
             worst = max(worst, float((got - expected).abs().max() / expected.abs().max()))
     return worst
+
+
+def checkpoint_eval_data(checkpoint: Mapping) -> DataConfig:
+    """The evaluation preprocessing of a checkpoint as a torchvision-backend DataConfig (img_size: the eval crop;
+    crop_pct, interpolation, mean, std): a train.py checkpoint's saved config['data'] (val_img_size, else img_size),
+    otherwise the released weights' published protocol (DataConfig's defaults: 224 px, crop 0.875, bilinear, ImageNet
+    mean and std).
+
+    A stand-in for the shared "the checkpoint carries its recipe" function of the fine-tuning work (issue 19): swap
+    it for that one when both are merged.
+    """
+    saved = checkpoint.get("config")
+    data = saved.get("data") if isinstance(saved, Mapping) else None
+    data = data if isinstance(data, Mapping) else {}
+    default = DataConfig()
+    return DataConfig(
+        backend="torchvision",
+        num_workers=0,
+        img_size=int(data.get("val_img_size") or data.get("img_size") or default.img_size),
+        crop_pct=float(data.get("crop_pct", default.crop_pct)),
+        interpolation=str(data.get("interpolation", default.interpolation)),
+        mean=[float(v) for v in data.get("mean", default.mean)],
+        std=[float(v) for v in data.get("std", default.std)],
+    )
+
+
+def calibration_files(folder: str | os.PathLike, count: int) -> list[str]:
+    """``count`` image files spread evenly over the sorted images under ``folder`` (searched recursively, hidden
+    entries left out; all of them when it holds fewer): the same calibration set on every run, every class folder
+    represented in proportion."""
+    from res2net.data.index import IMG_EXTENSIONS
+
+    if count < 1:
+        raise ValueError(f"--calibration-images must be >= 1, got {count}")
+    folder = Path(folder).expanduser()
+    hint = "give a folder of training images, e.g. <data root>/train"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"calibration folder {folder} is not a directory; {hint}")
+    files = sorted(
+        str(path)
+        for path in folder.rglob("*")
+        if path.suffix.lower() in IMG_EXTENSIONS
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+        and path.is_file()
+    )
+    if not files:
+        raise FileNotFoundError(
+            f"calibration folder {folder} holds no images (files ending in {', '.join(IMG_EXTENSIONS)}); {hint}"
+        )
+    if count >= len(files):
+        return files
+    return [files[i] for i in np.linspace(0, len(files) - 1, count).round().astype(int)]
+
+
+def _preprocessed_batches(files: Sequence[str], data: DataConfig) -> list[np.ndarray]:
+    """``files`` through ``data``'s evaluation transform (resize, center crop, normalize), as float32 NCHW
+    batches of at most _CALIBRATION_BATCH images."""
+    from res2net.data.loader_torchvision import decode_val_image
+    from res2net.data.transforms import Normalizer
+
+    normalize = Normalizer(data.mean, data.std, torch.device("cpu"), torch.float32, channels_last=False)
+    batches = []
+    for start in range(0, len(files), _CALIBRATION_BATCH):
+        images = []
+        for file in files[start : start + _CALIBRATION_BATCH]:
+            try:
+                images.append(decode_val_image(file, data.img_size, data.crop_pct, data.interpolation))
+            except Exception as err:  # any decoder failure: PIL raises OSError, SyntaxError, ValueError, ...
+                raise ValueError(
+                    f"calibration image {file} cannot be decoded ({err!r}); remove it from the calibration folder"
+                ) from err
+        batches.append(normalize(torch.from_numpy(np.stack(images))).numpy())
+    return batches
+
+
+class _CalibrationReader:
+    """ONNX Runtime's CalibrationDataReader protocol over prepared batches; ``set_range`` lets quantize_static feed
+    the calibrator one batch at a time (its 'CalibStridedMinMax' option, which every calibration method honours)."""
+
+    def __init__(self, batches: Sequence[np.ndarray]) -> None:
+        self.batches = batches
+        self.set_range(0, len(batches))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._pending = iter(self.batches[start_index:end_index])
+
+    def get_next(self) -> dict | None:
+        batch = next(self._pending, None)
+        return None if batch is None else {INPUT_NAME: batch}
+
+
+def quantize_int8(
+    float_onnx: str | os.PathLike,
+    out: str | os.PathLike,
+    files: Sequence[str],
+    data: DataConfig,
+    method: str = CALIBRATION_METHOD,
+) -> Path:
+    """Write ``out``: the float32 export ``float_onnx`` quantised to int8 (``quantize_static_int8``), its activation
+    ranges calibrated with ``method`` on ``files`` put through ``data``'s evaluation preprocessing; returns ``out``.
+    Its ONNX metadata records precision, quantisation, calibration method, image count and preprocessing."""
+    calibration = {
+        "calibration_images": str(len(files)),
+        "calibration_preprocessing": json.dumps(
+            dict(
+                img_size=data.img_size,
+                crop_pct=data.crop_pct,
+                interpolation=data.interpolation,
+                mean=list(data.mean),
+                std=list(data.std),
+            )
+        ),
+    }
+    return quantize_static_int8(float_onnx, out, _preprocessed_batches(files, data), method, calibration)
+
+
+def quantize_static_int8(
+    float_onnx: str | os.PathLike,
+    out: str | os.PathLike,
+    batches: Sequence[np.ndarray],
+    method: str = CALIBRATION_METHOD,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write ``out``: ONNX Runtime's static int8 quantisation of the float32 export ``float_onnx`` (quant_pre_process,
+    then QDQ with per-channel int8 weights and uint8 activations), activation ranges calibrated with ``method`` on
+    ``batches`` (float32 NCHW model inputs); returns ``out``. Its ONNX metadata: precision, quantisation, method and
+    ``metadata``."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
+    out = Path(out)
+    # The calibrators print their progress to stdout: kept out of the caller's output.
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}-", dir=out.parent) as tmp, redirect_stdout(io.StringIO()):
+        prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
+        quant_pre_process(str(float_onnx), str(prepared))
+        quantize_static(
+            str(prepared),
+            str(quantized),
+            _CalibrationReader(batches),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,  # ONNX Runtime's x86 guidance: u8 activations, s8 weights
+            weight_type=QuantType.QInt8,
+            calibrate_method={
+                "minmax": CalibrationMethod.MinMax,
+                "entropy": CalibrationMethod.Entropy,
+                "percentile": CalibrationMethod.Percentile,
+            }[method],
+            extra_options={"CalibStridedMinMax": 1},
+        )
+        proto = onnx.load(quantized)
+    metadata = {
+        "precision": "int8",
+        "quantization": "onnxruntime static, QDQ, per-channel int8 weights, uint8 activations",
+        "calibration_method": method,
+        **(metadata or {}),
+    }
+    onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, **metadata})
+    with atomic_write(out) as f:
+        f.write(proto.SerializeToString())
+    return out
+
+
+def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata_props of an ONNX file (``quantize_int8`` records precision and calibration there)."""
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def compare_predictions(
+    reference: Callable[[torch.Tensor], torch.Tensor],
+    candidate: Callable[[torch.Tensor], torch.Tensor],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+) -> dict:
+    """Top-1 / top-5 (percent) of both models over every (images, labels) batch, and their top-1 agreement (percent
+    of images where both predict the same class): what an int8 file costs beside its float32 export."""
+    hits = torch.zeros(2, 2, dtype=torch.long)  # [reference, candidate] x [top-1, top-5]
+    agree = count = 0
+    with torch.no_grad():
+        for images, labels in batches:
+            logits = [reference(images), candidate(images)]
+            top = [x.topk(min(5, x.shape[1]), dim=1).indices for x in logits]
+            for row, indices in enumerate(top):
+                match = indices == labels[:, None]
+                hits[row] += torch.stack([match[:, 0].sum(), match.any(dim=1).sum()])
+            agree += int((top[0][:, 0] == top[1][:, 0]).sum())
+            count += len(labels)
+    if count == 0:
+        raise ValueError("no images to compare the models on")
+    percent = (100.0 * hits / count).tolist()
+    return dict(
+        count=count,
+        reference_top1=percent[0][0],
+        reference_top5=percent[0][1],
+        candidate_top1=percent[1][0],
+        candidate_top5=percent[1][1],
+        agreement=100.0 * agree / count,
+    )

@@ -8,9 +8,12 @@ training: channels_last, optional compile, optional autocast with a GradScaler f
 alternating rounds after a warm-up and each row reports the median round, so a slow spell of a shared machine hits
 every row alike.
 
---backends adds inference rows of other runtimes (CPU, fp32): `onnxruntime` runs our ONNX export (res2net.export:
-BatchNorm folded) at each --ort-optimizations level; `timm` adds timm's model with the same weights, eager and (with
-onnxruntime) exported by timm.utils.onnx, as the reference the "vs timm eager" column divides by.
+--backends adds inference rows of other runtimes (CPU): `onnxruntime` runs our ONNX export (res2net.export: BatchNorm
+folded) in fp32 and quantised to int8 (static, QDQ, per-channel weights; calibrated on the random input batch, which
+sets the speed but says nothing about accuracy: scripts/export.py --check-root measures that) at each
+--ort-optimizations level; `timm` adds timm's model with the same weights, eager and (with onnxruntime) exported by
+timm.utils.onnx, as the reference the "vs timm eager" column divides by. The header names the CPU's int8 dot-product
+units (AVX512-VNNI, AVX-VNNI, AMX); without them int8 may not pay.
 
     python scripts/benchmark.py              # res2net50_26w_4s, batch 16, 224 px, CPU: fp32 (+ bf16 rows if native)
     python scripts/benchmark.py --device cuda --batch-size 256 --precision bf16 --compile
@@ -49,6 +52,8 @@ MODES = ("inference", "train")
 BACKENDS = ("torch", "onnxruntime", "timm")
 BASELINE = "eager fp32 NCHW (baseline)"
 TIMM_EAGER = "timm eager fp32 NCHW"
+# /proc/cpuinfo flags of the x86 units that run int8 dot products (ONNX Runtime's MLAS kernels use them).
+INT8_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
 @dataclass
@@ -239,12 +244,15 @@ def onnxruntime_paths(
     """ONNX Runtime on our export (and on timm's export of the reference) at each optimisation level."""
     if x.device.type != "cpu":
         raise ValueError("--backends onnxruntime runs on the CPU: use --device cpu")
-    from res2net.export import OnnxRuntimeModel, export_onnx
+    from res2net.export import OnnxRuntimeModel, export_onnx, quantize_static_int8
 
     threads = args.threads or torch.get_num_threads()
     paths = {}
     with tempfile.TemporaryDirectory() as tmp:
-        files = {"our export (BN folded)": export_onnx(model, os.path.join(tmp, "ours.onnx"), img_size=args.img_size)}
+        ours = export_onnx(model, os.path.join(tmp, "ours.onnx"), img_size=args.img_size)
+        files = {"our export (BN folded)": ours}
+        int8 = quantize_static_int8(ours, os.path.join(tmp, "ours.int8.onnx"), [x.numpy()])
+        files["our export, int8 (QDQ, per-channel weights)"] = int8
         if reference is not None:
             from timm.utils.onnx import onnx_export
 
@@ -340,6 +348,25 @@ def to_rows(mode: str, seconds: dict[str, float], batch_size: int) -> list[Row]:
     ]
 
 
+def cpu_int8_flags() -> list[str] | None:
+    """Which of INT8_CPU_FLAGS this CPU has (/proc/cpuinfo); None where that file does not exist."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return [flag for flag in INT8_CPU_FLAGS if flag in flags]
+
+
+def int8_note(flags: list[str] | None) -> str:
+    """What the header says about the CPU's int8 units."""
+    if flags is None:
+        return "CPU int8 units: unknown (no /proc/cpuinfo): int8 may not pay on this CPU"
+    if flags:
+        return f"CPU int8 units: {', '.join(flags)}"
+    return f"CPU int8 units: none of {', '.join(INT8_CPU_FLAGS)}: int8 may not pay on this CPU"
+
+
 def environment(args: argparse.Namespace, device: torch.device) -> dict:
     env = {
         "torch": torch.__version__,
@@ -349,6 +376,7 @@ def environment(args: argparse.Namespace, device: torch.device) -> dict:
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_int8_flags": cpu_int8_flags(),
         "allocator_env": {k: os.environ.get(k) for k in ALLOCATOR_ENV},
     }
     if "onnxruntime" in args.backends:
@@ -432,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{a.model}, batch {a.batch_size}, {a.img_size} px, {a.device} ({env['cpu_capability']}), {a.precision}, "
         f"{env['torch_threads']} threads, median of {a.rounds} rounds x {a.iters} iterations"
+        + (f"; {int8_note(env['cpu_int8_flags'])}" if a.device == "cpu" else "")
     )
     print(markdown_table([Row(**r) for r in report["rows"]]))
     if args.json:

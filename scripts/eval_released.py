@@ -13,6 +13,12 @@ tolerance (res2net.models.variants, or --tolerance for every model).
 --backend dali the table also gives DALI's top-1 delta to the reference path, from the reference results already in
 --out-dir for the same checkpoint and data, or measured now.
 
+--int8 (`make eval` passes it) adds int8 columns: each checkpoint exported to ONNX, quantised to int8 by ONNX
+Runtime (res2net.export.quantize_int8: static, QDQ, per-channel weights) with calibration on --calibration-images
+images of --int8-calibration (default <data>/train) at the same 224 px / crop preprocessing, and evaluated by the same
+code with runtime=onnxruntime on the CPU: int8 top-1 / top-5 and its top-1 minus the float top-1 measured above. The
+files and results go to --out-dir/<model>/int8/.
+
 --published FILE replaces the built-in list of released checkpoints with a JSON object (for private model zoos and
 tests): {"<model name>": {"file": "<name>-<sha256 prefix>.pth", "top1": 77.99, "top5": 93.86,
 "tolerance": 0.1, "overrides": {"num_classes": 10, "base_width": 4, ...}}}; top1/top5 may be null; "overrides" takes
@@ -31,8 +37,10 @@ from pathlib import Path
 
 import torch
 
-from res2net.engine.distributed import init_distributed
-from res2net.engine.eval_job import RESULTS_FILE, evaluate_checkpoint
+from res2net import export
+from res2net.data.config import DataConfig
+from res2net.engine.distributed import barrier, init_distributed
+from res2net.engine.eval_job import RESULTS_FILE, build_model_for, evaluate_checkpoint, read_checkpoint
 from res2net.errors import run_script
 from res2net.models import RELEASED, VARIANTS, download_checkpoint, model_from_config
 from res2net.models.stats import count_macs, count_params
@@ -56,6 +64,7 @@ COLUMNS = (
     "status",
 )
 DALI_COLUMN = "dali_minus_torchvision_top1"
+INT8_COLUMNS = ("int8_top1", "int8_top5", "int8_minus_fp32_top1")
 
 
 @dataclass(frozen=True)
@@ -171,6 +180,31 @@ def reference_top1(entry: Entry, checkpoint: Path, measured: dict, args: argpars
     return evaluate_backend(entry, checkpoint, args, REFERENCE_BACKEND, dist_info)["top1"]
 
 
+def int8_result(entry: Entry, checkpoint: Path, args: argparse.Namespace, dist_info) -> dict:
+    """evaluate.py runtime=onnxruntime's result for the int8 export of ``checkpoint``: rank 0 exports and quantises it
+    (calibrated on args.int8_calibration at the evaluation's preprocessing) into out_dir/<model>/int8/, then every
+    rank evaluates it."""
+    folder = Path(args.out_dir) / entry.name / "int8"
+    int8_file = folder / f"{entry.name}.int8.onnx"
+    cfg = eval_config(entry, int8_file, args, args.backend)
+    if dist_info.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        calibration = args.int8_calibration or Path(args.data) / "train"
+        files = export.calibration_files(calibration, args.calibration_images)
+        model, _ = build_model_for(cfg["model"], read_checkpoint(checkpoint), origin=f"checkpoint {checkpoint}")
+        float_file = export.export_onnx(model.eval(), folder / f"{entry.name}.onnx", img_size=args.img_size)
+        preprocessing = {k: cfg["data"][k] for k in ("img_size", "crop_pct", "interpolation")}
+        log.info("%s: quantising to int8, calibrated on %d images of %s", entry.name, len(files), calibration)
+        export.quantize_int8(float_file, int8_file, files, DataConfig(backend="torchvision", **preprocessing))
+    barrier()
+    cfg.update(runtime="onnxruntime", device="cpu", amp="off", channels_last=False)
+    return evaluate_checkpoint(cfg, folder, dist_info)
+
+
+def int8_columns(result: dict, fp32_top1: float) -> dict:
+    return dict(int8_top1=result["top1"], int8_top5=result["top5"], int8_minus_fp32_top1=result["top1"] - fp32_top1)
+
+
 def _delta(measured: float, published: float | None) -> float | None:
     return None if published is None else measured - published
 
@@ -205,6 +239,7 @@ def _fmt(value, digits: int = 3, signed: bool = False) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     dali = any(DALI_COLUMN in r for r in rows)
+    int8 = any(INT8_COLUMNS[0] in r for r in rows)
     head = [
         "model",
         "params (M)",
@@ -219,6 +254,7 @@ def markdown_table(rows: list[dict]) -> str:
         "tolerance",
         "status",
     ] + (["DALI - torchvision top-1"] if dali else [])
+    head += ["int8 top-1", "int8 top-5", "int8 - fp32 top-1"] if int8 else []
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + "---|"]
     for r in rows:
         cells = [
@@ -237,6 +273,9 @@ def markdown_table(rows: list[dict]) -> str:
         ]
         if dali:
             cells.append(_fmt(r.get(DALI_COLUMN), signed=True))
+        if int8:
+            cells += [_fmt(r.get("int8_top1")), _fmt(r.get("int8_top5"))]
+            cells.append(_fmt(r.get("int8_minus_fp32_top1"), signed=True))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -246,6 +285,7 @@ def write_tables(rows: list[dict], out_dir: Path, backend: str) -> tuple[Path, P
     md, csv_path = out_dir / f"released_{backend}.md", out_dir / f"released_{backend}.csv"
     md.write_text(markdown_table(rows) + "\n")
     columns = list(COLUMNS) + ([DALI_COLUMN] if any(DALI_COLUMN in r for r in rows) else [])
+    columns += list(INT8_COLUMNS) if any(INT8_COLUMNS[0] in r for r in rows) else []
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
@@ -276,6 +316,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"res2net.models.variants, {DEFAULT_TOLERANCE} unless stated there)",
     )
     p.add_argument("--published", default=None, help="JSON table replacing the released list (see above)")
+    p.add_argument("--int8", action="store_true", help="add the int8 columns (see above)")
+    p.add_argument(
+        "--int8-calibration", type=Path, default=None, help="folder of calibration images (default: <data>/train)"
+    )
+    p.add_argument(
+        "--calibration-images",
+        type=int,
+        default=export.CALIBRATION_IMAGES,
+        help="int8 calibration images, spread evenly over the folder (default: %(default)s)",
+    )
     p.add_argument("--out-dir", default="outputs/eval_released")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -293,6 +343,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict], bool]:
         row = table_row(entry, result, model_stats(entry, args.img_size))
         if args.backend == "dali":
             row[DALI_COLUMN] = result["top1"] - reference_top1(entry, checkpoint, result, args, dist_info)
+        if args.int8:
+            row.update(int8_columns(int8_result(entry, checkpoint, args, dist_info), result["top1"]))
         log.info("%s: top-1 %.3f top-5 %.3f (%s)", entry.name, row["top1"], row["top5"], row["status"])
         rows.append(row)
     return rows, any(r["status"] == "FAIL" for r in rows)

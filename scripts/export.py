@@ -4,21 +4,32 @@
     python scripts/export.py --model res2net50_26w_4s --checkpoint released --format onnx --out res2net50_26w_4s.onnx
     python scripts/export.py --model res2net50_26w_4s --checkpoint outputs/<run>/checkpoints/best.pth \\
         --format hf --out hub/res2net50_26w_4s
+    python scripts/export.py --model res2net50_26w_4s --checkpoint released --format onnx --quantize int8 \\
+        --calibration /data/imagenet/train --check-root /data/imagenet --out res2net50_26w_4s.int8.onnx
 
 onnx: BatchNorm folded, dynamic batch axis, opset 18, onnx.checker, then ONNX Runtime against PyTorch at batch 1 and 2.
 torchscript: BatchNorm folded, traced, reloaded and compared. safetensors: the weights only. hf: a folder timm and
 res2net.load_pretrained read (config.json, model.safetensors, README.md model card), reloaded and compared.
+--quantize int8 (onnx): ONNX Runtime's static quantisation of the checked float32 export (QDQ, per-channel int8
+weights, uint8 activations), calibrated on --calibration-images images of the --calibration folder put through the
+checkpoint's evaluation preprocessing; with --check-root, float32 and int8 top-1 / top-5 on <root>/val and their
+top-1 agreement are printed, and a top-1 drop over --max-drop points is exit status 1 (the file stays written).
+Graphs are traced at the checkpoint's evaluation size (a train.py checkpoint's data config; 224 px for released
+weights) unless --img-size says otherwise.
 Checkpoints are read tensors-only (weights_only=True); a train.py checkpoint brings its own architecture.
 Exit status: 0 written and checked; 1 a runtime error (missing file, checkpoint of another architecture, a check
-that failed); 2 bad arguments.
+that failed, an int8 accuracy drop over --max-drop); 2 bad arguments.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -58,13 +69,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="'released' or the path of a .pth / .safetensors file")
     p.add_argument("--format", required=True, choices=export.FORMATS, help=" | ".join(export.FORMATS))
     p.add_argument("--out", required=True, type=Path, help="output file (a folder for --format hf)")
-    p.add_argument("--img-size", type=int, default=224, help="input size of the traced graphs and of config.json")
+    p.add_argument(
+        "--img-size",
+        type=int,
+        default=None,
+        help="input size of the traced graphs and of config.json (default: the checkpoint's evaluation size; "
+        "224 for released weights)",
+    )
     p.add_argument("--license", default="unknown", help="licence identifier for the hf model card")
+    int8 = p.add_argument_group("int8 (--format onnx --quantize int8)")
+    int8.add_argument("--quantize", choices=["int8"], default=None, help="write an int8 ONNX file instead of float32")
+    int8.add_argument("--calibration", type=Path, default=None, help="folder of training images (searched recursively)")
+    int8.add_argument(
+        "--calibration-images",
+        type=int,
+        default=export.CALIBRATION_IMAGES,
+        help="images taken, spread evenly over the folder's sorted files (default: %(default)s)",
+    )
+    int8.add_argument(
+        "--calibration-method",
+        choices=export.CALIBRATION_METHODS,
+        default=export.CALIBRATION_METHOD,
+        help="ONNX Runtime's activation range estimate (default: %(default)s)",
+    )
+    int8.add_argument(
+        "--check-root", type=Path, default=None, help="data root holding val/<class>/ images to score both files on"
+    )
+    int8.add_argument(
+        "--max-drop", type=float, default=1.0, help="largest accepted int8 top-1 drop in points (default: %(default)s)"
+    )
     args = p.parse_args(argv)
     if args.num_classes is not None and args.num_classes < 1:
         p.error(f"--num-classes must be >= 1, got {args.num_classes}")
-    if args.img_size < 32:
+    if args.img_size is not None and args.img_size < 32:
         p.error(f"--img-size must be >= 32, got {args.img_size}")
+    if args.quantize and args.format != "onnx":
+        p.error(f"--quantize int8 writes ONNX: use --format onnx (got --format {args.format})")
+    if args.quantize and args.calibration is None:
+        p.error("--quantize int8 needs --calibration <folder of training images>")
+    if not args.quantize and (args.calibration is not None or args.check_root is not None):
+        p.error("--calibration and --check-root belong to --quantize int8")
+    if args.calibration_images < 1:
+        p.error(f"--calibration-images must be >= 1, got {args.calibration_images}")
     return args
 
 
@@ -84,6 +130,7 @@ def load_model(name: str, num_classes: int | None, checkpoint: str) -> tuple[tor
         config=saved,
         model_args=export.timm_model_args(saved_model),
         overrides={k: v for k, v in saved_model.items() if k in MODEL_KNOBS},
+        data=export.checkpoint_eval_data(state),
     )
     return model.eval(), facts
 
@@ -167,6 +214,14 @@ terms before use in a product.
 """
 
 
+def _check(reloaded, model: torch.nn.Module, out: Path, img_size: int) -> float:
+    """max relative error of the reloaded file against PyTorch at batch 1 and 2; a RuntimeError over TOLERANCE."""
+    error = export.max_relative_error(reloaded, model, batch_sizes=(1, 2), img_size=img_size)
+    if not error < TOLERANCE:
+        raise RuntimeError(f"{out}: outputs differ from PyTorch by {error:.2e} (relative, > {TOLERANCE:.0e})")
+    return error
+
+
 def export_and_check(model: torch.nn.Module, facts: dict, args: argparse.Namespace) -> str:
     """Write args.out in args.format, reload it, compare it with the PyTorch model; the line to print."""
     out = args.out
@@ -196,10 +251,56 @@ def export_and_check(model: torch.nn.Module, facts: dict, args: argparse.Namespa
                 tensor.zero_()  # only the written file can give the weights back
         res2net.load_pretrained(reloaded, weights)
         what = "weights reloaded by res2net.load_pretrained"
-    error = export.max_relative_error(reloaded, model, batch_sizes=(1, 2), img_size=args.img_size)
-    if not error < TOLERANCE:
-        raise RuntimeError(f"{out}: outputs differ from PyTorch by {error:.2e} (relative, > {TOLERANCE:.0e})")
+    error = _check(reloaded, model, out, args.img_size)
     return f"wrote {out}: {what} vs PyTorch at batch 1 and 2: max relative error {error:.1e} (< {TOLERANCE:.0e})"
+
+
+def check_batches(root: Path, data, num_classes: int):
+    """The labelled val/ images of a data root through the evaluation preprocessing ``data``, for --check-root."""
+    from res2net.data import build_loader
+
+    if not (root / "val").is_dir():
+        raise FileNotFoundError(f"--check-root {root} has no val/ folder; give a data root holding val/<class>/ images")
+    loader = build_loader(dataclasses.replace(data, root=str(root), batch_size=32), "val")
+    if loader.num_classes > num_classes:
+        raise ValueError(f"--check-root {root} has {loader.num_classes} classes but the model predicts {num_classes}")
+    return loader
+
+
+def export_int8(model: torch.nn.Module, facts: dict, args: argparse.Namespace) -> tuple[list[str], float | None]:
+    """Write args.out as int8 ONNX (calibrated on args.calibration), check the float32 export it comes from against
+    PyTorch and the int8 file at batch 1 and 3, and with args.check_root score both; (lines to print, top-1 drop)."""
+    out, data = args.out, dataclasses.replace(facts["data"], img_size=args.img_size)
+    # Bad folders fail before the work.
+    files = export.calibration_files(args.calibration, args.calibration_images)
+    checks = None if args.check_root is None else check_batches(args.check_root, data, model.num_classes)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}-", dir=out.parent) as tmp:
+        float_file = export.export_onnx(model, Path(tmp) / "float32.onnx", img_size=args.img_size)
+        reference = export.OnnxRuntimeModel(float_file)
+        error = _check(reference, model, float_file, args.img_size)
+        start = time.perf_counter()
+        export.quantize_int8(float_file, out, files, data, args.calibration_method)
+        seconds = time.perf_counter() - start
+    quantized = export.OnnxRuntimeModel(out)
+    for batch_size in (1, 3):  # the batch axis stays dynamic
+        logits = quantized(torch.zeros(batch_size, 3, args.img_size, args.img_size))
+        if tuple(logits.shape) != (batch_size, model.num_classes):
+            raise RuntimeError(f"{out}: int8 model gives shape {tuple(logits.shape)} for a batch of {batch_size}")
+    lines = [
+        f"wrote {out}: int8 (ONNX Runtime static quantisation, QDQ, per-channel weights), {args.calibration_method} "
+        f"calibration on {len(files)} images of {args.calibration} at {args.img_size} px (crop {data.crop_pct}, "
+        f"{data.interpolation}) in {seconds:.1f} s; its float32 export vs PyTorch: max relative error {error:.1e}"
+    ]
+    if checks is None:
+        return lines, None
+    r = export.compare_predictions(reference, quantized, checks)
+    drop = r["reference_top1"] - r["candidate_top1"]
+    lines.append(
+        f"check on {args.check_root / 'val'} ({r['count']} images): float32 top-1 {r['reference_top1']:.2f} "
+        f"top-5 {r['reference_top5']:.2f} | int8 top-1 {r['candidate_top1']:.2f} top-5 {r['candidate_top5']:.2f} | "
+        f"top-1 agreement {r['agreement']:.2f}% | top-1 drop {drop:.2f} points (--max-drop {args.max_drop:g})"
+    )
+    return lines, drop
 
 
 def _one_line(err: BaseException) -> str:
@@ -212,7 +313,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         model, facts = load_model(args.model, args.num_classes, args.checkpoint)
-        print(export_and_check(model, facts, args))
+        args.img_size = args.img_size or facts["data"].img_size
+        if args.quantize:
+            lines, drop = export_int8(model, facts, args)
+            print("\n".join(lines))
+            if drop is not None and drop > args.max_drop:
+                raise RuntimeError(
+                    f"int8 top-1 is {drop:.2f} points below float32 on {args.check_root / 'val'} (--max-drop "
+                    f"{args.max_drop:g}); {args.out} is written: try --calibration-method or more --calibration-images"
+                )
+        else:
+            print(export_and_check(model, facts, args))
     except (ValueError, RuntimeError, OSError, ImportError) as err:
         print(f"export.py: error: {_one_line(err)}", file=sys.stderr)
         return 1

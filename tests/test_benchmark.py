@@ -115,6 +115,8 @@ def test_onnxruntime_and_timm_rows_beside_the_baseline(tmp_path):
         "folded BN + channels_last",
         "ONNX Runtime, our export (BN folded), all",
         "ONNX Runtime, our export (BN folded), basic",
+        "ONNX Runtime, our export, int8 (QDQ, per-channel weights), all",
+        "ONNX Runtime, our export, int8 (QDQ, per-channel weights), basic",
         "ONNX Runtime, timm's export (timm.utils.onnx), all",
         "ONNX Runtime, timm's export (timm.utils.onnx), basic",
     ]
@@ -126,6 +128,8 @@ def test_onnxruntime_and_timm_rows_beside_the_baseline(tmp_path):
         "| vs timm eager |" in proc.stdout.splitlines()[1]
         and f"({report['environment']['cpu_capability']})" in proc.stdout.splitlines()[0]
     )
+    flags = report["environment"]["cpu_int8_flags"]  # the header says whether int8 has its units here
+    assert ("CPU int8 units: " + ", ".join(flags) if flags else "int8 may not pay") in proc.stdout.splitlines()[0]
 
 
 def test_unknown_backend_is_refused():
