@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from res2net import report
 from res2net.errors import run_script
 
 ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
@@ -389,16 +390,15 @@ def environment(args: argparse.Namespace, device: torch.device) -> dict:
 
 
 def markdown_table(rows: list[Row]) -> str:
+    head = ["mode", "path", "img/s", "ms/batch", "speed-up vs eager fp32 NCHW"]
     with_timm = any(r.vs_timm is not None for r in rows)
-    extra = (" vs timm eager |", "---:|") if with_timm else ("", "")
-    lines = [
-        "| mode | path | img/s | ms/batch | speed-up vs eager fp32 NCHW |" + extra[0],
-        "|---|---|---:|---:|---:|" + extra[1],
-    ]
+    head += ["vs timm eager"] if with_timm else []
+    table = []
     for r in rows:
-        vs_timm = (f" {r.vs_timm:.2f}x |" if r.vs_timm is not None else " - |") if with_timm else ""
-        lines.append(f"| {r.mode} | {r.path} | {r.img_per_s:.1f} | {r.ms_per_batch:.1f} | {r.speedup:.2f}x |{vs_timm}")
-    return "\n".join(lines)
+        cells = [r.mode, r.path, f"{r.img_per_s:.1f}", f"{r.ms_per_batch:.1f}", f"{r.speedup:.2f}x"]
+        cells += [f"{r.vs_timm:.2f}x" if r.vs_timm is not None else "-"] if with_timm else []
+        table.append(cells)
+    return report.markdown_table(head, table, right=range(2, len(head)))
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:

@@ -28,7 +28,6 @@ the model config keys (res2net.models.CONFIG_KEYS).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import sys
@@ -37,12 +36,13 @@ from pathlib import Path
 
 import torch
 
-from res2net import export
+from res2net import export, report
 from res2net.data.config import DataConfig
 from res2net.engine.distributed import barrier, init_distributed
-from res2net.engine.eval_job import RESULTS_FILE, build_model_for, evaluate_checkpoint, read_checkpoint
+from res2net.engine.eval_job import RESULTS_FILE, evaluate_checkpoint
 from res2net.errors import run_script
-from res2net.models import RELEASED, VARIANTS, download_checkpoint, model_from_config
+from res2net.models import RELEASED, download_checkpoint, model_from_config
+from res2net.models.loading import load_checkpoint_model
 from res2net.models.stats import count_macs, count_params
 from res2net.models.variants import DEFAULT_TOLERANCE
 
@@ -77,15 +77,10 @@ class Entry:
     overrides: dict = field(default_factory=dict)
 
 
-def _tolerance(name: str, tolerance: float | None) -> float:
-    """--tolerance when given, else the variant's own, else the default."""
-    if tolerance is not None:
-        return tolerance
-    return VARIANTS[name].tolerance if name in VARIANTS else DEFAULT_TOLERANCE
-
-
 def released_entries(tolerance: float | None = None) -> dict[str, Entry]:
-    return {name: Entry(name, v.file, v.top1, v.top5, _tolerance(name, tolerance)) for name, v in RELEASED.items()}
+    return {
+        name: Entry(name, v.file, v.top1, v.top5, report.tolerance_for(name, tolerance)) for name, v in RELEASED.items()
+    }
 
 
 def entries_from_json(path: str | Path, tolerance: float | None = None) -> dict[str, Entry]:
@@ -101,7 +96,7 @@ def entries_from_json(path: str | Path, tolerance: float | None = None) -> dict[
             spec["file"],
             spec.get("top1"),
             spec.get("top5"),
-            spec.get("tolerance", _tolerance(name, tolerance)),
+            spec.get("tolerance", report.tolerance_for(name, tolerance)),
             dict(spec.get("overrides", {})),
         )
     return entries
@@ -191,7 +186,7 @@ def int8_result(entry: Entry, checkpoint: Path, args: argparse.Namespace, dist_i
         folder.mkdir(parents=True, exist_ok=True)
         calibration = args.int8_calibration or Path(args.data) / "train"
         files = export.calibration_files(calibration, args.calibration_images)
-        model, _ = build_model_for(cfg["model"], read_checkpoint(checkpoint), origin=f"checkpoint {checkpoint}")
+        model, _, _, _ = load_checkpoint_model(checkpoint, cfg["model"])
         float_file = export.export_onnx(model.eval(), folder / f"{entry.name}.onnx", img_size=args.img_size)
         preprocessing = {k: cfg["data"][k] for k in ("img_size", "crop_pct", "interpolation")}
         log.info("%s: quantising to int8, calibrated on %d images of %s", entry.name, len(files), calibration)
@@ -229,14 +224,6 @@ def table_row(entry: Entry, result: dict, stats: tuple[float, float]) -> dict:
     }
 
 
-def _fmt(value, digits: int = 3, signed: bool = False) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, str):
-        return value
-    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
-
-
 def markdown_table(rows: list[dict]) -> str:
     dali = any(DALI_COLUMN in r for r in rows)
     int8 = any(INT8_COLUMNS[0] in r for r in rows)
@@ -255,29 +242,29 @@ def markdown_table(rows: list[dict]) -> str:
         "status",
     ] + (["DALI - torchvision top-1"] if dali else [])
     head += ["int8 top-1", "int8 top-5", "int8 - fp32 top-1"] if int8 else []
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + "---|"]
+    table = []
     for r in rows:
         cells = [
             r["model"],
-            _fmt(r["params_m"], 2),
-            _fmt(r["gmacs"], 2),
-            _fmt(r["published_top1"]),
-            _fmt(r["published_top5"]),
-            _fmt(r["top1"]),
-            _fmt(r["top5"]),
-            _fmt(r["delta_top1"], signed=True),
-            _fmt(r["delta_top5"], signed=True),
-            _fmt(r["img_per_s"], 1),
-            _fmt(r["tolerance"], 2),
+            report.fmt(r["params_m"], 2),
+            report.fmt(r["gmacs"], 2),
+            report.fmt(r["published_top1"]),
+            report.fmt(r["published_top5"]),
+            report.fmt(r["top1"]),
+            report.fmt(r["top5"]),
+            report.fmt(r["delta_top1"], signed=True),
+            report.fmt(r["delta_top5"], signed=True),
+            report.fmt(r["img_per_s"], 1),
+            report.fmt(r["tolerance"], 2),
             r["status"],
         ]
         if dali:
-            cells.append(_fmt(r.get(DALI_COLUMN), signed=True))
+            cells.append(report.fmt(r.get(DALI_COLUMN), signed=True))
         if int8:
-            cells += [_fmt(r.get("int8_top1")), _fmt(r.get("int8_top5"))]
-            cells.append(_fmt(r.get("int8_minus_fp32_top1"), signed=True))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            cells += [report.fmt(r.get("int8_top1")), report.fmt(r.get("int8_top5"))]
+            cells.append(report.fmt(r.get("int8_minus_fp32_top1"), signed=True))
+        table.append(cells)
+    return report.markdown_table(head, table)
 
 
 def write_tables(rows: list[dict], out_dir: Path, backend: str) -> tuple[Path, Path]:
@@ -286,10 +273,7 @@ def write_tables(rows: list[dict], out_dir: Path, backend: str) -> tuple[Path, P
     md.write_text(markdown_table(rows) + "\n")
     columns = list(COLUMNS) + ([DALI_COLUMN] if any(DALI_COLUMN in r for r in rows) else [])
     columns += list(INT8_COLUMNS) if any(INT8_COLUMNS[0] in r for r in rows) else []
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows({k: ("" if r.get(k) is None else r.get(k)) for k in columns} for r in rows)
+    report.write_csv(csv_path, columns, rows)
     return md, csv_path
 
 

@@ -17,7 +17,7 @@ import torch
 import res2net
 from res2net.data import build_loader
 from res2net.data.demo import make_demo_dataset
-from res2net.engine.loops import evaluate
+from res2net.engine.eval_loop import evaluate
 from res2net.export import (
     CALIBRATION_IMAGES,
     CALIBRATION_METHOD,

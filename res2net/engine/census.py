@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from res2net.report import markdown_table
+
 __all__ = ["Census", "Counts", "preset_census", "training_presets", "census_table"]
 
 _HOST_READS = {"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "masked_select", "_unique2", "unique_dim"}
@@ -203,14 +205,10 @@ def preset_census(
 
 def census_table(rows: list[StepCensus]) -> str:
     """A markdown table of censuses: ops / host reads / Python-data tensors per region."""
-    lines = [
-        "| preset | batch | augment ops | mixup ops | step ops | host reads | Python-data tensors |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+    head = ["preset", "batch", "augment ops", "mixup ops", "step ops", "host reads", "Python-data tensors"]
+    cells = [
+        [r.preset, *map(str, (r.batch_size, r.augment.ops, r.mixup.ops, r.step.ops))]
+        + [str(r.total.host_reads), str(r.total.python_tensors)]
+        for r in rows
     ]
-    for r in rows:
-        total = r.total
-        lines.append(
-            f"| {r.preset} | {r.batch_size} | {r.augment.ops} | {r.mixup.ops} | {r.step.ops} | "
-            f"{total.host_reads} | {total.python_tensors} |"
-        )
-    return "\n".join(lines)
+    return markdown_table(head, cells, right=range(1, len(head)))
