@@ -1,0 +1,133 @@
+"""The run directory's lock belongs to the process that took it (issue 21, item 4): a forked child (a DataLoader
+worker) never keeps a killed holder's lock alive, so ``resume=auto`` right after a SIGKILL is never refused; and two
+evaluate.py on one output directory cannot both write its results.json."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from res2net.engine.run_lock import RunDirLockedError, run_dir_lock
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Takes the lock, forks a child that keeps running (as a DataLoader worker does), reports both pids, then waits.
+_HOLDER = textwrap.dedent(
+    """
+    import os, sys, time
+    from res2net.engine.run_lock import run_dir_lock
+    with run_dir_lock(sys.argv[1]):
+        child = os.fork()
+        if child == 0:
+            time.sleep(60)
+            os._exit(0)
+        print(os.getpid(), child, flush=True)
+        time.sleep(60)
+    """
+)
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return env
+
+
+def test_a_forked_child_does_not_keep_a_killed_holders_lock(tmp_path):
+    """Today's flock lived in the open file description that fork shares: with the holder SIGKILLed and its child
+    alive, the lock stayed taken and this raised RunDirLockedError."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=_env())
+    parent, child = map(int, holder.stdout.readline().split())
+    try:
+        with pytest.raises(RunDirLockedError, match=f"pid {parent} "):  # held while the holder lives
+            with run_dir_lock(tmp_path):
+                pass
+        holder.kill()
+        holder.wait()
+        os.kill(child, 0)  # the child is still alive: it is what kept the old lock
+        with run_dir_lock(tmp_path):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_child_forked_while_the_lock_is_held_can_take_nothing_of_it(tmp_path):
+    """The record lock is the parent's alone: a child forked inside the block is refused like any other process
+    (and its exit does not release the parent's lock)."""
+    with run_dir_lock(tmp_path):
+        pid = os.fork()
+        if pid == 0:
+            code = 3
+            try:
+                with run_dir_lock(tmp_path):
+                    code = 4
+            except RunDirLockedError:
+                code = 0
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        with pytest.raises(RunDirLockedError):  # still held by this process after the child closed its copy
+            with run_dir_lock(tmp_path):
+                pass
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+@pytest.mark.slow
+def test_killing_train_py_with_dataloader_workers_at_random_moments_never_blocks_resume(tmp_path, image_folder):
+    """SIGKILL train.py (its main process only: the DataLoader workers outlive it for a moment, as they do under the
+    OOM killer or a scheduler) at a random moment once its workers run, and start ``resume=auto`` at once, six times;
+    every start takes the lock, and the last run finishes. Today's flock, kept open by the orphaned workers, refused
+    about 2 of 3 such starts with "run directory ... is in use"."""
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    cmd = [
+        sys.executable,
+        str(REPO / "train.py"),
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "data=folder",
+        f"data.root={image_folder}",
+        "data.img_size=32",
+        "data.batch_size=4",
+        "data.num_workers=2",
+        "model.layers=[1,1,1,1]",
+        "model.base_width=4",
+        "schedule.epochs=3",
+        "trainer.save_every_steps=2",
+        "trainer.log_interval=1",
+        "resume=auto",
+    ]
+    kills = 0
+    while kills < 6:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+        deadline = time.monotonic() + 120
+        while not _children(proc.pid) and proc.poll() is None:  # the workers exist once the lock is held
+            assert time.monotonic() < deadline, f"seed {seed}: no DataLoader workers after 120 s"
+            time.sleep(0.02)
+        if proc.poll() is not None:
+            out = proc.communicate()[0]
+            assert proc.returncode == 0 and "in use" not in out, f"seed {seed}, after {kills} kills:\n{out[-3000:]}"
+            break  # the run finished before its kill: the kills so far all resumed
+        time.sleep(rng.uniform(0.0, 1.5))
+        proc.kill()
+        proc.communicate()
+        kills += 1
+    final = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=240)
+    assert final.returncode == 0, f"seed {seed}, after {kills} kills:\n{final.stderr[-3000:]}"
+    assert kills >= 3, f"seed {seed}: the run finished after {kills} kills; the test needs a longer run"
