@@ -2,6 +2,7 @@
 worker) never keeps a killed holder's lock alive, so ``resume=auto`` right after a SIGKILL is never refused; and two
 evaluate.py on one output directory cannot both write its results.json."""
 
+import json
 import os
 import random
 import signal
@@ -131,3 +132,52 @@ def test_killing_train_py_with_dataloader_workers_at_random_moments_never_blocks
     final = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=240)
     assert final.returncode == 0, f"seed {seed}, after {kills} kills:\n{final.stderr[-3000:]}"
     assert kills >= 3, f"seed {seed}: the run finished after {kills} kills; the test needs a longer run"
+
+
+@pytest.mark.slow
+def test_a_second_evaluate_py_on_one_output_directory_is_refused_and_loses_nothing(tmp_path, image_folder):
+    """Two evaluate.py with one hydra.run.dir: today both ran, exited 0 and wrote the same results.json (one
+    evaluation lost). Now the second, started while the first holds the directory, ends in one error line naming
+    the first, writes nothing, and the first finishes and writes its results."""
+    import torch
+
+    import res2net
+
+    checkpoint = tmp_path / "tiny.pth"
+    model = res2net.create_model("res2net50_26w_4s", num_classes=3, layers=[1, 1, 1, 1], base_width=4)
+    torch.save(model.state_dict(), checkpoint)
+    out = tmp_path / "eval"
+    cmd = [
+        sys.executable,
+        str(REPO / "evaluate.py"),
+        f"checkpoint={checkpoint}",
+        "data=folder",
+        f"data.root={image_folder}",
+        "data.img_size=16",
+        "data.num_workers=0",
+        "progress=false",
+        f"hydra.run.dir={out}",
+        "model.layers=[1,1,1,1]",
+        "model.base_width=4",
+    ]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / ".lock").exists() or not (out / ".lock").read_text():
+            assert first.poll() is None, first.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "the first evaluate.py never locked its output directory"
+            time.sleep(0.02)
+        first.send_signal(signal.SIGSTOP)  # frozen while it holds the directory
+        second = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=180)
+        first.send_signal(signal.SIGCONT)
+        assert second.returncode == 1, second.stderr[-3000:]
+        assert "Traceback" not in second.stderr
+        (line,) = [s for s in second.stderr.splitlines() if s.startswith("error: ")]
+        assert f"{out} is in use by another evaluate.py (pid {first.pid} " in line, line
+        assert not (out / "results.json").exists()
+        assert first.wait(timeout=180) == 0, first.communicate()[0][-3000:]
+    finally:
+        first.send_signal(signal.SIGCONT)
+        first.kill()
+        first.communicate()
+    assert json.loads((out / "results.json").read_text())["top1"] >= 0
