@@ -90,12 +90,22 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+def _kill_all(pids: list[int], sig: int = signal.SIGKILL) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:  # it ended by itself
+            pass
+
+
 @pytest.mark.slow
 def test_killing_train_py_with_dataloader_workers_at_random_moments_never_blocks_resume(tmp_path, image_folder):
-    """SIGKILL train.py (its main process only: the DataLoader workers outlive it for a moment, as they do under the
-    OOM killer or a scheduler) at a random moment once its workers run, and start ``resume=auto`` at once, six times;
-    every start takes the lock, and the last run finishes. Today's flock, kept open by the orphaned workers, refused
-    about 2 of 3 such starts with "run directory ... is in use"."""
+    """SIGKILL train.py's main process at a random moment once its DataLoader workers run, and start ``resume=auto``
+    at once, six times; every start takes the lock, and the last run finishes. An orphaned worker notices its dead
+    parent only at its next watchdog check (torch: every 5 s), about as long as train.py takes to start here, so
+    the killed run's workers are held (SIGSTOP, as a worker stuck in a decode or on a hung file system is) until the
+    new run is past its lock, which turns the race into a certainty. Today's flock, whose descriptor the workers
+    inherited, refused every such start with "run directory ... is in use" (2 of 3 unheld, as the issue found)."""
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     cmd = [
@@ -114,21 +124,28 @@ def test_killing_train_py_with_dataloader_workers_at_random_moments_never_blocks
         "trainer.log_interval=1",
         "resume=auto",
     ]
-    kills = 0
-    while kills < 6:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
-        deadline = time.monotonic() + 120
-        while not _children(proc.pid) and proc.poll() is None:  # the workers exist once the lock is held
-            assert time.monotonic() < deadline, f"seed {seed}: no DataLoader workers after 120 s"
-            time.sleep(0.02)
-        if proc.poll() is not None:
-            out = proc.communicate()[0]
-            assert proc.returncode == 0 and "in use" not in out, f"seed {seed}, after {kills} kills:\n{out[-3000:]}"
-            break  # the run finished before its kill: the kills so far all resumed
-        time.sleep(rng.uniform(0.0, 1.5))
-        proc.kill()
-        proc.communicate()
-        kills += 1
+    kills, orphans = 0, []
+    try:
+        while kills < 6:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+            deadline = time.monotonic() + 120
+            while not _children(proc.pid) and proc.poll() is None:  # its workers exist once it holds the lock
+                assert time.monotonic() < deadline, f"seed {seed}: no DataLoader workers after 120 s"
+                time.sleep(0.02)
+            _kill_all(orphans)  # the previous run's workers may go now: this run got past the lock
+            orphans = []
+            if proc.poll() is not None:
+                out = proc.communicate()[0]
+                assert proc.returncode == 0 and "in use" not in out, f"seed {seed}, after {kills} kills:\n{out[-3000:]}"
+                break  # the run finished before its kill came
+            time.sleep(rng.uniform(0.0, 1.5))
+            orphans = _children(proc.pid)
+            _kill_all(orphans, signal.SIGSTOP)
+            proc.kill()
+            proc.communicate()
+            kills += 1
+    finally:
+        _kill_all(orphans)
     final = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=240)
     assert final.returncode == 0, f"seed {seed}, after {kills} kills:\n{final.stderr[-3000:]}"
     assert kills >= 3, f"seed {seed}: the run finished after {kills} kills; the test needs a longer run"
