@@ -79,7 +79,7 @@ def load_model(name: str, num_classes: int | None, checkpoint: str) -> tuple[tor
     state = read_checkpoint(path, trusted=False)  # tensors only: an unsafe file is an UnsafeCheckpointError
     if not isinstance(state, dict):
         raise RuntimeError(f"{path} holds a {type(state).__name__}, not a state_dict or checkpoint dict")
-    model, cfg = build_model_for({"name": name, "num_classes": num_classes}, state)
+    model, cfg = build_model_for({"name": name, "num_classes": num_classes}, state, origin=f"checkpoint {path}")
     saved = state.get("config") if isinstance(state.get("config"), dict) else None
     saved_model = saved.get("model") if saved and isinstance(saved.get("model"), dict) else {}
     facts = dict(

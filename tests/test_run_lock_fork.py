@@ -90,6 +90,16 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+def _holds_lock_with_workers(pid: int, run_dir: Path) -> bool:
+    """Whether train.py ``pid`` has written itself into the lock file (it holds the lock) and has children (its
+    DataLoader workers: start-up runs short-lived helper processes too, before the lock)."""
+    try:
+        holder = (run_dir / ".lock").read_text()
+    except FileNotFoundError:
+        return False
+    return holder.startswith(f"pid {pid} ") and bool(_children(pid))
+
+
 def _kill_all(pids: list[int], sig: int = signal.SIGKILL) -> None:
     for pid in pids:
         try:
@@ -108,10 +118,11 @@ def test_killing_train_py_with_dataloader_workers_at_random_moments_never_blocks
     inherited, refused every such start with "run directory ... is in use" (2 of 3 unheld, as the issue found)."""
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
+    run_dir = tmp_path / "run"
     cmd = [
         sys.executable,
         str(REPO / "train.py"),
-        f"hydra.run.dir={tmp_path / 'run'}",
+        f"hydra.run.dir={run_dir}",
         "data=folder",
         f"data.root={image_folder}",
         "data.img_size=32",
@@ -127,22 +138,25 @@ def test_killing_train_py_with_dataloader_workers_at_random_moments_never_blocks
     kills, orphans = 0, []
     try:
         while kills < 6:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+            # Output to a file, not a pipe: the held workers keep their copy of it open.
+            log = tmp_path / f"attempt{kills}.log"
+            with open(log, "w") as out:
+                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env())
             deadline = time.monotonic() + 120
-            while not _children(proc.pid) and proc.poll() is None:  # its workers exist once it holds the lock
-                assert time.monotonic() < deadline, f"seed {seed}: no DataLoader workers after 120 s"
+            while not _holds_lock_with_workers(proc.pid, run_dir) and proc.poll() is None:
+                assert time.monotonic() < deadline, f"seed {seed}: no lock and DataLoader workers after 120 s"
                 time.sleep(0.02)
             _kill_all(orphans)  # the previous run's workers may go now: this run got past the lock
             orphans = []
             if proc.poll() is not None:
-                out = proc.communicate()[0]
-                assert proc.returncode == 0 and "in use" not in out, f"seed {seed}, after {kills} kills:\n{out[-3000:]}"
+                text = log.read_text()
+                assert proc.returncode == 0 and "in use" not in text, f"seed {seed}, after {kills} kills:\n{text[-3000:]}"
                 break  # the run finished before its kill came
             time.sleep(rng.uniform(0.0, 1.5))
             orphans = _children(proc.pid)
             _kill_all(orphans, signal.SIGSTOP)
             proc.kill()
-            proc.communicate()
+            proc.wait()
             kills += 1
     finally:
         _kill_all(orphans)

@@ -68,7 +68,7 @@ def load_teacher(spec: str, num_classes: int, dist: DistInfo, *, channels_last: 
             f"distill.teacher={spec!r}: the file records no architecture (it is not a train.py checkpoint); pass a "
             f"variant name ({', '.join(sorted(VARIANTS))}) for released weights, or a checkpoint train.py wrote"
         )
-    teacher, resolved = build_model_for(model_cfg, checkpoint)
+    teacher, resolved = build_model_for(model_cfg, checkpoint, origin=f"distill.teacher={spec!r} ({path})")
     if teacher.num_classes != num_classes:
         raise ValueError(
             f"distill.teacher={spec!r} predicts {teacher.num_classes} classes, the training data has {num_classes}; "

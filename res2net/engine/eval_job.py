@@ -114,6 +114,7 @@ def build_model_for(
     """(model with the checkpoint's weights loaded strictly, the model config used). num_classes null -> the
     classifier's size in the checkpoint. ``origin`` names the checkpoint in errors."""
     from res2net.models import model_from_config, resolve_model_config
+    from res2net.models.guard import check_declared_architecture
     from res2net.models.pretrained import extract_state_dict, load_weights
 
     cfg = _model_config(model_cfg, checkpoint)
@@ -125,6 +126,7 @@ def build_model_for(
             )
         cfg["num_classes"] = int(state["fc.weight"].shape[0])
     cfg = resolve_model_config(cfg)
+    check_declared_architecture(cfg, state, origin)  # before anything of that size is allocated
     model = model_from_config(cfg)
     load_weights(model, state, origin)
     return model, cfg
