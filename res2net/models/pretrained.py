@@ -178,6 +178,21 @@ def _truncated_archive(path: Path) -> bool:
         return f.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC and not zipfile.is_zipfile(path)
 
 
+def _damaged_member(path: Path) -> str | None:
+    """What is wrong with a torch.save zip archive whose members fail their CRC-32 check (every member is read
+    once: about as long as loading it), or None when they all pass or the file is not a zip archive (older torch
+    files have no checksums)."""
+    with open(path, "rb") as f:
+        if f.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
+            return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as err:  # a damaged header or table
+        return f"its zip structure is broken ({_first_line(err)})"
+    return None if bad is None else f"member {bad} fails its CRC-32 check"
+
+
 def _is_state_dict(obj: object) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(torch.is_tensor(v) for v in obj.values())
 
@@ -250,6 +265,12 @@ def read_checkpoint(path: str | os.PathLike, trusted: bool = False) -> object:
         raise CheckpointError(
             f"checkpoint {path} is truncated: the zip archive torch.save writes lacks its end record (an interrupted "
             "download, copy or write); fetch or copy the file again"
+        )
+    damaged = _damaged_member(path)
+    if damaged:
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: {damaged} (bytes changed on disk or in a copy); fetch or copy it again, "
+            "or use an earlier checkpoint (a train.py run keeps checkpoints/epoch_*.pth)"
         )
     try:
         with warnings.catch_warnings():  # "Detected pickle protocol 4": noise beside the error said below
