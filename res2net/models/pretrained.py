@@ -3,10 +3,13 @@ weights from a URL, a local file, a released model name or a checkpoint dict int
 
 The cache is ``$RES2NET_CACHE`` (default ``~/.cache/res2net``). ``$RES2NET_MIRRORS`` (comma-separated base URLs)
 replaces the public locations of ``res2net.models.variants``; each failing location falls through to the next.
+``$RES2NET_DOWNLOAD_TIMEOUT`` (seconds, default 10) bounds each wait on a location (connecting, or the next bytes),
+so a location that cannot be reached, or accepts and never answers, fails in seconds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import logging
@@ -14,6 +17,7 @@ import os
 import pickle
 import pickletools
 import re
+import socket
 import urllib.parse
 import warnings
 import zipfile
@@ -31,7 +35,9 @@ from .variants import RELEASED, VARIANTS, Variant
 __all__ = [
     "cache_dir",
     "checkpoint_urls",
+    "DownloadError",
     "download_checkpoint",
+    "download_timeout",
     "extract_state_dict",
     "hash_prefix",
     "load_pretrained",
@@ -45,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 CACHE_ENV = "RES2NET_CACHE"
 MIRRORS_ENV = "RES2NET_MIRRORS"
+TIMEOUT_ENV = "RES2NET_DOWNLOAD_TIMEOUT"
+_DEFAULT_TIMEOUT = 10.0
 _DEFAULT_CACHE = "~/.cache/res2net"
 _CHUNK = 1 << 20
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
@@ -86,6 +94,37 @@ def sha256_file(path: str | os.PathLike) -> str:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class DownloadError(RuntimeError):
+    """No location delivered a file; ``attempts`` holds (location, why it failed) in the order tried."""
+
+    def __init__(self, message: str, attempts: list[tuple[str, str]]):
+        super().__init__(message)
+        self.attempts = attempts
+
+
+def download_timeout() -> float:
+    """Seconds to wait for a location to connect or send its next bytes (``$RES2NET_DOWNLOAD_TIMEOUT``)."""
+    value = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        seconds = float(value) if value else _DEFAULT_TIMEOUT
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"{TIMEOUT_ENV}={value!r} must be a number of seconds > 0 (default {_DEFAULT_TIMEOUT:g})")
+    return seconds
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float):
+    """torch.hub opens its connection without a timeout: give the sockets opened inside the block one."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def _mirrors() -> list[str]:
@@ -140,19 +179,22 @@ def download_checkpoint(
         )
     if expected is None:
         logger.warning("%s has no sha256 prefix in its name: it is downloaded (again) without a hash check", file)
-    errors = []
+    attempts = []
+    timeout = download_timeout()
     for url in locations:
         try:
-            _fetch(url, target, expected, progress)
+            with _socket_timeout(timeout):
+                _fetch(url, target, expected, progress)
             return target
         except (OSError, http.client.HTTPException, RuntimeError) as err:  # torch.hub: RuntimeError on a bad hash
-            errors.append(f"{url}: {err}")
-            logger.warning("download of %s failed (%s); trying the next location", url, err)
-    raise RuntimeError(
-        f"could not download {file} from any location:\n  "
-        + "\n  ".join(errors)
-        + f"\nCheck the network, set {MIRRORS_ENV}=<base url>[,<base url>...] to a mirror that serves {file}, "
-        f"or copy the file into {directory} yourself."
+            attempts.append((url, _first_line(err)))
+            logger.info("download of %s failed (%s); trying the next location", url, _first_line(err))
+    raise DownloadError(
+        f"could not download {file}: "
+        + "; ".join(f"{url} ({why})" for url, why in attempts)
+        + f". Offline or behind a firewall: copy {file} into {directory}, or set {MIRRORS_ENV}=<base url>[,...] "
+        "to a mirror that serves it",
+        attempts,
     )
 
 
