@@ -85,7 +85,7 @@ def released_weights(name: str) -> Path:
         try:
             return download_checkpoint(name)
         except DownloadError as err:
-            tried += [f"{url} ({why})" for url, why in err.attempts]
+            tried += [f"{url}: {why}" for url, why in err.attempts]
             logger.info("the file locations of %s failed; trying the Hugging Face hub (%s)", name, HUB_REPOS[name])
         except RuntimeError as err:
             tried.append(str(err).splitlines()[0])
@@ -96,7 +96,7 @@ def released_weights(name: str) -> Path:
         return download_from_hub(name)
     except OSError as err:  # huggingface_hub's HTTP, connection, offline and not-found errors are OSErrors
         why = " ".join(str(err).split())  # huggingface_hub's messages span lines
-        tried.append(f"Hugging Face hub {endpoint}/{HUB_REPOS[name]}/{HUB_FILE} ({why})")
+        tried.append(f"Hugging Face hub {endpoint}/{HUB_REPOS[name]}/{HUB_FILE}: {why}")
     file = RELEASED[name].file if name in RELEASED else HUB_FILE
     raise RuntimeError(
         f"could not fetch the released weights of {name}, tried: {'; '.join(tried)}. To work offline: pass a "

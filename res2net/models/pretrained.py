@@ -187,11 +187,12 @@ def download_checkpoint(
                 _fetch(url, target, expected, progress)
             return target
         except (OSError, http.client.HTTPException, RuntimeError) as err:  # torch.hub: RuntimeError on a bad hash
-            attempts.append((url, _first_line(err)))
-            logger.info("download of %s failed (%s); trying the next location", url, _first_line(err))
+            why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            attempts.append((url, why))
+            logger.info("download of %s failed (%s); trying the next location", url, why)
     raise DownloadError(
         f"could not download {file}: "
-        + "; ".join(f"{url} ({why})" for url, why in attempts)
+        + "; ".join(f"{url}: {why}" for url, why in attempts)
         + f". Offline or behind a firewall: copy {file} into {directory}, or set {MIRRORS_ENV}=<base url>[,...] "
         "to a mirror that serves it",
         attempts,
