@@ -6,11 +6,8 @@ import os
 import re
 from pathlib import Path
 
-import pytest
 import torch
-from test_export import IMG, NAME, _export, trained  # noqa: F401  (trained: the module fixture)
-
-import export as export_script  # scripts/export.py, on sys.path through test_export
+from test_export import IMG, NAME, _export, export_script, trained  # noqa: F401  (trained: the module fixture)
 
 
 class _Payload:

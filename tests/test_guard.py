@@ -44,8 +44,14 @@ def test_a_declared_model_larger_than_its_tensors_is_refused_without_allocating_
     assert grown < 200 * MB, f"the check raised this process's peak memory by {grown / MB:.0f} MB"
     message = str(info.value)
     assert message.startswith("checkpoint hostile.pth does not fit")
-    assert "wrongly shaped keys (86): layer1.0.conv1.weight: checkpoint (16, 64, 1, 1) vs model (8192, 64, 1, 1)" in message
-    assert "nothing was built): name=res2net50_26w_4s, num_classes=10000000, layers=[1, 1, 1, 1], base_width=2048" in message
+    assert (
+        "wrongly shaped keys (86): layer1.0.conv1.weight: checkpoint (16, 64, 1, 1) vs model (8192, 64, 1, 1)"
+        in message
+    )
+    assert (
+        "nothing was built): name=res2net50_26w_4s, num_classes=10000000, layers=[1, 1, 1, 1], base_width=2048"
+        in message
+    )
 
 
 def test_a_declared_block_count_beyond_the_tensor_count_is_refused_before_any_build():

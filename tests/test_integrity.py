@@ -81,7 +81,10 @@ def _child(code: str, *args: str) -> subprocess.CompletedProcess:
 
 def _history(path: Path, steps: int) -> str:
     """A metrics.jsonl of ``steps`` train records (~100 bytes each) with a line cut by a kill at the end."""
-    lines = [f'{{"kind": "train", "epoch": 0, "step": {s}, "loss": {1 / s:.12f}, "pad": "{"x" * 40}"}}' for s in range(1, steps + 1)]
+    lines = [
+        f'{{"kind": "train", "epoch": 0, "step": {s}, "loss": {1 / s:.12f}, "pad": "{"x" * 40}"}}'
+        for s in range(1, steps + 1)
+    ]
     text = "\n".join(lines) + '\n{"kind": "tra'
     path.write_text(text)
     return text
@@ -105,7 +108,10 @@ def test_a_kill_during_the_trim_leaves_the_whole_history(tmp_path):
     )
     assert killed.returncode == -signal.SIGXFSZ, killed.stderr[-3000:]
     assert path.read_text() == before  # untouched: the kill hit the new file, not the history
-    done = _child("import sys\nfrom res2net.engine.metrics import MetricsWriter\nMetricsWriter(sys.argv[1], True, 15000).close()", str(tmp_path))
+    done = _child(
+        "import sys\nfrom res2net.engine.metrics import MetricsWriter\nMetricsWriter(sys.argv[1], True, 15000).close()",
+        str(tmp_path),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in path.read_text().splitlines()]
     assert steps == list(range(1, 15001))  # trimmed past 15000, the cut line dropped
@@ -141,7 +147,7 @@ def test_a_full_disk_while_writing_the_run_records_is_one_error_line(tmp_path, n
     assert proc.stdout.strip() == "1"  # the README's exit code of a failure at run time
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     (line,) = proc.stderr.strip().splitlines()
-    assert line.startswith(f"error: could not write") and f"{tmp_path / names}" in line and "File too large" in line
+    assert line.startswith("error: could not write") and f"{tmp_path / names}" in line and "File too large" in line
     assert f"hydra.run.dir={tmp_path} resume=auto" in line
 
 

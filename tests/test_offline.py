@@ -104,7 +104,7 @@ def test_evaluate_py_without_network_ends_in_one_error_line(tmp_path, noise_root
     error."""
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), RES2NET_CACHE=str(tmp_path / "cache"))
-    with _refusing_port() as mirror, (_silent_port() if offline else _refusing_port()) as hub:
+    with _refusing_port() as mirror, _silent_port() if offline else _refusing_port() as hub:
         env.update(RES2NET_MIRRORS=mirror, HF_ENDPOINT=hub, **({"HF_HUB_OFFLINE": "1"} if offline else {}))
         proc = subprocess.run(
             [

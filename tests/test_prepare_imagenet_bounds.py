@@ -68,6 +68,8 @@ def test_a_name_that_is_not_a_wnid_is_refused_unless_the_pattern_admits_it(tmp_p
     result = run("--kaggle", str(src), "--out", str(out), "--splits", "train", "--no-progress")
     assert result.returncode == 1 and "'cat'" in result.stderr and "--class-pattern" in result.stderr
     assert not (out / "train").exists()
-    lax = run("--kaggle", str(src), "--out", str(out), "--splits", "train", "--no-progress", "--class-pattern", r"n\d{8}|cat")
+    lax = run(
+        "--kaggle", str(src), "--out", str(out), "--splits", "train", "--no-progress", "--class-pattern", r"n\d{8}|cat"
+    )
     assert lax.returncode == 0, lax.stderr
     assert (out / "train" / "cat" / "n01000001_0.JPEG").is_file()

@@ -43,7 +43,9 @@ def _env() -> dict:
 def test_a_forked_child_does_not_keep_a_killed_holders_lock(tmp_path):
     """Today's flock lived in the open file description that fork shares: with the holder SIGKILLed and its child
     alive, the lock stayed taken and this raised RunDirLockedError."""
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=_env())
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=_env()
+    )
     parent, child = map(int, holder.stdout.readline().split())
     try:
         with pytest.raises(RunDirLockedError, match=f"pid {parent} "):  # held while the holder lives
@@ -150,7 +152,9 @@ def test_killing_train_py_with_dataloader_workers_at_random_moments_never_blocks
             orphans = []
             if proc.poll() is not None:
                 text = log.read_text()
-                assert proc.returncode == 0 and "in use" not in text, f"seed {seed}, after {kills} kills:\n{text[-3000:]}"
+                assert proc.returncode == 0 and "in use" not in text, (
+                    f"seed {seed}, after {kills} kills:\n{text[-3000:]}"
+                )
                 break  # the run finished before its kill came
             time.sleep(rng.uniform(0.0, 1.5))
             orphans = _children(proc.pid)
