@@ -10,6 +10,7 @@ is the reference path (PIL, antialiased bilinear: how the published numbers were
 The output directory is Hydra's run directory (hydra.run.dir=<dir> to choose it). Options: configs/eval.yaml.
 """
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -33,11 +34,13 @@ def main(cfg: DictConfig) -> None:
     # torch loads here, not at import: `--help` answers in a second.
     from res2net.engine import distributed
     from res2net.engine.eval_job import evaluate_checkpoint, summary_lines
+    from res2net.engine.run_lock import output_dir_lock
 
     check_eval_config(cfg)
     out_dir = HydraConfig.get().runtime.output_dir
     with distributed.process_group() as info:  # read here, not at import (see train.py)
-        result = evaluate_checkpoint(cfg, out_dir if info.is_main else None, info)
+        with output_dir_lock(out_dir) if info.is_main else contextlib.nullcontext():  # one results.json writer
+            result = evaluate_checkpoint(cfg, out_dir if info.is_main else None, info)
     if result is not None:
         for line in summary_lines(result):
             log.info(line)

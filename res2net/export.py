@@ -164,6 +164,20 @@ def hf_config(
     return config
 
 
+# Files that timm's local-dir: loader (and torch.load users) would unpickle: none may sit in an exported hub folder.
+_PICKLED_WEIGHTS = ("*.pth", "*.pt", "*.bin", "*.ckpt", "*.pkl", "*.pth.tar")
+
+
+def _refuse_pickled_weights(folder: Path) -> None:
+    found = sorted({p.name for pattern in _PICKLED_WEIGHTS for p in folder.glob(pattern)}) if folder.is_dir() else []
+    if found:
+        raise ValueError(
+            f"hub folder {folder} already holds {', '.join(found)}: an exported folder holds only config.json, "
+            "model.safetensors and README.md (a pickled weights file there is loaded and unpickled ahead of "
+            "model.safetensors by timm's local-dir:); remove it or export to an empty folder"
+        )
+
+
 def export_hf(
     model: nn.Module,
     folder: str | os.PathLike,
@@ -172,14 +186,18 @@ def export_hf(
     img_size: int = 224,
     model_args: Mapping | None = None,
 ) -> Path:
-    """Write a Hugging Face hub folder: config.json (``hf_config``), model.safetensors and README.md (``card``).
+    """Write a Hugging Face hub folder: config.json (``hf_config``), model.safetensors and README.md (``card``); the
+    weights only as safetensors, never a pickle.
 
-    timm loads it with ``create_model('local-dir:<folder>', pretrained=True)``, with ``create_model(name,
-    pretrained=True, num_classes=N, pretrained_cfg_overlay=dict(file=<folder>/model.safetensors, num_classes=N))``
-    and, once uploaded, with ``create_model('hf-hub:<repo>', pretrained=True)``; ``res2net.load_pretrained`` loads
-    its model.safetensors.
+    Load it by naming model.safetensors: timm's ``create_model(name, pretrained=True, num_classes=N,
+    pretrained_cfg_overlay=dict(file=<folder>/model.safetensors, num_classes=N))`` (from the hub: the file
+    ``hf_hub_download(<repo>, 'model.safetensors')`` returns), or ``res2net.load_pretrained``. Not timm's
+    ``local-dir:<folder>``: it loads whichever ``*.pth`` / ``*.bin`` it finds in the folder ahead of
+    model.safetensors, fully unpickled, so a file someone added there runs its code. For the same reason a folder
+    that already holds such a file is refused (ValueError naming it).
     """
     folder = Path(folder)
+    _refuse_pickled_weights(folder)
     folder.mkdir(parents=True, exist_ok=True)
     export_safetensors(model, folder / "model.safetensors", metadata={"format": "pt", "architecture": name})
     with atomic_write(folder / "config.json") as f:

@@ -194,16 +194,19 @@ Preprocessing: `config.json` (`pretrained_cfg`: input size, interpolation, crop_
 
 ```python
 import timm
-model = timm.create_model("local-dir:.", pretrained=True)  # this folder: config.json + model.safetensors
+weights = "model.safetensors"  # this folder; once uploaded:
+# weights = huggingface_hub.hf_hub_download("<user>/<repo>", "model.safetensors")
 model = timm.create_model("{name}", pretrained=True, num_classes={model.num_classes},{timm_args}
-                          pretrained_cfg_overlay=dict(file="model.safetensors", num_classes={model.num_classes}))
+                          pretrained_cfg_overlay=dict(file=weights, num_classes={model.num_classes}))
 # (num_classes in the overlay too: timm drops a classifier whose size differs from its default config's)
-# after uploading this folder: timm.create_model("hf-hub:<user>/<repo>", pretrained=True)
 
 import res2net
 model = res2net.create_model("{name}", num_classes={model.num_classes}{ours_args})
-res2net.load_pretrained(model, "model.safetensors")
+res2net.load_pretrained(model, weights)
 ```
+
+Both calls read `model.safetensors` and nothing else. Avoid `timm.create_model("local-dir:<folder>")`: it loads any
+`*.pth` / `*.bin` in the folder ahead of `model.safetensors`, fully unpickled, so a file added there runs its code.
 
 Weights: `model.safetensors`, from `{facts["file"]}` (sha256 {facts["sha256"]}).
 

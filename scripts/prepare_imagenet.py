@@ -14,6 +14,11 @@ Two sources:
     DIR holds ILSVRC/Data/CLS-LOC/{train/<wnid>,val} and LOC_val_solution.csv (first wnid of each
     PredictionString is the label).
 
+Class names and file names come from the downloads and become paths, so each must be one plain path component (no
+'/', '\\', NUL, no '.' / '..', no leading '.', at most 255 bytes) and, by default, an ImageNet wnid (n + 8 digits);
+--class-pattern REGEX (matched in full) admits other names for other data sets laid out the same way. A name that
+fails is an error naming it and its source, before anything is written for it: nothing is written outside --out.
+
 Idempotent and resumable: a train class is assembled under ROOT/.partial/ and moved into place in one rename, a
 val file is written atomically (res2net.files.atomic_write), and whatever already exists in place is skipped. An
 interrupted run (Ctrl-C, a truncated download) is finished by running the same command again. At the end the
@@ -25,6 +30,7 @@ import argparse
 import csv
 import io
 import os
+import re
 import shutil
 import sys
 import tarfile
@@ -39,6 +45,7 @@ from res2net.files import atomic_write, remove_stale_temporaries
 TRAIN_TAR, VAL_TAR, DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"
 EXPECTED = {"train": 1_281_167, "val": 50_000, "classes": 1_000}
 PARTIAL = ".partial"
+WNID_PATTERN = r"n\d{8}"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,6 +65,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--expected-val", type=int, default=EXPECTED["val"])
     p.add_argument("--expected-classes", type=int, default=EXPECTED["classes"])
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
+    p.add_argument(
+        "--class-pattern",
+        default=WNID_PATTERN,
+        type=re.compile,
+        help=f"regular expression every class name must match in full (default {WNID_PATTERN}, ImageNet's wnids); "
+        "a name must be one plain path component whatever the pattern",
+    )
     return p.parse_args(argv)
 
 
@@ -65,6 +79,35 @@ def require_file(path: Path, what: str) -> Path:
     if not path.is_file():
         raise SystemExit(f"error: {path} not found; expected {what}")
     return path
+
+
+# ------------------------------------------------------------------ names from the downloads, checked before use
+
+
+def plain_component(name: str, what: str, source: object) -> str:
+    """``name`` when it is one plain path component (see the module docstring); an error naming it otherwise."""
+    if (
+        not name
+        or name.startswith(".")
+        or any(c in name for c in "/\\\0")
+        or len(name.encode("utf-8", "surrogateescape")) > 255
+    ):
+        raise SystemExit(
+            f"error: {what} {name!r} from {source} is not one plain path component; refusing to use it as a path "
+            "(nothing was written for it)"
+        )
+    return name
+
+
+def class_name(name: str, pattern: re.Pattern, source: object) -> str:
+    """``name`` when it can be a class folder: a plain path component that matches ``pattern`` in full."""
+    plain_component(name, "class name", source)
+    if not pattern.fullmatch(name):
+        raise SystemExit(
+            f"error: class name {name!r} from {source} does not match {pattern.pattern!r} (ImageNet's wnids are "
+            "n + 8 digits); pass --class-pattern REGEX for another data set"
+        )
+    return name
 
 
 # ------------------------------------------------------------------ writing helpers (atomic, resumable)
@@ -115,7 +158,7 @@ def commit_class(partial: Path, final: Path) -> None:
 # ------------------------------------------------------------------ official archives
 
 
-def official_train(archives: Path, out: Path, n_classes: int, progress: bool) -> None:
+def official_train(archives: Path, out: Path, n_classes: int, pattern: re.Pattern, progress: bool) -> None:
     tar_path = require_file(archives / TRAIN_TAR, "the ImageNet train archive (one inner tar per class)")
     with (
         tarfile.open(tar_path, "r:") as outer,
@@ -124,18 +167,20 @@ def official_train(archives: Path, out: Path, n_classes: int, progress: bool) ->
         for member in outer:  # streamed: the members of a finished class are skipped by seeking, not read
             if not (member.isfile() and member.name.endswith(".tar")):
                 continue
-            wnid = Path(member.name).stem
+            where = f"{tar_path}:{member.name}"
+            wnid = class_name(Path(member.name).name[: -len(".tar")], pattern, where)
             if not (out / "train" / wnid).is_dir():
                 partial = fresh_partial_dir(out, "train", wnid)
                 with tarfile.open(fileobj=outer.extractfile(member), mode="r:") as inner:
                     for image in inner:
                         if image.isfile():
-                            (partial / Path(image.name).name).write_bytes(inner.extractfile(image).read())
+                            name = plain_component(Path(image.name).name, "file name", where)
+                            (partial / name).write_bytes(inner.extractfile(image).read())
                 commit_class(partial, out / "train" / wnid)
             bar.update()
 
 
-def devkit_val_wnids(devkit: Path) -> list[str]:
+def devkit_val_wnids(devkit: Path, pattern: re.Pattern) -> list[str]:
     """Wnid of each val image in ILSVRC2012_val_00000001.. order (devkit ground truth mapped through meta.mat)."""
     import scipy.io
 
@@ -148,12 +193,17 @@ def devkit_val_wnids(devkit: Path) -> list[str]:
         meta = scipy.io.loadmat(io.BytesIO(tar.extractfile(files["meta.mat"]).read()), squeeze_me=True)
         truth = tar.extractfile(files["ILSVRC2012_validation_ground_truth.txt"]).read().decode().split()
     synsets = meta["synsets"]
-    id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
+    where = f"{devkit}:meta.mat"
+    id_to_wnid = {
+        int(s["ILSVRC2012_ID"]): class_name(str(s["WNID"]), pattern, where)
+        for s in synsets
+        if int(s["num_children"]) == 0
+    }
     return [id_to_wnid[int(t)] for t in truth]
 
 
-def official_val(archives: Path, devkit: Path, out: Path, progress: bool) -> None:
-    wnids = devkit_val_wnids(devkit)
+def official_val(archives: Path, devkit: Path, out: Path, pattern: re.Pattern, progress: bool) -> None:
+    wnids = devkit_val_wnids(devkit, pattern)
     tar_path = require_file(archives / VAL_TAR, "the ImageNet val archive (50,000 flat JPEGs)")
     remove_stale_val_temporaries(out)
     with tarfile.open(tar_path, "r:") as tar:
@@ -163,7 +213,7 @@ def official_val(archives: Path, devkit: Path, out: Path, progress: bool) -> Non
             index = int(Path(member.name).stem.rsplit("_", 1)[1]) - 1  # ILSVRC2012_val_00000001 -> 0
             if index >= len(wnids):
                 raise SystemExit(f"error: {member.name} has no ground truth in the devkit ({len(wnids)} labels)")
-            dst = out / "val" / wnids[index] / Path(member.name).name
+            dst = out / "val" / wnids[index] / plain_component(Path(member.name).name, "file name", tar_path)
             if dst.is_file() and dst.stat().st_size == member.size:
                 continue
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -174,17 +224,21 @@ def official_val(archives: Path, devkit: Path, out: Path, progress: bool) -> Non
 # ------------------------------------------------------------------ Kaggle layout
 
 
-def kaggle_val_wnids(csv_path: Path) -> dict[str, str]:
+def kaggle_val_wnids(csv_path: Path, pattern: re.Pattern) -> dict[str, str]:
+    """ImageId -> wnid (the first of its PredictionString), every wnid checked before any file is placed."""
     require_file(csv_path, "LOC_val_solution.csv from the Kaggle ImageNet download")
     with open(csv_path, newline="") as f:
-        return {row["ImageId"]: row["PredictionString"].split()[0] for row in csv.DictReader(f)}
+        return {
+            row["ImageId"]: class_name(row["PredictionString"].split()[0], pattern, f"{csv_path} line {line}")
+            for line, row in enumerate(csv.DictReader(f), start=2)
+        }
 
 
-def kaggle_train(kaggle: Path, out: Path, link: str, progress: bool) -> None:
+def kaggle_train(kaggle: Path, out: Path, link: str, pattern: re.Pattern, progress: bool) -> None:
     src = kaggle / "ILSVRC" / "Data" / "CLS-LOC" / "train"
     if not src.is_dir():
         raise SystemExit(f"error: {src} is not a folder; expected the Kaggle train folders <wnid>/*.JPEG there")
-    classes = sorted(d.name for d in src.iterdir() if d.is_dir())
+    classes = sorted(class_name(d.name, pattern, src) for d in src.iterdir() if d.is_dir())
     todo = [c for c in classes if not (out / "train" / c).is_dir()]
     for wnid in tqdm(
         todo,
@@ -201,8 +255,8 @@ def kaggle_train(kaggle: Path, out: Path, link: str, progress: bool) -> None:
         commit_class(partial, out / "train" / wnid)
 
 
-def kaggle_val(kaggle: Path, out: Path, link: str, progress: bool) -> None:
-    labels = kaggle_val_wnids(kaggle / "LOC_val_solution.csv")
+def kaggle_val(kaggle: Path, out: Path, link: str, pattern: re.Pattern, progress: bool) -> None:
+    labels = kaggle_val_wnids(kaggle / "LOC_val_solution.csv", pattern)
     src = kaggle / "ILSVRC" / "Data" / "CLS-LOC" / "val"
     if not src.is_dir():
         raise SystemExit(f"error: {src} is not a folder; expected the Kaggle val JPEGs there")
@@ -249,13 +303,13 @@ def prepare(args: argparse.Namespace) -> None:
     progress = not args.no_progress
     for split in args.splits:
         if args.archives and split == "train":
-            official_train(args.archives, args.out, args.expected_classes, progress)
+            official_train(args.archives, args.out, args.expected_classes, args.class_pattern, progress)
         elif args.archives:
-            official_val(args.archives, args.archives / DEVKIT, args.out, progress)
+            official_val(args.archives, args.archives / DEVKIT, args.out, args.class_pattern, progress)
         elif split == "train":
-            kaggle_train(args.kaggle, args.out, args.link, progress)
+            kaggle_train(args.kaggle, args.out, args.link, args.class_pattern, progress)
         else:
-            kaggle_val(args.kaggle, args.out, args.link, progress)
+            kaggle_val(args.kaggle, args.out, args.link, args.class_pattern, progress)
 
 
 def main(argv=None) -> int:

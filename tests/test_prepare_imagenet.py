@@ -35,7 +35,7 @@ def add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def make_official(folder: Path) -> None:
+def make_official(folder: Path, synsets=SYNSETS) -> None:
     folder.mkdir()
     with tarfile.open(folder / "ILSVRC2012_img_train.tar", "w") as outer:
         for c, (wnid, n) in enumerate(sorted(TRAIN_PER_CLASS.items())):
@@ -48,7 +48,7 @@ def make_official(folder: Path) -> None:
         for i in range(len(VAL_IDS)):
             add_bytes(tar, f"ILSVRC2012_val_{i + 1:08d}.JPEG", jpeg_bytes(1000 + i))
     synsets = np.array(
-        [(i, w, f"words {w}", k) for i, w, k in SYNSETS],
+        [(i, w, f"words {w}", k) for i, w, k in synsets],
         dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")],
     )
     meta = io.BytesIO()

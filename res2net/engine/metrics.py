@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -23,9 +24,12 @@ from typing import Any
 
 import torch
 
+from res2net.files import TMP_MARK, atomic_write
+
 __all__ = [
     "MetricsWriter",
     "RunEta",
+    "RunRecordError",
     "Throughput",
     "TrainProgress",
     "dataset_name",
@@ -33,6 +37,7 @@ __all__ = [
     "gpu_mem_mb",
     "progress_bar",
     "rss_mb",
+    "trim_records",
 ]
 
 log = logging.getLogger(__name__)
@@ -153,42 +158,94 @@ class MetricsWriter:
         self.tb = None
         if not enabled:
             return
-        if purge_after is not None:
-            self._purge(purge_after)
-        from torch.utils.tensorboard import SummaryWriter
+        tb_dir = Path(run_dir) / "tb"
+        with _reported(self.path, "trim"):
+            if purge_after is not None:
+                trim_records(self.path, purge_after)
+        with _reported(tb_dir, "create"):
+            from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=None if purge_after is None else purge_after + 1)
-        self.file = open(self.path, "a", encoding="utf-8")
-
-    def _purge(self, global_step: int) -> None:
-        if not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill
-                continue
-            if record.get("step", record.get("global_step", 0)) <= global_step:
-                kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            self.tb = SummaryWriter(str(tb_dir), purge_step=None if purge_after is None else purge_after + 1)
+        _quiet_writer_thread(self.tb)
+        with _reported(self.path, "open"):
+            self.file = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: Mapping[str, Any], step: int) -> None:
         """One record (its ``kind`` prefixes the TensorBoard tags); numbers go to TensorBoard at ``step``."""
         if not self.enabled:
             return
-        self.file.write(json.dumps(dict(record)) + "\n")
-        self.file.flush()
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("epoch", "step"):
-                self.tb.add_scalar(f"{record['kind']}/{key}", value, step)
-        self.tb.flush()
+        with _reported(self.path, "write"):
+            self.file.write(json.dumps(dict(record)) + "\n")
+            self.file.flush()
+        with _reported(Path(self.tb.log_dir), "write TensorBoard events to"):
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("epoch", "step"):
+                    self.tb.add_scalar(f"{record['kind']}/{key}", value, step)
+            self.tb.flush()
 
     def close(self) -> None:
         if self.enabled:
-            self.file.close()
-            self.tb.close()
             self.enabled = False
+            with contextlib.suppress(OSError):  # a write error is already being reported
+                self.file.close()
+            with contextlib.suppress(OSError):
+                self.tb.close()
+
+
+def _quiet_writer_thread(tb: Any) -> None:
+    """TensorBoard writes events on a thread of its own. An OSError there (a full disk) is printed as that thread's
+    traceback and raised again by the next add_scalar / flush, where ``_reported`` names the file: keep the thread's
+    copy off the console (other threads' exceptions still reach the previous hook)."""
+    writer = getattr(tb._get_file_writer().event_writer, "_async_writer", None)
+    worker = getattr(writer, "_worker", None)
+    if worker is None:  # another tensorboard version: its traceback stays
+        return
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.thread is not worker or not issubclass(args.exc_type, OSError):
+            previous(args)
+
+    threading.excepthook = hook
+
+
+class RunRecordError(RuntimeError):
+    """metrics.jsonl or the TensorBoard events could not be written (a full disk, a read-only run directory); the
+    message names the file and what to do. The checkpoints written so far are intact."""
+
+
+@contextlib.contextmanager
+def _reported(path: Path, action: str) -> Iterator[None]:
+    """Turn an OSError inside the block into a RunRecordError naming ``path``."""
+    try:
+        yield
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise RunRecordError(
+            f"could not {action} {path}: {reason} (errno {err.errno}). Free space or make the run directory "
+            f"writable, then continue with hydra.run.dir={path.parent} resume=auto (checkpoints written so far are "
+            "intact)"
+        ) from err
+
+
+def trim_records(path: Path, global_step: int) -> None:
+    """Drop the records of ``path`` (metrics.jsonl) past ``global_step``, and lines a kill cut short, by writing the
+    kept ones to a new file and renaming it over ``path``: a kill at any moment leaves the old file or the new one,
+    never a partial history. A killed trim's temporary file is removed first."""
+    for stale in path.parent.glob(f".{path.name}{TMP_MARK}*"):
+        stale.unlink(missing_ok=True)
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+        if record.get("step", record.get("global_step", 0)) <= global_step:
+            kept.append(line)
+    with atomic_write(path) as f:
+        f.write("".join(line + "\n" for line in kept).encode("utf-8"))
 
 
 class TrainProgress:

@@ -19,6 +19,7 @@ from torch import nn
 
 from res2net.errors import CheckpointError
 
+from .guard import check_declared_architecture
 from .hub import released_weights
 from .pretrained import download_checkpoint, extract_state_dict, load_weights, read_checkpoint
 from .registry import model_from_config, resolve_model_config
@@ -113,6 +114,7 @@ def build_model_for(
             )
         cfg["num_classes"] = int(state["fc.weight"].shape[0])
     cfg = resolve_model_config(cfg)
+    check_declared_architecture(cfg, state, origin)  # before anything of that size is allocated
     model = model_from_config(cfg)
     load_weights(model, state, origin)
     return model, cfg

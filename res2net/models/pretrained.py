@@ -4,10 +4,13 @@ read any of them tensors-only, and load a state_dict into a model with a report 
 
 The cache is ``$RES2NET_CACHE`` (default ``~/.cache/res2net``). ``$RES2NET_MIRRORS`` (comma-separated base URLs)
 replaces the public locations of ``res2net.models.variants``; each failing location falls through to the next.
+``$RES2NET_DOWNLOAD_TIMEOUT`` (seconds, default 10) bounds each wait on a location (connecting, or the next bytes),
+so a location that cannot be reached, or accepts and never answers, fails in seconds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import logging
@@ -15,6 +18,7 @@ import os
 import pickle
 import pickletools
 import re
+import socket
 import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
@@ -31,7 +35,9 @@ from .variants import RELEASED
 __all__ = [
     "cache_dir",
     "checkpoint_urls",
+    "DownloadError",
     "download_checkpoint",
+    "download_timeout",
     "extract_state_dict",
     "hash_prefix",
     "load_weights",
@@ -43,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 CACHE_ENV = "RES2NET_CACHE"
 MIRRORS_ENV = "RES2NET_MIRRORS"
+TIMEOUT_ENV = "RES2NET_DOWNLOAD_TIMEOUT"
+_DEFAULT_TIMEOUT = 10.0
 _DEFAULT_CACHE = "~/.cache/res2net"
 _CHUNK = 1 << 20
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
@@ -70,6 +78,37 @@ def sha256_file(path: str | os.PathLike) -> str:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class DownloadError(RuntimeError):
+    """No location delivered a file; ``attempts`` holds (location, why it failed) in the order tried."""
+
+    def __init__(self, message: str, attempts: list[tuple[str, str]]):
+        super().__init__(message)
+        self.attempts = attempts
+
+
+def download_timeout() -> float:
+    """Seconds to wait for a location to connect or send its next bytes (``$RES2NET_DOWNLOAD_TIMEOUT``)."""
+    value = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        seconds = float(value) if value else _DEFAULT_TIMEOUT
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"{TIMEOUT_ENV}={value!r} must be a number of seconds > 0 (default {_DEFAULT_TIMEOUT:g})")
+    return seconds
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float):
+    """torch.hub opens its connection without a timeout: give the sockets opened inside the block one."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def _mirrors() -> list[str]:
@@ -124,19 +163,23 @@ def download_checkpoint(
         )
     if expected is None:
         logger.warning("%s has no sha256 prefix in its name: it is downloaded (again) without a hash check", file)
-    errors = []
+    attempts = []
+    timeout = download_timeout()
     for url in locations:
         try:
-            _fetch(url, target, expected, progress)
+            with _socket_timeout(timeout):
+                _fetch(url, target, expected, progress)
             return target
         except (OSError, http.client.HTTPException, RuntimeError) as err:  # torch.hub: RuntimeError on a bad hash
-            errors.append(f"{url}: {err}")
-            logger.warning("download of %s failed (%s); trying the next location", url, err)
-    raise RuntimeError(
-        f"could not download {file} from any location:\n  "
-        + "\n  ".join(errors)
-        + f"\nCheck the network, set {MIRRORS_ENV}=<base url>[,<base url>...] to a mirror that serves {file}, "
-        f"or copy the file into {directory} yourself."
+            why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            attempts.append((url, why))
+            logger.info("download of %s failed (%s); trying the next location", url, why)
+    raise DownloadError(
+        f"could not download {file}: "
+        + "; ".join(f"{url}: {why}" for url, why in attempts)
+        + f". Offline or behind a firewall: copy {file} into {directory}, or set {MIRRORS_ENV}=<base url>[,...] "
+        "to a mirror that serves it",
+        attempts,
     )
 
 
@@ -160,6 +203,21 @@ def _fetch(url: str, target: Path, expected: str | None, progress: bool) -> None
 def _truncated_archive(path: Path) -> bool:
     with open(path, "rb") as f:
         return f.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC and not zipfile.is_zipfile(path)
+
+
+def _damaged_member(path: Path) -> str | None:
+    """What is wrong with a torch.save zip archive whose members fail their CRC-32 check (every member is read
+    once: about as long as loading it), or None when they all pass or the file is not a zip archive (older torch
+    files have no checksums)."""
+    with open(path, "rb") as f:
+        if f.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
+            return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as err:  # a damaged header or table
+        return f"its zip structure is broken ({_first_line(err)})"
+    return None if bad is None else f"member {bad} fails its CRC-32 check"
 
 
 def _is_state_dict(obj: object) -> bool:
@@ -239,6 +297,12 @@ def read_checkpoint(path: str | os.PathLike, trusted: bool = False) -> object:
         raise CheckpointError(
             f"checkpoint {path} is truncated: the zip archive torch.save writes lacks its end record (an interrupted "
             "download, copy or write); fetch or copy the file again"
+        )
+    damaged = _damaged_member(path)
+    if damaged:
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: {damaged} (bytes changed on disk or in a copy); fetch or copy it again, "
+            "or use an earlier checkpoint (a train.py run keeps checkpoints/epoch_*.pth)"
         )
     try:
         with warnings.catch_warnings():  # "Detected pickle protocol 4": noise beside the error said below
