@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .augment import parse_policy
-from .config import BACKENDS, DALI_DECODERS, DALI_RESIZES, INTERPOLATIONS, DataConfig
+from .config import BACKENDS, DALI_DECODERS, DALI_RESIZES, FORMATS, INTERPOLATIONS, DataConfig
 from .index import class_folders, scan_split
 from .transforms import Normalizer, val_resize_size
 
@@ -44,6 +44,10 @@ def _validate(cfg: DataConfig, split: str) -> None:
         raise ValueError(f"split={split!r} is invalid: expected one of {SPLITS}")
     if cfg.backend not in BACKENDS:
         raise bad("backend", cfg.backend, f"one of {BACKENDS}")
+    if cfg.format not in FORMATS:
+        raise bad("format", cfg.format, f"one of {FORMATS}")
+    if cfg.format == "wds" and cfg.backend == "synthetic":
+        raise bad("backend", cfg.backend, "'dali' or 'torchvision' with data.format=wds")
     if cfg.interpolation not in INTERPOLATIONS:
         raise bad("interpolation", cfg.interpolation, f"one of {INTERPOLATIONS}")
     if cfg.dali_decoder not in DALI_DECODERS:
@@ -124,6 +128,11 @@ def build_loader(
         from .loader_synthetic import SyntheticLoader
 
         return SyntheticLoader(cfg, train, channels_last=channels_last, dtype=dtype, **common)
+    if cfg.format == "wds":
+        from .loader_wds import build_wds_loader
+
+        normalizer = Normalizer(cfg.mean, cfg.std, device, dtype, channels_last)
+        return build_wds_loader(cfg, split, normalizer=normalizer, **common)
     samples, classes = scan_split(cfg.root, split, None if train else _train_classes(cfg.root))
     return loader_from_samples(samples, classes, cfg, train, channels_last=channels_last, dtype=dtype, **common)
 
