@@ -105,7 +105,7 @@ def _dali_loader_class():
                 write_dali_index(index_path, rows)
                 paths.append(shards.paths[int(shard_of[run[0]])])
                 index_paths.append(index_path)
-            (images,) = fn.readers.webdataset(
+            images = fn.readers.webdataset(
                 paths=paths,
                 index_paths=index_paths,
                 ext=[";".join(self.cfg.wds_image_keys)],

@@ -1,0 +1,272 @@
+"""WebDataset shards (data.format=wds): scripts/make_shards.py round trip, the epoch order, both backends reading
+shards (the same batches, exact resume, every val sample once), bad shards; the slow ones run train.py /
+evaluate.py under torchrun on shards and compare with the same images as a folder."""
+
+import contextlib
+import importlib.util
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_data_helpers import colour_ids, grey_level_diff, write_colour_split, write_noise_split
+
+from res2net.data import DataConfig, build_loader, scan_split
+from res2net.data.imagenet_wnids import IMAGENET1K_WNIDS
+from res2net.data.shards import ShardError, expand_braces, resolve_shards, wds_epoch_order
+from res2net.engine.eval_metrics import real_label_rows
+from res2net.errors import run_script
+
+pytest.importorskip("nvidia.dali")
+
+REPO = Path(__file__).resolve().parents[1]
+MAKE = [sys.executable, str(REPO / "scripts" / "make_shards.py")]
+STD = DataConfig().std
+
+
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+
+_spec = importlib.util.spec_from_file_location("make_shards", REPO / "scripts" / "make_shards.py")
+make_shards_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_shards_script)
+
+
+def run_make_shards(*argv: str) -> subprocess.CompletedProcess:
+    """scripts/make_shards.py's main in this process (a fresh interpreter costs ~15 s on the shared test machine),
+    reported as the script reports it: exit status, stdout, and stderr with its one ``error:`` line."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = run_script(lambda: make_shards_script.main([*argv, "--no-progress"]))
+    return subprocess.CompletedProcess(argv, code or 0, out.getvalue(), err.getvalue())
+
+
+def make_shards(root: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
+    return run_make_shards("--root", str(root), "--out", str(out), *args)
+
+
+def _cfg(shards: Path, backend: str = "torchvision", **kw) -> DataConfig:
+    settings = dict(batch_size=4, num_workers=0, img_size=32, train_shards=str(shards), val_shards=str(shards))
+    if backend == "dali":
+        settings.update(num_workers=1)
+    return DataConfig(format="wds", backend=backend, **{**settings, **kw})
+
+
+@pytest.fixture(scope="module")
+def colour(tmp_path_factory):
+    """(folder, shards): 29 train / 23 val uniformly coloured JPEGs (a colour per file) as class folders, and as
+    shards of 5 samples (uneven: the last of each split is shorter)."""
+    root = tmp_path_factory.mktemp("colour")
+    write_colour_split(root, "train", 29)
+    write_colour_split(root, "val", 23)
+    out = root / "shards"
+    proc = make_shards(root, out, "--shard-size", "5")
+    assert proc.returncode == 0, proc.stderr
+    return root, out
+
+
+def test_expand_braces_and_refused_specs(tmp_path):
+    assert expand_braces("a-{08..11}.tar") == ["a-08.tar", "a-09.tar", "a-10.tar", "a-11.tar"]
+    assert expand_braces("{0..1}-{0..1}") == ["0-0", "0-1", "1-0", "1-1"]
+    with pytest.raises(ValueError, match="pipe: commands are not supported"):
+        resolve_shards("pipe:curl -s http://x/a.tar", "train", "train_shards")
+    with pytest.raises(ShardError, match=r"shard .*b-1\.tar does not exist"):
+        (tmp_path / "b-0.tar").write_bytes(b"")
+        resolve_shards(str(tmp_path / "b-{0..1}.tar"), "train", "train_shards")
+    with pytest.raises(FileNotFoundError, match="without a manifest.json"):
+        resolve_shards(str(tmp_path), "val", "val_shards")
+    with pytest.raises(ValueError, match="data.train_shards is not set"):
+        resolve_shards(None, "train", "train_shards")
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    counts = [5, 3, 7, 1]
+    order = wds_epoch_order(counts, seed=1, epoch=2)
+    assert sorted(order.tolist()) == list(range(16))
+    assert np.array_equal(order, wds_epoch_order(counts, seed=1, epoch=2))
+    assert not np.array_equal(order, wds_epoch_order(counts, seed=1, epoch=3))
+    starts = np.cumsum([0, *counts])
+    shard = np.searchsorted(starts, order, side="right") - 1
+    assert (np.diff(shard) != 0).sum() == len(counts) - 1  # each shard read in one run
+    sequential = wds_epoch_order(counts, seed=1, epoch=2, in_shard=False)
+    for s in range(len(counts)):  # in file order inside each shard
+        run = sequential[np.searchsorted(starts, sequential, side="right") - 1 == s]
+        assert run.tolist() == list(range(starts[s], starts[s + 1]))
+
+
+def test_make_shards_round_trip_idempotent_and_resumable(tmp_path, colour):
+    root, out = colour
+    manifest = json.loads((out / "manifest.json").read_text())
+    for split, n in (("train", 29), ("val", 23)):
+        folder, classes = scan_split(str(root), split)
+        info = manifest["splits"][split]
+        assert info["samples"] == n and [s["samples"] for s in info["shards"]] == [5] * (n // 5) + [n % 5]
+        seen = {}
+        for entry in info["shards"]:
+            with tarfile.open(out / entry["name"]) as tar:
+                for member in tar:
+                    if member.name.endswith(".json"):
+                        meta = json.loads(tar.extractfile(member).read())
+                        label = int(tar.extractfile(member.name[: -len("json")] + "cls").read())
+                        assert meta["filename"] not in seen
+                        seen[meta["filename"]] = label
+            assert entry["labels"] == [seen[k] for k in list(seen)[-entry["samples"] :]]
+        assert seen == {os.path.relpath(p, root / split): label for p, label in folder}
+        assert manifest["classes"] == classes
+    # val keeps the folder's order; train is shuffled once
+    val_names = resolve_shards(str(out), "val", "val_shards")
+    assert [Path(p).name for p in val_names] == [f"val-{k:04d}.tar" for k in range(5)]
+    # the DALI index files are what DALI's own wds2idx writes
+    wds2idx = pytest.importorskip("wds2idx")
+    with wds2idx.IndexCreator(str(out / "train-0000.tar"), str(tmp_path / "ref.idx"), verbose=False) as creator:
+        creator.create_index()
+    assert (tmp_path / "ref.idx").read_text() == (out / "train-0000.idx").read_text()
+    # idempotent: a re-run keeps every file as it is; the same command elsewhere writes the same bytes
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
+    proc = make_shards(root, out, "--shard-size", "5")
+    assert proc.returncode == 0 and "up to date" in proc.stdout
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == before
+    copy = tmp_path / "copy"
+    assert make_shards(root, copy, "--shard-size", "5").returncode == 0
+    assert all((copy / name).read_bytes() == data for name, (_, data) in before.items())
+    # resumable: an interrupted run (no manifest yet, a shard missing, a temporary file left) is finished
+    (copy / "manifest.json").unlink()
+    (copy / "train-0003.tar").unlink()
+    (copy / ".train-0004.tar.tmp-123").write_bytes(b"partial")
+    (copy / ".make_shards_plan.json").write_text(json.dumps({"fingerprint": manifest["fingerprint"]}))
+    assert make_shards(root, copy, "--shard-size", "5").returncode == 0
+    assert sorted(p.name for p in copy.iterdir()) == sorted(before)
+    assert all((copy / name).read_bytes() == data for name, (_, data) in before.items())
+    # other options into a finished folder are refused
+    proc = make_shards(root, copy, "--shard-size", "4")
+    assert proc.returncode == 2 and proc.stderr.startswith("error:") and "another folder or with other" in proc.stderr
+    check = run_make_shards("--out", str(copy), "--check")
+    assert check.returncode == 0 and "ok: 11 shards" in check.stdout
+
+
+def test_check_names_a_truncated_shard(tmp_path, colour):
+    root, _ = colour
+    out = tmp_path / "s"
+    assert make_shards(root, out, "--shard-size", "5", "--splits", "val").returncode == 0
+    shard = out / "val-0002.tar"
+    shard.write_bytes(shard.read_bytes()[:3000])
+    check = run_make_shards("--out", str(out), "--check")
+    assert check.returncode == 1, check.stderr
+    assert check.stderr.strip().splitlines()[-1].startswith(f"error: shard {shard} differs")
+    with pytest.raises(ShardError, match=rf"shard {shard} has 3000 bytes, its manifest says .*truncated"):
+        build_loader(_cfg(out), "val")
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_val_counts_every_sample_once_at_any_world_size(colour, backend):
+    root, out = colour
+    folder = build_loader(DataConfig(root=str(root), backend="torchvision", num_workers=0, img_size=32), "val")
+    ids, names = [], []
+    for world in (1, 2, 3, 4):
+        per_rank = []
+        for rank in range(world):
+            loader = build_loader(_cfg(out, backend), "val", rank=rank, world_size=world)
+            got = [i for x, _ in loader for i in colour_ids(x, DataConfig().mean, STD)]
+            assert len(got) == loader.num_samples == len(loader.paths)
+            per_rank.append((got, loader.paths))
+            loader.close()
+        ids.append([i for got, _ in per_rank for i in got])
+        names.append([p for _, paths in per_rank for p in paths])
+    assert all(i == ids[0] for i in ids) and sorted(ids[0]) == list(range(23))
+    assert all(n == names[0] for n in names)
+    # the names keep each file's base name (ReaL scoring reads it) and the shard it lies in
+    assert [Path(n).name.replace(".jpg", ".JPEG") for n in names[0]] == [Path(p).name for p in folder.paths]
+    assert all(".tar/" in n for n in names[0])
+    folder.close()
+
+
+def test_val_from_shards_equals_the_folder_and_real_reads_the_names(colour, tmp_path):
+    root, out = colour
+    cfg = DataConfig(root=str(root), backend="torchvision", batch_size=4, num_workers=0, img_size=32)
+    folder = torch.cat([x for x, _ in build_loader(cfg, "val")])
+    shards = torch.cat([x for x, _ in build_loader(_cfg(out), "val")])
+    assert torch.equal(folder, shards)
+    # ReaL: ImageNet val file names survive as the sample names' base names
+    (tmp_path / "val" / "n01440764").mkdir(parents=True)
+    for i in (1, 2, 3):
+        (tmp_path / "val" / "n01440764" / f"ILSVRC2012_val_{i:08d}.JPEG").write_bytes(
+            (root / "val" / "n01440764" / "img_0000.JPEG").read_bytes()
+        )
+    assert make_shards(tmp_path, tmp_path / "s", "--splits", "val").returncode == 0
+    loader = build_loader(_cfg(tmp_path / "s"), "val")
+    rows = real_label_rows([[5], [6, 7], []], loader.paths, num_classes=10)
+    assert rows.tolist() == [[5, -1], [6, 7], [-1, -1]]
+
+
+def test_both_backends_read_the_same_train_batches_and_resume_exactly(colour):
+    _, out = colour
+    batches = {}
+    for backend, extra in (("torchvision", {}), ("dali", {}), ("dali", {"dali_resize": "graph"})):
+        for world, rank in ((1, 0), (2, 1)):
+            loader = build_loader(_cfg(out, backend, **extra), "train", seed=5, rank=rank, world_size=world)
+            loader.set_epoch(3)
+            whole = [(x.clone(), y.clone()) for x, y in loader]
+            loader.set_epoch(3, start_batch=2)
+            resumed = list(loader)
+            assert len(whole) == len(loader) and len(resumed) == len(whole) - 2
+            for (a, la), (b, lb) in zip(whole[2:], resumed):
+                assert torch.equal(a, b) and torch.equal(la, lb)
+            batches[(backend, str(extra), world)] = whole
+            loader.close()
+    for world in (1, 2):
+        tv = batches[("torchvision", "{}", world)]
+        for key in (("dali", "{}", world), ("dali", str({"dali_resize": "graph"}), world)):
+            for (a, la), (b, lb) in zip(tv, batches[key]):
+                assert torch.equal(la, lb)
+                assert colour_ids(a, DataConfig().mean, STD) == colour_ids(b, DataConfig().mean, STD)
+                limit = 0.1 if key[1] == "{}" else 1.0  # DALI's own resize: within a grey level of PIL's
+                assert (grey_level_diff(a, b, STD) < limit).all(), key
+    # ranks of world size 2 take disjoint blocks of the same epoch order as world size 1
+    ids = lambda bs: [i for x, _ in bs for i in colour_ids(x, DataConfig().mean, STD)]  # noqa: E731
+    rank1 = ids(batches[("torchvision", "{}", 2)])
+    assert rank1 == ids(batches[("torchvision", "{}", 1)])[14:26]  # 29 // 2 = 14 per rank, 3 batches
+
+
+def test_torchvision_skips_a_corrupt_jpeg_inside_a_shard_and_dali_names_it(tmp_path, caplog):
+    write_noise_split(tmp_path, "train", 12)
+    write_noise_split(tmp_path, "val", 6, seed=1)
+    bad = tmp_path / "val" / "n01443537" / "img_0001.JPEG"
+    bad.write_bytes(bad.read_bytes()[:200])  # a truncated JPEG: a header and no image data
+    out = tmp_path / "s"
+    assert make_shards(tmp_path, out, "--shard-size", "4").returncode == 0
+    with caplog.at_level(logging.WARNING):
+        loader = build_loader(_cfg(out), "val")
+        assert sum(len(y) for _, y in loader) == 6 and loader.skipped == 1
+    name = f"{out / 'val-0000.tar'}/n01443537/img_0001.jpg"
+    assert loader.skipped_paths == [name] and name in caplog.text
+    with pytest.raises(RuntimeError, match=rf"undecodable file\(s\): \['{name}'\]"):
+        list(build_loader(_cfg(out, "dali"), "val"))
+
+
+def test_hub_style_shards_without_manifest_are_indexed_from_the_tars(tmp_path):
+    """Flat keys, a brace pattern, labels only in .cls, no manifest: classes are ImageNet-1k's."""
+    paths = write_colour_split(tmp_path / "src", "val", 7)
+    for s, chunk in enumerate((paths[:4], paths[4:])):
+        with tarfile.open(tmp_path / f"imagenet1k-validation-{s:02d}.tar", "w") as tar:
+            for i, path in enumerate(chunk):
+                key = f"ILSVRC2012_val_{4 * s + i + 1:08d}"
+                tar.add(path, f"{key}.jpeg")
+                (tmp_path / "c").write_text(str(900 + 4 * s + i))
+                tar.add(tmp_path / "c", f"{key}.cls")
+    pattern = str(tmp_path / "imagenet1k-validation-{00..01}.tar")
+    loader = build_loader(_cfg(pattern, val_shards=pattern), "val")
+    assert loader.classes == list(IMAGENET1K_WNIDS)
+    assert [int(t) for _, y in loader for t in y] == list(range(900, 907)) == loader.targets
+    assert colour_ids(torch.cat([x for x, _ in loader]), DataConfig().mean, STD) == list(range(7))
+    truncated = tmp_path / "imagenet1k-validation-01.tar"
+    truncated.write_bytes(truncated.read_bytes()[:1500])
+    with pytest.raises(ShardError, match=rf"shard {truncated} is truncated"):
+        build_loader(_cfg(pattern, val_shards=pattern), "val")
