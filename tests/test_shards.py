@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -23,6 +24,10 @@ from res2net.data.imagenet_wnids import IMAGENET1K_WNIDS
 from res2net.data.shards import ShardError, expand_braces, resolve_shards, wds_epoch_order
 from res2net.engine.eval_metrics import real_label_rows
 from res2net.errors import run_script
+
+from test_evaluate_cli import NUM_IMAGES, _evaluate, checkpoint  # noqa: F401  (checkpoint: a fixture)
+from test_evaluate_cli import folder as eval_folder  # noqa: F401  (a fixture)
+from test_train import _assert_same_weights, _last, _overrides, _records, _start, _train, _wait_until_step, folder  # noqa: F401
 
 pytest.importorskip("nvidia.dali")
 
@@ -270,3 +275,82 @@ def test_hub_style_shards_without_manifest_are_indexed_from_the_tars(tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:1500])
     with pytest.raises(ShardError, match=rf"shard {truncated} is truncated"):
         build_loader(_cfg(pattern, val_shards=pattern), "val")
+
+
+
+# --- train.py / evaluate.py on shards (subprocesses) ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def folder_shards(folder, tmp_path_factory) -> Path:
+    """test_train's class-coloured folder (32 train / 12 val, 4 classes) as shards of 5: 7 uneven train shards."""
+    out = tmp_path_factory.mktemp("train_shards")
+    assert make_shards(folder, out, "--shard-size", "5").returncode == 0
+    return out
+
+
+def _wds(shards: Path, backend: str) -> dict:
+    extra = {"data.format": "wds", "data.train_shards": str(shards), "data.val_shards": str(shards)}
+    if backend == "dali":  # the graph path: what a GPU runs, here with CPU decoding
+        extra.update({"data.backend": "dali", "data.dali_resize": "graph", "data.num_workers": 1})
+    return extra
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_kill_9_mid_epoch_then_resume_auto_from_shards_is_bit_exact(tmp_path, folder, folder_shards, backend):
+    extra = {**_wds(folder_shards, backend), "trainer.save_every_steps": 3}
+    reference = _train(tmp_path / "ref", folder, **extra)
+    assert reference.returncode == 0, reference.stdout[-3000:]
+    epochs = _records(tmp_path / "ref", "epoch")  # validated from the val shards after each epoch
+    assert [e["epoch"] for e in epochs] == [0, 1] and all(0 <= e["val_top1"] <= 100 for e in epochs)
+    run = tmp_path / "run"
+    proc = _start(run, folder, **extra)
+    _wait_until_step(proc, run, 11)  # mid second epoch (8 steps of 4 per epoch), after the save at step 9
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _last(run)["global_step"] < 16, "kill came too late"
+    resumed = _train(run, folder, **extra, resume="auto")
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert f"resumed from {run / 'checkpoints' / 'last.pth'}" in resumed.stdout
+    final, ref = _last(run), _last(tmp_path / "ref")
+    assert final["global_step"] == ref["global_step"] == 16
+    _assert_same_weights(final, ref)
+    assert [r["step"] for r in _records(run, "train")] == list(range(1, 17))
+
+
+@pytest.mark.slow
+def test_train_py_names_a_truncated_shard_in_one_error_line(tmp_path, folder, folder_shards):
+    shards = tmp_path / "s"
+    shards.mkdir()
+    for f in folder_shards.iterdir():
+        (shards / f.name).write_bytes(f.read_bytes())
+    bad = shards / "train-0004.tar"
+    bad.write_bytes(bad.read_bytes()[:4096])
+    cmd = [sys.executable, str(REPO / "train.py"), f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {k: v for k, v in _env().items() if k != "HYDRA_FULL_ERROR"}
+    proc = subprocess.run(
+        [*cmd, *_overrides(folder, **_wds(shards, "torchvision"))],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    errors = [line for line in proc.stdout.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"shard {bad} has 4096 bytes" in errors[0], proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc, backend", [(2, "torchvision"), (3, "dali")])
+def test_torchrun_evaluation_from_five_uneven_shards_equals_the_folder(tmp_path, eval_folder, checkpoint, nproc, backend):
+    shards = tmp_path / "shards"
+    assert make_shards(eval_folder, shards, "--shard-size", "23", "--splits", "val").returncode == 0
+    assert [s["samples"] for s in json.loads((shards / "manifest.json").read_text())["splits"]["val"]["shards"]] == [
+        23, 23, 23, 23, 9,
+    ]  # fmt: skip
+    one, _ = _evaluate(tmp_path / "folder", eval_folder, checkpoint, f"data.backend={backend}")
+    wds = ("data.format=wds", f"data.val_shards={shards}", f"data.backend={backend}")
+    many, _ = _evaluate(tmp_path / "wds", eval_folder, checkpoint, *wds, nproc=nproc)
+    assert many["count"] == one["count"] == NUM_IMAGES and many["world_size"] == nproc
+    assert (many["top1"], many["top5"]) == (one["top1"], one["top5"])
+    assert many["per_class_count"] == one["per_class_count"]
+    assert many["loss"] == pytest.approx(one["loss"], rel=1e-5)
