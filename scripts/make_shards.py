@@ -161,9 +161,7 @@ def make(args) -> int:
         plans[split] = rows
     manifest["classes"] = list(classes)
     fingerprint = hashlib.sha256(
-        json.dumps(
-            {s: [(r[2], r[1]) for r in rows] for s, rows in plans.items()} | {"size": args.shard_size}
-        ).encode()
+        json.dumps({s: [(r[2], r[1]) for r in rows] for s, rows in plans.items()} | {"size": args.shard_size}).encode()
     ).hexdigest()
     plan_file = out / PLAN
     if plan_file.exists() and json.loads(plan_file.read_text())["fingerprint"] != fingerprint:
@@ -210,7 +208,7 @@ def check(out: Path, no_progress: bool) -> int:
         raise FileNotFoundError(f"{path} does not exist; make the shards first (scripts/make_shards.py --root ...)")
     manifest = json.loads(path.read_text())
     shards = [(split, s) for split, info in manifest["splits"].items() for s in info["shards"]]
-    for split, entry in tqdm(shards, disable=no_progress, desc="check"):
+    for _split, entry in tqdm(shards, disable=no_progress, desc="check"):
         shard = out / entry["name"]
         if not shard.exists():
             raise ShardError(f"shard {shard} is missing; re-run scripts/make_shards.py with the same options")

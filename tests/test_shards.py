@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import test_evaluate_cli
+import test_train
 import torch
 from test_data_helpers import colour_ids, grey_level_diff, write_colour_split, write_noise_split
 
@@ -25,9 +27,8 @@ from res2net.data.shards import ShardError, expand_braces, resolve_shards, wds_e
 from res2net.engine.eval_metrics import real_label_rows
 from res2net.errors import run_script
 
-from test_evaluate_cli import NUM_IMAGES, _evaluate, checkpoint  # noqa: F401  (checkpoint: a fixture)
-from test_evaluate_cli import folder as eval_folder  # noqa: F401  (a fixture)
-from test_train import _assert_same_weights, _last, _overrides, _records, _start, _train, _wait_until_step, folder  # noqa: F401
+# test_train's and test_evaluate_cli's processes, helpers and fixtures, reused on shards
+train_folder, eval_folder, eval_checkpoint = test_train.folder, test_evaluate_cli.folder, test_evaluate_cli.checkpoint
 
 pytest.importorskip("nvidia.dali")
 
@@ -277,15 +278,14 @@ def test_hub_style_shards_without_manifest_are_indexed_from_the_tars(tmp_path):
         build_loader(_cfg(pattern, val_shards=pattern), "val")
 
 
-
 # --- train.py / evaluate.py on shards (subprocesses) ---------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def folder_shards(folder, tmp_path_factory) -> Path:
+def folder_shards(train_folder, tmp_path_factory) -> Path:
     """test_train's class-coloured folder (32 train / 12 val, 4 classes) as shards of 5: 7 uneven train shards."""
     out = tmp_path_factory.mktemp("train_shards")
-    assert make_shards(folder, out, "--shard-size", "5").returncode == 0
+    assert make_shards(train_folder, out, "--shard-size", "5").returncode == 0
     return out
 
 
@@ -298,29 +298,29 @@ def _wds(shards: Path, backend: str) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torchvision", "dali"])
-def test_kill_9_mid_epoch_then_resume_auto_from_shards_is_bit_exact(tmp_path, folder, folder_shards, backend):
+def test_kill_9_mid_epoch_then_resume_auto_from_shards_is_bit_exact(tmp_path, train_folder, folder_shards, backend):
     extra = {**_wds(folder_shards, backend), "trainer.save_every_steps": 3}
-    reference = _train(tmp_path / "ref", folder, **extra)
+    reference = test_train._train(tmp_path / "ref", train_folder, **extra)
     assert reference.returncode == 0, reference.stdout[-3000:]
-    epochs = _records(tmp_path / "ref", "epoch")  # validated from the val shards after each epoch
+    epochs = test_train._records(tmp_path / "ref", "epoch")  # validated from the val shards after each epoch
     assert [e["epoch"] for e in epochs] == [0, 1] and all(0 <= e["val_top1"] <= 100 for e in epochs)
     run = tmp_path / "run"
-    proc = _start(run, folder, **extra)
-    _wait_until_step(proc, run, 11)  # mid second epoch (8 steps of 4 per epoch), after the save at step 9
+    proc = test_train._start(run, train_folder, **extra)
+    test_train._wait_until_step(proc, run, 11)  # mid second epoch (8 steps of 4 per epoch), after the save at step 9
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert _last(run)["global_step"] < 16, "kill came too late"
-    resumed = _train(run, folder, **extra, resume="auto")
+    assert test_train._last(run)["global_step"] < 16, "kill came too late"
+    resumed = test_train._train(run, train_folder, **extra, resume="auto")
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert f"resumed from {run / 'checkpoints' / 'last.pth'}" in resumed.stdout
-    final, ref = _last(run), _last(tmp_path / "ref")
+    final, ref = test_train._last(run), test_train._last(tmp_path / "ref")
     assert final["global_step"] == ref["global_step"] == 16
-    _assert_same_weights(final, ref)
-    assert [r["step"] for r in _records(run, "train")] == list(range(1, 17))
+    test_train._assert_same_weights(final, ref)
+    assert [r["step"] for r in test_train._records(run, "train")] == list(range(1, 17))
 
 
 @pytest.mark.slow
-def test_train_py_names_a_truncated_shard_in_one_error_line(tmp_path, folder, folder_shards):
+def test_train_py_names_a_truncated_shard_in_one_error_line(tmp_path, train_folder, folder_shards):
     shards = tmp_path / "s"
     shards.mkdir()
     for f in folder_shards.iterdir():
@@ -330,7 +330,7 @@ def test_train_py_names_a_truncated_shard_in_one_error_line(tmp_path, folder, fo
     cmd = [sys.executable, str(REPO / "train.py"), f"hydra.run.dir={tmp_path / 'run'}"]
     env = {k: v for k, v in _env().items() if k != "HYDRA_FULL_ERROR"}
     proc = subprocess.run(
-        [*cmd, *_overrides(folder, **_wds(shards, "torchvision"))],
+        [*cmd, *test_train._overrides(train_folder, **_wds(shards, "torchvision"))],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 1
@@ -341,16 +341,18 @@ def test_train_py_names_a_truncated_shard_in_one_error_line(tmp_path, folder, fo
 
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc, backend", [(2, "torchvision"), (3, "dali")])
-def test_torchrun_evaluation_from_five_uneven_shards_equals_the_folder(tmp_path, eval_folder, checkpoint, nproc, backend):
+def test_torchrun_evaluation_from_five_uneven_shards_equals_the_folder(
+    tmp_path, eval_folder, eval_checkpoint, nproc, backend
+):
     shards = tmp_path / "shards"
     assert make_shards(eval_folder, shards, "--shard-size", "23", "--splits", "val").returncode == 0
     assert [s["samples"] for s in json.loads((shards / "manifest.json").read_text())["splits"]["val"]["shards"]] == [
         23, 23, 23, 23, 9,
     ]  # fmt: skip
-    one, _ = _evaluate(tmp_path / "folder", eval_folder, checkpoint, f"data.backend={backend}")
+    one, _ = test_evaluate_cli._evaluate(tmp_path / "folder", eval_folder, eval_checkpoint, f"data.backend={backend}")
     wds = ("data.format=wds", f"data.val_shards={shards}", f"data.backend={backend}")
-    many, _ = _evaluate(tmp_path / "wds", eval_folder, checkpoint, *wds, nproc=nproc)
-    assert many["count"] == one["count"] == NUM_IMAGES and many["world_size"] == nproc
+    many, _ = test_evaluate_cli._evaluate(tmp_path / "wds", eval_folder, eval_checkpoint, *wds, nproc=nproc)
+    assert many["count"] == one["count"] == test_evaluate_cli.NUM_IMAGES and many["world_size"] == nproc
     assert (many["top1"], many["top5"]) == (one["top1"], one["top5"])
     assert many["per_class_count"] == one["per_class_count"]
     assert many["loss"] == pytest.approx(one["loss"], rel=1e-5)

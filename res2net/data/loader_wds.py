@@ -23,6 +23,7 @@ from .shards import MemberReader, ShardSet, load_shards, resolve_shards, split_k
 
 __all__ = ["build_wds_loader", "load_split"]
 
+
 def load_split(cfg, split: str) -> ShardSet:
     """The shard index of ``split`` ('train' | 'val') from data.train_shards / data.val_shards."""
     key = f"{split}_shards"

@@ -169,13 +169,16 @@ def _scan_tar(path: str, image_keys: Sequence[str], label_key: str) -> _ShardInd
         if "image" not in entry or "label" not in entry:
             raise ShardError(
                 f"shard {path}: sample {key!r} has no {'image' if 'image' not in entry else 'label'} member "
-                f"(image keys {list(image_keys)}, label key {label_key!r}; set data.wds_image_keys / data.wds_label_key)"
+                f"(image keys {list(image_keys)}, label key {label_key!r}; "
+                "set data.wds_image_keys / data.wds_label_key)"
             )
         ext, offset, nbytes = entry["image"]
         try:
             label = int(entry["label"].decode().strip())
         except ValueError as err:
-            raise ShardError(f"shard {path}: sample {key!r} has a label {entry['label'][:20]!r} that is no integer") from err
+            raise ShardError(
+                f"shard {path}: sample {key!r} has a label {entry['label'][:20]!r} that is no integer"
+            ) from err
         names.append(f"{key}.{ext}")
         offsets.append(offset)
         sizes.append(nbytes)
