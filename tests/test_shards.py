@@ -263,15 +263,20 @@ def test_hub_style_shards_without_manifest_are_indexed_from_the_tars(tmp_path):
     for s, chunk in enumerate((paths[:4], paths[4:])):
         with tarfile.open(tmp_path / f"imagenet1k-validation-{s:02d}.tar", "w") as tar:
             for i, path in enumerate(chunk):
-                key = f"ILSVRC2012_val_{4 * s + i + 1:08d}"
+                key = f"{4 * s + i:06d}"  # keys say nothing; the json keeps the file name
                 tar.add(path, f"{key}.jpeg")
                 (tmp_path / "c").write_text(str(900 + 4 * s + i))
                 tar.add(tmp_path / "c", f"{key}.cls")
+                (tmp_path / "j").write_text(json.dumps({"filename": f"ILSVRC2012_val_{4 * s + i + 1:08d}.JPEG"}))
+                tar.add(tmp_path / "j", f"{key}.json")
     pattern = str(tmp_path / "imagenet1k-validation-{00..01}.tar")
     loader = build_loader(_cfg(pattern, val_shards=pattern), "val")
     assert loader.classes == list(IMAGENET1K_WNIDS)
     assert [int(t) for _, y in loader for t in y] == list(range(900, 907)) == loader.targets
     assert colour_ids(torch.cat([x for x, _ in loader]), DataConfig().mean, STD) == list(range(7))
+    assert real_label_rows([[k] for k in range(7)], loader.paths, num_classes=1000)[:, 0].tolist() == list(range(7))
+    dali = build_loader(_cfg(pattern, "dali", val_shards=pattern), "val")
+    assert [int(t) for _, y in dali for t in y] == list(range(900, 907))
     truncated = tmp_path / "imagenet1k-validation-01.tar"
     truncated.write_bytes(truncated.read_bytes()[:1500])
     with pytest.raises(ShardError, match=rf"shard {truncated} is truncated"):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .loader_torchvision import TorchvisionLoader, _BatchDataset
-from .shards import MemberReader, ShardSet, load_shards, resolve_shards, split_key, wds_epoch_order, write_dali_index
+from .shards import MemberReader, ShardSet, load_shards, resolve_shards, wds_epoch_order, write_dali_index
 
 __all__ = ["build_wds_loader", "load_split"]
 
@@ -100,8 +100,8 @@ def _dali_loader_class():
                 samples = indices[run]
                 rows = []
                 for i in samples.tolist():  # writing a text file, one line per sample
-                    key, ext = split_key(os.path.basename(shards.names[i]))
-                    rows.append([(ext, int(shards.offsets[i]), int(shards.sizes[i]), f"{key}.{ext}")])
+                    ext = str(shards.exts[i])  # the name field only labels DALI's messages
+                    rows.append([(ext, int(shards.offsets[i]), int(shards.sizes[i]), f"sample{i}.{ext}")])
                 index_path = os.path.join(self._tmp, f"b{self._builds}-{k}.idx")
                 write_dali_index(index_path, rows)
                 paths.append(shards.paths[int(shard_of[run[0]])])

@@ -132,7 +132,8 @@ def split_key(name: str) -> tuple[str, str]:
 
 @dataclass
 class _ShardIndex:
-    names: list[str]  # key + '.' + image extension, per sample
+    names: list[str]  # key + '.' + image extension, or the file name its json member holds, per sample
+    exts: list[str]  # the image member's extension
     offsets: np.ndarray  # int64, the image bytes' offset in the tar
     sizes: np.ndarray  # int64
     labels: np.ndarray  # int64
@@ -161,9 +162,11 @@ def _scan_tar(path: str, image_keys: Sequence[str], label_key: str) -> _ShardInd
                     entry["image"] = (ext, member.offset_data, member.size)
                 elif ext == label_key:
                     entry["label"] = tar.extractfile(member).read()
+                elif ext == "json" and member.size < 65536:
+                    entry["json"] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError) as err:
         raise ShardError(f"shard {path} is truncated or not a tar file ({err}); re-download or re-make it") from err
-    names, offsets, sizes, labels = [], [], [], []
+    names, exts, offsets, sizes, labels = [], [], [], [], []
     for key in order:
         entry = samples[key]
         if "image" not in entry or "label" not in entry:
@@ -179,19 +182,32 @@ def _scan_tar(path: str, image_keys: Sequence[str], label_key: str) -> _ShardInd
             raise ShardError(
                 f"shard {path}: sample {key!r} has a label {entry['label'][:20]!r} that is no integer"
             ) from err
-        names.append(f"{key}.{ext}")
+        names.append(_json_filename(entry.get("json")) or f"{key}.{ext}")
+        exts.append(ext)
         offsets.append(offset)
         sizes.append(nbytes)
         labels.append(label)
     if not names:
         raise ShardError(f"shard {path} holds no samples with an image under {list(image_keys)}")
-    return _ShardIndex(names, np.array(offsets, np.int64), np.array(sizes, np.int64), np.array(labels, np.int64))
+    return _ShardIndex(names, exts, np.array(offsets, np.int64), np.array(sizes, np.int64), np.array(labels, np.int64))
 
 
-def _read_dali_index(idx_path: str, image_keys: Sequence[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(names, image offsets, image sizes) from a DALI v1.2 index file (one line per sample: ext offset size name,
-    repeated per member)."""
-    names, offsets, sizes = [], [], []
+def _json_filename(raw: bytes | None) -> str | None:
+    """The original file name a sample's json member records ('filename', as make_shards.py and the hub's
+    ImageNet shards write it), so the sample keeps it (ReaL scoring reads ILSVRC2012_val_<n> from it)."""
+    if raw is None:
+        return None
+    try:
+        name = json.loads(raw).get("filename")
+    except (ValueError, AttributeError):
+        return None
+    return os.path.basename(name) if isinstance(name, str) and name.strip() else None
+
+
+def _read_dali_index(idx_path: str, image_keys: Sequence[str]) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """(names, image extensions, image offsets, image sizes) from a DALI v1.2 index file (one line per sample: ext
+    offset size name, repeated per member)."""
+    names, exts, offsets, sizes = [], [], [], []
     with open(idx_path) as f:
         head = f.readline().split()
         for line in f:
@@ -199,12 +215,13 @@ def _read_dali_index(idx_path: str, image_keys: Sequence[str]) -> tuple[list[str
             for i in range(0, len(fields), 4):
                 if fields[i] in image_keys:
                     names.append(fields[i + 3])
+                    exts.append(fields[i])
                     offsets.append(int(fields[i + 1]))
                     sizes.append(int(fields[i + 2]))
                     break
     if len(head) != 2 or head[0] != DALI_INDEX_VERSION or int(head[1]) != len(names):
         raise ShardError(f"DALI index {idx_path} is not a {DALI_INDEX_VERSION} index of {head[1:]} samples")
-    return names, np.array(offsets, np.int64), np.array(sizes, np.int64)
+    return names, exts, np.array(offsets, np.int64), np.array(sizes, np.int64)
 
 
 def _from_manifest(path: str, entry: dict, image_keys: Sequence[str]) -> _ShardIndex:
@@ -214,11 +231,11 @@ def _from_manifest(path: str, entry: dict, image_keys: Sequence[str]) -> _ShardI
             f"shard {path} has {size} bytes, its manifest says {entry['bytes']}: truncated or changed; "
             "re-make it (scripts/make_shards.py resumes) or re-download it"
         )
-    names, offsets, sizes = _read_dali_index(os.path.join(os.path.dirname(path), entry["index"]), image_keys)
+    names, exts, offsets, sizes = _read_dali_index(os.path.join(os.path.dirname(path), entry["index"]), image_keys)
     labels = np.array(entry["labels"], np.int64)
     if len(names) != entry["samples"] or len(labels) != entry["samples"]:
         raise ShardError(f"shard {path}: its index and manifest disagree on the sample count; re-run make_shards")
-    return _ShardIndex(names, offsets, sizes, labels)
+    return _ShardIndex(names, exts, offsets, sizes, labels)
 
 
 @dataclass
@@ -230,6 +247,7 @@ class ShardSet:
     paths: list[str]
     counts: np.ndarray
     names: np.ndarray
+    exts: np.ndarray
     labels: np.ndarray
     shard_of: np.ndarray
     offsets: np.ndarray
@@ -277,6 +295,7 @@ def load_shards(paths: Sequence[str], image_keys: Sequence[str], label_key: str)
         paths=list(paths),
         counts=counts,
         names=names,
+        exts=np.array([e for p in parts for e in p.exts]),
         labels=labels,
         shard_of=np.repeat(np.arange(len(parts)), counts),
         offsets=np.concatenate([p.offsets for p in parts]),
