@@ -10,6 +10,7 @@ through an external_source; the decode / crop / augment graph is the folder one.
 shards.wds_epoch_order and their crops from the sample's epoch position, so they agree sample by sample.
 """
 
+import io
 import os
 import shutil
 import tempfile
@@ -45,7 +46,7 @@ class _ShardBatchDataset(_BatchDataset):
         return wds_epoch_order(self.shards.counts, self.seed, epoch, self.shuffle_in_shard)
 
     def image_source(self, idx: int):
-        return self.reader.open(int(idx))
+        return io.BytesIO(self.reader.read(int(idx)))  # the whole image is decoded: one read
 
 
 class _ShardTorchvisionLoader(TorchvisionLoader):

@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import tarfile
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -333,41 +334,75 @@ def write_dali_index(path: str, rows: Sequence[Sequence[tuple[str, int, int, str
 
 
 class MemberReader:
-    """Reads a sample's image bytes from its shard with one seek; keeps a few shard files open (per process: a
-    DataLoader worker opens its own after the fork)."""
+    """Reads a sample's image bytes from its shard with positional reads (os.pread: no shared file offset, so
+    threads may read at once); keeps up to ``max_open`` shard files open per process (a DataLoader worker opens its
+    own after the fork)."""
 
-    def __init__(self, shards: ShardSet, max_open: int = 8):
+    def __init__(self, shards: ShardSet, max_open: int = 16):
         self.shards, self.max_open = shards, max_open
-        self._files: dict[int, Any] = {}
-        self._pid = os.getpid()
+        self._fds: dict[int, int] = {}
+        self._pid, self._lock = os.getpid(), threading.Lock()
         self.opened = 0  # shard files opened so far (README "Speed": files opened per epoch)
 
-    def _file(self, shard: int):
-        if self._pid != os.getpid():  # a forked worker: the parent's handles share its file offsets
-            self._files, self._pid = {}, os.getpid()
-        f = self._files.pop(shard, None)
-        if f is None:
-            if len(self._files) >= self.max_open:
-                self._files.pop(next(iter(self._files))).close()
-            f = open(self.shards.paths[shard], "rb")
-            self.opened += 1
-        self._files[shard] = f  # most recently used last
-        return f
-
-    def read(self, idx: int, limit: int | None = None) -> bytes:
-        """The image bytes of sample ``idx`` (the first ``limit`` of them when given); OSError when short."""
-        size = int(self.shards.sizes[idx]) if limit is None else min(limit, int(self.shards.sizes[idx]))
-        f = self._file(int(self.shards.shard_of[idx]))
-        f.seek(int(self.shards.offsets[idx]))
-        data = f.read(size)
-        if len(data) != size:
-            raise OSError(f"{self.shards.names[idx]}: the shard ends {size - len(data)} bytes early (truncated)")
+    def pread(self, idx: int, start: int, n: int) -> bytes:
+        """Up to ``n`` bytes of sample ``idx``'s image from byte ``start`` on (fewer at its end)."""
+        n = max(0, min(n, int(self.shards.sizes[idx]) - start))
+        shard = int(self.shards.shard_of[idx])
+        if self._pid != os.getpid():  # a forked worker: its own descriptors and lock
+            self._fds, self._pid, self._lock = {}, os.getpid(), threading.Lock()
+        with self._lock:  # a descriptor is never closed while another thread reads through it
+            fd = self._fds.pop(shard, None)
+            if fd is None:
+                if len(self._fds) >= self.max_open:
+                    os.close(self._fds.pop(next(iter(self._fds))))
+                fd = os.open(self.shards.paths[shard], os.O_RDONLY)
+                self.opened += 1
+            self._fds[shard] = fd  # most recently used last
+            data = os.pread(fd, n, int(self.shards.offsets[idx]) + start)
+        if len(data) != n:
+            raise OSError(f"{self.shards.names[idx]}: the shard ends {n - len(data)} bytes early (truncated)")
         return data
 
-    def open(self, idx: int, limit: int | None = None) -> io.BytesIO:
-        return io.BytesIO(self.read(idx, limit))
+    def read(self, idx: int) -> bytes:
+        """The image bytes of sample ``idx``; OSError when the shard is shorter than its index says."""
+        return self.pread(idx, 0, int(self.shards.sizes[idx]))
+
+    def open(self, idx: int) -> io.BufferedReader:
+        """A read-only binary file over sample ``idx``'s image that reads only what is asked (a header: its first
+        kilobytes)."""
+        return io.BufferedReader(_MemberFile(self, idx), buffer_size=16384)
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files = {}
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds = {}
+
+
+class _MemberFile(io.RawIOBase):
+    """The bytes of one tar member as a seekable raw file (MemberReader.open)."""
+
+    def __init__(self, reader: MemberReader, idx: int):
+        super().__init__()
+        self.reader, self.idx, self.pos, self.size = reader, idx, 0, int(reader.shards.sizes[idx])
+        self.name = str(reader.shards.names[idx])
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.reader.pread(self.idx, self.pos, min(len(buffer), self.size - self.pos))
+        buffer[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
