@@ -179,7 +179,8 @@ def test_val_counts_every_sample_once_at_any_world_size(colour, backend):
     for world in (1, 2, 3, 4):
         per_rank = []
         for rank in range(world):
-            loader = build_loader(_cfg(out, backend), "val", rank=rank, world_size=world)
+            # val_shards null: the val shards of the make_shards folder given as train_shards
+            loader = build_loader(_cfg(out, backend, val_shards=None), "val", rank=rank, world_size=world)
             got = [i for x, _ in loader for i in colour_ids(x, DataConfig().mean, STD)]
             assert len(got) == loader.num_samples == len(loader.paths)
             per_rank.append((got, loader.paths))
@@ -226,7 +227,10 @@ def test_both_backends_read_the_same_train_batches_and_resume_exactly(colour):
             for (a, la), (b, lb) in zip(whole[2:], resumed):
                 assert torch.equal(a, b) and torch.equal(la, lb)
             batches[(backend, str(extra), world)] = whole
+            if backend == "dali":  # only the last pipeline's index files are kept, and none after close()
+                assert 0 < len(os.listdir(loader._tmp)) <= len(loader._shards.counts)
             loader.close()
+            assert backend != "dali" or not os.path.exists(loader._tmp)
     for world in (1, 2):
         tv = batches[("torchvision", "{}", world)]
         for key in (("dali", "{}", world), ("dali", str({"dali_resize": "graph"}), world)):
@@ -361,3 +365,28 @@ def test_torchrun_evaluation_from_five_uneven_shards_equals_the_folder(
     assert (many["top1"], many["top5"]) == (one["top1"], one["top5"])
     assert many["per_class_count"] == one["per_class_count"]
     assert many["loss"] == pytest.approx(one["loss"], rel=1e-5)
+
+
+def test_member_reader_is_exact_under_threads_and_few_open_files(colour):
+    """DALI's header threads read samples at once: positional reads and a lock around the open-file cache (here
+    two files for 6 shards, so descriptors are closed and reopened all the time) give every thread its bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from res2net.data.loader_wds import load_split
+    from res2net.data.shards import MemberReader
+
+    _, out = colour
+    shards = load_split(_cfg(out), "train")
+    want = {}
+    for path in shards.paths:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.name.endswith(".jpg"):
+                    want[f"{path}/{member.name}"] = tar.extractfile(member).read()
+    reader = MemberReader(shards, max_open=2)
+    order = np.random.default_rng(0).permutation(np.tile(np.arange(len(shards)), 20))
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda i: (i, reader.read(int(i)), reader.open(int(i)).read(7)), order))
+    assert all(data == want[shards.names[i]] and head == data[:7] for i, data, head in got)
+    assert reader.opened > len(shards.paths)  # the cache really evicted
+    reader.close()

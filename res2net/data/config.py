@@ -37,6 +37,7 @@ class DataConfig:
     format: str = "folder"
     # data.format=wds: the train / val shards: a folder written by scripts/make_shards.py (its manifest.json lists
     # them), a brace pattern such as /data/in1k/train-{0000..1023}.tar, one .tar, or a list of these; local paths.
+    # val_shards null with train_shards a make_shards folder: that folder's val shards.
     train_shards: Any = None
     val_shards: Any = None
     # Member extensions of a sample: the image (the first present of these), the class index as ASCII text.

@@ -27,8 +27,10 @@ __all__ = ["build_wds_loader", "load_split"]
 
 def load_split(cfg, split: str) -> ShardSet:
     """The shard index of ``split`` ('train' | 'val') from data.train_shards / data.val_shards."""
-    key = f"{split}_shards"
-    paths = resolve_shards(getattr(cfg, key), split, key)
+    key, spec = f"{split}_shards", getattr(cfg, f"{split}_shards")
+    if spec is None and split == "val" and isinstance(cfg.train_shards, str) and os.path.isdir(cfg.train_shards):
+        key, spec = "train_shards", cfg.train_shards  # a make_shards folder holds both splits
+    paths = resolve_shards(spec, split, key)
     return load_shards(paths, list(cfg.wds_image_keys), cfg.wds_label_key)
 
 
@@ -96,6 +98,8 @@ def _dali_loader_class():
             shard_of = shards.shard_of[indices]
             cuts = np.flatnonzero(np.diff(shard_of)) + 1
             paths, index_paths = [], []
+            for stale in os.listdir(self._tmp):  # the previous pipeline's indexes: it was shut down before this build
+                os.unlink(os.path.join(self._tmp, stale))
             self._builds += 1
             for k, run in enumerate(np.split(np.arange(len(indices)), cuts)):
                 samples = indices[run]
