@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .loader_torchvision import TorchvisionLoader, _BatchDataset
-from .shards import MemberReader, ShardSet, load_shards, resolve_shards, wds_epoch_order, write_dali_index
+from .shards import DALI_INDEX_VERSION, MemberReader, ShardSet, load_shards, resolve_shards, wds_epoch_order
 
 __all__ = ["build_wds_loader", "load_split"]
 
@@ -76,6 +76,7 @@ def _dali_loader_class():
             self._tmp = tempfile.mkdtemp(prefix="res2net-wds-idx-")
             self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, True)
             self._builds = 0
+            self._lines = None  # _index_lines
             super().__init__(shards.samples(), shards.classes, cfg, train, **kwargs)
 
         def _epoch_perm(self, epoch: int) -> np.ndarray:
@@ -101,14 +102,11 @@ def _dali_loader_class():
             for stale in os.listdir(self._tmp):  # the previous pipeline's indexes: it was shut down before this build
                 os.unlink(os.path.join(self._tmp, stale))
             self._builds += 1
+            lines = self._index_lines()
             for k, run in enumerate(np.split(np.arange(len(indices)), cuts)):
-                samples = indices[run]
-                rows = []
-                for i in samples.tolist():  # writing a text file, one line per sample
-                    ext = str(shards.exts[i])  # the name field only labels DALI's messages
-                    rows.append([(ext, int(shards.offsets[i]), int(shards.sizes[i]), f"sample{i}.{ext}")])
                 index_path = os.path.join(self._tmp, f"b{self._builds}-{k}.idx")
-                write_dali_index(index_path, rows)
+                with open(index_path, "w") as f:  # DALI's v1.2 format (shards.dali_index_text), in the epoch's order
+                    f.write(f"{DALI_INDEX_VERSION} {len(run)}\n" + "\n".join(lines[indices[run]]) + "\n")
                 paths.append(shards.paths[int(shard_of[run[0]])])
                 index_paths.append(index_path)
             images = fn.readers.webdataset(
@@ -123,6 +121,21 @@ def _dali_loader_class():
             return images, fn.external_source(
                 source=self._labels_source(np.asarray(labels, np.int32)), batch=True, batch_info=True
             )
+
+        def _index_lines(self) -> np.ndarray:
+            """Each sample's line of a DALI index (its image member: ext offset size name), made once."""
+            if self._lines is None:
+                shards = self._shards
+                self._lines = np.array(
+                    [
+                        f"{ext} {offset} {size} sample{i}.{ext}"  # the name field only labels DALI's messages
+                        for i, (ext, offset, size) in enumerate(
+                            zip(shards.exts.tolist(), shards.offsets.tolist(), shards.sizes.tolist())
+                        )
+                    ],
+                    dtype=object,
+                )
+            return self._lines
 
         def _labels_source(self, labels: np.ndarray):
             """external_source callback: the labels of the reader's batch ``info.iteration``. The reader goes over

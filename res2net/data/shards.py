@@ -335,8 +335,8 @@ def write_dali_index(path: str, rows: Sequence[Sequence[tuple[str, int, int, str
 
 class MemberReader:
     """Reads a sample's image bytes from its shard with positional reads (os.pread: no shared file offset, so
-    threads may read at once); keeps up to ``max_open`` shard files open per process (a DataLoader worker opens its
-    own after the fork)."""
+    threads read at once, each on its own duplicate descriptor); keeps up to ``max_open`` shard files open per
+    process (a DataLoader worker opens its own after the fork)."""
 
     def __init__(self, shards: ShardSet, max_open: int = 16):
         self.shards, self.max_open = shards, max_open
@@ -350,7 +350,7 @@ class MemberReader:
         shard = int(self.shards.shard_of[idx])
         if self._pid != os.getpid():  # a forked worker: its own descriptors and lock
             self._fds, self._pid, self._lock = {}, os.getpid(), threading.Lock()
-        with self._lock:  # a descriptor is never closed while another thread reads through it
+        with self._lock:  # the cache; the read itself runs unlocked on a duplicate that no eviction closes
             fd = self._fds.pop(shard, None)
             if fd is None:
                 if len(self._fds) >= self.max_open:
@@ -358,7 +358,11 @@ class MemberReader:
                 fd = os.open(self.shards.paths[shard], os.O_RDONLY)
                 self.opened += 1
             self._fds[shard] = fd  # most recently used last
-            data = os.pread(fd, n, int(self.shards.offsets[idx]) + start)
+            mine = os.dup(fd)
+        try:
+            data = os.pread(mine, n, int(self.shards.offsets[idx]) + start)
+        finally:
+            os.close(mine)
         if len(data) != n:
             raise OSError(f"{self.shards.names[idx]}: the shard ends {n - len(data)} bytes early (truncated)")
         return data
