@@ -16,6 +16,15 @@ Idempotent and resumable: each shard is written under a temporary name and renam
 are kept (checked against the plan), and the manifest is written last; re-running the same command finishes an
 interrupted run, and a finished one is left as it is. --check re-reads every shard listed in the manifest (size,
 SHA-256, members, labels, DALI index) and exits 1 naming the first one that differs.
+
+Shards made elsewhere (the Hugging Face hub's ImageNet-1k: jpg / cls / json samples) are indexed in place, once, so
+that a run does not read every tar's headers at start:
+
+    python scripts/make_shards.py --out /data/in1k-wds --index-train 'imagenet1k-train-{0000..1023}.tar' \\
+        --index-val 'imagenet1k-validation-{0000..0063}.tar'
+
+writes a DALI index beside each shard and manifest.json (classes: the 1,000 ImageNet-1k wnids; no SHA-256) into
+--out, the folder that holds them.
 """
 
 import argparse
@@ -30,8 +39,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from res2net.data.imagenet_wnids import IMAGENET1K_WNIDS
 from res2net.data.index import scan_split
-from res2net.data.shards import MANIFEST, MANIFEST_FORMAT, ShardError, _scan_tar, dali_index_text
+from res2net.data.shards import MANIFEST, MANIFEST_FORMAT, ShardError, _scan_tar, dali_index_text, expand_braces
 from res2net.errors import run_script
 from res2net.files import atomic_write, remove_stale_temporaries
 
@@ -46,10 +56,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the one-time train shuffle")
     p.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val"])
     p.add_argument("--check", action="store_true", help="verify the shards in --out against its manifest")
+    p.add_argument("--index-train", help="index existing train shards in --out (a brace pattern of file names)")
+    p.add_argument("--index-val", help="index existing val shards in --out (a brace pattern of file names)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     args = p.parse_args(argv)
-    if not args.check and args.root is None:
-        p.error("--root is required unless --check")
+    indexing = args.index_train or args.index_val
+    if not args.check and not indexing and args.root is None:
+        p.error("--root is required unless --check or --index-train / --index-val")
     if args.shard_size < 1:
         p.error(f"--shard-size must be >= 1, got {args.shard_size}")
     return args
@@ -212,7 +225,8 @@ def check(out: Path, no_progress: bool) -> int:
         shard = out / entry["name"]
         if not shard.exists():
             raise ShardError(f"shard {shard} is missing; re-run scripts/make_shards.py with the same options")
-        if shard.stat().st_size != entry["bytes"] or _sha256(shard) != entry["sha256"]:
+        sha_differs = entry["sha256"] is not None and _sha256(shard) != entry["sha256"]  # None: indexed in place
+        if shard.stat().st_size != entry["bytes"] or sha_differs:
             raise ShardError(f"shard {shard} differs from the manifest (size or SHA-256): truncated or changed")
         index = _scan_tar(str(shard), ["jpg", "jpeg", "png", "webp", "bmp"], "cls")
         if index.labels.tolist() != entry["labels"]:
@@ -227,10 +241,45 @@ def check(out: Path, no_progress: bool) -> int:
     return 0
 
 
+def index_existing(args) -> int:
+    """manifest.json and DALI indexes for shards already in --out (read once, headers and labels)."""
+    out = args.out
+    if (out / MANIFEST).exists():
+        raise ValueError(f"{out / MANIFEST} exists already; remove it to index the shards again")
+    manifest = {"format": MANIFEST_FORMAT, "classes": list(IMAGENET1K_WNIDS), "indexed": True, "splits": {}}
+    for split, pattern in (("train", args.index_train), ("val", args.index_val)):
+        if not pattern:
+            continue
+        names = expand_braces(pattern)
+        if any(os.sep in name for name in names):
+            raise ValueError(f"--index-{split} {pattern!r}: give file names inside --out {out}, not paths")
+        entries = []
+        for name in tqdm(names, disable=args.no_progress, desc=f"index {split}"):
+            shard = out / name
+            if not shard.is_file():
+                raise ShardError(f"shard {shard} does not exist; check --index-{split} and --out")
+            found = _scan_tar(str(shard), ["jpg", "jpeg", "png", "webp"], "cls")
+            rows = [
+                [(ext, int(off), int(size), member.replace(" ", "_"))]
+                for member, ext, off, size in zip(found.names, found.exts, found.offsets, found.sizes)
+            ]
+            with atomic_write(out / _index_name(name)) as f:
+                f.write(dali_index_text(rows).encode())
+            entries.append({**_entry(name, [(None, int(x)) for x in found.labels], shard.stat().st_size, None)})
+        manifest["splits"][split] = {"samples": sum(e["samples"] for e in entries), "shards": entries}
+    with atomic_write(out / MANIFEST) as f:
+        f.write(json.dumps(manifest, indent=1).encode())
+    for split, info in manifest["splits"].items():
+        print(f"{split}: {info['samples']} samples in {len(info['shards'])} shards indexed")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.check:
         return check(args.out, args.no_progress)
+    if args.index_train or args.index_val:
+        return index_existing(args)
     return make(args)
 
 

@@ -281,6 +281,14 @@ def test_hub_style_shards_without_manifest_are_indexed_from_the_tars(tmp_path):
     assert real_label_rows([[k] for k in range(7)], loader.paths, num_classes=1000)[:, 0].tolist() == list(range(7))
     dali = build_loader(_cfg(pattern, "dali", val_shards=pattern), "val")
     assert [int(t) for _, y in dali for t in y] == list(range(900, 907))
+    # indexed once in place (make_shards.py --index-val): the same samples, names and labels, without a scan
+    done = run_make_shards("--out", str(tmp_path), "--index-val", "imagenet1k-validation-{00..01}.tar")
+    assert done.returncode == 0 and "val: 7 samples in 2 shards indexed" in done.stdout, done.stderr
+    indexed = build_loader(_cfg(pattern, val_shards=pattern), "val")
+    assert indexed.paths == loader.paths and indexed.targets == loader.targets
+    assert torch.equal(torch.cat([x for x, _ in indexed]), torch.cat([x for x, _ in loader]))
+    assert run_make_shards("--out", str(tmp_path), "--check").returncode == 0
+    (tmp_path / "manifest.json").unlink()
     truncated = tmp_path / "imagenet1k-validation-01.tar"
     truncated.write_bytes(truncated.read_bytes()[:1500])
     with pytest.raises(ShardError, match=rf"shard {truncated} is truncated"):
