@@ -398,3 +398,22 @@ def test_member_reader_is_exact_under_threads_and_few_open_files(colour):
     assert all(data == want[shards.names[i]] and head == data[:7] for i, data, head in got)
     assert reader.opened > len(shards.paths)  # the cache really evicted
     reader.close()
+
+
+def test_dali_removes_the_index_folders_of_killed_processes(colour):
+    """A SIGKILLed run cannot delete its DALI index folder; the next DALI shard loader on the machine does."""
+    import tempfile
+
+    _, out = colour
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = Path(tempfile.gettempdir()) / f"res2net-wds-idx-{dead.pid}-test"
+    alive = Path(tempfile.gettempdir()) / f"res2net-wds-idx-{os.getpid()}-test"
+    for folder in (orphan, alive):
+        folder.mkdir()
+        (folder / "b1-0.idx").write_text("v1.2 0\n")
+    loader = build_loader(_cfg(out, "dali"), "val")
+    assert not orphan.exists() and alive.exists()
+    loader.close()
+    (alive / "b1-0.idx").unlink()
+    alive.rmdir()

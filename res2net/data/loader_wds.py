@@ -34,6 +34,24 @@ def load_split(cfg, split: str) -> ShardSet:
     return load_shards(paths, list(cfg.wds_image_keys), cfg.wds_label_key)
 
 
+_TMP_PREFIX = "res2net-wds-idx-"  # + pid: the DALI index folders of a process
+
+
+def _remove_orphaned_index_folders() -> None:
+    """Delete the DALI index folders of processes that no longer exist (a SIGKILL skips the cleanup at close)."""
+    tmp = tempfile.gettempdir()
+    for name in os.listdir(tmp):
+        pid = name[len(_TMP_PREFIX) :].split("-")[0]
+        if not name.startswith(_TMP_PREFIX) or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 def _perm(shards: ShardSet, cfg, seed: int, epoch: int) -> np.ndarray:
     return wds_epoch_order(shards.counts, seed, epoch, cfg.wds_shuffle_in_shard)
 
@@ -73,7 +91,8 @@ def _dali_loader_class():
             self._shards = shards
             self._member = MemberReader(shards)
             self._index_of = None  # sample name -> index, built when an error or a val size check needs it
-            self._tmp = tempfile.mkdtemp(prefix="res2net-wds-idx-")
+            _remove_orphaned_index_folders()
+            self._tmp = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-")
             self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, True)
             self._builds = 0
             self._lines = None  # _index_lines
