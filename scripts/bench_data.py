@@ -4,7 +4,8 @@
     MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 \\
     python scripts/bench_data.py --root ROOT [--backends torchvision dali] [--splits train val] \\
         [--workers 2 4] [--batch-size 64] [--img-size 224] [--batches 30] [--warmup 5] [--device cpu|cuda] \\
-        [--rounds 3] [--in-process] [--augment none rand-m9-mstd0.5-inc1 ta_wide original jitter erasing]
+        [--rounds 3] [--in-process] [--augment none rand-m9-mstd0.5-inc1 ta_wide original jitter erasing] \\
+        [--shards DIR [--formats folder wds]] [--startup]
 
 --workers takes several values to tune the worker / thread count: for torchvision it is the number of DataLoader
 worker processes, for DALI the pipeline's CPU threads. Each row warms up first, then times --batches batches
@@ -16,6 +17,11 @@ cores change the numbers (on a shared 2-core VM, single runs vary by +-15%).
 
 --augment adds train rows per augmentation (AUGMENTS below: an auto_augment policy, colour jitter 0.4, random
 erasing 0.25) and a column with its cost per image over the same backend's 'none' row, in ms of one worker / thread.
+
+--shards DIR (scripts/make_shards.py --root ROOT --out DIR) adds rows reading the same images from WebDataset shards
+(--formats folder wds: both, the default with --shards), each shard row beside its folder row. --startup reports,
+instead of img/s, the seconds from nothing to the first train batch (listing the class folders or reading the
+shard manifest and index files, building the loader, the first batch) and the files the process opened for it.
 """
 
 import argparse
@@ -67,8 +73,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="data.dali_resize of the DALI rows (default: the loader's choice for the device; 'graph' is the GPU path)",
     )
     p.add_argument("--in-process", action="store_true", help="measure every row in this process (no isolation)")
+    p.add_argument("--shards", help="make_shards.py output of the same --root: adds data.format=wds rows")
+    p.add_argument("--formats", nargs="+", default=None, choices=["folder", "wds"], help="default: both with --shards")
+    p.add_argument("--startup", action="store_true", help="time to the first train batch, and files opened")
     p.add_argument("--one-row", action="store_true", help=argparse.SUPPRESS)  # internal: print one JSON rate
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.formats is None:
+        args.formats = ["folder", "wds"] if args.shards else ["folder"]
+    if "wds" in args.formats and not args.shards:
+        p.error("--formats wds needs --shards DIR (scripts/make_shards.py --root ROOT --out DIR)")
+    return args
 
 
 def endless(loader):
@@ -101,18 +115,43 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_row(args, split: str, backend: str, workers: int, augment: str = "none") -> float:
-    """One run of one row, img/s: in this process with --in-process / --one-row, else in a fresh process."""
+def measure_startup(cfg: DataConfig, device: torch.device) -> dict:
+    """Seconds from nothing to the first train batch, and the files opened meanwhile (Python's 'open' audit
+    events: the folder listing's and PIL's opens, the shard index's; DALI's own C++ opens are not seen)."""
+    opened = []
+    sys.addaudithook(lambda event, info: opened.append(info[0]) if event == "open" else None)
+    start = time.perf_counter()
+    loader = build_loader(cfg, "train", device=device)
+    next(iter(loader))
+    seconds = time.perf_counter() - start
+    loader.close()
+    data = [p for p in opened if isinstance(p, str) and p.startswith((cfg.root or "\0", str(cfg.train_shards)))]
+    return {"img_per_s": seconds, "files": len(set(data))}
+
+
+def row_config(args, backend: str, workers: int, augment: str, fmt: str) -> DataConfig:
+    shards = {"format": "wds", "train_shards": args.shards, "val_shards": args.shards} if fmt == "wds" else {}
+    return DataConfig(
+        root=args.root,
+        backend=backend,
+        batch_size=args.batch_size,
+        num_workers=workers,
+        img_size=args.img_size,
+        **AUGMENTS[augment],
+        **shards,
+        **({"dali_resize": args.dali_resize} if args.dali_resize and backend == "dali" else {}),
+    )
+
+
+def measure_row(args, split: str, backend: str, workers: int, augment: str = "none", fmt: str = "folder") -> float:
+    """One run of one row, img/s (--startup: seconds): in this process with --in-process / --one-row, else in a fresh
+    process."""
     if args.in_process or args.one_row:
-        cfg = DataConfig(
-            root=args.root,
-            backend=backend,
-            batch_size=args.batch_size,
-            num_workers=workers,
-            img_size=args.img_size,
-            **AUGMENTS[augment],
-            **({"dali_resize": args.dali_resize} if args.dali_resize and backend == "dali" else {}),
-        )
+        cfg = row_config(args, backend, workers, augment, fmt)
+        if args.startup:
+            result = measure_startup(cfg, torch.device(args.device))
+            print(f"files opened: {result['files']}", file=sys.stderr)
+            return result["img_per_s"]
         return measure(cfg, split, torch.device(args.device), args.batches, args.warmup)
     cmd = [
         sys.executable,
@@ -141,8 +180,12 @@ def measure_row(args, split: str, backend: str, workers: int, augment: str = "no
         "--augment",
         augment,
         *(["--dali-resize", args.dali_resize] if args.dali_resize else []),
+        *(["--shards", args.shards, "--formats", fmt] if args.shards else []),
+        *(["--startup"] if args.startup else []),
     ]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if args.startup:
+        print(f"{fmt} {backend}: {done.stdout.strip().splitlines()[-1] if done.stdout else ''}", file=sys.stderr)
     if done.returncode != 0:
         raise RuntimeError(
             f"measuring {split} {backend} workers={workers} augment={augment} failed (exit {done.returncode}); "
@@ -156,13 +199,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.torch_threads)
     device = torch.device(args.device)
     if args.one_row:
-        row = (args.splits[0], args.backends[0], args.workers[0], args.augment[0])
+        row = (args.splits[0], args.backends[0], args.workers[0], args.augment[0], args.formats[0])
         print(json.dumps({"img_per_s": measure_row(args, *row)}))
         return 0
     keys = [
-        (split, backend, workers, augment)
-        for split, backend, workers in itertools.product(args.splits, args.backends, args.workers)
+        (split, backend, workers, augment, fmt)
+        for split, backend, workers in itertools.product(
+            ["train"] if args.startup else args.splits, args.backends, args.workers
+        )
         for augment in (args.augment if split == "train" else ["none"])
+        for fmt in args.formats
     ]
     runs = {key: [] for key in keys}
     for _ in range(args.rounds):  # rounds interleave the rows, so a slow spell of the machine hits all of them
@@ -171,21 +217,38 @@ def main(argv=None) -> int:
             runs[key].append(rate)
             print(f"measured {' '.join(map(str, key))}: {rate:.1f} img/s", file=sys.stderr)
     rows = [(*key, statistics.median(runs[key])) for key in keys]
-    base = {(s, w, a): r for s, b, w, a, r in rows if b == "torchvision"}
-    plain = {(s, b, w): r for s, b, w, a, r in rows if a == "none"}
+    if args.startup:
+        print(
+            f"\nseconds to the first train batch, median of {args.rounds} run(s), CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}"
+        )
+        print("| format | backend | workers/threads | seconds | vs folder |")
+        print("|---|---|---:|---:|---:|")
+        folder = {(b, w): r for _, b, w, _, f, r in rows if f == "folder"}
+        for _, backend, workers, _, fmt, rate in rows:
+            ratio = f"{rate / folder[(backend, workers)]:.2f}x" if (backend, workers) in folder else ""
+            print(f"| {fmt} | {backend} | {workers} | {rate:.2f} | {ratio} |")
+        return 0
+    base = {(s, w, a, f): r for s, b, w, a, f, r in rows if b == "torchvision"}
+    folder = {(s, b, w, a): r for s, b, w, a, f, r in rows if f == "folder"}
+    plain = {(s, b, w, f): r for s, b, w, a, f, r in rows if a == "none"}
     print(
         f"\nbatch {args.batch_size}, {args.img_size} px, device {device}, {os.cpu_count()} CPUs visible, "
         f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {args.batches} timed batches per row, "
         f"median of {args.rounds} run(s)"
         + (f", DALI rows with data.dali_resize={args.dali_resize}" if args.dali_resize else "")
     )
-    print("| split | backend | workers/threads | augment | img/s | vs torchvision | ms/img over none |")
-    print("|---|---|---|---|---:|---:|---:|")
-    for split, backend, workers, augment, rate in rows:
-        ratio = f"{rate / base[(split, workers, augment)]:.2f}x" if (split, workers, augment) in base else ""
-        none = plain.get((split, backend, workers))
+    columns = ["split", "format", "backend", "workers/threads", "augment", "img/s", "vs torchvision", "vs folder"]
+    print("| " + " | ".join([*columns, "ms/img over none"]) + " |")
+    print("|---|---|---|---|---|---:|---:|---:|---:|")
+    for split, backend, workers, augment, fmt, rate in rows:
+        key = (split, workers, augment, fmt)
+        ratio = f"{rate / base[key]:.2f}x" if key in base else ""
+        same = folder.get((split, backend, workers, augment))
+        vs_folder = f"{rate / same:.2f}x" if same and fmt != "folder" else ""
+        none = plain.get((split, backend, workers, fmt))
         cost = f"{1000 * workers * (1 / rate - 1 / none):.2f}" if none and augment != "none" else ""
-        print(f"| {split} | {backend} | {workers} | {augment} | {rate:.1f} | {ratio} | {cost} |")
+        print(f"| {split} | {fmt} | {backend} | {workers} | {augment} | {rate:.1f} | {ratio} | {vs_folder} | {cost} |")
     return 0
 
 

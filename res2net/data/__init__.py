@@ -79,6 +79,12 @@ def build_loader(
         from .loader_synthetic import SyntheticLoader
 
         return SyntheticLoader(cfg, train, channels_last=channels_last, dtype=dtype, **common)
+    if cfg.format == "wds":
+        from .loader_wds import build_wds_loader
+        from .transforms import Normalizer
+
+        normalizer = Normalizer(cfg.mean, cfg.std, device, dtype, channels_last)
+        return build_wds_loader(cfg, split, normalizer=normalizer, **common)
     samples, classes = scan_split(cfg.root, split, None if train else _train_classes(cfg.root))
     return loader_from_samples(samples, classes, cfg, train, channels_last=channels_last, dtype=dtype, **common)
 

@@ -23,6 +23,8 @@ __all__ = [
     "DaliDecoder",
     "DaliResize",
     "DataConfig",
+    "FORMATS",
+    "Format",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "INTERPOLATIONS",
@@ -64,6 +66,11 @@ class Interpolation(Choice):
     bicubic = "bicubic"
 
 
+class Format(Choice):
+    folder = "folder"  # data.root's class folders
+    wds = "wds"  # WebDataset tar shards (res2net/data/shards.py)
+
+
 class DaliDecoder(Choice):
     auto = "auto"
     cpu = "cpu"
@@ -77,6 +84,7 @@ class DaliResize(Choice):
 
 
 BACKENDS = tuple(m.value for m in Backend)
+FORMATS = tuple(m.value for m in Format)
 INTERPOLATIONS = tuple(m.value for m in Interpolation)
 DALI_DECODERS = tuple(m.value for m in DaliDecoder)
 DALI_RESIZES = tuple(m.value for m in DaliResize)
@@ -141,6 +149,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         # A DataConfig built from plain strings (a mapping, a notebook) gets the same members as a composed one.
         self.backend = Backend.of(self.backend, "data.backend")
+        self.format = Format.of(self.format, "data.format")
         self.interpolation = Interpolation.of(self.interpolation, "data.interpolation")
         self.dali_decoder = DaliDecoder.of(self.dali_decoder, "data.dali_decoder")
         self.dali_resize = DaliResize.of(self.dali_resize, "data.dali_resize")
@@ -196,6 +205,8 @@ def check_data_config(cfg: DataConfig, *, training: bool = False) -> None:
         for key in ("synthetic_num_classes", "synthetic_train_size", "synthetic_val_size"):
             if getattr(cfg, key) < 1:
                 raise _bad(key, getattr(cfg, key), ">= 1")
+    if cfg.format == "wds" and cfg.backend == "synthetic":
+        raise _bad("backend", cfg.backend, "'dali' or 'torchvision' with data.format=wds")
     _check_progressive(cfg)
 
 

@@ -121,17 +121,18 @@ def train_shard(n: int, rank: int, world_size: int) -> tuple[int, int]:
 
 
 def train_positions(
-    n: int, rank: int, world_size: int, seed: int, epoch: int, repeats: int = 1
+    n: int, rank: int, world_size: int, seed: int, epoch: int, repeats: int = 1, perm: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(sample indices of this rank in epoch order, their global positions in the epoch: the key of their
     augmentation draws). ``repeats`` = 1: the rank's contiguous block of the epoch permutation. ``repeats`` > 1
     (repeated augmentation, as timm's RASampler): the first ceil(n / repeats) images of the permutation, each
     ``repeats`` times in a row, cut to n and dealt round-robin over the ranks, so consecutive repeats of an image
-    go to different ranks (or, on fewer ranks than repeats, to different positions of one) with different draws."""
+    go to different ranks (or, on fewer ranks than repeats, to different positions of one) with different draws.
+    ``perm``: the epoch's order when it is not epoch_permutation (shards.wds_epoch_order)."""
     if repeats < 1:
         raise ValueError(f"data.repeated_aug must be an integer >= 1, got {repeats}")
     start, stop = train_shard(n, rank, world_size)
-    perm = epoch_permutation(n, seed, epoch)
+    perm = epoch_permutation(n, seed, epoch) if perm is None else perm
     if repeats == 1:
         return perm[start:stop], np.arange(start, stop)
     order = np.repeat(perm[: -(-n // repeats)], repeats)[:n]

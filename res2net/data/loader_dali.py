@@ -90,11 +90,16 @@ HEADER_THREADS = 8  # threads reading a train batch's JPEG headers (I/O-bound: a
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (not DHT, JPG, DAC)
 
 
-def jpeg_size(path: str) -> tuple[int, int] | None:
+def _open_binary(path: str):
+    return open(path, "rb")
+
+
+def jpeg_size(path: str, opener=_open_binary) -> tuple[int, int] | None:
     """(height, width) from a JPEG's start-of-frame header, the size libjpeg-turbo and PIL decode to; None when
     the file is not a JPEG or its header is unusual (the caller then asks PIL). Reads only the header, faster than
-    PIL's Image.open, which matters because the train loader reads one per sample in its main thread."""
-    with open(path, "rb") as f:
+    PIL's Image.open, which matters because the train loader reads one per sample in its main thread. ``opener``
+    turns ``path`` into a binary file object (the shard loader's reads a sample's bytes from its tar)."""
+    with opener(path) as f:
         buf = f.read(4096)
         if buf[:2] != b"\xff\xd8":
             return None
@@ -136,11 +141,11 @@ def _over_pixel_limit(path: str, height: int, width: int) -> str | None:
     )
 
 
-def _header_size(path: str) -> tuple[int, int]:
+def _header_size(path: str, opener=_open_binary) -> tuple[int, int]:
     """(height, width) from the file's header: jpeg_size, else PIL (which raises DecompressionBombError itself)."""
-    size = jpeg_size(path)
+    size = jpeg_size(path, opener)
     if size is None:  # PNG named .JPEG and other rarities
-        with Image.open(path) as img:
+        with Image.open(opener(path)) as img:
             size = img.height, img.width
     return size
 
@@ -167,12 +172,12 @@ class _HeaderError(Exception):
 _READ_OPS = re.compile(r"fn\.(decoders|readers)\.")
 
 
-def _suspects(files: Sequence[str]) -> list[str]:
+def _suspects(files: Sequence[str], opener=_open_binary) -> list[str]:
     """The files of a failed batch that PIL cannot decode either."""
     bad = []
     for path in files:
         try:
-            with Image.open(path) as img:
+            with Image.open(opener(path)) as img:
                 img.load()
         except Exception:  # any decoder failure marks the file
             bad.append(path)
@@ -243,10 +248,30 @@ class DaliLoader(EpochLoader):
         """(epoch_indices, their positions in the epoch: the key of their draws, see index.train_positions)."""
         if self.train:
             n, repeats = len(self._paths), self.cfg.repeated_aug
-            order, positions = train_positions(n, self.rank, self.world_size, self.seed, epoch, repeats)
+            perm = self._epoch_perm(epoch)
+            order, positions = train_positions(n, self.rank, self.world_size, self.seed, epoch, repeats, perm)
             return order[: self.num_samples], positions[: self.num_samples]
         order = np.arange(self._batches.start, self._batches.stop)
         return order, order
+
+    def _epoch_perm(self, epoch: int) -> np.ndarray | None:
+        """The epoch's order of all samples; None: index.epoch_permutation (shards override it)."""
+        return None
+
+    def _open_sample(self, path: str):
+        """A binary file object over a sample's encoded bytes (shards override it)."""
+        return _open_binary(path)
+
+    def _fix_hint(self) -> str:
+        """What to run to find bad samples (shards override it)."""
+        return (
+            f"Find such files with `python scripts/check_dataset.py {self.cfg.root}` (--fix re-encodes them), or use "
+            "data.backend=torchvision, which skips them."
+        )
+
+    def _reader(self, files: list[str], labels: list[int], indices: np.ndarray):
+        """The graph's (encoded images, labels) nodes reading ``files`` in order (shards override it)."""
+        return fn.readers.file(files=files, labels=labels, random_shuffle=False, pad_last_batch=True, name="reader")
 
     def __iter__(self):
         start, self._start = self._start, 0  # a later iteration without set_epoch repeats the epoch from batch 0
@@ -299,26 +324,23 @@ class DaliLoader(EpochLoader):
             self._release()
             raise DataReadError(
                 f"DALI train loader cannot use {err.path} (epoch {self.epoch}, rank "
-                f"{self.rank}): {err.reason}. Find such files with `python scripts/check_dataset.py "
-                f"{self.cfg.root}` (--fix re-encodes them), or use data.backend=torchvision, which skips them."
+                f"{self.rank}): {err.reason}. {self._fix_hint()}"
             ) from err
         except RuntimeError as err:
             self._release()
-            bad = _suspects(batch_files)
+            bad = _suspects(batch_files, self._open_sample)
             if not bad and not _READ_OPS.search(str(err)):
                 raise  # not a file DALI could not read or decode (e.g. a bug in a Python callback): as it is
             raise DataReadError(
                 f"DALI failed on batch {b} of epoch {self.epoch} (rank {self.rank}); undecodable "
-                f"file(s): {bad or batch_files}\n{err}\nFind such files with "
-                f"`python scripts/check_dataset.py {self.cfg.root}` (--fix re-encodes them), or use "
-                "data.backend=torchvision, which skips them."
+                f"file(s): {bad or batch_files}\n{err}\n{self._fix_hint()}"
             ) from err
 
     def _refuse_too_large(self, files: list[str]) -> None:
         """RuntimeError naming the first val file over the pixel limit, before DALI decodes any (headers only)."""
         for path in files:
             try:
-                height, width = _header_size(path)
+                height, width = _header_size(path, self._open_sample)
             except Image.DecompressionBombError as err:
                 raise RuntimeError(f"DALI val loader cannot use {path}: {err}") from None
             except Exception:  # an unreadable header: DALI's decoder fails on it and the batch error names it
@@ -420,7 +442,7 @@ class DaliLoader(EpochLoader):
         if h < 0:
             path = str(self._paths[idx])
             try:
-                h, w = _header_size(path)
+                h, w = _header_size(path, self._open_sample)
             except Exception as err:  # any reader failure: not an image PIL knows, truncated header, unreadable
                 raise _HeaderError(path, repr(err)) from err
             too_large = _over_pixel_limit(path, h, w)
@@ -485,9 +507,7 @@ class DaliLoader(EpochLoader):
             decoder_args["jpeg_fancy_upsampling"] = True  # nvJPEG upsamples chroma as libjpeg-turbo does on the CPU
             decoder_args.update(MIXED_DECODER_ARGS)
         with pipe:
-            jpegs, label_node = fn.readers.file(
-                files=files, labels=labels, random_shuffle=False, pad_last_batch=True, name="reader"
-            )
+            jpegs, label_node = self._reader(files, labels, indices)
             if self.train:
                 anchor, shape, flip = fn.external_source(
                     source=self._boxes_source(indices, positions),

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 _PIL_INTERP = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
 
-def _open_rgb(path: str) -> Image.Image:
+def _open_rgb(path) -> Image.Image:
     img = Image.open(path)
     try:
         img.load()  # decodes, and closes the file of a single-frame image
@@ -44,9 +44,10 @@ def _open_rgb(path: str) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def decode_val_image(path: str, img_size: int, crop_pct: float, interpolation: str = "bilinear") -> np.ndarray:
+def decode_val_image(path, img_size: int, crop_pct: float, interpolation: str = "bilinear") -> np.ndarray:
     """Val transform of one file as uint8 HWC: shorter side to floor(img_size / crop_pct) (PIL, antialiased),
-    center crop img_size -- exactly torchvision's Resize(int) + CenterCrop on a PIL image."""
+    center crop img_size -- exactly torchvision's Resize(int) + CenterCrop on a PIL image. ``path``: a file name or
+    a binary file object."""
     img = _open_rgb(path)
     new_h, new_w = val_resized_shape(img.height, img.width, val_resize_size(img_size, crop_pct))
     img = img.resize((new_w, new_h), _PIL_INTERP[interpolation])
@@ -54,7 +55,7 @@ def decode_val_image(path: str, img_size: int, crop_pct: float, interpolation: s
     return np.asarray(img.crop((left, top, left + img_size, top + img_size)))
 
 
-def decode_train_image(path: str, draws: np.ndarray, img_size: int, interpolation: str = "bilinear") -> np.ndarray:
+def decode_train_image(path, draws: np.ndarray, img_size: int, interpolation: str = "bilinear") -> np.ndarray:
     """RandomResizedCrop (crop, then resize, as torchvision) + horizontal flip of one file as uint8 HWC, all
     randomness given by ``draws`` (transforms.augmentation_draws)."""
     img = _open_rgb(path)
@@ -104,10 +105,18 @@ class _BatchDataset(torch.utils.data.Dataset):
             return order, order
         if self._order is None or self._order[0] != epoch:
             order, positions = train_positions(
-                len(self.paths), self.rank, self.world_size, self.seed, epoch, self.repeats
+                len(self.paths), self.rank, self.world_size, self.seed, epoch, self.repeats, self.epoch_perm(epoch)
             )
             self._order = (epoch, order, positions)
         return self._order[1], self._order[2]
+
+    def epoch_perm(self, epoch: int) -> np.ndarray | None:
+        """The epoch's order of all samples; None: index.epoch_permutation (shards override it)."""
+        return None
+
+    def image_source(self, idx: int):
+        """What PIL opens for sample ``idx``: its path (shards: a file object over the bytes in the tar)."""
+        return str(self.paths[idx])
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, batch = key
@@ -138,7 +147,7 @@ class _BatchDataset(torch.utils.data.Dataset):
         if slot is not None:
             self.table.busy(slot, int(idx))
         try:
-            dst[...] = decode_val_image(str(self.paths[idx]), self.val_size, self.crop_pct, self.interpolation)
+            dst[...] = decode_val_image(self.image_source(idx), self.val_size, self.crop_pct, self.interpolation)
         except Exception as err:  # any decoder failure: PIL raises OSError, SyntaxError, ValueError, ...
             skipped.append((str(self.paths[idx]), repr(err)))
             dst[...] = self.fill
@@ -152,7 +161,7 @@ class _BatchDataset(torch.utils.data.Dataset):
             if slot is not None:
                 self.table.busy(slot, int(idx))
             try:
-                dst[...] = decode_train_image(str(self.paths[idx]), draws, dst.shape[0], self.interpolation)
+                dst[...] = decode_train_image(self.image_source(idx), draws, dst.shape[0], self.interpolation)
                 return int(self.labels[idx])
             except Exception as err:  # any decoder failure, see _decode_val
                 skipped.append((str(self.paths[idx]), repr(err)))
@@ -201,7 +210,7 @@ class TorchvisionLoader(EpochLoader):
         paths = np.array([p for p, _ in samples])
         labels = np.array([label for _, label in samples], dtype=np.int64)
         self._batches = epoch_batches(len(samples), cfg.batch_size, rank, world_size, train=train)
-        self._dataset = _BatchDataset(paths, labels, train, cfg, self._batches, rank, world_size, seed)
+        self._dataset = self._make_dataset(paths, labels, train, cfg, rank, world_size, seed)
         if not train:
             shard = slice(self._batches.start, self._batches.stop)
             self.paths = [str(p) for p in paths[shard]]
@@ -226,6 +235,10 @@ class TorchvisionLoader(EpochLoader):
         )
         self.skipped = 0
         self.skipped_paths: list[str] = []
+
+    def _make_dataset(self, paths, labels, train, cfg, rank, world_size, seed) -> _BatchDataset:
+        """The map-style dataset of batches (the shard loader returns its subclass)."""
+        return _BatchDataset(paths, labels, train, cfg, self._batches, rank, world_size, seed)
 
     def _seek(self, epoch: int, start_batch: int) -> None:
         self._sampler.epoch, self._sampler.start = epoch, start_batch

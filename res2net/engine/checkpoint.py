@@ -65,6 +65,8 @@ CHECKPOINT_KEYS = (
 RESUME_MAY_DIFFER = (
     "resume",
     "data.root",
+    "data.train_shards",  # the same shards, moved: the order depends on the manifest, not the path
+    "data.val_shards",
     "data.num_workers",
     "data.prefetch",
     "trainer.log_interval",
