@@ -9,6 +9,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from res2net.errors import ConfigError
 
@@ -95,6 +96,20 @@ class DataConfig:
     # <root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG; unused by the synthetic backend.
     root: str | None = None
     backend: Backend = Backend.dali
+    # Where the images are: 'folder' = data.root's class folders; 'wds' = WebDataset tar shards (README "Data",
+    # res2net/data/shards.py), read by both backends.
+    format: Format = Format.folder
+    # data.format=wds: the train / val shards: a folder written by scripts/make_shards.py (its manifest.json lists
+    # them), a brace pattern such as /data/in1k/train-{0000..1023}.tar, one .tar, or a list of these; local paths.
+    # val_shards null with train_shards a make_shards folder: that folder's val shards.
+    train_shards: Any = None
+    val_shards: Any = None
+    # Member extensions of a sample: the image (the first present of these), the class index as ASCII text.
+    wds_image_keys: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    wds_label_key: str = "cls"
+    # Train order inside a shard: true = a (seed, epoch, shard) permutation (one seek per sample within the
+    # shard); false = file order (purely sequential reads; the shards' order still changes every epoch).
+    wds_shuffle_in_shard: bool = True
     # Per process. Train drops the last partial batch; val keeps it.
     batch_size: int = 64
     # torchvision: DataLoader worker processes (0 = decode in the main process). dali: CPU threads of the pipeline.
