@@ -180,8 +180,10 @@ MAX_IMG_SIZE = 4096  # crops beyond this are a typo (one 4096 px fp32 image is 2
 def check_data_config(cfg: DataConfig, *, training: bool = False) -> None:
     """Refuse values the schema's types let through but no loader can use (every backend, train.py and evaluate.py
     alike); the error names the key, the value and what is allowed. ``training``: BatchNorm statistics need two
-    samples per process. The augmentation policy text is parsed, and checked, where it is used
-    (res2net.data.augment.parse_policy)."""
+    samples per process. The augmentation policy's grammar is res2net.data.augment.parse_policy's."""
+    from .augment import parse_policy  # torch: not at import, so `train.py --help` stays fast
+
+    parse_policy(cfg.auto_augment)
     least = 2 if training else 1
     if int(cfg.batch_size) < least:
         why = " (BatchNorm computes its statistics over the batch of each process)" if training else ""
