@@ -80,6 +80,13 @@ class ModelConfig:
     drop_rate: float | None = None  # dropout before the classifier
     # Stochastic depth: the last block's rate, rising linearly from 0 at the first block; null = the variant's 0.
     drop_path_rate: float | None = None
+    # Start from weights (train.py; res2net/models/init.py). pretrained: the variant's released ImageNet weights
+    # (the loader create_model(pretrained=True) uses). init_checkpoint: a train.py checkpoint, a released .pth, a
+    # .safetensors file, an exported HF folder, an http(s) URL or a variant name; read tensors-only. Either one:
+    # a classifier of another size is re-initialised (the log names its keys), any other mismatch is an error.
+    # Not a resume (fresh optimizer, schedule and RNG); resume=auto on a run directory with a checkpoint wins.
+    pretrained: bool = False
+    init_checkpoint: str = ""
 
 
 class OptimName(enum.Enum):
@@ -114,6 +121,11 @@ class OptimConfig:
     no_decay_norm_bias: bool = False
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw and lamb: moment decay rates
     eps: float = 1e-8  # adamw and lamb: added to the second moment's root (timm's Lamb default: 1e-6)
+    # Per-group learning rates for fine-tuning (res2net/engine/finetune.py): the classifier's lr is lr x
+    # head_lr_mult; layer_decay < 1 scales each depth's lr by layer_decay ** (5 - depth) (head 1, layer4 x d, ...,
+    # stem x d^5). Both 1 = one lr for every parameter. The weight-decay rules above hold within each group.
+    head_lr_mult: float = 1.0
+    layer_decay: float = 1.0
 
 
 @dataclass
@@ -150,6 +162,11 @@ class TrainerConfig:
     seed: int = 0
     # Deterministic kernels (torch.use_deterministic_algorithms, no cuDNN benchmark): same seed, same weights.
     deterministic: bool = False
+    # Fine-tuning: parameters that get no gradient and stay as initialised: none | stem | layer1 | layer2 |
+    # layer3 | layer4 (the stem and every stage up to that one) | backbone (everything but the classifier).
+    freeze: str = "none"
+    # true: the frozen part's BatchNorm layers stay in eval mode (their running statistics are used, not updated).
+    freeze_bn_eval: bool = True
 
 
 @dataclass
@@ -205,6 +222,10 @@ class TrainConfig:
     # '' = start fresh; 'auto' = the run directory's checkpoints/last.pth if there is one, else start fresh;
     # otherwise the path of a checkpoint written by train.py.
     resume: str = ""
+    # Config keys (or key prefixes) a resume may change on purpose beyond the always-allowed ones, e.g.
+    # resume_allow=[schedule.epochs] to continue a finished run for more epochs. The log lists what changed: the
+    # run is no longer the uninterrupted trajectory of one config.
+    resume_allow: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -298,6 +319,7 @@ def check_train_config(cfg: Any) -> None:
         raise ConfigError(f"schedule.milestones={list(s.milestones)} must be increasing")
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be >= 1")
+    _check_finetune(cfg)
     pair_mode = getattr(cfg.mixup.mode, "value", cfg.mixup.mode) == "pair"
     if pair_mode and cfg.data.batch_size % 2 and (cfg.mixup.alpha > 0 or cfg.mixup.cutmix_alpha > 0):
         raise ConfigError(f"mixup.mode=pair mixes samples in pairs: data.batch_size={cfg.data.batch_size} must be even")
@@ -312,6 +334,22 @@ def check_train_config(cfg: Any) -> None:
         raise ConfigError(f"model.drop_rate={cfg.model.drop_rate} must be in [0, 1)")
     if t.ema_decay != 0.0 and not 0.0 < t.ema_decay < 1.0:
         raise ConfigError(f"trainer.ema_decay={t.ema_decay} must be in (0, 1), e.g. 0.9998, or 0 to turn the EMA off")
+
+
+def _check_finetune(cfg: Any) -> None:
+    from res2net.engine.finetune import FREEZE_CHOICES
+
+    if cfg.trainer.freeze not in FREEZE_CHOICES:
+        raise ConfigError(f"trainer.freeze={cfg.trainer.freeze!r} is invalid; use one of {' | '.join(FREEZE_CHOICES)}")
+    _finite("optim.head_lr_mult", cfg.optim.head_lr_mult, 0.0, low_open=True)
+    _finite("optim.layer_decay", cfg.optim.layer_decay, 0.0, 1.0, low_open=True)
+    if not 0.0 <= cfg.data.val_split < 1.0:
+        raise ConfigError(f"data.val_split={cfg.data.val_split} must be a fraction in [0, 1) (0 = use <root>/val/)")
+    if cfg.model.pretrained and cfg.model.init_checkpoint:
+        raise ConfigError(
+            f"model.pretrained=true and model.init_checkpoint={cfg.model.init_checkpoint!r} both name the starting "
+            "weights; keep one"
+        )
 
 
 def _check_loss(loss: Any) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ CHECKPOINT_KEYS = (
 # extend it); any other difference is refused. Prefixes end with a dot.
 RESUME_MAY_DIFFER = (
     "resume",
+    "resume_allow",
     "data.root",
     "data.num_workers",
     "data.prefetch",
@@ -228,9 +229,12 @@ def training_checkpoint(
     rng: list,
     config: Mapping,
     world_size: int,
+    classes: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """The dict train.py writes: the plain network's weights, optimizer, scaler, EMA, TrainState, RNGs, config."""
+    """The dict train.py writes: the plain network's weights, optimizer, scaler, EMA, TrainState, RNGs, config,
+    and the class names (the training data's class folders; index i is output i)."""
     return {
+        "classes": list(classes) if classes is not None else None,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),

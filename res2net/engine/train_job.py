@@ -26,10 +26,12 @@ from torch import nn
 
 from res2net.config import TrainConfig, check_train_config, to_dict
 from res2net.data import build_loader
+from res2net.data.split import describe_data
 from res2net.models import model_from_config, resolve_model_config
 
 from .amp import resolve_amp, resolve_channels_last
 from .checkpoint import (
+    RESUME_MAY_DIFFER,
     CheckpointError,
     CheckpointManager,
     check_compatible,
@@ -42,6 +44,7 @@ from .checkpoint import (
 from .distill import DistillationLoss, load_teacher
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, wrap_model
 from .ema import ModelEma
+from .finetune import log_allowed_changes, prepare_model, start_weights
 from .loops import NonFiniteLossError, Outcome, TrainState, evaluate, optimizer_steps_per_epoch, train_one_epoch
 from .losses import build_criterion
 from .metrics import MetricsWriter, TrainProgress, log_epoch
@@ -208,9 +211,13 @@ def _train(cfg: Any, run_dir: Path, dist: DistInfo, stop: StopRequest | None) ->
             run_dir / "checkpoints" / "last.pth",
         )
     ckpt = load_checkpoint(resume_path) if resume_path else None
+    init_file = start_weights(cfg, config, ckpt, dist)  # model.pretrained / model.init_checkpoint, unless resuming
     if ckpt is not None:
         defaults = OmegaConf.to_container(OmegaConf.structured(TrainConfig), enum_to_str=True)
-        check_compatible(ckpt["config"], config, path=resume_path, defaults=defaults)
+        allowed = (*RESUME_MAY_DIFFER, *cfg.resume_allow)
+        check_compatible(ckpt["config"], config, path=resume_path, allowed=allowed, defaults=defaults)
+        if dist.is_main:
+            log_allowed_changes(ckpt["config"], config, cfg.resume_allow)
     loader_args = dict(
         rank=dist.rank,
         world_size=dist.world_size,
@@ -222,6 +229,8 @@ def _train(cfg: Any, run_dir: Path, dist: DistInfo, stop: StopRequest | None) ->
     val_loader = writer = None
     try:
         val_loader = build_loader(cfg.data, "val", **loader_args)
+        if dist.is_main:
+            describe_data(cfg.data, run_dir)  # classes and image counts; data.val_split's record
         accum_steps = cfg.trainer.accum_steps
         steps_per_epoch = optimizer_steps_per_epoch(len(train_loader), accum_steps)
         if steps_per_epoch < 1:
@@ -237,6 +246,7 @@ def _train(cfg: Any, run_dir: Path, dist: DistInfo, stop: StopRequest | None) ->
         torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank
         num_classes = _num_classes(cfg, train_loader)
         model = _build_model(cfg, num_classes, dist, channels_last)
+        prepare_model(model, cfg, init_file, dist, train_loader.classes)  # initialise from weights, freeze (res2net/engine/finetune.py)
         ema = ModelEma(model, cfg.trainer.ema_decay) if cfg.trainer.ema_decay > 0 else None
         global_batch = cfg.data.batch_size * dist.world_size * accum_steps
         optimizer = build_optimizer(model, cfg.optim, global_batch)
@@ -253,6 +263,7 @@ def _train(cfg: Any, run_dir: Path, dist: DistInfo, stop: StopRequest | None) ->
             ema=ema,
             state=state,
             config=config,
+            classes=list(train_loader.classes),
         )
         if ckpt is not None:
             restore_training(
