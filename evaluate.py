@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from res2net.config import RUN_TIME_ENV, register_configs
+from res2net.data.preprocess import command_line_fields
 from res2net.engine import distributed
 from res2net.engine.eval_job import evaluate_checkpoint, summary_lines
 from res2net.errors import hydra_entry, run_hydra_main
@@ -31,7 +32,9 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     out_dir = HydraConfig.get().runtime.output_dir
     with distributed.process_group() as info:  # read here, not at import (see train.py)
-        result = evaluate_checkpoint(cfg, out_dir if info.is_main else None, info)
+        # The checkpoint's own preprocessing, except the data.* fields typed on the command line.
+        keep = command_line_fields(HydraConfig.get().overrides.task)
+        result = evaluate_checkpoint(cfg, out_dir if info.is_main else None, info, keep_data=keep)
     if result is not None:
         for line in summary_lines(result):
             log.info(line)

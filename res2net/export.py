@@ -45,9 +45,17 @@ def _example(img_size: int, batch_size: int = 2) -> torch.Tensor:
     return torch.randn(batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int = 224, opset: int = OPSET) -> Path:
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    img_size: int = 224,
+    opset: int = OPSET,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
     """Write ``model`` (BatchNorm folded, eval mode) as an ONNX file with a dynamic batch axis, checked by
-    onnx.checker. Input ``images`` (N, 3, img_size, img_size) float32, output ``logits`` (N, num_classes)."""
+    onnx.checker. Input ``images`` (N, 3, img_size, img_size) float32, output ``logits`` (N, num_classes).
+    ``metadata``: entries of the model's metadata_props (scripts/export.py records the preprocessing and the class
+    names under 'res2net', res2net.engine.recipe.ONNX_METADATA_KEY)."""
     import onnx
 
     folded = prepare_for_inference(model.cpu(), channels_last=False)
@@ -62,6 +70,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int = 224, 
         verbose=False,
     )
     proto = program.model_proto
+    for key, value in (metadata or {}).items():
+        onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, key: value})
     onnx.checker.check_model(proto, full_check=True)
     path = Path(path)
     with atomic_write(path) as f:
@@ -112,11 +122,17 @@ def timm_model_args(overrides: Mapping) -> dict:
 
 
 def hf_config(
-    name: str, model: nn.Module, img_size: int = 224, model_args: Mapping | None = None, data: DataConfig | None = None
+    name: str,
+    model: nn.Module,
+    img_size: int = 224,
+    model_args: Mapping | None = None,
+    data: DataConfig | None = None,
+    classes: Sequence[str] | None = None,
 ) -> dict:
     """The config.json timm reads from a hub folder: architecture, num_classes, model_args (``timm_model_args``)
     and the pretrained_cfg (input size, interpolation, crop_pct, mean, std) of the validation transform
-    (``DataConfig``'s defaults unless given)."""
+    (``DataConfig``'s defaults unless given; img_size is the input size); ``classes``: the class names, recorded as
+    ``label_names`` (timm's key) when given."""
     data = data or DataConfig()
     first_conv = "conv1.0" if isinstance(model.conv1, nn.Sequential) else "conv1"
     pretrained_cfg = dict(
@@ -141,6 +157,8 @@ def hf_config(
     )
     if model_args:
         config["model_args"] = dict(model_args)
+    if classes is not None:
+        pretrained_cfg["label_names"] = list(classes)
     return config
 
 
@@ -151,6 +169,8 @@ def export_hf(
     card: str,
     img_size: int = 224,
     model_args: Mapping | None = None,
+    data: DataConfig | None = None,
+    classes: Sequence[str] | None = None,
 ) -> Path:
     """Write a Hugging Face hub folder: config.json (``hf_config``), model.safetensors and README.md (``card``).
 
@@ -163,7 +183,8 @@ def export_hf(
     folder.mkdir(parents=True, exist_ok=True)
     export_safetensors(model, folder / "model.safetensors", metadata={"format": "pt", "architecture": name})
     with atomic_write(folder / "config.json") as f:
-        f.write((json.dumps(hf_config(name, model, img_size, model_args), indent=2) + "\n").encode())
+        config = hf_config(name, model, img_size, model_args, data, classes)
+        f.write((json.dumps(config, indent=2) + "\n").encode())
     with atomic_write(folder / "README.md") as f:
         f.write(card.encode())
     return folder
@@ -205,11 +226,22 @@ class OnnxRuntimeModel(nn.Module):
             options.intra_op_num_threads = threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.path = path
         self.input_name = self.session.get_inputs()[0].name
+        # (C, H, W) of the graph's input; None entries are dynamic.
+        self.input_shape = tuple(d if isinstance(d, int) else None for d in self.session.get_inputs()[0].shape[1:])
         classes = self.session.get_outputs()[0].shape[-1]
         self.num_classes = classes if isinstance(classes, int) else None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        got = tuple(images.shape[1:])
+        if len(got) != len(self.input_shape) or any(e is not None and e != g for e, g in zip(self.input_shape, got)):
+            want = "x".join("?" if e is None else str(e) for e in self.input_shape)
+            raise ValueError(
+                f"{self.path} takes {want} (C x H x W) images, got {'x'.join(map(str, got))}; evaluate at its size "
+                f"(data.img_size={self.input_shape[-1]}, or no data.img_size: the file's own preprocessing) or export "
+                "it again with scripts/export.py --img-size"
+            )
         array = images.detach().to("cpu", torch.float32).contiguous().numpy()
         return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
 

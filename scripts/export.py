@@ -2,8 +2,11 @@
 """Export a Res2Net classifier as ONNX, TorchScript, safetensors or a Hugging Face hub folder, and check the result.
 
     python scripts/export.py --model res2net50_26w_4s --checkpoint released --format onnx --out res2net50_26w_4s.onnx
-    python scripts/export.py --model res2net50_26w_4s --checkpoint outputs/<run>/checkpoints/best.pth \\
-        --format hf --out hub/res2net50_26w_4s
+    python scripts/export.py --checkpoint outputs/<run>/checkpoints/best.pth --format hf --out hub/my_model
+
+The checkpoint carries its recipe: a train.py checkpoint names its model and its evaluation preprocessing (image
+size, crop, interpolation, mean, std; released weights: their published values), which the export records (ONNX
+metadata 'res2net', HF config.json pretrained_cfg) with the class names; --img-size exports at another size.
 
 onnx: BatchNorm folded, dynamic batch axis, opset 18, onnx.checker, then ONNX Runtime against PyTorch at batch 1 and 2.
 torchscript: BatchNorm folded, traced, reloaded and compared. safetensors: the weights only. hf: a folder timm and
@@ -25,6 +28,10 @@ import torch
 
 import res2net
 from res2net import export
+from res2net.data.classes import class_names_of
+from res2net.data.config import DataConfig
+from res2net.data.preprocess import preprocessing_of
+from res2net.engine.recipe import ONNX_METADATA_KEY
 from res2net.engine.eval_job import build_model_for
 from res2net.models.hub import HUB_REPOS, released_weights
 from res2net.models.pretrained import RELEASED, read_checkpoint, sha256_file
@@ -44,10 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--model",
-        required=True,
+        default=None,
         choices=res2net.list_models(),
         metavar="NAME",
-        help=f"variant: {', '.join(res2net.list_models())}",
+        help=f"variant (default: the one a train.py checkpoint names): {', '.join(res2net.list_models())}",
     )
     p.add_argument(
         "--num-classes",
@@ -58,18 +65,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="'released' or the path of a .pth / .safetensors file")
     p.add_argument("--format", required=True, choices=export.FORMATS, help=" | ".join(export.FORMATS))
     p.add_argument("--out", required=True, type=Path, help="output file (a folder for --format hf)")
-    p.add_argument("--img-size", type=int, default=224, help="input size of the traced graphs and of config.json")
+    p.add_argument(
+        "--img-size",
+        type=int,
+        default=None,
+        help="input size of the traced graphs and of config.json (default: the checkpoint's evaluation size)",
+    )
     p.add_argument("--license", default="unknown", help="licence identifier for the hf model card")
     args = p.parse_args(argv)
     if args.num_classes is not None and args.num_classes < 1:
         p.error(f"--num-classes must be >= 1, got {args.num_classes}")
-    if args.img_size < 32:
+    if args.img_size is not None and args.img_size < 32:
         p.error(f"--img-size must be >= 32, got {args.img_size}")
+    if args.model is None and args.checkpoint == "released":
+        p.error("--checkpoint released needs --model NAME (which variant's released weights)")
     return args
 
 
-def load_model(name: str, num_classes: int | None, checkpoint: str) -> tuple[torch.nn.Module, dict]:
-    """(model with the checkpoint's weights, facts for the model card: source, sha256, metrics, recipe)."""
+def load_model(name: str | None, num_classes: int | None, checkpoint: str) -> tuple[torch.nn.Module, dict]:
+    """(model with the checkpoint's weights, facts for the model card: source, sha256, metrics, recipe, class names,
+    evaluation preprocessing). ``name`` None: the model a train.py checkpoint names."""
     if checkpoint == "released":
         path = released_weights(name)
     else:
@@ -79,9 +94,12 @@ def load_model(name: str, num_classes: int | None, checkpoint: str) -> tuple[tor
     state = read_checkpoint(path, trusted=False)  # tensors only: an unsafe file is an UnsafeCheckpointError
     if not isinstance(state, dict):
         raise RuntimeError(f"{path} holds a {type(state).__name__}, not a state_dict or checkpoint dict")
-    model, cfg = build_model_for({"name": name, "num_classes": num_classes}, state)
     saved = state.get("config") if isinstance(state.get("config"), dict) else None
     saved_model = saved.get("model") if saved and isinstance(saved.get("model"), dict) else {}
+    name = name or saved_model.get("name")
+    if name is None:
+        raise ValueError(f"{path} does not name its model (not a train.py checkpoint); pass --model NAME")
+    model, cfg = build_model_for({"name": name, "num_classes": num_classes}, state)
     facts = dict(
         name=cfg["name"],
         checkpoint=checkpoint,
@@ -91,6 +109,8 @@ def load_model(name: str, num_classes: int | None, checkpoint: str) -> tuple[tor
         config=saved,
         model_args=export.timm_model_args(saved_model),
         overrides={k: v for k, v in saved_model.items() if k in MODEL_KNOBS},
+        classes=class_names_of(state, model.num_classes),
+        preprocessing=preprocessing_of(state, cfg["name"]),
     )
     return model.eval(), facts
 
@@ -177,8 +197,11 @@ terms before use in a product.
 def export_and_check(model: torch.nn.Module, facts: dict, args: argparse.Namespace) -> str:
     """Write args.out in args.format, reload it, compare it with the PyTorch model; the line to print."""
     out = args.out
+    pp = facts["preprocessing"].overridden(img_size=args.img_size)  # --img-size wins over the checkpoint's
+    args.img_size = pp.img_size
     if args.format == "onnx":
-        export.export_onnx(model, out, img_size=args.img_size)
+        record = {"model": facts["name"], "preprocessing": pp.to_dict(), "classes": facts["classes"]}
+        export.export_onnx(model, out, img_size=pp.img_size, metadata={ONNX_METADATA_KEY: json.dumps(record)})
         reloaded = export.OnnxRuntimeModel(out)
         what = f"ONNX opset {export.OPSET}, checked by onnx.checker; ONNX Runtime"
     elif args.format == "torchscript":
@@ -191,8 +214,16 @@ def export_and_check(model: torch.nn.Module, facts: dict, args: argparse.Namespa
                 out,
                 facts["name"],
                 model_card(model, facts, args.license),
-                img_size=args.img_size,
+                img_size=pp.img_size,
                 model_args=facts["model_args"],
+                data=DataConfig(
+                    img_size=pp.img_size,
+                    crop_pct=pp.crop_pct,
+                    interpolation=pp.interpolation,
+                    mean=list(pp.mean),
+                    std=list(pp.std),
+                ),
+                classes=facts["classes"],
             )
             weights = out / "model.safetensors"
         else:
@@ -206,7 +237,10 @@ def export_and_check(model: torch.nn.Module, facts: dict, args: argparse.Namespa
     error = export.max_relative_error(reloaded, model, batch_sizes=(1, 2), img_size=args.img_size)
     if not error < TOLERANCE:
         raise RuntimeError(f"{out}: outputs differ from PyTorch by {error:.2e} (relative, > {TOLERANCE:.0e})")
-    return f"wrote {out}: {what} vs PyTorch at batch 1 and 2: max relative error {error:.1e} (< {TOLERANCE:.0e})"
+    return (
+        f"wrote {out} ({pp.img_size} px, crop_pct {pp.crop_pct:g}, {pp.interpolation}): {what} vs PyTorch at batch 1 "
+        f"and 2: max relative error {error:.1e} (< {TOLERANCE:.0e})"
+    )
 
 
 def _one_line(err: BaseException) -> str:

@@ -88,9 +88,10 @@ class Preprocessing:
         return self.overridden(**values)
 
     def data_overrides(self) -> dict[str, Any]:
-        """The DataConfig values that make a val loader apply this preprocessing (val_img_size, crop_pct,
-        interpolation, mean, std), for ``{**data_cfg, **pp.data_overrides()}``."""
+        """The DataConfig values that make a val loader apply this preprocessing (img_size and val_img_size both
+        the crop size, crop_pct, interpolation, mean, std), for ``{**data_cfg, **pp.data_overrides()}``."""
         return {
+            "img_size": self.img_size,
             "val_img_size": self.img_size,
             "crop_pct": self.crop_pct,
             "interpolation": self.interpolation,
@@ -173,6 +174,8 @@ def command_line_fields(overrides: Iterable[str]) -> frozenset[str]:
         if not key.startswith("data."):
             continue
         name = key[len("data.") :]
+        if name == "val_split":  # not preprocessing, but a recipe field too (res2net.engine.recipe)
+            fields.add(name)
         if name == "val_img_size":
             name = "img_size"
         if name in FIELDS:

@@ -246,7 +246,9 @@ def _train(cfg: Any, run_dir: Path, dist: DistInfo, stop: StopRequest | None) ->
         torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank
         num_classes = _num_classes(cfg, train_loader)
         model = _build_model(cfg, num_classes, dist, channels_last)
-        prepare_model(model, cfg, init_file, dist, train_loader.classes)  # initialise from weights, freeze (res2net/engine/finetune.py)
+        prepare_model(
+            model, cfg, init_file, dist, train_loader.classes
+        )  # initialise from weights, freeze (res2net/engine/finetune.py)
         ema = ModelEma(model, cfg.trainer.ema_decay) if cfg.trainer.ema_decay > 0 else None
         global_batch = cfg.data.batch_size * dist.world_size * accum_steps
         optimizer = build_optimizer(model, cfg.optim, global_batch)
