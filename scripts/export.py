@@ -31,8 +31,8 @@ from res2net import export
 from res2net.data.classes import class_names_of
 from res2net.data.config import DataConfig
 from res2net.data.preprocess import preprocessing_of
-from res2net.engine.recipe import ONNX_METADATA_KEY
 from res2net.engine.eval_job import build_model_for
+from res2net.engine.recipe import ONNX_METADATA_KEY
 from res2net.models.hub import HUB_REPOS, released_weights
 from res2net.models.pretrained import RELEASED, read_checkpoint, sha256_file
 from res2net.models.stats import count_params

@@ -11,7 +11,6 @@ import json
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 from res2net.data.preprocess import Preprocessing, preprocessing_of, published_preprocessing
 
