@@ -128,11 +128,13 @@ def hf_config(
     model_args: Mapping | None = None,
     data: DataConfig | None = None,
     classes: Sequence[str] | None = None,
+    model_config: Mapping | None = None,
 ) -> dict:
     """The config.json timm reads from a hub folder: architecture, num_classes, model_args (``timm_model_args``)
     and the pretrained_cfg (input size, interpolation, crop_pct, mean, std) of the validation transform
     (``DataConfig``'s defaults unless given; img_size is the input size); ``classes``: the class names, recorded as
-    ``label_names`` (timm's key) when given."""
+    ``label_names`` (timm's key) when given; ``model_config``: our model config (name and knobs), recorded as
+    ``res2net_model`` so scripts/predict.py and evaluate.py rebuild a reduced or modified variant as trained."""
     data = data or DataConfig()
     first_conv = "conv1.0" if isinstance(model.conv1, nn.Sequential) else "conv1"
     pretrained_cfg = dict(
@@ -159,6 +161,8 @@ def hf_config(
         config["model_args"] = dict(model_args)
     if classes is not None:
         pretrained_cfg["label_names"] = list(classes)
+    if model_config:
+        config["res2net_model"] = dict(model_config)
     return config
 
 
@@ -171,6 +175,7 @@ def export_hf(
     model_args: Mapping | None = None,
     data: DataConfig | None = None,
     classes: Sequence[str] | None = None,
+    model_config: Mapping | None = None,
 ) -> Path:
     """Write a Hugging Face hub folder: config.json (``hf_config``), model.safetensors and README.md (``card``).
 
@@ -183,7 +188,7 @@ def export_hf(
     folder.mkdir(parents=True, exist_ok=True)
     export_safetensors(model, folder / "model.safetensors", metadata={"format": "pt", "architecture": name})
     with atomic_write(folder / "config.json") as f:
-        config = hf_config(name, model, img_size, model_args, data, classes)
+        config = hf_config(name, model, img_size, model_args, data, classes, model_config)
         f.write((json.dumps(config, indent=2) + "\n").encode())
     with atomic_write(folder / "README.md") as f:
         f.write(card.encode())

@@ -81,7 +81,7 @@ def _load(source: str, model: str | None, use_ema: bool, trusted: bool) -> tuple
         from res2net.models.hub import released_weights
 
         model, path, record = source, released_weights(source), {}
-    elif path.is_dir():
+    elif path.is_dir():  # an exported HF folder: config.json names the architecture
         record = source_record(source, model)
         model = model or record.get("architecture")
         path = path / "model.safetensors"
@@ -93,6 +93,8 @@ def _load(source: str, model: str | None, use_ema: bool, trusted: bool) -> tuple
             f"({', '.join(sorted(VARIANTS))})"
         )
     checkpoint = read_checkpoint(path, trusted=trusted)
+    if record is not None and isinstance(record.get("res2net_model"), dict):  # the folder's model config
+        checkpoint = {"model": checkpoint, "config": {"model": record["res2net_model"]}}
     record = checkpoint if record is None else record
     saved = checkpoint.get("config", {}).get("model", {}) if isinstance(checkpoint.get("config"), dict) else {}
     name = model or saved.get("name")

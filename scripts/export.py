@@ -224,6 +224,7 @@ def export_and_check(model: torch.nn.Module, facts: dict, args: argparse.Namespa
                     std=list(pp.std),
                 ),
                 classes=facts["classes"],
+                model_config={"name": facts["name"], **facts["overrides"]},
             )
             weights = out / "model.safetensors"
         else:
