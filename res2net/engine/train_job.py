@@ -28,6 +28,7 @@ from res2net.config import TrainConfig, check_train_config, to_dict
 from res2net.data import build_loader
 from res2net.data.split import describe_data
 from res2net.models import model_from_config, resolve_model_config
+from res2net.models.registry import INIT_KEYS
 
 from .amp import resolve_amp, resolve_channels_last
 from .checkpoint import (
@@ -198,7 +199,8 @@ def _train(cfg: Any, run_dir: Path, dist: DistInfo, stop: StopRequest | None) ->
     amp = resolve_amp(cfg.trainer.amp, dist.device, "trainer.amp")
     channels_last = resolve_channels_last(cfg.trainer.channels_last, dist.device, "trainer.channels_last")
     config = to_dict(cfg)
-    config["model"] = resolve_model_config(config["model"])  # the variant's values in place of null
+    # The variant's values in place of null; the starting-weights keys (model.pretrained / init_checkpoint) kept.
+    config["model"] = {**resolve_model_config(config["model"]), **{k: config["model"][k] for k in INIT_KEYS}}
     # What auto became on this machine: recorded in config.yaml and checkpoints, so a resume on a machine where it
     # would resolve differently (another trajectory) is refused by check_compatible.
     config["trainer"].update(amp=amp, channels_last=channels_last, device=dist.device.type)
