@@ -32,6 +32,11 @@ BENCH_ARGS ?=
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
+# The fine-tuning workflow on the digits: 0-4, then fine-tuned on 5-9 beside 5-9 from scratch, then prediction.
+.PHONY: demo-finetune
+demo-finetune: $(STAMP)
+	$(PY) scripts/demo.py --finetune
+
 eval: $(STAMP)
 	@test -n "$(DATA)" || { echo "usage: make eval DATA=<imagenet root with val/> [BACKEND=torchvision|dali] [MODELS=\"res2net50_26w_4s ...\"]"; exit 2; }
 	$(PY) scripts/eval_released.py --data "$(DATA)" --backend $(BACKEND) $(if $(MODELS),--models $(MODELS))

@@ -82,7 +82,8 @@ class ModelConfig:
     drop_path_rate: float | None = None
     # Start from weights (train.py; res2net/models/init.py). pretrained: the variant's released ImageNet weights
     # (the loader create_model(pretrained=True) uses). init_checkpoint: a train.py checkpoint, a released .pth, a
-    # .safetensors file, an exported HF folder, an http(s) URL or a variant name; read tensors-only. Either one:
+    # .safetensors file, an exported HF folder, an http(s) URL or a variant name; read tensors-only; it wins over
+    # pretrained (experiment=finetune sets pretrained=true, init_checkpoint=<file> replaces it). Either one:
     # a classifier of another size is re-initialised (the log names its keys), any other mismatch is an error.
     # Not a resume (fresh optimizer, schedule and RNG); resume=auto on a run directory with a checkpoint wins.
     pretrained: bool = False
@@ -345,11 +346,6 @@ def _check_finetune(cfg: Any) -> None:
     _finite("optim.layer_decay", cfg.optim.layer_decay, 0.0, 1.0, low_open=True)
     if not 0.0 <= cfg.data.val_split < 1.0:
         raise ConfigError(f"data.val_split={cfg.data.val_split} must be a fraction in [0, 1) (0 = use <root>/val/)")
-    if cfg.model.pretrained and cfg.model.init_checkpoint:
-        raise ConfigError(
-            f"model.pretrained=true and model.init_checkpoint={cfg.model.init_checkpoint!r} both name the starting "
-            "weights; keep one"
-        )
 
 
 def _check_loss(loss: Any) -> None:

@@ -21,7 +21,7 @@ from torch import nn
 from res2net.engine.distributed import DistInfo
 from res2net.errors import CheckpointError
 from res2net.files import atomic_write, remove_stale_temporaries, temporary_path
-from res2net.models.pretrained import read_checkpoint
+from res2net.models.pretrained import load_weights, read_checkpoint
 
 __all__ = [
     "CHECKPOINT_KEYS",
@@ -265,9 +265,11 @@ def restore_training(
             f"with {ckpt['world_size']} processes"
         )
     try:
-        model.load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"cannot resume from {path}: its weights do not fit the configured model: {err}") from err
+        load_weights(model, ckpt["model"], f"cannot resume: checkpoint {path}")
+    except CheckpointError as err:  # the key report
+        raise CheckpointError(
+            f"{err}\nTo train another head from these weights, start a new run with model.init_checkpoint={path}"
+        ) from None
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     if ema is not None:
