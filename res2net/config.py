@@ -80,7 +80,7 @@ class ModelConfig:
     drop_rate: float | None = None  # dropout before the classifier
     # Stochastic depth: the last block's rate, rising linearly from 0 at the first block; null = the variant's 0.
     drop_path_rate: float | None = None
-    # Start from weights (train.py; res2net/models/init.py). pretrained: the variant's released ImageNet weights
+    # Start from weights (train.py; res2net/models/loading.py). pretrained: the variant's released ImageNet weights
     # (the loader create_model(pretrained=True) uses). init_checkpoint: a train.py checkpoint, a released .pth, a
     # .safetensors file, an exported HF folder, an http(s) URL or a variant name; read tensors-only; it wins over
     # pretrained (experiment=finetune sets pretrained=true, init_checkpoint=<file> replaces it). Either one:

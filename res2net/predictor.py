@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,11 +65,10 @@ def expand_inputs(items: Iterable[str]) -> list[str]:
     return files
 
 
-def _load(source: str, model: str | None, use_ema: bool, trusted: bool) -> tuple[nn.Module, str, dict]:
+def _load(source: str, model: str | None, use_ema: bool, trusted: bool) -> tuple[nn.Module, str, Mapping]:
     """(network in eval mode, model name, the source's record for preprocessing and class names)."""
-    from res2net.engine.eval_job import build_model_for, read_checkpoint
     from res2net.engine.recipe import source_record
-    from res2net.models.variants import VARIANTS
+    from res2net.models.loading import build_model_for, fetch_checkpoint, read_checkpoint_dict
 
     path = Path(source).expanduser()
     if path.suffix == ".onnx":
@@ -77,26 +76,20 @@ def _load(source: str, model: str | None, use_ema: bool, trusted: bool) -> tuple
 
         record = source_record(source, model)
         return OnnxRuntimeModel(path, threads=torch.get_num_threads()), record.get("model") or model or "", record
-    if source in VARIANTS and not path.exists():  # a variant name: its released weights
-        from res2net.models.hub import released_weights
-
-        model, path, record = source, released_weights(source), {}
-    elif path.is_dir():  # an exported HF folder: config.json names the architecture
+    record: Mapping | None = None
+    if path.is_dir():  # an exported HF folder: config.json names the architecture
         record = source_record(source, model)
         model = model or record.get("architecture")
         path = path / "model.safetensors"
-    elif path.is_file():
-        record = None
-    else:
-        raise FileNotFoundError(
-            f"{source!r} is not a checkpoint file, an exported folder, an .onnx file or a model name "
-            f"({', '.join(sorted(VARIANTS))})"
-        )
-    checkpoint = read_checkpoint(path, trusted=trusted)
-    if record is not None and isinstance(record.get("res2net_model"), dict):  # the folder's model config
+    else:  # a file, an http(s) URL or a variant name (its released weights: published preprocessing, no record)
+        path = fetch_checkpoint(source, key="source")
+        if not Path(source).expanduser().exists() and "://" not in source:
+            model, record = model or source, {}
+    checkpoint = read_checkpoint_dict(path, trusted=trusted)
+    if record is not None and isinstance(record.get("res2net_model"), Mapping):  # the folder's model config
         checkpoint = {"model": checkpoint, "config": {"model": record["res2net_model"]}}
     record = checkpoint if record is None else record
-    saved = checkpoint.get("config", {}).get("model", {}) if isinstance(checkpoint.get("config"), dict) else {}
+    saved = checkpoint.get("config", {}).get("model", {}) if isinstance(checkpoint.get("config"), Mapping) else {}
     name = model or saved.get("name")
     if not name:
         raise ValueError(f"{path} does not name its model (not a train.py checkpoint); pass model=<variant>")

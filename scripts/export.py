@@ -31,10 +31,10 @@ from res2net import export
 from res2net.data.classes import class_names_of
 from res2net.data.config import DataConfig
 from res2net.data.preprocess import preprocessing_of
-from res2net.engine.eval_job import build_model_for
 from res2net.engine.recipe import ONNX_METADATA_KEY
-from res2net.models.hub import HUB_REPOS, released_weights
-from res2net.models.pretrained import RELEASED, read_checkpoint, sha256_file
+from res2net.models.hub import HUB_REPOS
+from res2net.models.loading import load_checkpoint_model
+from res2net.models.pretrained import RELEASED, sha256_file
 from res2net.models.stats import count_params
 from res2net.models.variants import MODEL_KNOBS
 
@@ -85,21 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_model(name: str | None, num_classes: int | None, checkpoint: str) -> tuple[torch.nn.Module, dict]:
     """(model with the checkpoint's weights, facts for the model card: source, sha256, metrics, recipe, class names,
     evaluation preprocessing). ``name`` None: the model a train.py checkpoint names."""
-    if checkpoint == "released":
-        path = released_weights(name)
-    else:
-        path = Path(checkpoint).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {checkpoint} not found (give 'released' or an existing file)")
-    state = read_checkpoint(path, trusted=False)  # tensors only: an unsafe file is an UnsafeCheckpointError
-    if not isinstance(state, dict):
-        raise RuntimeError(f"{path} holds a {type(state).__name__}, not a state_dict or checkpoint dict")
+    spec = name if checkpoint == "released" else checkpoint
+    model_cfg = {"name": name, "num_classes": num_classes} if name else None
+    # tensors only: an unsafe file is an UnsafeCheckpointError
+    model, cfg, path, state = load_checkpoint_model(spec, model_cfg, key="--checkpoint")
     saved = state.get("config") if isinstance(state.get("config"), dict) else None
     saved_model = saved.get("model") if saved and isinstance(saved.get("model"), dict) else {}
-    name = name or saved_model.get("name")
-    if name is None:
-        raise ValueError(f"{path} does not name its model (not a train.py checkpoint); pass --model NAME")
-    model, cfg = build_model_for({"name": name, "num_classes": num_classes}, state)
     facts = dict(
         name=cfg["name"],
         checkpoint=checkpoint,

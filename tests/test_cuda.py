@@ -1,6 +1,7 @@
 """The CUDA-only training paths on one GPU: a DDP step over NCCL (a world-size-1 process group), SyncBatchNorm, bf16 and
 fp16 steps (fp16's skipped-step flag), channels_last, torch.compile, and no host synchronisation in the steady-state
-step (train_step + StepAgreement, as train_one_epoch runs them). Skipped without a GPU; scripts/gpu_check.sh runs them.
+step (backward_micro_step + optimizer_step + StepAgreement, as train_one_epoch runs them). Skipped without a
+GPU; scripts/gpu_check.sh runs them.
 """
 
 import pytest
@@ -14,9 +15,10 @@ import res2net
 from res2net.config import OptimConfig
 from res2net.engine.distributed import unwrap_model
 from res2net.engine.ema import ModelEma
-from res2net.engine.loops import StepAgreement, _scale_before, train_step
+from res2net.engine.losses import CrossEntropy
 from res2net.engine.optim import build_optimizer
 from res2net.engine.schedule import set_lr
+from res2net.engine.train_loop import StepAgreement, _scale_before, backward_micro_step, optimizer_step
 
 pytestmark = [
     pytest.mark.cuda,
@@ -24,6 +26,14 @@ pytestmark = [
 ]
 TINY = dict(num_classes=10, base_width=8, scale=2, layers=[1, 1, 1, 1])
 CUDA = torch.device("cuda", 0)
+
+
+def _step(model, x, y, optimizer, scaler, criterion, amp):
+    """One optimizer step on one batch, as train_one_epoch runs it; the detached loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = backward_micro_step(model, x, y, scaler, criterion, amp=amp)
+    optimizer_step(model, optimizer, scaler, grad_clip=0.0)
+    return loss
 
 
 def tiny_model(channels_last: bool = False) -> nn.Module:
@@ -43,7 +53,7 @@ def one_step(model: nn.Module, amp: str = "off", scaler=None, channels_last: boo
     optimizer = build_optimizer(unwrap_model(model), OptimConfig(), global_batch=8)
     scaler = scaler or torch.amp.GradScaler("cuda", enabled=amp == "fp16")
     x, y = batch(channels_last=channels_last)
-    return train_step(model, x, y, optimizer, scaler, nn.CrossEntropyLoss(), amp=amp, grad_clip=0.0)
+    return _step(model, x, y, optimizer, scaler, CrossEntropy(), amp)
 
 
 def weights(model: nn.Module) -> list[torch.Tensor]:
@@ -157,14 +167,14 @@ def test_steady_state_step_never_waits_for_the_device(amp):
     optimizer = build_optimizer(model, OptimConfig(), global_batch=8)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     ema = ModelEma(model, 0.99)
-    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    criterion = CrossEntropy(label_smoothing=0.1)
     agreement = StepAgreement(CUDA, 1, scaler)
     x, y = batch(channels_last=channels_last)
     results = []
 
     def step(i: int) -> None:
         set_lr(optimizer, 0.1 / (i + 1))
-        loss = train_step(model, x, y, optimizer, scaler, criterion, amp=amp, grad_clip=0.0)
+        loss = _step(model, x, y, optimizer, scaler, criterion, amp)
         ema.update(model)
         agreement.post(loss, False, _scale_before(scaler, CUDA))
         if len(agreement.pending) > 1:

@@ -15,9 +15,10 @@ from torch import nn
 
 from res2net.engine.amp import resolve_amp, resolve_channels_last
 from res2net.engine.distributed import DistInfo, select_device
-from res2net.engine.loops import NonFiniteLossError, Outcome, TrainState, train_one_epoch
+from res2net.engine.losses import CrossEntropy
 from res2net.engine.metrics import MetricsWriter, TrainProgress
 from res2net.engine.stop import StopRequest
+from res2net.engine.train_loop import Limits, NonFiniteLossError, Outcome, Run, TrainState, train_one_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -115,23 +116,23 @@ def _run(loader, stop, tmp_path, save_every_steps=0, saves=None):
         MetricsWriter(tmp_path, False), CPU, epochs=1, steps_per_epoch=len(loader), log_interval=100, world_size=1
     )
     saves = saves if saves is not None else []
-    outcome = train_one_epoch(
-        model,
-        loader,
-        optimizer,
-        scaler,
-        nn.CrossEntropyLoss(),
-        None,
-        state,
+    run = Run(
+        model=model,
+        net=model,
+        optimizer=optimizer,
+        scaler=scaler,
+        criterion=CrossEntropy(),
+        train_loader=loader,
+        val_loader=None,
+        state=state,
         lr_at=lambda step: 0.1,
-        amp="off",
-        grad_clip=0.0,
-        stop=stop,
         dist=DistInfo(),
         progress=progress,
-        save_every_steps=save_every_steps,
+        limits=Limits(epochs=1, save_every_steps=save_every_steps),
         save=lambda: saves.append(state.global_step),
+        global_batch=4,
     )
+    outcome = train_one_epoch(run, stop)
     return outcome, state
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from res2net.engine.eval_loop import evaluate
 from res2net.engine.eval_metrics import (
     ECE_BINS,
     class_mask,
@@ -15,7 +16,6 @@ from res2net.engine.eval_metrics import (
     read_real_labels,
     real_label_rows,
 )
-from res2net.engine.loops import evaluate
 
 # Fixed logits over 3 classes, their targets, and (worked out by hand) the max softmax probability, whether the
 # arg-max is right, and its ECE bin (bin i holds (i / 15, (i + 1) / 15]).

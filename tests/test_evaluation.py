@@ -12,8 +12,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from res2net.data.index import val_shard
+from res2net.engine.eval_loop import evaluate
 from res2net.engine.eval_metrics import real_label_rows
-from res2net.engine.loops import evaluate
 
 NUM_CLASSES = 7
 NUM_IMAGES = 101  # prime: no world size or batch size divides it

@@ -15,7 +15,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 import res2net
-from res2net.engine.loops import evaluate
+from res2net.engine.eval_loop import evaluate
 from res2net.export import OPSET, OnnxRuntimeModel, max_relative_error
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ from res2net.engine.optim import build_optimizer
 from res2net.engine.schedule import set_lr
 from res2net.errors import CheckpointError
 from res2net.models.hub import HUB_REPOS
-from res2net.models.init import CLASSIFIER_KEYS, initialise
+from res2net.models.loading import CLASSIFIER_KEYS, initialise
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(base_width=4, layers=[1, 1, 1, 1], scale=2)
@@ -112,7 +112,7 @@ def test_initialise_from_a_checkpoint_with_other_classes(tmp_path, caplog):
     file = _train_checkpoint(tmp_path / "last.pth", source, [f"c{i}" for i in range(10)])
     target = _tiny(3, seed=2)
     fresh_head = {k: v.clone() for k, v in target.state_dict().items() if k in CLASSIFIER_KEYS}
-    with caplog.at_level(logging.INFO, logger="res2net.models.init"):
+    with caplog.at_level(logging.INFO, logger="res2net.models.loading"):
         record = initialise(target, str(file))
     assert record.reinitialised == CLASSIFIER_KEYS
     assert record.sha256 == hashlib.sha256(file.read_bytes()).hexdigest()

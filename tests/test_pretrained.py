@@ -18,7 +18,8 @@ from local_server import local_http_server
 import res2net
 from res2net.errors import CheckpointError, UnsafeCheckpointError
 from res2net.models import pretrained
-from res2net.models.pretrained import RELEASED, download_checkpoint, hash_prefix, load_pretrained
+from res2net.models.loading import load_pretrained
+from res2net.models.pretrained import RELEASED, download_checkpoint, hash_prefix
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(base_width=4, layers=[1, 1, 1, 1], scale=2, num_classes=10)

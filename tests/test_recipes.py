@@ -27,13 +27,18 @@ from torch import nn
 import res2net
 from res2net.config import OptimConfig, ScheduleConfig, TrainConfig, check_train_config, register_configs
 from res2net.engine.distill import DistillationLoss, distillation_term, load_teacher
-from res2net.engine.distributed import DistInfo
-from res2net.engine.loops import backward_micro_step, optimizer_step, optimizer_steps_per_epoch, train_step
-from res2net.engine.losses import BinaryCrossEntropy, SoftTargetCrossEntropy, build_criterion, smooth_one_hot
+from res2net.engine.losses import (
+    BinaryCrossEntropy,
+    CrossEntropy,
+    SoftTargetCrossEntropy,
+    build_criterion,
+    smooth_one_hot,
+)
 from res2net.engine.mixup import Mixup, _cutmix_box
 from res2net.engine.optim import Lamb, build_optimizer
 from res2net.engine.schedule import learning_rate
 from res2net.engine.train_job import train
+from res2net.engine.train_loop import backward_micro_step, optimizer_step, optimizer_steps_per_epoch
 from res2net.models import Bottle2neck
 
 REPO = Path(__file__).resolve().parents[1]
@@ -313,7 +318,9 @@ def test_accumulating_2_x_8_equals_one_step_of_16_without_batchnorm():
     whole = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
     parts = torch.optim.SGD(twin.parameters(), lr=0.5, momentum=0.9)
     for _ in range(2):
-        train_step(net, images, labels, whole, scaler, criterion, amp="off", grad_clip=0.0)
+        whole.zero_grad(set_to_none=True)
+        backward_micro_step(net, images, labels, scaler, criterion, amp="off")
+        optimizer_step(net, whole, scaler, grad_clip=0.0)
         parts.zero_grad(set_to_none=True)
         for half in (slice(0, 8), slice(8, 16)):
             backward_micro_step(twin, images[half], labels[half], scaler, criterion, amp="off", micro_steps=2)
@@ -365,11 +372,11 @@ def teacher_checkpoint(tmp_path_factory) -> Path:
 
 
 def test_distillation_loss_is_the_kl_term_mixed_with_the_task_loss(teacher_checkpoint):
-    teacher, arch = load_teacher(str(teacher_checkpoint), 10, DistInfo())
+    teacher, arch = load_teacher(str(teacher_checkpoint), 10, torch.device("cpu"))
     assert arch["base_width"] == 6 and not teacher.training
     assert not any(p.requires_grad for p in teacher.parameters())
     images, labels = _batch(4, 32)
-    task = nn.CrossEntropyLoss()
+    task = CrossEntropy()
     student = torch.randn(4, 10, requires_grad=True)
     with torch.no_grad():
         t_logits = teacher(images)
@@ -387,13 +394,13 @@ def test_distillation_loss_is_the_kl_term_mixed_with_the_task_loss(teacher_check
 
 def test_teacher_errors_name_the_problem(teacher_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="predicts 10 classes, the training data has 7"):
-        load_teacher(str(teacher_checkpoint), 7, DistInfo())
+        load_teacher(str(teacher_checkpoint), 7, torch.device("cpu"))
     weights_only = tmp_path / "weights.pth"
     torch.save(torch.load(teacher_checkpoint, weights_only=True)["model"], weights_only)
     with pytest.raises(ValueError, match="records no architecture .* pass a variant name"):
-        load_teacher(str(weights_only), 10, DistInfo())
+        load_teacher(str(weights_only), 10, torch.device("cpu"))
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
-        load_teacher("nowhere.pth", 10, DistInfo())
+        load_teacher("nowhere.pth", 10, torch.device("cpu"))
 
 
 def test_distillation_in_a_run_changes_the_trajectory_and_stays_out_of_the_checkpoint(teacher_checkpoint, tmp_path):

@@ -10,13 +10,12 @@ from __future__ import annotations
 import logging
 import random
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from res2net.engine.distributed import DistInfo
 from res2net.errors import CheckpointError
@@ -30,7 +29,9 @@ __all__ = [
     "RESUME_MAY_DIFFER",
     "capture_rng",
     "check_compatible",
+    "checkpoint_dir",
     "gather_rng",
+    "last_checkpoint",
     "load_checkpoint",
     "resolve_resume",
     "restore_rng",
@@ -41,7 +42,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# "epoch", "step_in_epoch", "global_step", "best_top1", "meters" are the TrainState (res2net.engine.loops).
+LAST_FILE = "last.pth"
+# "epoch", "step_in_epoch", "global_step", "best_top1", "meters" are the TrainState (res2net.engine.train_loop).
 CHECKPOINT_KEYS = (
     "model",
     "optimizer",
@@ -118,12 +120,22 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    """Where train.py keeps a run's checkpoints."""
+    return Path(run_dir) / "checkpoints"
+
+
+def last_checkpoint(run_dir: str | Path) -> Path:
+    """The checkpoint at a run's latest position, which resume=auto continues."""
+    return checkpoint_dir(run_dir) / LAST_FILE
+
+
 def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
     """The checkpoint to resume from: None for '' (fresh start) and for 'auto' without a last.pth yet."""
     if not resume:
         return None
     if resume == "auto":
-        last = Path(run_dir) / "checkpoints" / "last.pth"
+        last = last_checkpoint(run_dir)
         return last if last.is_file() else None
     path = Path(resume)
     if not path.exists():  # a directory or a damaged file: load_checkpoint says what is wrong with it
@@ -219,67 +231,48 @@ def gather_rng(dist: DistInfo) -> list[dict[str, Any]]:
     return gathered
 
 
-def training_checkpoint(
-    *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    ema: Any,
-    state: Any,
-    rng: list,
-    config: Mapping,
-    world_size: int,
-    classes: Sequence[str] | None = None,
-) -> dict[str, Any]:
-    """The dict train.py writes: the plain network's weights, optimizer, scaler, EMA, TrainState, RNGs, config,
-    and the class names (the training data's class folders; index i is output i)."""
+def training_checkpoint(run: Any, rng: list, config: Mapping) -> dict[str, Any]:
+    """The dict train.py writes from a ``train_loop.Run``: the plain network's weights, optimizer, scaler, EMA,
+    TrainState, every rank's RNGs, the config, and the class names (the training data's class folders: index i is
+    output i)."""
+    classes = getattr(run.train_loader, "classes", None)
     return {
         "classes": list(classes) if classes is not None else None,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "ema": ema.state_dict() if ema is not None else None,
+        "model": run.net.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "ema": run.ema.state_dict() if run.ema is not None else None,
         "rng": rng,
         "config": dict(config),
-        "world_size": world_size,
-        **state.state_dict(),
+        "world_size": run.dist.world_size,
+        **run.state.state_dict(),
     }
 
 
-def restore_training(
-    ckpt: Mapping[str, Any],
-    path: Path,
-    *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    ema: Any,
-    state: Any,
-    dist: DistInfo,
-) -> None:
+def restore_training(ckpt: Mapping[str, Any], path: Path, run: Any) -> None:
     """Load a ``training_checkpoint`` into the run's objects and this rank's generators; errors name the file."""
-    if ckpt["world_size"] != dist.world_size:
+    if ckpt["world_size"] != run.dist.world_size:
         raise ValueError(
             f"cannot resume from {path}: it was written by {ckpt['world_size']} processes, this run "
-            f"has {dist.world_size}; the data order and steps per epoch depend on it. Resume "
+            f"has {run.dist.world_size}; the data order and steps per epoch depend on it. Resume "
             f"with {ckpt['world_size']} processes"
         )
     try:
-        load_weights(model, ckpt["model"], f"cannot resume: checkpoint {path}")
+        load_weights(run.net, ckpt["model"], f"cannot resume: checkpoint {path}")
     except CheckpointError as err:  # the key report
         raise CheckpointError(
             f"{err}\nTo train another head from these weights, start a new run with model.init_checkpoint={path}"
         ) from None
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    if ema is not None:
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    if run.ema is not None:
         if ckpt["ema"] is None:
             raise ValueError(
-                f"cannot resume from {path} with trainer.ema_decay={ema.decay}: the checkpoint has no EMA weights"
+                f"cannot resume from {path} with trainer.ema_decay={run.ema.decay}: the checkpoint has no EMA weights"
             )
-        ema.load_state_dict(ckpt["ema"])
-    state.load_state_dict(ckpt)
-    restore_rng(ckpt["rng"][dist.rank])
+        run.ema.load_state_dict(ckpt["ema"])
+    run.state.load_state_dict(ckpt)
+    restore_rng(ckpt["rng"][run.dist.rank])
 
 
 class CheckpointManager:
@@ -288,7 +281,7 @@ class CheckpointManager:
     def __init__(self, directory: str | Path, keep_last: int):
         self.dir = Path(directory)
         self.keep_last = keep_last
-        self.last = self.dir / "last.pth"
+        self.last = self.dir / LAST_FILE
         self.best = self.dir / "best.pth"
         try:
             self.dir.mkdir(parents=True, exist_ok=True)

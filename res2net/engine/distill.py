@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from res2net.models import VARIANTS
-
-from .distributed import DistInfo
+from res2net.models.loading import load_checkpoint_model
 
 __all__ = ["DistillationLoss", "distillation_term", "load_teacher"]
 
@@ -25,7 +21,8 @@ def distillation_term(student: torch.Tensor, teacher: torch.Tensor, temperature:
 class DistillationLoss(nn.Module):
     """``(1 - alpha) * task(logits, targets) + alpha * distillation_term(logits, teacher(images), temperature)``.
 
-    Called as ``loss(logits, targets, images)`` inside the student's autocast, which the teacher's forward shares.
+    Called as ``loss(logits, targets, images)`` (every criterion's signature: ``res2net.engine.losses``) inside
+    the student's autocast, which the teacher's forward shares.
     The teacher runs in eval mode without gradients. It is kept out of the module tree (not a submodule), so nothing
     of it reaches a state_dict or a checkpoint.
     """
@@ -38,43 +35,26 @@ class DistillationLoss(nn.Module):
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             teacher_logits = self.teacher(images)
-        task = self.task(logits, targets)
+        task = self.task(logits, targets, images)
         return (1.0 - self.alpha) * task + self.alpha * distillation_term(logits, teacher_logits, self.temperature)
 
 
-def _saved_model(checkpoint: Mapping) -> Mapping | None:
-    config = checkpoint.get("config")
-    model = config.get("model") if isinstance(config, Mapping) else None
-    return model if isinstance(model, Mapping) and model.get("name") else None
+def load_teacher(
+    spec: str, num_classes: int, device: torch.device, *, channels_last: bool = False
+) -> tuple[nn.Module, dict]:
+    """(teacher in eval mode on ``device``, its resolved model config) for ``distill.teacher``.
 
-
-def load_teacher(spec: str, num_classes: int, dist: DistInfo, *, channels_last: bool = False) -> tuple[nn.Module, dict]:
-    """(teacher in eval mode on ``dist.device``, its resolved model config) for ``distill.teacher``.
-
-    ``spec``: a variant name (its released weights, downloaded into the cache by rank 0) or the path of a checkpoint
-    written by train.py, whose config names the architecture. Either file is read tensors-only. The teacher must
-    predict the ``num_classes`` classes of the training data.
+    ``spec``: a variant name (its released weights), a URL or the path of a checkpoint written by train.py, whose
+    config names the architecture (``res2net.models.loading``); read tensors-only. The teacher must predict the
+    ``num_classes`` classes of the training data.
     """
-    from .eval_job import build_model_for, read_checkpoint, resolve_checkpoint  # eval_job imports the loops
-
-    if spec in VARIANTS:
-        path, model_cfg = resolve_checkpoint("released", spec, dist), {"name": spec}
-    else:
-        path = resolve_checkpoint(spec, "", dist)
-        model_cfg = {}
-    checkpoint = read_checkpoint(path, trusted=False)
-    if not model_cfg and _saved_model(checkpoint) is None:
-        raise ValueError(
-            f"distill.teacher={spec!r}: the file records no architecture (it is not a train.py checkpoint); pass a "
-            f"variant name ({', '.join(sorted(VARIANTS))}) for released weights, or a checkpoint train.py wrote"
-        )
-    teacher, resolved = build_model_for(model_cfg, checkpoint)
+    teacher, resolved, _, _ = load_checkpoint_model(spec, key="distill.teacher")
     if teacher.num_classes != num_classes:
         raise ValueError(
             f"distill.teacher={spec!r} predicts {teacher.num_classes} classes, the training data has {num_classes}; "
             f"distil from a teacher trained on the same classes"
         )
-    teacher = teacher.to(dist.device).eval().requires_grad_(False)
+    teacher = teacher.to(device).eval().requires_grad_(False)
     if channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
     return teacher, resolved

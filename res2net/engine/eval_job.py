@@ -28,18 +28,15 @@ from torch import nn
 from res2net.config import EvalConfig, to_dict
 from res2net.data.classes import class_names_of
 from res2net.engine.amp import resolve_amp, resolve_channels_last
-from res2net.engine.distributed import DistInfo, barrier, select_device
+from res2net.engine.distributed import DistInfo, select_device
+from res2net.engine.eval_loop import PREDICTION_TOPK, TTA_MODES, evaluate
 from res2net.engine.eval_metrics import read_real_labels, real_label_rows
-from res2net.engine.loops import PREDICTION_TOPK, TTA_MODES, evaluate
-from res2net.errors import CheckpointError
+from res2net.models.loading import load_checkpoint_model
 from res2net.models.stats import count_params
 
 __all__ = [
     "Published",
     "published_for",
-    "read_checkpoint",
-    "build_model_for",
-    "resolve_checkpoint",
     "evaluate_checkpoint",
     "summary_lines",
     "write_predictions_csv",
@@ -60,75 +57,6 @@ _REAL_KEYS = ("real_top1", "real_top5", "real_count")
 class Published:
     top1: float
     top5: float | None
-
-
-def resolve_checkpoint(spec: str, model_name: str, dist_info: DistInfo | None = None) -> Path:
-    """The local file of `spec`: 'released' -> the released file of `model_name` (rank 0 downloads it, the others
-    wait and find it in the cache); otherwise an existing path."""
-    from res2net.models.hub import released_weights
-
-    dist_info = dist_info or DistInfo()
-    if spec == "released":  # the file locations, then the Hugging Face hub (res2net50d / res2net101d live there)
-        if dist_info.is_main:
-            path = released_weights(model_name)
-        barrier()
-        return path if dist_info.is_main else released_weights(model_name)
-    path = Path(spec).expanduser()
-    if not path.exists():  # a directory or a damaged file: read_checkpoint says what is wrong with it
-        raise FileNotFoundError(
-            f"checkpoint={spec!r} is not a file; pass checkpoint=released (the released weights of "
-            f"model.name) or the path of a released .pth file or of a train.py checkpoint"
-        )
-    return path
-
-
-def read_checkpoint(path: Path, trusted: bool = False) -> Mapping:
-    """The checkpoint dict of a local file (.pth or .safetensors); see res2net.models.pretrained.read_checkpoint."""
-    from res2net.models.pretrained import read_checkpoint as read_file
-
-    obj = read_file(path, trusted=trusted)
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a state_dict or a checkpoint dict")
-    return obj
-
-
-def _model_config(model_cfg: Mapping, checkpoint: Mapping) -> dict:
-    """The architecture to build: a train.py checkpoint's own model config (its weights fit nothing else),
-    otherwise the composed model config."""
-    model_cfg = dict(model_cfg)
-    saved = checkpoint.get("config")
-    saved_model = saved.get("model") if isinstance(saved, Mapping) else None
-    if isinstance(saved_model, Mapping) and saved_model.get("name"):
-        if saved_model["name"] != model_cfg.get("name"):
-            log.warning(
-                "the checkpoint was trained as %s; building that instead of model=%s",
-                saved_model["name"],
-                model_cfg.get("name"),
-            )
-        model_cfg = {**model_cfg, **dict(saved_model)}
-    return model_cfg
-
-
-def build_model_for(
-    model_cfg: Mapping, checkpoint: Mapping, use_ema: bool = False, origin: str = "checkpoint"
-) -> tuple[nn.Module, dict]:
-    """(model with the checkpoint's weights loaded strictly, the model config used). num_classes null -> the
-    classifier's size in the checkpoint. ``origin`` names the checkpoint in errors."""
-    from res2net.models import model_from_config, resolve_model_config
-    from res2net.models.pretrained import extract_state_dict, load_weights
-
-    cfg = _model_config(model_cfg, checkpoint)
-    state = extract_state_dict(checkpoint, use_ema=use_ema, origin=origin)
-    if cfg.get("num_classes") is None:
-        if "fc.weight" not in state:
-            raise ValueError(
-                "model.num_classes is null and the checkpoint has no fc.weight to infer it from; set model.num_classes"
-            )
-        cfg["num_classes"] = int(state["fc.weight"].shape[0])
-    cfg = resolve_model_config(cfg)
-    model = model_from_config(cfg)
-    load_weights(model, state, origin)
-    return model, cfg
 
 
 def published_for(checkpoint: str | Path, model_name: str) -> Published | None:
@@ -334,9 +262,10 @@ def evaluate_checkpoint(
             net, ckpt_path, model_cfg, checkpoint = _onnxruntime_model(cfg, device)
             param_count = None
         else:
-            ckpt_path = resolve_checkpoint(cfg["checkpoint"], cfg["model"]["name"], dist_info)
-            checkpoint = read_checkpoint(ckpt_path, trusted=cfg["trust_checkpoint"])
-            model, model_cfg = build_model_for(cfg["model"], checkpoint, cfg["use_ema"], f"checkpoint {ckpt_path}")
+            spec = cfg["model"]["name"] if cfg["checkpoint"] == "released" else cfg["checkpoint"]
+            model, model_cfg, ckpt_path, checkpoint = load_checkpoint_model(
+                spec, cfg["model"], use_ema=cfg["use_ema"], trusted=cfg["trust_checkpoint"]
+            )
             param_count = count_params(model)  # before BatchNorm folding
             net = _prepare(model, cfg, device)
         cfg = {**cfg, "model": model_cfg}

@@ -1,4 +1,4 @@
-"""What the evaluation loop (res2net.engine.loops.evaluate) counts: top-1/top-5 and per-class hits, negative
+"""What the evaluation loop (res2net.engine.eval_loop.evaluate) counts: top-1/top-5 and per-class hits, negative
 log-likelihood, calibration bins, ReaL hits, and the class mask of the 200-class sets.
 
 Every sum is a tensor on the model's device during the loop (no host synchronisation per batch) and is summed over

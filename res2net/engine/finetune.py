@@ -102,7 +102,7 @@ def start_weights(cfg: Any, config: dict, ckpt: Mapping | None, dist: Any) -> Pa
     """The local file a fresh run initialises from (None: none, or a resume, which wins), and ``config['init']``
     (source, sha256) set for config.yaml and the checkpoints. A resume keeps the record of the run's start."""
     from res2net.engine.distributed import barrier
-    from res2net.models.init import init_source, resolve_init_file
+    from res2net.models.loading import init_source, resolve_init_file
     from res2net.models.pretrained import sha256_file
 
     if ckpt is not None:
@@ -129,7 +129,7 @@ def prepare_model(
 ) -> None:
     """Initialise ``model`` from ``init_file`` (``start_weights``; ``classes``: the training data's, a source made
     for other classes gets a new head) and freeze it as ``trainer.freeze`` says."""
-    from res2net.models.init import init_source, initialise
+    from res2net.models.loading import init_source, initialise
 
     if init_file is not None:
         what = "model.init_checkpoint" if cfg.model.init_checkpoint else "model.pretrained"

@@ -36,7 +36,9 @@ from .checkpoint import (
     CheckpointError,
     CheckpointManager,
     check_compatible,
+    checkpoint_dir,
     gather_rng,
+    last_checkpoint,
     load_checkpoint,
     resolve_resume,
     restore_training,
@@ -45,8 +47,8 @@ from .checkpoint import (
 from .distill import DistillationLoss, load_teacher
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, wrap_model
 from .ema import ModelEma
+from .eval_loop import evaluate
 from .finetune import log_allowed_changes, prepare_model, start_weights
-from .loops import NonFiniteLossError, Outcome, TrainState, evaluate, optimizer_steps_per_epoch, train_one_epoch
 from .losses import build_criterion
 from .metrics import MetricsWriter, TrainProgress, log_epoch
 from .mixup import Mixup, mixup_enabled
@@ -54,10 +56,21 @@ from .optim import build_optimizer, scaled_lr
 from .run_lock import run_dir_lock
 from .schedule import learning_rate
 from .stop import StopRequest
+from .train_loop import (
+    Limits,
+    NonFiniteLossError,
+    Outcome,
+    Run,
+    TrainState,
+    optimizer_steps_per_epoch,
+    train_one_epoch,
+)
 
 __all__ = ["TrainResult", "train"]
 
 log = logging.getLogger(__name__)
+
+SYNC_DEBUG_ENV = "RES2NET_SYNC_DEBUG"
 
 
 @dataclass
@@ -116,7 +129,7 @@ def _objective(cfg: Any, num_classes: int, dist: DistInfo, channels_last: bool) 
         )
     criterion = build_criterion(cfg.loss, soft_targets=mixup is not None)
     if cfg.distill.teacher:
-        teacher, arch = load_teacher(cfg.distill.teacher, num_classes, dist, channels_last=channels_last)
+        teacher, arch = load_teacher(cfg.distill.teacher, num_classes, dist.device, channels_last=channels_last)
         if dist.is_main:
             log.info(
                 "distilling from %s (%s), alpha %g, T %g",
@@ -142,34 +155,36 @@ def _num_classes(cfg: Any, loader: Any) -> int:
 class _Saver:
     """Writes last.pth (and best / history) at the run's current position: every rank calls it, rank 0 writes."""
 
-    def __init__(self, run_dir: Path, keep_last: int, dist: DistInfo, **objects: Any):
-        self.dist, self.objects = dist, objects
-        self.manager = CheckpointManager(run_dir / "checkpoints", keep_last) if dist.is_main else None
-        self.last = run_dir / "checkpoints" / "last.pth"
+    def __init__(self, run_dir: Path, keep_last: int, config: dict):
+        self.run_dir, self.keep_last, self.config = run_dir, keep_last, config
+        self.run: Run | None = None
+        self.manager: CheckpointManager | None = None
         self.saved: Path | None = None  # the latest checkpoint of this trajectory (written or resumed from)
 
     def __call__(self, *, is_best: bool = False, epoch_end: bool = False) -> Path:
-        rng = gather_rng(self.dist)
+        dist = self.run.dist
+        rng = gather_rng(dist)
         error = None
-        if self.dist.is_main:
-            ckpt = training_checkpoint(rng=rng, world_size=self.dist.world_size, **self.objects)
+        if dist.is_main:
             try:
-                self.manager.save(ckpt, is_best=is_best, epoch_end=epoch_end)
+                if self.manager is None:
+                    self.manager = CheckpointManager(checkpoint_dir(self.run_dir), self.keep_last)
+                self.manager.save(training_checkpoint(self.run, rng, self.config), is_best=is_best, epoch_end=epoch_end)
             except Exception as err:  # every rank must learn of it, or the others would wait in the next collective
                 error = str(err)
         error = broadcast_object(error)
         if error is not None:
-            raise CheckpointError(error if self.dist.is_main else f"rank 0 failed to save a checkpoint: {error}")
-        self.saved = self.last
+            raise CheckpointError(error if dist.is_main else f"rank 0 failed to save a checkpoint: {error}")
+        self.saved = last_checkpoint(self.run_dir)
         return self.saved
 
 
-def _validate(
-    model: nn.Module, ema: ModelEma | None, loader: Any, device: torch.device, amp: str, channels_last: bool
-) -> dict:
-    val = evaluate(model, loader, device=device, amp=amp, channels_last=channels_last)
-    if ema is not None:
-        on_ema = evaluate(ema.module, loader, device=device, amp=amp, channels_last=channels_last)
+def _validate(run: Run) -> dict:
+    val = evaluate(run.model, run.val_loader, device=run.dist.device, amp=run.amp, channels_last=run.channels_last)
+    if run.ema is not None:
+        on_ema = evaluate(
+            run.ema.module, run.val_loader, device=run.dist.device, amp=run.amp, channels_last=run.channels_last
+        )
         val.update({f"{key}_ema": on_ema[key] for key in ("loss", "top1", "top5")})
     return val
 
@@ -191,51 +206,59 @@ def train(
     check_train_config(cfg)
     # One writer per run directory (rank 0 writes for all), held before any checkpoint is read or written.
     with run_dir_lock(run_dir) if dist.is_main else contextlib.nullcontext():
-        return _train(cfg, run_dir, dist, stop)
+        with contextlib.nullcontext(stop) if stop is not None else StopRequest() as request:
+            return _train(cfg, run_dir, dist, request)
 
 
-def _train(cfg: Any, run_dir: Path, dist: DistInfo, stop: StopRequest | None) -> TrainResult:
-    _check_machine(cfg, dist)
-    amp = resolve_amp(cfg.trainer.amp, dist.device, "trainer.amp")
-    channels_last = resolve_channels_last(cfg.trainer.channels_last, dist.device, "trainer.channels_last")
+def _recorded_config(cfg: Any, amp: str, channels_last: bool, device: torch.device) -> dict:
+    """The config written to config.yaml and every checkpoint: the variant's values in place of null, and what
+    ``auto`` became on this machine (a resume where it would resolve differently is refused by check_compatible)."""
     config = to_dict(cfg)
-    # The variant's values in place of null; the starting-weights keys (model.pretrained / init_checkpoint) kept.
+    # The starting-weights keys (model.pretrained / init_checkpoint) stay beside the architecture.
     config["model"] = {**resolve_model_config(config["model"]), **{k: config["model"][k] for k in INIT_KEYS}}
-    # What auto became on this machine: recorded in config.yaml and checkpoints, so a resume on a machine where it
-    # would resolve differently (another trajectory) is refused by check_compatible.
-    config["trainer"].update(amp=amp, channels_last=channels_last, device=dist.device.type)
-    _set_determinism(cfg.trainer.deterministic, dist.device)
-    resume_path = resolve_resume(cfg.resume, run_dir)
-    if cfg.resume == "auto" and resume_path is None and dist.is_main:
+    config["trainer"].update(amp=amp, channels_last=channels_last, device=device.type)
+    return config
+
+
+def _resume_checkpoint(cfg: Any, run_dir: Path, config: dict, dist: DistInfo) -> tuple[Path | None, dict | None]:
+    """(the checkpoint to resume from, its contents), both None for a fresh start; refuses an incompatible one."""
+    path = resolve_resume(cfg.resume, run_dir)
+    if cfg.resume == "auto" and path is None and dist.is_main:
         log.warning(
             "resume=auto: no %s yet, starting fresh (to continue an earlier run, pass its directory as "
             "hydra.run.dir=...)",
-            run_dir / "checkpoints" / "last.pth",
+            last_checkpoint(run_dir),
         )
-    ckpt = load_checkpoint(resume_path) if resume_path else None
+    if path is None:
+        return None, None
+    ckpt = load_checkpoint(path)
+    if "init" in ckpt["config"]:  # where the run's weights started, kept by every resume
+        config["init"] = ckpt["config"]["init"]
+    defaults = OmegaConf.to_container(OmegaConf.structured(TrainConfig), enum_to_str=True)
+    allowed = (*RESUME_MAY_DIFFER, *cfg.resume_allow)
+    check_compatible(ckpt["config"], config, path=path, allowed=allowed, defaults=defaults)
+    if dist.is_main:
+        log_allowed_changes(ckpt["config"], config, cfg.resume_allow)
+    return path, ckpt
+
+
+def _train(cfg: Any, run_dir: Path, dist: DistInfo, stop: StopRequest) -> TrainResult:
+    _check_machine(cfg, dist)
+    amp = resolve_amp(cfg.trainer.amp, dist.device, "trainer.amp")
+    channels_last = resolve_channels_last(cfg.trainer.channels_last, dist.device, "trainer.channels_last")
+    config = _recorded_config(cfg, amp, channels_last, dist.device)
+    _set_determinism(cfg.trainer.deterministic, dist.device)
+    resume_path, ckpt = _resume_checkpoint(cfg, run_dir, config, dist)
     init_file = start_weights(cfg, config, ckpt, dist)  # model.pretrained / model.init_checkpoint, unless resuming
-    if ckpt is not None:
-        defaults = OmegaConf.to_container(OmegaConf.structured(TrainConfig), enum_to_str=True)
-        allowed = (*RESUME_MAY_DIFFER, *cfg.resume_allow)
-        check_compatible(ckpt["config"], config, path=resume_path, allowed=allowed, defaults=defaults)
-        if dist.is_main:
-            log_allowed_changes(ckpt["config"], config, cfg.resume_allow)
-    loader_args = dict(
-        rank=dist.rank,
-        world_size=dist.world_size,
-        seed=cfg.trainer.seed,
-        device=dist.device,
-        channels_last=channels_last,
-    )
+    loader_args = dict(rank=dist.rank, world_size=dist.world_size, seed=cfg.trainer.seed, device=dist.device)
+    loader_args.update(channels_last=channels_last)
     train_loader = build_loader(cfg.data, "train", **loader_args)
     val_loader = writer = None
     try:
         val_loader = build_loader(cfg.data, "val", **loader_args)
         if dist.is_main:
             describe_data(cfg.data, run_dir)  # classes and image counts; data.val_split's record
-        accum_steps = cfg.trainer.accum_steps
-        steps_per_epoch = optimizer_steps_per_epoch(len(train_loader), accum_steps)
-        if steps_per_epoch < 1:
+        if optimizer_steps_per_epoch(len(train_loader), cfg.trainer.accum_steps) < 1:
             raise ValueError(
                 f"the training loader yields no batch per epoch (fewer images per rank than "
                 f"data.batch_size={cfg.data.batch_size}?); lower data.batch_size"
@@ -244,105 +267,15 @@ def _train(cfg: Any, run_dir: Path, dist: DistInfo, stop: StopRequest | None) ->
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config), encoding="utf-8")
         writer = MetricsWriter(run_dir, dist.is_main, ckpt["global_step"] if ckpt is not None else None)
-
-        torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank
-        num_classes = _num_classes(cfg, train_loader)
-        model = _build_model(cfg, num_classes, dist, channels_last)
-        prepare_model(
-            model, cfg, init_file, dist, train_loader.classes
-        )  # initialise from weights, freeze (res2net/engine/finetune.py)
-        ema = ModelEma(model, cfg.trainer.ema_decay) if cfg.trainer.ema_decay > 0 else None
-        global_batch = cfg.data.batch_size * dist.world_size * accum_steps
-        optimizer = build_optimizer(model, cfg.optim, global_batch)
-        scaler = torch.amp.GradScaler(dist.device.type, enabled=amp == "fp16")
-        criterion, mixup = _objective(cfg, num_classes, dist, channels_last)
-        state = TrainState()
-        save = _Saver(
-            run_dir,
-            cfg.trainer.keep_last,
-            dist,
-            model=model,
-            optimizer=optimizer,
-            scaler=scaler,
-            ema=ema,
-            state=state,
-            config=config,
-            classes=list(train_loader.classes),
-        )
+        run = _build_run(cfg, config, run_dir, dist, amp, channels_last, train_loader, val_loader, writer, init_file)
         if ckpt is not None:
-            restore_training(
-                ckpt, resume_path, model=model, optimizer=optimizer, scaler=scaler, ema=ema, state=state, dist=dist
-            )
-            save.saved = resume_path
-            log.info(
-                "resumed from %s at epoch %d, step %d/%d (global step %d)",
-                resume_path,
-                state.epoch,
-                state.step_in_epoch,
-                steps_per_epoch,
-                state.global_step,
-            )
+            restore_training(ckpt, resume_path, run)
+            run.save.saved = resume_path
+            log.info("resumed from %s at %s", resume_path, run.state.where(run.steps_per_epoch))
         else:
             _seed_all(cfg.trainer.seed + dist.rank)  # the training stream of this rank
         del ckpt
-        base_lr = scaled_lr(cfg.optim.lr, global_batch, cfg.optim.base_batch)
-        log.info(
-            "%s: %.2fM parameters on %s (amp %s, channels_last %s), %d process(es) x batch %d x %d accumulated "
-            "= %d, base lr %.4g, %d steps/epoch, %d epochs",
-            cfg.model.name,
-            sum(p.numel() for p in model.parameters()) / 1e6,
-            dist.device,
-            amp,
-            channels_last,
-            dist.world_size,
-            cfg.data.batch_size,
-            accum_steps,
-            global_batch,
-            base_lr,
-            steps_per_epoch,
-            cfg.schedule.epochs,
-        )
-        progress = TrainProgress(
-            writer,
-            dist.device,
-            epochs=cfg.schedule.epochs,
-            steps_per_epoch=steps_per_epoch,
-            log_interval=cfg.trainer.log_interval,
-            world_size=dist.world_size,
-        )
-        epoch_args = dict(
-            lr_at=partial(learning_rate, steps_per_epoch=steps_per_epoch, cfg=cfg.schedule, base_lr=base_lr),
-            amp=amp,
-            grad_clip=cfg.trainer.grad_clip,
-            dist=dist,
-            progress=progress,
-            max_steps=cfg.trainer.max_steps,
-            save_every_steps=cfg.trainer.save_every_steps,
-            save=save,
-            data_root=cfg.data.root,
-            accum_steps=accum_steps,
-            mixup=mixup,
-        )
-        running = wrap_model(model, dist, compile=cfg.trainer.compile)
-        with contextlib.nullcontext(stop) if stop is not None else StopRequest() as request:
-            result = _run_epochs(
-                cfg,
-                running,
-                ema,
-                train_loader,
-                val_loader,
-                optimizer,
-                scaler,
-                criterion,
-                state,
-                save,
-                writer,
-                request,
-                dist,
-                amp,
-                channels_last,
-                epoch_args,
-            )
+        result = _run_epochs(run, stop, writer)
         barrier()
         return result
     finally:
@@ -353,27 +286,95 @@ def _train(cfg: Any, run_dir: Path, dist: DistInfo, stop: StopRequest | None) ->
                 loader.close()
 
 
-def _run_epochs(
-    cfg,
-    model,
-    ema,
-    train_loader,
-    val_loader,
-    optimizer,
-    scaler,
-    criterion,
-    state: TrainState,
-    save: _Saver,
-    writer: MetricsWriter,
-    stop: StopRequest,
+def _build_run(
+    cfg: Any,
+    config: dict,
+    run_dir: Path,
     dist: DistInfo,
     amp: str,
     channels_last: bool,
-    epoch_args: dict,
-) -> TrainResult:
-    """The epoch loop: train, validate, record, checkpoint by the save rules; stop at max_steps or a signal."""
-    epochs, t, val = cfg.schedule.epochs, cfg.trainer, None
+    train_loader: Any,
+    val_loader: Any,
+    writer: MetricsWriter,
+    init_file: Path | None = None,
+) -> Run:
+    """The run's parts at its start: fresh weights (the same on every rank; or those of ``init_file``, frozen as
+    trainer.freeze says), optimizer, scaler, EMA, loss, schedule."""
+    t = cfg.trainer
+    torch.manual_seed(t.seed)  # the same initial weights on every rank
+    num_classes = _num_classes(cfg, train_loader)
+    net = _build_model(cfg, num_classes, dist, channels_last)
+    prepare_model(net, cfg, init_file, dist, train_loader.classes)  # res2net/engine/finetune.py
+    global_batch = cfg.data.batch_size * dist.world_size * t.accum_steps
+    base_lr = scaled_lr(cfg.optim.lr, global_batch, cfg.optim.base_batch)
+    criterion, mixup = _objective(cfg, num_classes, dist, channels_last)
     steps_per_epoch = optimizer_steps_per_epoch(len(train_loader), t.accum_steps)
+    save = _Saver(run_dir, t.keep_last, config)
+    run = Run(
+        model=wrap_model(net, dist, compile=t.compile),
+        net=net,
+        optimizer=build_optimizer(net, cfg.optim, global_batch),
+        scaler=torch.amp.GradScaler(dist.device.type, enabled=amp == "fp16"),
+        criterion=criterion,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        state=TrainState(),
+        lr_at=partial(learning_rate, steps_per_epoch=steps_per_epoch, cfg=cfg.schedule, base_lr=base_lr),
+        dist=dist,
+        progress=TrainProgress(
+            writer,
+            dist.device,
+            epochs=cfg.schedule.epochs,
+            steps_per_epoch=steps_per_epoch,
+            log_interval=t.log_interval,
+            world_size=dist.world_size,
+        ),
+        limits=Limits(cfg.schedule.epochs, t.max_steps, t.save_every_steps, t.save_every_epochs),
+        save=save,
+        global_batch=global_batch,
+        amp=amp,
+        channels_last=channels_last,
+        accum_steps=t.accum_steps,
+        grad_clip=t.grad_clip,
+        ema=ModelEma(net, t.ema_decay) if t.ema_decay > 0 else None,
+        mixup=mixup,
+        sync_debug=_sync_debug_mode(dist.device),
+        data_root=cfg.data.root,
+    )
+    save.run = run
+    if dist.is_main:
+        _log_start(cfg, run, base_lr)
+    return run
+
+
+def _sync_debug_mode(device: torch.device) -> int | None:
+    """RES2NET_SYNC_DEBUG (1 warn, 2 error on a host sync in the step; scripts/gpu_check.sh), read once, CUDA only."""
+    value = os.environ.get(SYNC_DEBUG_ENV)
+    return int(value) if value and device.type == "cuda" else None
+
+
+def _log_start(cfg: Any, run: Run, base_lr: float) -> None:
+    log.info(
+        "%s: %.2fM parameters on %s (amp %s, channels_last %s), %d process(es) x batch %d x %d accumulated "
+        "= %d, base lr %.4g, %d steps/epoch, %d epochs",
+        cfg.model.name,
+        sum(p.numel() for p in run.net.parameters()) / 1e6,
+        run.dist.device,
+        run.amp,
+        run.channels_last,
+        run.dist.world_size,
+        cfg.data.batch_size,
+        run.accum_steps,
+        run.global_batch,
+        base_lr,
+        run.steps_per_epoch,
+        run.limits.epochs,
+    )
+
+
+def _run_epochs(run: Run, stop: StopRequest, writer: MetricsWriter) -> TrainResult:
+    """The epoch loop: train, validate, record, checkpoint by the save rules; stop at max_steps or a signal."""
+    state, limits, save, val = run.state, run.limits, run.save, None
 
     def result(status: Outcome, checkpoint: Path | None) -> TrainResult:
         return TrainResult(
@@ -386,12 +387,10 @@ def _run_epochs(
             checkpoint=checkpoint,
         )
 
-    while state.epoch < epochs:
+    while state.epoch < limits.epochs:
         start = time.perf_counter()
         try:
-            outcome = train_one_epoch(
-                model, train_loader, optimizer, scaler, criterion, ema, state, stop=stop, **epoch_args
-            )
+            outcome = train_one_epoch(run, stop)
         except NonFiniteLossError as err:
             raise NonFiniteLossError(
                 f"{err}. Last good checkpoint: {save.saved or 'none written yet'}. Lower optim.lr, set "
@@ -400,33 +399,33 @@ def _run_epochs(
             ) from None
         state.meters["train_seconds"] += time.perf_counter() - start
         if outcome is Outcome.PREEMPTED:
-            if dist.is_main:
-                log.warning("stop requested by signal: checkpoint at %s", state.where(steps_per_epoch))
+            if run.dist.is_main:
+                log.warning("stop requested by signal: checkpoint at %s", state.where(run.steps_per_epoch))
             return result(Outcome.PREEMPTED, save())
-        partial_epoch = state.step_in_epoch < steps_per_epoch
-        val = _validate(model, ema, val_loader, dist.device, amp, channels_last)
+        partial_epoch = state.step_in_epoch < run.steps_per_epoch
+        val = _validate(run)
         log_epoch(
             writer,
             state,
             val,
-            epochs=epochs,
-            lr=optimizer.param_groups[0]["lr"],
+            epochs=limits.epochs,
+            lr=run.optimizer.param_groups[0]["lr"],
             seconds=time.perf_counter() - start,
-            global_batch=cfg.data.batch_size * dist.world_size * t.accum_steps,
-            world_size=dist.world_size,
-            device=dist.device,
+            global_batch=run.global_batch,
+            world_size=run.dist.world_size,
+            device=run.dist.device,
             partial=partial_epoch,
         )
         is_best = state.best_top1 is None or val["top1"] > state.best_top1
         state.best_top1 = max(val["top1"], state.best_top1 or val["top1"])
         if not partial_epoch:
             state.next_epoch()
-        scheduled = not partial_epoch and (state.epoch % t.save_every_epochs == 0 or state.epoch == epochs)
+        scheduled = not partial_epoch and (state.epoch % limits.save_every_epochs == 0 or state.epoch == limits.epochs)
         saved = scheduled or partial_epoch or is_best or outcome is Outcome.MAX_STEPS
         if saved:
             save(is_best=is_best, epoch_end=scheduled)
         if outcome is Outcome.MAX_STEPS:
             return result(Outcome.MAX_STEPS, save.saved)
-        if _any_rank(stop.requested, dist.device):  # a signal during validation or saving
+        if _any_rank(stop.requested, run.dist.device):  # a signal during validation or saving
             return result(Outcome.PREEMPTED, save.saved if saved else save())
     return result(Outcome.FINISHED, save.saved)

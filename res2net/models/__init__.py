@@ -4,7 +4,8 @@ Imports with torch alone.
 """
 
 from .inference import prepare_for_inference
-from .pretrained import download_checkpoint, load_pretrained
+from .loading import load_pretrained
+from .pretrained import download_checkpoint
 from .registry import CONFIG_KEYS, create_model, list_models, model_from_config, resolve_model_config
 from .res2net import Bottle2neck, Res2Net
 from .variants import MODEL_KNOBS, RELEASED, VARIANTS, Variant

@@ -1,5 +1,6 @@
-"""Released checkpoints: fetch them into the cache (verified against the sha256 prefix in their names) and load
-weights from a URL, a local file, a released model name or a checkpoint dict into a model.
+"""Checkpoint files: fetch the released ones into the cache (verified against the sha256 prefix in their names),
+read any of them tensors-only, and load a state_dict into a model with a report of the keys that do not fit
+(``res2net.models.loading`` turns a spec into a model with these).
 
 The cache is ``$RES2NET_CACHE`` (default ``~/.cache/res2net``). ``$RES2NET_MIRRORS`` (comma-separated base URLs)
 replaces the public locations of ``res2net.models.variants``; each failing location falls through to the next.
@@ -14,7 +15,6 @@ import os
 import pickle
 import pickletools
 import re
-import urllib.parse
 import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
@@ -26,7 +26,7 @@ import torch.nn as nn
 from res2net.errors import CheckpointError, UnsafeCheckpointError
 from res2net.files import fsync_dir, temporary_path
 
-from .variants import RELEASED, VARIANTS, Variant
+from .variants import RELEASED
 
 __all__ = [
     "cache_dir",
@@ -34,10 +34,8 @@ __all__ = [
     "download_checkpoint",
     "extract_state_dict",
     "hash_prefix",
-    "load_pretrained",
     "load_weights",
     "read_checkpoint",
-    "released_checkpoint",
     "sha256_file",
 ]
 
@@ -53,20 +51,6 @@ _WRAPPER_KEYS = ("model", "state_dict", "state_dict_ema")
 _EMA_KEYS = ("ema", "state_dict_ema", "model_ema")
 _PREFIXES = ("module.", "_orig_mod.")  # left by DistributedDataParallel and torch.compile
 _REPORT_FIRST = 5
-
-
-def released_checkpoint(name: str) -> Variant:
-    """The variant entry of a model with a released file; ValueError naming the released models otherwise."""
-    if name in RELEASED:
-        return RELEASED[name]
-    released = ", ".join(sorted(RELEASED))
-    if name in VARIANTS:
-        raise ValueError(
-            f"{name} has no released checkpoint file at the public locations: its weights are on the Hugging Face "
-            f"hub as {VARIANTS[name].hub_id}, which pretrained=True and load_pretrained(model, {name!r}) fetch; "
-            f"released files exist for: {released}"
-        )
-    raise ValueError(f"no released checkpoint for {name!r}; released models: {released}")
 
 
 def cache_dir() -> Path:
@@ -347,45 +331,6 @@ def _load_safetensors(path: Path) -> dict:
         return load_file(path, device="cpu")
     except Exception as err:  # safetensors raises SafetensorError (and others) for a damaged header or data
         raise CheckpointError(f"checkpoint {path} is not a valid safetensors file: {_first_line(err)}") from None
-
-
-def _read_source(source: str | os.PathLike, trusted: bool) -> tuple[object, str]:
-    text = os.fspath(source)
-    if text.startswith(("http://", "https://")):
-        file = Path(urllib.parse.urlparse(text).path).name
-        path = download_checkpoint(file, urls=(text,))
-        return read_checkpoint(path, trusted), f"checkpoint {text}"
-    path = Path(text).expanduser()
-    if path.exists():
-        return read_checkpoint(path, trusted), f"checkpoint {path}"
-    if text in VARIANTS:
-        from .hub import released_weights  # hub.py imports this module
-
-        return read_checkpoint(released_weights(text), trusted), f"released checkpoint {text}"
-    raise FileNotFoundError(
-        f"checkpoint {text!r} not found: it is not a file, not an http(s) URL and not a released "
-        f"model name ({', '.join(sorted(RELEASED))})"
-    )
-
-
-def load_pretrained(
-    model: nn.Module, source: str | os.PathLike | Mapping, use_ema: bool = False, trusted: bool = False
-) -> None:
-    """Load weights into ``model`` (strict) from a URL, a local file (.pth / .pt, or .safetensors), a released model
-    name or a checkpoint dict.
-
-    Files are read tensors-only (see ``read_checkpoint``); ``trusted=True`` also reads one that needs Python's full
-    unpickler, which can run arbitrary code: only for files whose origin you trust. Training checkpoints are unwrapped
-    (see ``extract_state_dict``). A checkpoint that does not fit raises CheckpointError (a RuntimeError) listing
-    missing, unexpected and wrongly shaped keys (first few of each, with counts).
-    """
-    if isinstance(source, Mapping):
-        checkpoint, origin = source, "the given checkpoint dict"
-    else:
-        checkpoint, origin = _read_source(source, trusted)
-    if not isinstance(checkpoint, Mapping):
-        raise CheckpointError(f"{origin} holds a {type(checkpoint).__name__}, not a state_dict or checkpoint dict")
-    load_weights(model, extract_state_dict(checkpoint, use_ema=use_ema, origin=origin), origin)
 
 
 def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], origin: str = "the given state_dict") -> None:

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 from .features import FEATURE_INDICES, FeatureListNet
 from .hub import released_weights
-from .pretrained import load_pretrained
+from .pretrained import extract_state_dict, load_weights, read_checkpoint
 from .res2net import Res2Net
 from .variants import MODEL_KNOBS, VARIANTS, Variant
 
@@ -14,7 +14,7 @@ __all__ = ["CONFIG_KEYS", "create_model", "list_models", "model_from_config", "r
 
 # The keys of a model config (res2net.config.ModelConfig); a None value means "the variant's value".
 CONFIG_KEYS = ("name", "num_classes", *MODEL_KNOBS)
-# Keys of a model config that say where the starting weights come from (res2net.models.init), not what to build.
+# Keys of a model config that say where the starting weights come from (res2net.models.loading), not what to build.
 INIT_KEYS = ("pretrained", "init_checkpoint")
 _IMAGENET_CLASSES = 1000
 # create_model also takes in_chans, which no config states (the recipe trains on RGB images).
@@ -55,7 +55,9 @@ def create_model(
     arch = {**variant.arch(), **{key: value for key, value in overrides.items() if value is not None}}
     model = Res2Net(num_classes=_IMAGENET_CLASSES if features_only else num_classes, **arch)
     if pretrained:
-        load_pretrained(model, released_weights(name))
+        path = released_weights(name)
+        origin = f"checkpoint {path}"
+        load_weights(model, extract_state_dict(read_checkpoint(path), origin=origin), origin)
     return FeatureListNet(model, out_indices) if features_only else model
 
 
