@@ -2,7 +2,9 @@
 train.py end to end (init_checkpoint, model.pretrained through a local hub, resume_allow)."""
 
 import copy
+import csv
 import hashlib
+import json
 import logging
 import os
 import random
@@ -258,3 +260,29 @@ def test_train_pretrained_through_a_local_hub(tmp_path, image_folder, hub_server
         assert torch.equal(ckpt["model"][key], value), key
     assert ckpt["config"]["init"]["source"] == "res2net50_26w_4s"
     assert ckpt["config"]["model"]["pretrained"] is True
+
+
+@pytest.mark.slow
+def test_val_split_recorded_and_reused_by_evaluate(tmp_path):
+    root = tmp_path / "only_train"  # no val/ folder
+    write_noise_split(root, "train", 30, seed=5, wnids=("ant", "bee", "fly"))
+    run = tmp_path / "run"
+    proc = _train(run, root, "data.val_split=0.2")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "3 classes, 24 train / 6 val images" in proc.stdout and "ant: 8 train, 2 val" in proc.stdout
+    split = json.loads((run / "split.json").read_text())
+    assert split["val_split"] == 0.2 and len(split["val"]) == 6
+    out = tmp_path / "eval"
+    cmd = [sys.executable, str(REPO / "evaluate.py"), f"checkpoint={run / 'checkpoints' / 'last.pth'}", "data=folder"]
+    cmd += [
+        f"data.root={root}",
+        "data.num_workers=0",
+        "save_predictions=true",
+        "progress=false",
+        f"hydra.run.dir={out}",
+    ]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    with open(out / "predictions.csv", newline="") as f:
+        evaluated = sorted(os.path.relpath(r["path"], root / "train") for r in csv.DictReader(f))
+    assert evaluated == split["val"]  # the run's own held-out images, found again without data.val_split
