@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo eval bench lint
+.PHONY: install test test-fast demo eval bench lint
 
 install: $(STAMP)
 
@@ -15,8 +15,13 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-export.txt pyprojec
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
+# The whole suite, then its 25 slowest tests; `make test-fast` leaves out the ones that start processes (marked
+# slow by tests/conftest.py) for a quick loop while editing.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 # ruff (rules and format in pyproject.toml) over the library, entry points, scripts and tests; shellcheck the launchers.
 lint: $(STAMP)

@@ -14,17 +14,16 @@ Resolvers used by ``configs/hydra/default.yaml``:
 
 from __future__ import annotations
 
-import enum
+import dataclasses
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from res2net.data.config import DataConfig
+from res2net.data.config import Choice, DataConfig
 from res2net.errors import ConfigError
 
 __all__ = [
@@ -43,6 +42,8 @@ __all__ = [
     "ScheduleName",
     "TrainConfig",
     "TrainerConfig",
+    "as_eval_config",
+    "as_train_config",
     "check_train_config",
     "register_configs",
     "run_time",
@@ -52,16 +53,36 @@ __all__ = [
 RUN_TIME_ENV = "RES2NET_RUN_TIME"
 
 
-class Amp(enum.Enum):
+class Amp(Choice):
     auto = "auto"  # bf16 on CUDA GPUs that compute it natively (Ampere and later), off elsewhere (the CPU)
     off = "off"  # fp32 everywhere
     bf16 = "bf16"  # autocast to bfloat16, no loss scaling
     fp16 = "fp16"  # autocast to float16 with a GradScaler (its skipped steps are counted, not errors)
 
 
-class ScheduleName(enum.Enum):
+class ScheduleName(Choice):
     step = "step"  # lr * gamma at each milestone epoch (the paper: / 10 at 30, 60, 90)
     cosine = "cosine"  # half-cosine from lr to min_lr over all epochs, per step
+
+
+class Runtime(Choice):
+    torch = "torch"  # the PyTorch model of a checkpoint
+    onnxruntime = "onnxruntime"  # an .onnx file from scripts/export.py, run with ONNX Runtime on the CPU in fp32
+
+
+class Tta(Choice):
+    none = "none"
+    flip = "flip"  # the softmax averaged over the image and its mirror
+
+
+def auto_or_bool(value: Any, key: str) -> str | bool:
+    """An ``auto | true | false`` knob as 'auto', True or False (a YAML or command-line bool, or its text)."""
+    text = str(value).lower()
+    if text == "auto":
+        return "auto"
+    if text in ("true", "false"):
+        return text == "true"
+    raise ConfigError(f"{key}={value!r} is not one of auto, true, false")
 
 
 @dataclass
@@ -90,18 +111,18 @@ class ModelConfig:
     init_checkpoint: str = ""
 
 
-class OptimName(enum.Enum):
+class OptimName(Choice):
     sgd = "sgd"  # torch.optim.SGD (momentum, nesterov): the paper's
     adamw = "adamw"  # torch.optim.AdamW (betas, eps), decoupled weight decay
     lamb = "lamb"  # LAMB as in ResNet strikes back (res2net.engine.optim.Lamb, timm's Lamb arithmetic)
 
 
-class LossName(enum.Enum):
+class LossName(Choice):
     ce = "ce"  # softmax cross-entropy (on soft targets when mixup is on)
     bce = "bce"  # per-class binary cross-entropy on the (mixed, smoothed) targets, as in ResNet strikes back
 
 
-class MixupMode(enum.Enum):
+class MixupMode(Choice):
     batch = "batch"  # one draw (mixup or cutmix, lambda, box) for the whole batch
     pair = "pair"  # one draw per pair of samples (i, n - 1 - i); needs an even batch
     elem = "elem"  # one draw per sample
@@ -145,7 +166,7 @@ class ScheduleConfig:
 class TrainerConfig:
     device: str = "auto"  # auto (this rank's GPU when torch sees one, else the CPU) | cuda (a GPU or an error) | cpu
     amp: Amp = Amp.auto
-    channels_last: str = "auto"  # auto (on where amp=auto picks bf16) | true | false
+    channels_last: Any = "auto"  # auto (on where amp=auto picks bf16) | true | false
     compile: bool = False  # torch.compile the model (after the DDP wrap)
     sync_bn: bool = False  # SyncBatchNorm across ranks; CUDA only (an error on CPU)
     # Exponential moving average of the weights, evaluated alongside them every epoch; 0 = off (e.g. 0.9998).
@@ -168,6 +189,9 @@ class TrainerConfig:
     freeze: str = "none"
     # true: the frozen part's BatchNorm layers stay in eval mode (their running statistics are used, not updated).
     freeze_bn_eval: bool = True
+
+    def __post_init__(self) -> None:
+        self.channels_last = auto_or_bool(self.channels_last, "trainer.channels_last")
 
 
 @dataclass
@@ -242,7 +266,7 @@ class EvalConfig:
     trust_checkpoint: bool = False
     use_ema: bool = False  # evaluate the EMA weights of a train.py checkpoint
     amp: Amp = Amp.auto  # autocast dtype of the forward pass (same knob as trainer.amp)
-    channels_last: str = "auto"  # auto | true | false (same knob as trainer.channels_last)
+    channels_last: Any = "auto"  # auto | true | false (same knob as trainer.channels_last)
     compile: bool = False  # torch.compile the prepared model
     # Fold BatchNorm into the convs (res2net.prepare_for_inference); outputs unchanged within float tolerance.
     fold_bn: bool = True
@@ -251,19 +275,43 @@ class EvalConfig:
     progress: bool = True  # progress bar on rank 0
     # torch | onnxruntime: run an .onnx file from scripts/export.py (checkpoint=<file>.onnx) with ONNX Runtime on
     # the CPU in fp32 instead of the PyTorch model (model.name names the architecture for the records).
-    runtime: str = "torch"
+    runtime: Runtime = Runtime.torch
     # ReaL labels (Beyer et al. 2020): the path of real.json, one list of class indices per ImageNet val image in
     # ILSVRC2012_val_00000001 ... order; adds real_top1, real_top5 and real_count (images with a non-empty list).
     real_labels: str | None = None
-    tta: str = "none"  # none | flip (the softmax averaged over the image and its mirror)
+    tta: Tta = Tta.none  # none | flip (the softmax averaged over the image and its mirror)
     # An evaluation set beyond ImageNet val, set by data=imagenet_v2|imagenet_sketch|imagenet_r|imagenet_a ('' =
     # <data.root>/val/); layouts and scoring: res2net/data/testsets.py.
     testset: str = ""
     testset_variant: str = ""  # imagenet_v2: matched-frequency | threshold-0.7 | top-images
 
+    def __post_init__(self) -> None:
+        self.channels_last = auto_or_bool(self.channels_last, "channels_last")
+
+
+def _typed(cfg: Any, schema: type) -> Any:
+    """``cfg`` as an instance of the dataclass ``schema``: an instance as it is; an OmegaConf node or a mapping
+    (a mapping's missing keys take the schema's defaults) checked against the schema and converted, once."""
+    if isinstance(cfg, schema):
+        return cfg
+    node = cfg if OmegaConf.is_config(cfg) else OmegaConf.merge(OmegaConf.structured(schema), cfg)
+    return OmegaConf.to_object(node)
+
+
+def as_train_config(cfg: Any) -> TrainConfig:
+    """The typed train config of a composed node (train.py), a mapping or a TrainConfig."""
+    return _typed(cfg, TrainConfig)
+
+
+def as_eval_config(cfg: Any) -> EvalConfig:
+    """The typed eval config of a composed node (evaluate.py), a mapping or an EvalConfig."""
+    return _typed(cfg, EvalConfig)
+
 
 def to_dict(cfg: Any) -> dict:
-    """A plain, resolved dict (enums as their names) of an OmegaConf node, a dataclass-like mapping or a dict."""
+    """A plain, resolved dict (enums as their names) of a typed config, an OmegaConf node or a mapping."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        cfg = OmegaConf.structured(cfg)
     if OmegaConf.is_config(cfg):
         return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
     return dict(cfg)
@@ -321,7 +369,7 @@ def check_train_config(cfg: Any) -> None:
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be >= 1")
     _check_finetune(cfg)
-    pair_mode = getattr(cfg.mixup.mode, "value", cfg.mixup.mode) == "pair"
+    pair_mode = cfg.mixup.mode == MixupMode.pair
     if pair_mode and cfg.data.batch_size % 2 and (cfg.mixup.alpha > 0 or cfg.mixup.cutmix_alpha > 0):
         raise ConfigError(f"mixup.mode=pair mixes samples in pairs: data.batch_size={cfg.data.batch_size} must be even")
     _finite("data.crop_pct", cfg.data.crop_pct, 0.0, 1.0, low_open=True)
@@ -386,6 +434,8 @@ def _rank_zero_or(value, other):
 
 def register_configs() -> None:
     """Register the schemas (train_schema, eval_schema) and the resolvers. Idempotent."""
+    from hydra.core.config_store import ConfigStore
+
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="eval_schema", node=EvalConfig)

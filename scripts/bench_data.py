@@ -60,6 +60,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--torch-threads", type=int, default=1, help="intra-op threads of the consuming process")
     p.add_argument("--rounds", type=int, default=1, help="runs per row (each in its own process); median reported")
     p.add_argument("--augment", nargs="+", default=["none"], choices=list(AUGMENTS), help="train augmentations")
+    p.add_argument(
+        "--dali-resize",
+        default=None,
+        choices=["torch", "graph"],
+        help="data.dali_resize of the DALI rows (default: the loader's choice for the device; 'graph' is the GPU path)",
+    )
     p.add_argument("--in-process", action="store_true", help="measure every row in this process (no isolation)")
     p.add_argument("--one-row", action="store_true", help=argparse.SUPPRESS)  # internal: print one JSON rate
     return p.parse_args(argv)
@@ -105,6 +111,7 @@ def measure_row(args, split: str, backend: str, workers: int, augment: str = "no
             num_workers=workers,
             img_size=args.img_size,
             **AUGMENTS[augment],
+            **({"dali_resize": args.dali_resize} if args.dali_resize and backend == "dali" else {}),
         )
         return measure(cfg, split, torch.device(args.device), args.batches, args.warmup)
     cmd = [
@@ -133,6 +140,7 @@ def measure_row(args, split: str, backend: str, workers: int, augment: str = "no
         str(args.torch_threads),
         "--augment",
         augment,
+        *(["--dali-resize", args.dali_resize] if args.dali_resize else []),
     ]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
@@ -169,6 +177,7 @@ def main(argv=None) -> int:
         f"\nbatch {args.batch_size}, {args.img_size} px, device {device}, {os.cpu_count()} CPUs visible, "
         f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {args.batches} timed batches per row, "
         f"median of {args.rounds} run(s)"
+        + (f", DALI rows with data.dali_resize={args.dali_resize}" if args.dali_resize else "")
     )
     print("| split | backend | workers/threads | augment | img/s | vs torchvision | ms/img over none |")
     print("|---|---|---|---|---:|---:|---:|")

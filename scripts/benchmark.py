@@ -113,6 +113,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, nargs=4, default=None, help="override, four integers")
     p.add_argument("--json", default=None, help="also write the rows and the environment to this JSON file")
     p.add_argument("--keep-allocator", action="store_true", help="do not re-execute with the allocator settings")
+    p.add_argument(
+        "--census",
+        action="store_true",
+        help="instead of timings, print the op census of one steady-state training step per preset "
+        "(res2net.engine.census, on the CPU, reduced model): aten ops of the augmentation / mixup / step, host "
+        "reads and tensors made from Python data, at each --census-batch size",
+    )
+    p.add_argument("--census-batch", type=int, nargs="+", default=[8, 256], help="batch sizes of the census")
+    p.add_argument("--census-img-size", type=int, default=32, help="image size of the census (>= 32)")
+    p.add_argument("--presets", nargs="+", default=None, help="census presets (default: every training preset)")
     args = p.parse_args(argv)
     for name in ("batch_size", "img_size", "iters", "rounds"):
         if getattr(args, name) < 1:
@@ -385,9 +395,31 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     return {"args": vars(args), "environment": environment(args, device), "rows": [asdict(r) for r in rows]}
 
 
+def print_census(args: argparse.Namespace) -> int:
+    """The census table per preset and batch size (see --census)."""
+    from res2net.engine.census import census_table, preset_census, training_presets
+
+    presets = args.presets or training_presets()
+    unknown = sorted(set(presets) - set(training_presets()))
+    if unknown:
+        print(
+            f"benchmark.py: error: --presets {unknown}: not training presets; use {training_presets()}", file=sys.stderr
+        )
+        return 2
+    rows = [preset_census(p, b, img_size=args.census_img_size) for p in presets for b in args.census_batch]
+    print(
+        f"op census of one steady-state training step (CPU, reduced model, {args.census_img_size} px); ops are "
+        "aten ops (about one GPU kernel each), host reads would each stop the host on a GPU"
+    )
+    print(census_table(rows))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.census:
+        return print_census(args)
     if not args.keep_allocator:
         ensure_allocator_env(argv)
     try:

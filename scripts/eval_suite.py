@@ -31,7 +31,6 @@ points for most), 2 on a usage or data error.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import sys
@@ -39,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from res2net.data.testsets import EVAL_SETS
+from res2net.report import fmt, markdown_table, tolerance_for, write_csv
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -175,15 +175,6 @@ def rows_of(run: SuiteRun, out: dict) -> list[dict]:
     return rows
 
 
-def tolerance_for(model: str, given: float | None) -> float:
-    """``given``, else the variant's own tolerance (res2net.models.variants), else the default."""
-    from res2net.models.variants import DEFAULT_TOLERANCE, VARIANTS
-
-    if given is not None:
-        return given
-    return VARIANTS[model].tolerance if model in VARIANTS else DEFAULT_TOLERANCE
-
-
 def judge(
     rows: list[dict], val_published: float | None, table: dict[str, float], tolerance: float, released: bool
 ) -> None:
@@ -203,33 +194,23 @@ def judge(
             r["status"] = "FAIL" if abs(r["delta_top1"]) > tolerance + 1e-9 else "ok"
 
 
-def _fmt(value, digits: int = 3, signed: bool = False) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
-
-
-def markdown_table(rows: list[dict]) -> str:
+def markdown_rows(rows: list[dict]) -> str:
     head = ["set", "images", "top-1", "top-5", "ECE", "published top-1", "delta", "tolerance", "status"]
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + "---|"]
-    for r in rows:
-        cells = [
+    cells = [
+        [
             r["dataset"],
-            _fmt(r["count"]),
-            _fmt(r["top1"]),
-            _fmt(r["top5"]),
-            _fmt(r["ece"], 4),
-            _fmt(r["published_top1"], 2),
-            _fmt(r["delta_top1"], 2, signed=True),
-            _fmt(r["tolerance"], 2),
+            fmt(r["count"]),
+            fmt(r["top1"]),
+            fmt(r["top5"]),
+            fmt(r["ece"], 4),
+            fmt(r["published_top1"], 2),
+            fmt(r["delta_top1"], 2, signed=True),
+            fmt(r["tolerance"], 2),
             r["status"],
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        for r in rows
+    ]
+    return markdown_table(head, cells)
 
 
 def csv_row(r: dict) -> dict:
@@ -252,11 +233,8 @@ def csv_row(r: dict) -> dict:
 def write_tables(rows: list[dict], out_dir: Path, caption: str) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     md, csv_path = out_dir / "suite.md", out_dir / "suite.csv"
-    md.write_text(f"{caption}\n\n{markdown_table(rows)}\n")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(csv_row(r) for r in rows)
+    md.write_text(f"{caption}\n\n{markdown_rows(rows)}\n")
+    write_csv(csv_path, CSV_COLUMNS, [csv_row(r) for r in rows])
     return md, csv_path
 
 

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Check the whole GPU path of this checkout on one machine, inside 8 minutes on one H100 / H200, and write a report.
+# Check the whole GPU path of this checkout on one machine, inside 9.5 minutes on one H100 / H200, and write a report.
 #
 #   scripts/gpu_check.sh                # report in $OUT if set, else gpu_report/
 #   REPORT=/tmp/report scripts/gpu_check.sh
 #   DRY_RUN=1 scripts/gpu_check.sh      # print every command, run nothing
 #
-# Steps: the CUDA tests (pytest -m cuda); scripts/benchmark.py --device cuda (train and inference img/s at batch 256:
-# eager fp32, the defaults bf16 + channels_last, + compile, and timm's eager model with the same weights) for each
-# model; train.py smoke runs (1 process; all GPUs with torchrun when there are several) on a small JPEG folder with
-# the torchvision backend, and with DALI when it imports, with torch's sync debug mode on after the first step
-# (RES2NET_SYNC_DEBUG=1: every distinct host-sync site is listed in the report); the DALI 'mixed' val parity test.
+# Steps, what users run first first (the benchmarks come last, so a tight BUDGET cuts them, not the checks): the CUDA
+# tests (pytest -m cuda); train.py smoke runs (1 process; all GPUs with torchrun when there are several) on a small
+# JPEG folder with the torchvision backend, and with DALI when it imports; smoke runs of the rsb_a3 and tv_recipe
+# presets (a few steps over two epochs, torch.compile on, DALI's GPU path when it imports: RandAugment / TrivialAugment,
+# mixup / cutmix, BCE, LAMB, EMA, accumulation); all smoke runs with torch's sync debug mode on after each epoch's first
+# step and off for validation (RES2NET_SYNC_DEBUG=1: every distinct host-sync site is listed in the report); the DALI
+# 'mixed' val parity test; scripts/benchmark.py --device cuda (train and inference img/s at batch 256: eager fp32,
+# the defaults bf16 + channels_last, + compile, and timm's eager model with the same weights) for each model.
 # A failing step is reported and the next one runs; the exit code is 1 when any step failed.
 #
 # Needs torch with CUDA, torchvision, timm, Pillow, numpy, pytest, tensorboard, Hydra and omegaconf. Where Hydra is
@@ -19,7 +22,8 @@
 # Environment: PYTHON (default: the repo's .venv if it exists, else python), REPORT, WORK (run directories and data,
 # default /tmp/res2net_gpu_check), WHEELS, MODELS (benchmark models), BENCH_ARGS, NGPU (GPUs for the all-GPU run,
 # default: all visible), DALI (auto | 0 | 1: run the DALI steps; auto: when nvidia.dali imports), STEP_TIMEOUT
-# (seconds per step at most, 150), BUDGET (seconds for all steps, 470: later steps are cut short), DRY_RUN.
+# (seconds per step at most, 150), COMPILE_TIMEOUT (seconds per compiled preset smoke run, whose first train and val
+# steps compile: 240), BUDGET (seconds for all steps, 560: later steps are cut short), DRY_RUN.
 set -uo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -37,21 +41,27 @@ wheels=${WHEELS:-shared/wheels}
 models=${MODELS:-res2net50_26w_4s res2net50_26w_8s}
 bench_args=${BENCH_ARGS:---batch-size 256 --warmup 2 --iters 5 --rounds 2}
 step_timeout=${STEP_TIMEOUT:-150}
-budget=${BUDGET:-470}
+compile_timeout=${COMPILE_TIMEOUT:-240}
+budget=${BUDGET:-560}
 dry=${DRY_RUN:-0}
 export PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 failed=0
 
-run() {  # run NAME LOG COMMAND...: one step, timed, its output appended to LOG, a row in the summary
-    local name=$1 log=$2
-    shift 2
+run() {  # run NAME LOG COMMAND...: one step of at most STEP_TIMEOUT seconds
+    run_within "$step_timeout" "$@"
+}
+
+run_within() {  # run_within SECONDS NAME LOG COMMAND...: one step, timed, its output appended to LOG, a summary row
+    local most=$1 name=$2 log=$3
+    shift 3
     if [[ $dry == 1 ]]; then
+        echo "# step $name: at most $most s"
         printf '%q ' "$@"
         echo
         return 0
     fi
     local start=$SECONDS status=pass limit=$((budget - SECONDS))
-    ((limit > step_timeout)) && limit=$step_timeout
+    ((limit > most)) && limit=$most
     if ((limit < 10)); then
         skip "$name" "out of time (BUDGET=$budget s)"
         failed=1
@@ -127,14 +137,7 @@ mapfile -t cuda_tests < <(grep -l 'mark\.cuda' tests/test_*.py)
 run "pytest -m cuda" "$report/pytest.log" "$python" -m pytest -q -rs -p no:cacheprovider -m cuda \
     -k 'not test_mixed_decoding_matches_cpu_path' "${cuda_tests[@]}"
 
-# 2. Throughput: eager fp32 vs the defaults (bf16 + channels_last) vs + compile, and timm's eager model.
-for model in $models; do
-    # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
-    run "benchmark $model" "$report/bench.log" "$python" scripts/benchmark.py --device cuda --model "$model" \
-        --precision bf16 --compile --peer timm $bench_args --json "$report/bench_$model.json"
-done
-
-# 3. train.py smoke runs on a small JPEG folder, host syncs reported after the first step.
+# 2. train.py smoke runs on a small JPEG folder, host syncs reported after the first step.
 data=$work/jpegs
 run "make a JPEG folder" "$report/smoke.log" "$python" -c "import sys; sys.path.insert(0, 'tests'); \
 from pathlib import Path; from test_data_helpers import write_noise_split as w; \
@@ -159,6 +162,18 @@ for backend in "${backends[@]}"; do
     fi
 done
 
+# 3. The modern presets as a user starts them, shrunk to a few steps over two epochs (validation, then the sync
+# debug mode re-armed for the second epoch), compiled: a 4-layer Res2Net-50 keeps compilation within
+# COMPILE_TIMEOUT; the train and val sizes differ (160 / 224, 176 / 224) and compile with static shapes.
+preset_backend=torchvision
+[[ $dali == 1 ]] && preset_backend=dali
+for preset in rsb_a3 tv_recipe; do
+    run_within "$compile_timeout" "train.py experiment=$preset, compiled, $preset_backend" "$report/smoke.log" \
+        env RES2NET_SYNC_DEBUG=1 "$python" train.py experiment="$preset" trainer.device=cuda trainer.compile=true \
+        data.root="$data" data.backend="$preset_backend" data.batch_size=64 data.num_workers=4 "model.layers=[1,1,1,1]" \
+        schedule.epochs=2 trainer.max_steps=6 trainer.log_interval=1 hydra.run.dir="$work/runs/$preset"
+done
+
 # 4. DALI 'mixed' (nvJPEG) validation batches against the CPU decoder.
 if [[ $dali == 1 ]]; then
     run "DALI mixed val parity" "$report/pytest.log" "$python" -m pytest -q -rs -p no:cacheprovider \
@@ -166,6 +181,13 @@ if [[ $dali == 1 ]]; then
 else
     skip "DALI mixed val parity" "NVIDIA DALI does not import here"
 fi
+
+# 5. Throughput: eager fp32 vs the defaults (bf16 + channels_last) vs + compile, and timm's eager model.
+for model in $models; do
+    # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
+    run "benchmark $model" "$report/bench.log" "$python" scripts/benchmark.py --device cuda --model "$model" \
+        --precision bf16 --compile --peer timm $bench_args --json "$report/bench_$model.json"
+done
 
 if [[ $dry != 1 ]]; then
     {
@@ -178,7 +200,7 @@ if [[ $dry != 1 ]]; then
 print(b.markdown_table([b.Row(**r) for r in json.load(open('$report/bench_$model.json'))['rows']]))"
         done
         echo
-        echo "## Host-sync sites after the first training step (RES2NET_SYNC_DEBUG=1; each distinct site once)"
+        echo "## Host-sync sites in training steps after each epoch's first (RES2NET_SYNC_DEBUG=1; each site once)"
         echo
         grep -E '\.py:[0-9]+: UserWarning: called a synchronizing CUDA operation' "$report/smoke.log" |
             sed 's/: UserWarning.*//' | sort | uniq -c || echo "none"

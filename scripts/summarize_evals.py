@@ -15,7 +15,6 @@ Every results.json under the directory is a run. Writes, beside them or to --out
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
@@ -24,6 +23,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
+
+from res2net.report import fmt, markdown_table, write_csv  # noqa: E402
 
 RESULTS_FILE = "results.json"
 COLUMNS = (
@@ -40,6 +41,7 @@ COLUMNS = (
     "nll",
     "count",
 )
+_NUMERIC = ("img_size", "crop_pct", "top1", "top5", "ece", "nll", "count")
 
 
 def read_runs(sweep: Path) -> list[dict]:
@@ -72,10 +74,6 @@ def read_runs(sweep: Path) -> list[dict]:
     return sorted(rows, key=lambda r: (r["model"], r["dataset"], r["tta"], r["crop_pct"], r["img_size"], r["run"]))
 
 
-def _fmt(value, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
 def _series(rows: list[dict]) -> dict[tuple, list[dict]]:
     """Rows grouped by (model, set, tta), in order."""
     groups: dict[tuple, list[dict]] = {}
@@ -88,16 +86,14 @@ def grid(rows: list[dict]) -> list[str]:
     """Markdown grid of top-1: one row per img_size, one column per crop_pct."""
     sizes, crops = sorted({r["img_size"] for r in rows}), sorted({r["crop_pct"] for r in rows})
     top1 = {(r["img_size"], r["crop_pct"]): r["top1"] for r in rows}
-    lines = ["| img_size | " + " | ".join(f"crop {c}" for c in crops) + " |", "|---:|" + "---:|" * len(crops)]
-    for s in sizes:
-        lines.append(f"| {s} | " + " | ".join(_fmt(top1.get((s, c))) for c in crops) + " |")
-    return lines
+    head = ["img_size", *(f"crop {c}" for c in crops)]
+    cells = [[str(s), *(fmt(top1.get((s, c))) for c in crops)] for s in sizes]
+    return markdown_table(head, cells, right=range(len(head))).split("\n")
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|---|---|" + "---:|" * 2 + "---|---|" + "---:|" * 5]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r[c], 4 if c in ("ece", "nll") else 3) for c in COLUMNS) + " |")
+    cells = [[fmt(r[c], 4 if c in ("ece", "nll") else 3) for c in COLUMNS] for r in rows]
+    lines = [markdown_table(COLUMNS, cells, right=[i for i, c in enumerate(COLUMNS) if c in _NUMERIC])]
     for (model, dataset, tta), group in _series(rows).items():
         lines += ["", f"Top-1 of {model} on {dataset} (tta {tta}) by test resolution and crop:", "", *grid(group)]
     return "\n".join(lines) + "\n"
@@ -125,10 +121,7 @@ def summarize(sweep: Path, out_dir: Path | None = None) -> tuple[Path, Path, Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     md, csv_path, png = out_dir / "evals.md", out_dir / "evals.csv", out_dir / "evals.png"
     md.write_text(markdown(rows))
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows({k: ("" if r[k] is None else r[k]) for k in COLUMNS} for r in rows)
+    write_csv(csv_path, COLUMNS, rows)
     plot(rows, png)
     return md, csv_path, png
 

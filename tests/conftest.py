@@ -1,9 +1,43 @@
-"""Fixtures shared by several test files."""
+"""Fixtures shared by several test files, and the ``slow`` marker put on every test that starts processes."""
 
+import inspect
+import re
 from pathlib import Path
 
 import pytest
 from test_data_helpers import write_noise_split
+
+# What starts another Python process: a script run, torchrun, a spawned process group.
+_SPAWNS = re.compile(r"subprocess\.|Popen|torchrun|mp\.spawn|multiprocessing|sys\.executable")
+
+
+def _spawning_names(module) -> set[str]:
+    """Names of the module's functions and constants whose source starts processes (one level deep)."""
+    names = set()
+    for name, obj in vars(module).items():
+        try:
+            source = inspect.getsource(obj) if inspect.isfunction(obj) else None
+        except (OSError, TypeError):
+            source = None
+        if (source and _SPAWNS.search(source)) or (isinstance(obj, list | tuple) and "torchrun" in str(obj)):
+            names.add(name)
+    return names
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark ``slow`` each test that starts processes, itself or through a helper of its module, so that
+    ``pytest -m "not slow"`` is the in-process suite."""
+    spawning: dict[object, set[str]] = {}
+    for item in items:
+        function = getattr(item, "function", None)
+        if function is None or item.get_closest_marker("slow"):
+            continue
+        module = inspect.getmodule(function)
+        if module not in spawning:
+            spawning[module] = _spawning_names(module)
+        source = inspect.getsource(function)
+        if _SPAWNS.search(source) or any(re.search(rf"\b{re.escape(n)}\b", source) for n in spawning[module]):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="module")

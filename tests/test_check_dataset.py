@@ -1,7 +1,6 @@
 """scripts/check_dataset.py on real problem files: PNG named .JPEG, CMYK JPEG, grayscale JPEG, truncated JPEG,
 zero-byte file; --fix writes the change list, backs up, re-encodes the convertible ones and deletes nothing."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -101,7 +100,6 @@ def test_clean_folder_exits_zero(tmp_path):
 
 
 def test_scans_the_files_the_loaders_read():
-    spec = importlib.util.spec_from_file_location("check_dataset", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.IMG_EXTENSIONS == IMG_EXTENSIONS
+    from scripts import check_dataset
+
+    assert check_dataset.IMG_EXTENSIONS == IMG_EXTENSIONS

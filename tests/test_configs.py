@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import res2net
-from res2net.config import TrainConfig, register_configs
+from res2net.config import EvalConfig, TrainConfig, register_configs
 from res2net.models import model_from_config, resolve_model_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,29 +180,22 @@ def _config_copy(tmp_path) -> Path:
 
 
 def test_values_stated_in_eval_yaml_take_effect(tmp_path):
-    """Every value eval.yaml states wins over the schema's default: flipping each boolean there flips the config."""
-    stated = {
-        k: v for k, v in yaml.safe_load((CONFIGS / "eval.yaml").read_text()).items() if k not in ("defaults", "hydra")
-    }
-    flags = [k for k, v in stated.items() if isinstance(v, bool)]
-    assert "fold_bn" in flags and stated["channels_last"] == "auto"
+    """A value eval.yaml states wins over the schema's default (the schema comes first in its defaults list): every
+    boolean option, stated flipped in a copy of eval.yaml, flips the composed config, and so does channels_last."""
+    flags = [f.name for f in dataclasses.fields(EvalConfig) if isinstance(f.default, bool)]
+    assert "fold_bn" in flags and "use_ema" in flags
+    stated = {name: not getattr(EvalConfig, name) for name in flags}
     copy = _config_copy(tmp_path)
-    text = (copy / "eval.yaml").read_text().replace("\nchannels_last: auto", "\nchannels_last: false")
-    for key in flags:
-        text = re.sub(
-            rf"^({key}): (true|false)", lambda m: f"{m.group(1)}: {str(m.group(2) != 'true').lower()}", text, flags=re.M
-        )
-    (copy / "eval.yaml").write_text(text)
+    text = (copy / "eval.yaml").read_text()
+    assert not set(yaml.safe_load(text)) - {"defaults", "hydra"}  # states only what differs from the schema: nothing
+    lines = "".join(f"{name}: {str(value).lower()}\n" for name, value in stated.items()) + "channels_last: false\n"
+    (copy / "eval.yaml").write_text(text.replace("\nhydra:", "\n" + lines + "hydra:"))
     register_configs()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        as_shipped = compose(config_name="eval")
     with initialize_config_dir(config_dir=str(copy), version_base="1.3"):
         flipped = compose(config_name="eval")
-    for key, value in stated.items():
-        assert OmegaConf.to_container(as_shipped, enum_to_str=True)[key] == value, key
-    for key in flags:
-        assert flipped[key] is (not stated[key]), key
-    assert flipped.channels_last.lower() == "false"  # the value the issue found overridden by the schema default
+    for name, value in stated.items():
+        assert flipped[name] is value, name
+    assert flipped.channels_last is False  # auto | true | false: a bool once set (it was the text "False")
 
 
 def test_misspelt_experiment_fails_listing_the_available_ones(tmp_path):

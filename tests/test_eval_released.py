@@ -6,9 +6,7 @@ import csv
 import functools
 import hashlib
 import http.server
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,21 +16,11 @@ from local_server import local_http_server
 from PIL import Image
 
 import res2net
+from scripts import eval_released
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"layers": [1, 1, 1, 1], "base_width": 4, "num_classes": 3}
 MODELS = ("res2net50_26w_4s", "res2net50_26w_8s")  # 8s has the wider tolerance (0.3)
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("eval_released", ROOT / "scripts" / "eval_released.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["eval_released"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-eval_released = _load_script()
 
 
 @pytest.fixture(scope="module")

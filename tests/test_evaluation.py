@@ -167,3 +167,29 @@ def test_two_gloo_processes_match_world_size_one(tmp_path, options):
         assert m["top5_prob"] == pytest.approx(s["top5_prob"], rel=1e-5)
     # not a vacuous comparison: the model is better than nothing on some classes and worse on others
     assert 0 < single["top1"] < 100
+
+
+def test_a_compiled_model_is_evaluated_compiled():
+    """evaluate() unwraps only DDP: a torch.compile'd model runs its compiled graph (the loop used to strip
+    ``_orig_mod`` too and silently run eager), with the same numbers as the eager model."""
+    calls = []
+
+    def counting_backend(graph, example_inputs):
+        def run(*args):
+            calls.append(1)
+            return graph.forward(*args)
+
+        return run
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, NUM_CLASSES))
+    model.num_classes = NUM_CLASSES
+    images, targets = _dataset()
+    loader = ListLoader(images, targets, batch_size=101)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=counting_backend, dynamic=False)
+    on_compiled = evaluate(compiled, loader, device="cpu")
+    assert len(calls) == 1  # one batch, through the compiled graph
+    eager = evaluate(model, loader, device="cpu")
+    assert on_compiled["top1"] == eager["top1"] and on_compiled["count"] == NUM_IMAGES
+    assert on_compiled["loss"] == pytest.approx(eager["loss"], abs=1e-5)

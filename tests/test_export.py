@@ -17,10 +17,9 @@ from safetensors import safe_open
 import res2net
 from res2net.engine.eval_loop import evaluate
 from res2net.export import OPSET, OnnxRuntimeModel, max_relative_error
+from scripts import export as export_script
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import export as export_script  # noqa: E402  (scripts/export.py)
 
 NAME = "res2net50d"  # deep stem and average-pool shortcuts: the most layers to get right
 ARCH = dict(num_classes=10, base_width=4, layers=[1, 1, 1, 1])

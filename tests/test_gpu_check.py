@@ -28,6 +28,12 @@ def commands(lines: list[str]) -> list[list[str]]:
     return [shlex.split(line) for line in lines if not line.startswith("#")]
 
 
+def _step_limits(lines: list[str]) -> dict[str, int]:
+    """{step name: its time limit in seconds} from the dry run's '# step NAME: at most N s' lines."""
+    steps = [line[len("# step ") :].rsplit(": at most ", 1) for line in lines if line.startswith("# step ")]
+    return {name: int(limit.split()[0]) for name, limit in steps}
+
+
 def test_dry_run_lists_every_step_in_order_with_dali_and_several_gpus():
     lines = dry_run(NGPU="4", DALI="1", WORK="/tmp/w", REPORT="/tmp/r")
     cmds = commands(lines)
@@ -43,19 +49,33 @@ def test_dry_run_lists_every_step_in_order_with_dali_and_several_gpus():
         assert c[c.index("--device") + 1] == "cuda" and c[c.index("--batch-size") + 1] == "256"
         assert c[c.index("--json") + 1].startswith("/tmp/r/bench_")
     train = [c for c in cmds if "train.py" in c]
-    assert len(train) == 4  # 1 GPU and torchrun 4 GPUs, for torchvision and dali
+    assert len(train) == 6  # 1 GPU and torchrun 4 GPUs for torchvision and dali, then the rsb_a3 and tv_recipe presets
     for c in train:
         assert c[:2] == ["env", "RES2NET_SYNC_DEBUG=1"] and "trainer.device=cuda" in c
-    torchrun = [c for c in train if "torch.distributed.run" in c]
+    plain, presets = train[:4], train[4:]
+    torchrun = [c for c in plain if "torch.distributed.run" in c]
     assert [c[c.index("--standalone") + 1] for c in torchrun] == ["--nproc-per-node=4"] * 2
     assert all("trainer.sync_bn=true" in c for c in torchrun)
-    assert sorted(next(a for a in c if a.startswith("data.backend=")) for c in train) == [
+    assert sorted(next(a for a in c if a.startswith("data.backend=")) for c in plain) == [
         "data.backend=dali",
         "data.backend=dali",
         "data.backend=torchvision",
         "data.backend=torchvision",
     ]
-    assert cmds[-1][:3] == [py, "-m", "pytest"] and "test_mixed_decoding_matches_cpu_path" in cmds[-1]
+    # the presets users start first, compiled, on DALI's GPU path, across an epoch boundary
+    assert [next(a for a in c if a.startswith("experiment=")) for c in presets] == [
+        "experiment=rsb_a3",
+        "experiment=tv_recipe",
+    ]
+    for c in presets:
+        assert {"trainer.compile=true", "data.backend=dali", "schedule.epochs=2"} <= set(c)
+    parity = next(i for i, c in enumerate(cmds) if "test_mixed_decoding_matches_cpu_path" in c and "-k" in c[-2:])
+    first_bench = cmds.index(bench[0])
+    assert cmds.index(train[-1]) < parity < first_bench  # smoke runs and parity before the benchmarks
+    assert first_bench == len(cmds) - len(bench)
+    limits = _step_limits(lines)
+    compiled = [limits[name] for name in limits if name.startswith("train.py experiment=")]
+    assert len(compiled) == 2 and min(compiled) > limits["train.py 1 GPU, dali"]  # room for compilation
 
 
 def test_dry_run_without_dali_and_with_one_gpu_says_what_it_skips():
@@ -66,7 +86,8 @@ def test_dry_run_without_dali_and_with_one_gpu_says_what_it_skips():
     assert any("torchrun all GPUs, torchvision" in s and "one GPU" in s for s in skips)
     assert any("DALI mixed val parity" in s for s in skips)
     train = [c for c in commands(lines) if "train.py" in c]
-    assert len(train) == 1 and "data.backend=torchvision" in train[0] and "torch.distributed.run" not in train[0]
+    assert len(train) == 3 and all("data.backend=torchvision" in c for c in train)  # the presets fall back too
+    assert not any("torch.distributed.run" in c for c in train)
     assert all("gpu_report/bench_" in c[-1] for c in commands(lines) if "scripts/benchmark.py" in c)  # default
 
 
@@ -82,19 +103,21 @@ def test_dry_run_commands_are_valid_here():
     cmds = commands(dry_run(NGPU="2", DALI="1", WORK="/tmp/w"))
     single = next(c for c in cmds if "train.py" in c and "torch.distributed.run" not in c)
     multi = next(c for c in cmds if "torch.distributed.run" in c)
-    for c in (single, multi[multi.index("train.py") :]):
+    presets = [c for c in cmds if any(a.startswith("experiment=") for a in c)]
+    jobs = []
+    for c in (single, multi[multi.index("train.py") :], *presets):
         args = c[c.index("train.py") + 1 :]
         proc = subprocess.run(
             [sys.executable, "train.py", *args, "--cfg", "job"], cwd=ROOT, capture_output=True, text=True, timeout=120
         )
         assert proc.returncode == 0, proc.stderr
         assert "device: cuda" in proc.stdout and "root: /tmp/w/jpegs" in proc.stdout
+        jobs.append(proc.stdout)
+    for job, knob in zip(jobs[2:], ("auto_augment: rand-m6-mstd0.5-inc1", "ema_decay: 0.999966"), strict=True):
+        assert knob in job and "compile: true" in job and "max_steps: 6" in job  # the preset's own recipe, shrunk
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import benchmark
-    finally:
-        sys.path.pop(0)
+    from scripts import benchmark
+
     bench = next(c for c in cmds if "scripts/benchmark.py" in c)
     args = benchmark.parse_args(bench[2:])
     assert args.peer == "timm" and args.compile and args.batch_size == 256 and args.precision == "bf16"

@@ -313,7 +313,7 @@ def test_accumulating_2_x_8_equals_one_step_of_16_without_batchnorm():
     twin = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 14 * 14, 10))
     twin.load_state_dict(net.state_dict())
     images, labels = _batch(16)
-    criterion = nn.CrossEntropyLoss()
+    criterion = CrossEntropy()
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     whole = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
     parts = torch.optim.SGD(twin.parameters(), lr=0.5, momentum=0.9)
@@ -533,6 +533,6 @@ def test_cfg_job_of_rsb_a3_shows_the_procedure(tmp_path):
     assert (job["optim"]["name"], job["optim"]["lr"], job["optim"]["base_batch"]) == ("lamb", 8e-3, 2048)
     assert (job["loss"]["name"], job["loss"]["label_smoothing"]) == ("bce", 0.0)
     assert (job["mixup"]["alpha"], job["mixup"]["cutmix_alpha"]) == (0.1, 1.0)
-    assert job["data"]["auto_augment"] == "rand-m6-mstd0.5"
+    assert job["data"]["auto_augment"] == "rand-m6-mstd0.5-inc1"
     assert (job["schedule"]["name"], job["schedule"]["epochs"], job["schedule"]["warmup_epochs"]) == ("cosine", 100, 5)
     assert (job["data"]["img_size"], job["data"]["val_img_size"], job["data"]["crop_pct"]) == (160, 224, 0.95)

@@ -1,7 +1,6 @@
 """scripts/summarize_runs.py on sweep directories written here the way train.py -m lays them out."""
 
 import csv
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,19 +12,11 @@ import numpy as np
 import pytest
 import yaml
 
+from scripts import summarize_runs
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "summarize_runs.py"
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("summarize_runs", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-summarize_runs = load_script()
 
 # (job dir, model override, per-epoch (val_top1, val_top5, train_loss, val_loss), world size, device, epoch time)
 RUNS = [

@@ -11,11 +11,12 @@ from typing import Any
 import torch
 
 from .augment import parse_policy
-from .config import BACKENDS, DALI_DECODERS, DALI_RESIZES, INTERPOLATIONS, DataConfig
+from .config import DataConfig
 from .index import class_folders, scan_split
+from .loader_base import is_read_error
 from .transforms import Normalizer, val_resize_size
 
-__all__ = ["DataConfig", "build_loader", "scan_split", "as_data_config", "loader_from_samples"]
+__all__ = ["DataConfig", "build_loader", "scan_split", "as_data_config", "loader_from_samples", "is_read_error"]
 
 SPLITS = ("train", "val")
 
@@ -42,21 +43,6 @@ def _validate(cfg: DataConfig, split: str) -> None:
 
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is invalid: expected one of {SPLITS}")
-    if cfg.backend not in BACKENDS:
-        raise bad("backend", cfg.backend, f"one of {BACKENDS}")
-    if cfg.interpolation not in INTERPOLATIONS:
-        raise bad("interpolation", cfg.interpolation, f"one of {INTERPOLATIONS}")
-    if cfg.dali_decoder not in DALI_DECODERS:
-        raise bad("dali_decoder", cfg.dali_decoder, f"one of {DALI_DECODERS}")
-    if cfg.dali_resize not in DALI_RESIZES:
-        raise bad("dali_resize", cfg.dali_resize, f"one of {DALI_RESIZES}")
-    if cfg.dali_resize == "torch" and cfg.dali_decoder == "mixed":
-        raise bad(
-            "dali_resize",
-            cfg.dali_resize,
-            "one of ('auto', 'graph') with data.dali_decoder='mixed' "
-            "('torch' resizes CPU-decoded images; use data.dali_decoder=cpu for it)",
-        )
     for key in ("batch_size", "img_size", "prefetch"):
         if int(getattr(cfg, key)) < 1:
             raise bad(key, getattr(cfg, key), "an integer >= 1")

@@ -4,10 +4,13 @@ torchvision's TrivialAugmentWide, AutoAugment's ImageNet policy), ``data.color_j
 Every random choice is drawn here, from transforms.sample_uniforms (seed, epoch, sample position) at stream indices
 after the crops' (see ``ERASE_FIRST`` ...), into a plan that does not depend on the pixels: per op slot an op id and
 its parameter in the op's own unit, per sample the jitter factors and order and the erasing box. Both backends apply
-the same plan with the same code (``apply_ops``: torchvision.transforms.v2 ops on uint8 CHW tensors; the DALI backend
-runs ``TrainAugment.apply_batch`` on its uint8 batch, on the GPU when DALI decoded there), so a resumed epoch is
-bit-exact and the backends agree sample by sample. Random erasing works on the normalized batch on
-the device (``erase_batch``), the same code for every backend, as timm's PrefetchLoader does it.
+the same plan, so a resumed epoch is bit-exact and the backends agree sample by sample: the torchvision backend per
+sample in its workers (``apply_ops``: torchvision.transforms.v2 ops on uint8 CHW tensors, the reference), the DALI
+backend on its whole uint8 batch (``TrainAugment.apply_batch``, on the GPU when DALI decoded there): one pass per op
+type and slot with per-sample parameters, equal to the reference up to float rounding. Rotate / shear / translate
+with bicubic interpolation use our ``affine_images`` (torchvision's tensor ops have no bicubic mode) in both.
+Random erasing works on the normalized batch on the device (``erase_batch``), the same code for every backend, as
+timm's PrefetchLoader does it.
 """
 
 import math
@@ -29,6 +32,10 @@ __all__ = [
     "AugmentPlan",
     "augment_plan",
     "apply_ops",
+    "affine_theta",
+    "affine_thetas",
+    "erase_noise",
+    "affine_images",
     "apply_jitter",
     "erase_boxes",
     "erase_batch",
@@ -269,14 +276,20 @@ def _timm_magnitude(policy: Policy, magnitude: float, u1: float, u2: float) -> f
     return max(0.0, min(magnitude, policy.magnitude_max))
 
 
+# The bins of each TrivialAugmentWide op (torch's float32 linspace, as torchvision's), made once; -1.0: solarize's
+# descending bins.
+_TA_LEVELS = {top: torch.linspace(0.0, top, _TA_BINS).tolist() for _, top, _ in _TA_WIDE}
+_TA_LEVELS[-1.0] = torch.linspace(1.0, 0.0, _TA_BINS).tolist()
+
+
 def _ta_param(u_op: float, u_bin: float, u_sign: float) -> tuple[int, float]:
     op, top, signed = _TA_WIDE[int(u_op * len(_TA_WIDE))]
     b = int(u_bin * _TA_BINS)
     if op == "posterize":
         return OP_ID[op], float(8 - int(round(b / ((_TA_BINS - 1) / 6))))
     if op == "solarize":
-        return OP_ID[op], 255.0 * float(torch.linspace(1.0, 0.0, _TA_BINS)[b])
-    value = float(torch.linspace(0.0, top, _TA_BINS)[b])  # torch's float32 bins, as torchvision's
+        return OP_ID[op], 255.0 * _TA_LEVELS[-1.0][b]
+    value = _TA_LEVELS[top][b]  # torch's float32 bins, as torchvision's
     if signed and u_sign < 0.5:
         value = -value
     if op in ("brightness", "color", "contrast", "sharpness"):
@@ -323,12 +336,66 @@ def augment_plan(
     return AugmentPlan(ops, params, jitter, order)
 
 
-_INTERP = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
+_INTERP = {"bilinear": InterpolationMode.BILINEAR, "nearest": InterpolationMode.NEAREST}
+
+
+def affine_thetas(ops: np.ndarray, values: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The [m, 2, 3] matrices of geometric ops (op ids into OPS; any other id is the identity) for
+    ``F.affine_grid`` (normalized coordinates, output -> source), in torchvision's conventions. Derived in pixel
+    coordinates about the image centre (x right, y down), where the source of output pixel p is A p + t: rotate by
+    ``value`` degrees counter-clockwise, shear about the top-left corner (source x = x + f y from that corner, y
+    likewise), translate by ``value`` pixels."""
+    ops, values = np.asarray(ops), np.asarray(values, dtype=np.float64)
+    m = len(ops)
+    a = np.tile(np.eye(2), (m, 1, 1))
+    t = np.zeros((m, 2))
+    rotate = ops == OP_ID["rotate"]
+    radians = np.radians(np.where(rotate, values, 0.0))
+    cos, sin = np.cos(radians), np.sin(radians)
+    a[:, 0, 0], a[:, 0, 1], a[:, 1, 0], a[:, 1, 1] = cos, -sin, sin, cos
+    shear_x, shear_y = ops == OP_ID["shear_x"], ops == OP_ID["shear_y"]
+    a[:, 0, 1] += np.where(shear_x, values, 0.0)
+    a[:, 1, 0] += np.where(shear_y, values, 0.0)
+    t[:, 0] = np.where(shear_x, values * height / 2, 0.0) - np.where(ops == OP_ID["translate_x"], values, 0.0)
+    t[:, 1] = np.where(shear_y, values * width / 2, 0.0) - np.where(ops == OP_ID["translate_y"], values, 0.0)
+    scale = np.array([width / 2, height / 2])  # pixels = scale * normalized
+    theta = np.empty((m, 2, 3))
+    theta[:, :, :2] = a * scale[None, None, :] / scale[None, :, None]
+    theta[:, :, 2] = t / scale
+    return theta
+
+
+def affine_theta(op: str, value: float, height: int, width: int) -> np.ndarray:
+    """affine_thetas of one op by name ('identity' or one of GEOMETRIC)."""
+    if op != "identity" and op not in GEOMETRIC:
+        raise ValueError(f"{op!r} is not a geometric op")
+    return affine_thetas(np.array([OP_ID[op]]), np.array([value]), height, width)[0]
+
+
+def affine_images(images: torch.Tensor, theta: torch.Tensor, fill: torch.Tensor, interpolation: str) -> torch.Tensor:
+    """Each uint8 NCHW image warped by its ``theta`` [n, 2, 3] (affine_theta) in one ``grid_sample``, as
+    torchvision's tensor affine: pixels from outside the image take ``fill`` [C] (blended by a sampled mask of
+    ones), rounded to uint8; bicubic's overshoot is clamped to [0, 255] (and the mask to [0, 1])."""
+    n, c, h, w = images.shape
+    mode = "nearest" if interpolation == "nearest" else interpolation
+    grid = torch.nn.functional.affine_grid(theta.float(), [n, c, h, w], align_corners=False)
+    planes = torch.cat([images.float(), images.new_ones((n, 1, h, w), dtype=torch.float32)], dim=1)
+    warped = torch.nn.functional.grid_sample(planes, grid, mode=mode, padding_mode="zeros", align_corners=False)
+    out, mask = warped[:, :c], warped[:, c:]
+    fill = fill.view(1, c, 1, 1).float()
+    if mode == "nearest":
+        out = torch.where(mask < 0.5, fill, out)
+    else:
+        out = (out - fill).mul_(mask.clamp_(0.0, 1.0)).add_(fill)
+    return out.clamp_(0.0, 255.0).round_().to(torch.uint8)
 
 
 def _apply_op(img: torch.Tensor, op: str, value: float, interpolation: str, fill: list[float]) -> torch.Tensor:
     """One op on a uint8 CHW tensor, with torchvision.transforms.v2's functional ops (as its RandAugment)."""
-    interp = _INTERP[interpolation]
+    if op in GEOMETRIC and interpolation not in _INTERP:  # bicubic: torchvision's tensor ops have no such mode
+        theta = torch.from_numpy(affine_theta(op, value, img.shape[-2], img.shape[-1]))[None]
+        return affine_images(img[None], theta, torch.tensor(fill), interpolation)[0]
+    interp = _INTERP.get(interpolation)
     if op == "identity":
         return img
     if op == "auto_contrast":
@@ -341,8 +408,8 @@ def _apply_op(img: torch.Tensor, op: str, value: float, interpolation: str, fill
         return TF.rotate(img, value, interpolation=interp, fill=fill)
     if op == "posterize":
         return TF.posterize(img, int(value))
-    if op == "solarize":
-        return TF.solarize(img, value)
+    if op == "solarize":  # timm's threshold 256 (magnitude 10) inverts nothing; torchvision refuses it
+        return img if value > 255 else TF.solarize(img, value)
     if op == "solarize_add":  # timm's: add to the pixels below 128, saturating (no torchvision op)
         return torch.where(img < 128, (img.to(torch.int16) + int(value)).clamp_(0, 255).to(torch.uint8), img)
     if op == "color":
@@ -405,16 +472,194 @@ def erase_boxes(probability: float, seed: int, epoch: int, positions: np.ndarray
     return boxes
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix of int64 values in [0, 2^32) (multipliers below 2^31, so no int64 product overflows)."""
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
+    return x ^ (x >> 16)
+
+
+def _noise(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """float32 N(0, 1) values that depend only on (seed, counter) (int64 tensors that broadcast): two hashed
+    uniforms through Box-Muller, the same on every device."""
+    key = _hash32(_hash32(seed & _M32) ^ (seed >> 32))
+    counter = (counter & _M32) * 2
+    u1 = (_hash32(key ^ _hash32(counter)) >> 8).float().add_(0.5).mul_(2.0**-24)
+    u2 = (_hash32(key ^ _hash32(counter + 1)) >> 8).float().mul_(2.0**-24)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+
+
+def erase_noise(noise_seed: int, channels: int, height: int, width: int) -> torch.Tensor:
+    """The [channels, height, width] N(0, 1) noise erase_batch writes into a box of that size with that seed."""
+    return _noise(torch.tensor(noise_seed), torch.arange(channels * height * width)).view(channels, height, width)
+
+
 def erase_batch(images: torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
-    """Fills each sample's box of a normalized NCHW batch, in place, with N(0, 1) noise from a generator seeded by
-    the box's noise seed (on the CPU, so every device gets the same values)."""
-    for i, (top, left, h, w, noise_seed) in enumerate(boxes.tolist()):
-        if h == 0:
-            continue
-        gen = torch.Generator().manual_seed(noise_seed)
-        noise = torch.randn((images.shape[1], h, w), generator=gen, dtype=torch.float32)
-        images[i, :, top : top + h, left : left + w] = noise.to(images.device, images.dtype)
+    """Fills each sample's box of a normalized NCHW batch, in place, with the N(0, 1) noise of its noise seed
+    (``erase_noise``: counter-based, so every device gets the same values), for all boxes in one go: their
+    numbers go to the device in one copy, and one masked write covers the samples that have a box."""
+    rows = np.flatnonzero(boxes[:, 2] > 0)
+    if len(rows) == 0:
+        return images
+    host = np.concatenate([rows[:, None], boxes[rows]], axis=1).T  # [6, m]: row, top, left, height, width, seed
+    idx, top, left, h, w, seed = _to_device(torch.tensor(np.ascontiguousarray(host)), images.device).view(
+        6, -1, 1, 1, 1
+    )
+    _, channels, height, width = images.shape
+    y = torch.arange(height, device=images.device).view(1, 1, height, 1) - top
+    x = torch.arange(width, device=images.device).view(1, 1, 1, width) - left
+    c = torch.arange(channels, device=images.device).view(1, channels, 1, 1)
+    inside = (y >= 0) & (y < h) & (x >= 0) & (x < w)
+    noise = _noise(seed, (c * h + y) * w + x).to(images.dtype)
+    rows_t = idx.view(-1)
+    images.index_copy_(0, rows_t, torch.where(inside, noise, images.index_select(0, rows_t)))
     return images
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` in one copy that does not block the host (pinned first for a GPU)."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+# Batched ops (TrainAugment.apply_batch): uint8 NCHW images of the samples that drew the op and their per-sample
+# parameters as float32 [m] tensors; the arithmetic of torchvision's v2 kernels (apply_ops, the reference), with
+# the scalar turned into a per-sample factor that broadcasts.
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp_(0.0, 255.0).to(torch.uint8)  # truncates, as torchvision's blends
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's luma of a float NCHW RGB batch, floored as for uint8 images: [m, 1, H, W]."""
+    return x[:, 0:1].mul(0.2989).add_(x[:, 1:2], alpha=0.587).add_(x[:, 2:3], alpha=0.114).floor_()
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    factor = factor.view(-1, 1, 1, 1)
+    return _to_uint8(x.float().mul_(factor).add_(other * (1.0 - factor)))
+
+
+def _brightness(x, factor):
+    return _to_uint8(x.float().mul_(factor.view(-1, 1, 1, 1)))
+
+
+def _saturation(x, factor):
+    return _blend(x, _grey(x.float()), factor)
+
+
+def _contrast(x, factor):
+    return _blend(x, _grey(x.float()).mean(dim=(-3, -2, -1), keepdim=True), factor)
+
+
+def _sharpness(x, factor, kernel):
+    if x.shape[-1] <= 2 or x.shape[-2] <= 2:
+        return x
+    out = x.float()
+    blurred = torch.nn.functional.conv2d(out, kernel, groups=x.shape[1]).round_()
+    inner = out[..., 1:-1, 1:-1]
+    inner.add_((blurred - inner).mul_(1.0 - factor.view(-1, 1, 1, 1)))
+    return _to_uint8(out)
+
+
+def _auto_contrast(x, _):
+    out = x.float()
+    lo, hi = out.amin(dim=(-2, -1), keepdim=True), out.amax(dim=(-2, -1), keepdim=True)
+    flat = hi == lo
+    scale = torch.where(flat, 1.0, (hi - lo).mul_(1.0 / 255))
+    return _to_uint8(out.sub_(torch.where(flat, 0.0, lo)).div_(scale))
+
+
+def _posterize(x, mask):
+    return x & mask.to(torch.uint8).view(-1, 1, 1, 1)  # the mask of the bits kept (batch_passes)
+
+
+def _solarize(x, threshold):
+    return torch.where(x >= threshold.view(-1, 1, 1, 1), x.bitwise_not(), x)
+
+
+def _solarize_add(x, amount):
+    added = (x.to(torch.int16) + amount.to(torch.int16).view(-1, 1, 1, 1)).clamp_(0, 255).to(torch.uint8)
+    return torch.where(x < 128, added, x)
+
+
+_BATCH_OPS = {
+    "auto_contrast": _auto_contrast,
+    "equalize": lambda x, _: TF.equalize(x),  # per image and channel already (histograms by scatter_add, cumsum)
+    "invert": lambda x, _: x.bitwise_not(),
+    "posterize": _posterize,
+    "solarize": _solarize,
+    "solarize_add": _solarize_add,
+    "color": _saturation,
+    "contrast": _contrast,
+    "brightness": _brightness,
+}
+_JITTER_OPS = ("brightness", "contrast", "color")  # plan.jitter's columns, in the names of the ops above
+
+
+@dataclass
+class _Pass:
+    """One op over the samples ``rows`` of a batch; its rows and parameters sit in the batch's packed tensor at
+    [start, start + m) and [start + m, start + m + m * width)."""
+
+    op: str
+    start: int
+    m: int
+    width: int
+
+
+class _Packer:
+    """Gathers the passes of one batch and every number they need into one float32 host array."""
+
+    def __init__(self):
+        self.passes: list[_Pass] = []
+        self.parts: list[np.ndarray] = []
+        self.size = 0
+
+    def add(self, op: str, rows: np.ndarray, params: np.ndarray) -> None:
+        if len(rows) == 0:
+            return
+        params = params.reshape(len(rows), -1)
+        self.passes.append(_Pass(op, self.size, len(rows), params.shape[1]))
+        self.parts += [rows.astype(np.float32), params.astype(np.float32).ravel()]
+        self.size += len(rows) * (1 + params.shape[1])
+
+    def constant(self, values: np.ndarray) -> int:
+        """Appends constants; returns their offset."""
+        start = self.size
+        self.parts.append(np.asarray(values, dtype=np.float32).ravel())
+        self.size += self.parts[-1].size
+        return start
+
+
+def batch_passes(plan: AugmentPlan, height: int, width: int) -> _Packer:
+    """The passes of apply_batch for a batch's plan, in order: per auto_augment slot one pass per op type drawn
+    there (the geometric ones together: one affine), then colour jitter by position in its order (one pass per
+    adjustment and position). Host work only, vectorized over the samples."""
+    packer = _Packer()
+    geometric = [OP_ID[g] for g in GEOMETRIC]
+    for k in range(plan.ops.shape[1]):
+        ops, params = plan.ops[:, k], plan.params[:, k]
+        rows = np.flatnonzero(np.isin(ops, geometric))
+        packer.add("affine", rows, affine_thetas(ops[rows], params[rows], height, width))
+        for op_id in np.unique(ops):
+            name = OPS[op_id]
+            if name != "identity" and name not in GEOMETRIC:
+                rows = np.flatnonzero(ops == op_id)
+                value = params[rows]
+                if name == "posterize":  # bits kept -> their mask (8 bits: 255)
+                    bits = np.clip(value.astype(np.int64), 0, 8)
+                    value = ((1 << bits) - 1) << (8 - bits)
+                packer.add(name, rows, value)
+    orders = np.array(JITTER_ORDERS)[plan.jitter_order]  # [n, 3]: which adjustment at each position
+    for position in range(3):
+        for j, name in enumerate(_JITTER_OPS):
+            rows = np.flatnonzero((orders[:, position] == j) & (plan.jitter[:, j] != 1.0))
+            packer.add(name, rows, plan.jitter[rows, j])
+    return packer
 
 
 class TrainAugment:
@@ -445,14 +690,33 @@ class TrainAugment:
         return out.permute(1, 2, 0).numpy()
 
     def apply_batch(self, images: torch.Tensor, plan: AugmentPlan) -> torch.Tensor:
-        """apply_ops on each sample of a uint8 NHWC batch (any device: torchvision's v2 ops run on CUDA tensors
-        too), in place; ``plan`` holds the batch's rows in order. The DALI backend's one augmenting function, for
-        its 'torch' and 'graph' paths; each sample is seen as CHW over HWC memory, as apply_hwc sees it."""
-        for i in range(len(images)):
-            image = images[i].permute(2, 0, 1)
-            out = apply_ops(image, plan.row(i), self.interpolation, self.fill)
-            if out is not image:
-                images[i].copy_(out.permute(1, 2, 0))
+        """apply_ops's result for every sample of a uint8 NHWC batch (any device), in place, batched: each op type
+        of each slot makes one pass over the samples that drew it (rotate / shear / translate one affine), with
+        per-sample parameters that broadcast; every row index and parameter of the batch reaches the device in one
+        copy that does not block the host. ``plan`` holds the batch's rows in order. The DALI backend's one
+        augmenting function, for its 'torch' and 'graph' paths; equal to apply_ops per sample (the torchvision
+        backend's path) up to float rounding (tests/test_augment_batched.py)."""
+        n, height, width, channels = images.shape
+        packer = batch_passes(plan, height, width)
+        if not packer.passes:
+            return images
+        fill_at = packer.constant(self.fill)
+        kernel_at = packer.constant(np.array([1, 1, 1, 1, 5, 1, 1, 1, 1]) / 13.0)  # torchvision's sharpness blur
+        packed = _to_device(torch.tensor(np.concatenate(packer.parts)), images.device)
+        fill = packed[fill_at : fill_at + channels]
+        kernel = packed[kernel_at : kernel_at + 9].view(1, 1, 3, 3).expand(channels, 1, 3, 3)
+        batch = images.permute(0, 3, 1, 2)  # CHW views of the HWC memory
+        for step in packer.passes:
+            rows = packed[step.start : step.start + step.m].long()
+            params = packed[step.start + step.m : step.start + step.m * (1 + step.width)].view(step.m, step.width)
+            x = batch.index_select(0, rows)
+            if step.op == "affine":
+                out = affine_images(x, params.view(step.m, 2, 3), fill, self.interpolation)
+            elif step.op == "sharpness":
+                out = _sharpness(x, params[:, 0], kernel)
+            else:
+                out = _BATCH_OPS[step.op](x, params[:, 0])
+            batch.index_copy_(0, rows, out)
         return images
 
     def erase(self, images: torch.Tensor, epoch: int, positions: np.ndarray) -> torch.Tensor:

@@ -4,23 +4,82 @@ Plain dataclasses and typing only (no Hydra import), so the engine's structured 
 lists, not tuples, because OmegaConf stores lists.
 """
 
+import enum
 from dataclasses import dataclass, field
 
-__all__ = ["DataConfig", "IMAGENET_MEAN", "IMAGENET_STD", "BACKENDS", "INTERPOLATIONS", "DALI_DECODERS", "DALI_RESIZES"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "Choice",
+    "DALI_DECODERS",
+    "DALI_RESIZES",
+    "DaliDecoder",
+    "DaliResize",
+    "DataConfig",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "INTERPOLATIONS",
+    "Interpolation",
+]
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-BACKENDS = ("dali", "torchvision", "synthetic")
-INTERPOLATIONS = ("bilinear", "bicubic")
-DALI_DECODERS = ("auto", "cpu", "mixed")
-DALI_RESIZES = ("auto", "graph", "torch")
+
+
+class Choice(str, enum.Enum):
+    """A config choice: OmegaConf checks it against the members at composition, and it equals (and prints as) its
+    value, so code compares it with plain strings."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @classmethod
+    def of(cls, value: object, key: str) -> "Choice":
+        """The member for ``value`` (a member or its text); ValueError naming ``key`` and the allowed values."""
+        try:
+            return cls(str(value))
+        except ValueError:
+            allowed = tuple(m.value for m in cls)
+            raise ValueError(f"{key}={str(value)!r} is invalid: expected one of {allowed}") from None
+
+
+class Backend(Choice):
+    dali = "dali"
+    torchvision = "torchvision"
+    synthetic = "synthetic"
+
+
+class Interpolation(Choice):
+    bilinear = "bilinear"
+    bicubic = "bicubic"
+
+
+class DaliDecoder(Choice):
+    auto = "auto"
+    cpu = "cpu"
+    mixed = "mixed"
+
+
+class DaliResize(Choice):
+    auto = "auto"
+    graph = "graph"
+    torch = "torch"
+
+
+BACKENDS = tuple(m.value for m in Backend)
+INTERPOLATIONS = tuple(m.value for m in Interpolation)
+DALI_DECODERS = tuple(m.value for m in DaliDecoder)
+DALI_RESIZES = tuple(m.value for m in DaliResize)
 
 
 @dataclass
 class DataConfig:
     # <root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG; unused by the synthetic backend.
     root: str | None = None
-    backend: str = "dali"
+    backend: Backend = Backend.dali
     # Per process. Train drops the last partial batch; val keeps it.
     batch_size: int = 64
     # torchvision: DataLoader worker processes (0 = decode in the main process). dali: CPU threads of the pipeline.
@@ -28,7 +87,7 @@ class DataConfig:
     img_size: int = 224
     # Val resizes the shorter side to floor(img_size / crop_pct), then center-crops img_size. Must be in (0, 1].
     crop_pct: float = 0.875
-    interpolation: str = "bilinear"
+    interpolation: Interpolation = Interpolation.bilinear
     train_crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     train_crop_ratio: list[float] = field(default_factory=lambda: [3.0 / 4.0, 4.0 / 3.0])
     hflip: float = 0.5
@@ -65,11 +124,18 @@ class DataConfig:
     # Batches each torchvision worker prepares ahead / DALI pipeline prefetch depth.
     prefetch: int = 2
     # DALI decoding placement: auto = 'mixed' when the loader's device is CUDA, 'cpu' otherwise.
-    dali_decoder: str = "auto"
+    dali_decoder: DaliDecoder = DaliDecoder.auto
     # DALI resize / flip / normalize placement: auto = 'torch' with CPU decoding, 'graph' with 'mixed' decoding;
     # 'graph' = the whole pipeline in DALI, the graph the GPU runs (also with CPU decoding: how the CPU tests
     # exercise the GPU path); 'torch' = DALI decodes, torch resizes (faster on the CPU; CPU decoding only).
-    dali_resize: str = "auto"
+    dali_resize: DaliResize = DaliResize.auto
     synthetic_num_classes: int = 1000
     synthetic_train_size: int = 1281167
     synthetic_val_size: int = 50000
+
+    def __post_init__(self) -> None:
+        # A DataConfig built from plain strings (a mapping, a notebook) gets the same members as a composed one.
+        self.backend = Backend.of(self.backend, "data.backend")
+        self.interpolation = Interpolation.of(self.interpolation, "data.interpolation")
+        self.dali_decoder = DaliDecoder.of(self.dali_decoder, "data.dali_decoder")
+        self.dali_resize = DaliResize.of(self.dali_resize, "data.dali_resize")

@@ -1,8 +1,21 @@
 """The Loader protocol every backend follows, and what they share: the epoch's batches, ``len()``, ``set_epoch``."""
 
 from .index import EpochBatches
+from .worker_watch import WorkerCrashError
 
-__all__ = ["EpochLoader"]
+__all__ = ["EpochLoader", "DataReadError", "is_read_error"]
+
+
+class DataReadError(RuntimeError):
+    """A loader could not read or decode a data file: the message names the file(s) and the fix
+    (scripts/check_dataset.py). Only this, a dead DataLoader worker and an OS read error count as the data's
+    fault (``is_read_error``); any other exception out of a loader is a bug and keeps its own message."""
+
+
+def is_read_error(err: BaseException) -> bool:
+    """Whether ``err`` out of a loader is a data read / decode failure (worth sending the user to
+    scripts/check_dataset.py) rather than a bug."""
+    return isinstance(err, DataReadError | WorkerCrashError | OSError)
 
 
 class EpochLoader:

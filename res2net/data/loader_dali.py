@@ -10,6 +10,7 @@ epoch with an error naming it: DALI cannot skip a sample.
 """
 
 import ctypes
+import re
 import struct
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,9 +21,8 @@ from nvidia.dali import Pipeline, fn, types
 from PIL import Image
 
 from .augment import TrainAugment
-from .config import DALI_RESIZES
 from .index import epoch_batches, train_positions
-from .loader_base import EpochLoader
+from .loader_base import DataReadError, EpochLoader
 from .transforms import (
     DRAW_FLIP,
     augmentation_draws,
@@ -65,9 +65,7 @@ def resolve_resize(choice: str, decoder: str) -> str:
             f"auto on a CUDA device, or mixed): expected one of ('auto', 'graph') there; 'torch' "
             "resizes CPU-decoded images, so use data.dali_decoder=cpu for it"
         )
-    if choice not in DALI_RESIZES:
-        raise ValueError(f"data.dali_resize={choice!r} is invalid: expected one of {DALI_RESIZES}")
-    return choice
+    return str(choice)
 
 
 def _round_half_even_half(d):
@@ -165,8 +163,12 @@ class _HeaderError(Exception):
         self.path, self.reason = path, reason
 
 
+# A DALI error from one of these operators is about the files (reading or decoding them), not about our code.
+_READ_OPS = re.compile(r"fn\.(decoders|readers)\.")
+
+
 def _suspects(files: Sequence[str]) -> list[str]:
-    """The files of a failed batch that PIL cannot decode either (all of them when PIL decodes every one)."""
+    """The files of a failed batch that PIL cannot decode either."""
     bad = []
     for path in files:
         try:
@@ -174,7 +176,7 @@ def _suspects(files: Sequence[str]) -> list[str]:
                 img.load()
         except Exception:  # any decoder failure marks the file
             bad.append(path)
-    return bad or list(files)
+    return bad
 
 
 class DaliLoader(EpochLoader):
@@ -295,16 +297,19 @@ class DaliLoader(EpochLoader):
             return pipe.run()
         except _HeaderError as err:
             self._release()
-            raise RuntimeError(
+            raise DataReadError(
                 f"DALI train loader cannot use {err.path} (epoch {self.epoch}, rank "
                 f"{self.rank}): {err.reason}. Find such files with `python scripts/check_dataset.py "
                 f"{self.cfg.root}` (--fix re-encodes them), or use data.backend=torchvision, which skips them."
             ) from err
         except RuntimeError as err:
             self._release()
-            raise RuntimeError(
+            bad = _suspects(batch_files)
+            if not bad and not _READ_OPS.search(str(err)):
+                raise  # not a file DALI could not read or decode (e.g. a bug in a Python callback): as it is
+            raise DataReadError(
                 f"DALI failed on batch {b} of epoch {self.epoch} (rank {self.rank}); undecodable "
-                f"file(s): {_suspects(batch_files)}\n{err}\nFind such files with "
+                f"file(s): {bad or batch_files}\n{err}\nFind such files with "
                 f"`python scripts/check_dataset.py {self.cfg.root}` (--fix re-encodes them), or use "
                 "data.backend=torchvision, which skips them."
             ) from err

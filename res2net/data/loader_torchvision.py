@@ -16,7 +16,7 @@ from PIL import Image
 
 from .augment import TrainAugment
 from .index import EpochBatches, epoch_batches, train_positions
-from .loader_base import EpochLoader
+from .loader_base import DataReadError, EpochLoader
 from .transforms import (
     DRAW_FLIP,
     augmentation_draws,
@@ -156,7 +156,7 @@ class _BatchDataset(torch.utils.data.Dataset):
                 return int(self.labels[idx])
             except Exception as err:  # any decoder failure, see _decode_val
                 skipped.append((str(self.paths[idx]), repr(err)))
-        raise RuntimeError(
+        raise DataReadError(
             f"no decodable image among the {len(order)} samples of rank {self.rank}; "
             "run scripts/check_dataset.py on the data root"
         )

@@ -53,6 +53,7 @@ class Preprocessing:
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         object.__setattr__(self, "img_size", int(self.img_size))
         object.__setattr__(self, "crop_pct", float(self.crop_pct))
+        object.__setattr__(self, "interpolation", str(self.interpolation))  # a config's Interpolation member too
         if self.img_size < 1:
             raise ValueError(f"img_size={self.img_size} is invalid; use a positive number of pixels")
         if not 0.0 < self.crop_pct <= 1.0:

@@ -15,7 +15,7 @@ AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def amp_name(value: Any, key: str = "amp") -> str:
     """The mode's name from a str or the config's Amp enum (not ``auto``: see ``resolve_amp``)."""
-    name = getattr(value, "value", value)
+    name = str(value)
     if name not in AMP_DTYPES:
         raise ValueError(f"{key}={name!r} is not one of {sorted(AMP_DTYPES)}")
     return name
@@ -30,7 +30,7 @@ def fast_device(device: torch.device) -> bool:
 
 def resolve_amp(value: Any, device: torch.device, key: str = "amp") -> str:
     """``auto`` -> bf16 on a fast CUDA device, off elsewhere (the CPU keeps fp32); other modes as given."""
-    name = getattr(value, "value", value)
+    name = str(value)
     if name == "auto":
         return "bf16" if fast_device(device) else "off"
     return amp_name(name, key)

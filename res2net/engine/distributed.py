@@ -195,7 +195,9 @@ def wrap_model(model: nn.Module, info: DistInfo, compile: bool = False) -> nn.Mo
         device_ids = [info.device.index] if info.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if compile:
-        model = torch.compile(model)
+        # Static shapes: each train size (progressive resizing) and the val size get their own graph, a few
+        # recompiles, instead of dynamic-shape kernels for the whole run after the second size is seen.
+        model = torch.compile(model, dynamic=False)
     return model
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import enum
 import json
 import logging
 import os
@@ -25,11 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from res2net.config import EvalConfig, to_dict
+from res2net.config import EvalConfig, as_eval_config, to_dict
 from res2net.data.classes import class_names_of
 from res2net.engine.amp import resolve_amp, resolve_channels_last
 from res2net.engine.distributed import DistInfo, select_device
-from res2net.engine.eval_loop import PREDICTION_TOPK, TTA_MODES, evaluate
+from res2net.engine.eval_loop import PREDICTION_TOPK, evaluate
 from res2net.engine.eval_metrics import read_real_labels, real_label_rows
 from res2net.models.loading import load_checkpoint_model
 from res2net.models.stats import count_params
@@ -48,7 +47,6 @@ log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 PREDICTIONS_FILE = "predictions.csv"
-RUNTIMES = ("torch", "onnxruntime")
 _RESULT_KEYS = ("top1", "top5", "loss", "nll", "ece", "count", "param_count", "img_per_s", "seconds")
 _REAL_KEYS = ("real_top1", "real_top5", "real_count")
 
@@ -79,15 +77,15 @@ def _resolve_device(spec: str, dist_info: DistInfo) -> torch.device:
     return select_device(spec, dist_info.local_rank, dist_info.world_size)
 
 
-def _prepare(model: nn.Module, cfg: Mapping, device: torch.device) -> nn.Module:
+def _prepare(model: nn.Module, cfg: EvalConfig, channels_last: bool, device: torch.device) -> nn.Module:
     import res2net
 
     model = model.to(device).eval()
-    if cfg["fold_bn"]:
-        return res2net.prepare_for_inference(model, channels_last=cfg["channels_last"], compile=cfg["compile"])
-    if cfg["channels_last"]:
+    if cfg.fold_bn:
+        return res2net.prepare_for_inference(model, channels_last=channels_last, compile=cfg.compile)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return torch.compile(model) if cfg["compile"] else model
+    return torch.compile(model) if cfg.compile else model
 
 
 def write_predictions_csv(path: Path, predictions: list[dict], class_names: list[str] | None = None) -> None:
@@ -109,7 +107,7 @@ def write_predictions_csv(path: Path, predictions: list[dict], class_names: list
 def _results(
     result: dict,
     classes: list[str],
-    cfg: dict,
+    record: dict,
     ckpt_path: Path,
     published: Published | None,
     dist_info: DistInfo,
@@ -123,8 +121,8 @@ def _results(
     }
     out = {key: result[key] for key in _RESULT_KEYS + tuple(k for k in _REAL_KEYS if k in result)}
     out.update(
-        dataset=cfg["testset"] or "imagenet",
-        model=cfg["model"]["name"],
+        dataset=record["testset"] or "imagenet",
+        model=record["model"]["name"],
         checkpoint=str(ckpt_path),
         checkpoint_sha256=sha256_file(ckpt_path),
         per_class_accuracy=per_class,
@@ -132,7 +130,7 @@ def _results(
         world_size=dist_info.world_size,
         device=str(device),
         published=None,
-        config=cfg,
+        config=record,
     )
     if published is not None:
         out["published"] = {
@@ -144,47 +142,32 @@ def _results(
     return out
 
 
-def _with_defaults(cfg: dict) -> dict:
-    """``cfg`` with EvalConfig's defaults for the keys it leaves out (a plain mapping needs only model, data and what
-    differs); enums by name, as ``to_dict`` gives them."""
-    defaults = {
-        f.name: f.default.name if isinstance(f.default, enum.Enum) else f.default
-        for f in dataclasses.fields(EvalConfig)
-        if f.default is not dataclasses.MISSING
-    }
-    return {**defaults, **cfg}
-
-
-def _check_options(cfg: dict) -> None:
+def _check_options(cfg: EvalConfig) -> None:
     """Refuse option combinations that cannot be evaluated, before any data is read; the error names the key."""
-    if cfg["tta"] not in TTA_MODES:
-        raise ValueError(f"tta={cfg['tta']!r} is invalid; use one of {' | '.join(TTA_MODES)}")
-    if cfg["runtime"] not in RUNTIMES:
-        raise ValueError(f"runtime={cfg['runtime']!r} is invalid; use one of {' | '.join(RUNTIMES)}")
-    if cfg["testset"]:
-        if cfg["real_labels"]:
+    if cfg.testset:
+        if cfg.real_labels:
             raise ValueError(
-                f"real_labels applies to ImageNet val, not to testset={cfg['testset']}; drop "
-                f"real_labels or use data=imagenet"
+                f"real_labels applies to ImageNet val, not to testset={cfg.testset}; drop real_labels or use "
+                f"data=imagenet"
             )
-    elif cfg["testset_variant"]:
+    elif cfg.testset_variant:
         raise ValueError(
-            f"testset_variant={cfg['testset_variant']!r} needs an evaluation set with variants (data=imagenet_v2)"
+            f"testset_variant={cfg.testset_variant!r} needs an evaluation set with variants (data=imagenet_v2)"
         )
 
 
-def _build_loader(cfg: dict, dist_info: DistInfo, device: torch.device) -> tuple[Any, list[int] | None]:
+def _build_loader(
+    cfg: EvalConfig, dist_info: DistInfo, device: torch.device, channels_last: bool
+) -> tuple[Any, list[int] | None]:
     """(this rank's val loader, the class indices scored: None for all)."""
     from res2net.data import build_loader
     from res2net.data.testsets import eval_set_loader, scan_eval_set, scored_classes
 
-    common = dict(
-        rank=dist_info.rank, world_size=dist_info.world_size, device=device, channels_last=cfg["channels_last"]
-    )
-    if not cfg["testset"]:
-        return build_loader(cfg["data"], "val", **common), None
-    samples = scan_eval_set(cfg["data"]["root"], cfg["testset"], cfg["testset_variant"])
-    return eval_set_loader(cfg["data"], samples, **common), scored_classes(cfg["testset"], samples)
+    common = dict(rank=dist_info.rank, world_size=dist_info.world_size, device=device, channels_last=channels_last)
+    if not cfg.testset:
+        return build_loader(cfg.data, "val", **common), None
+    samples = scan_eval_set(cfg.data.root, cfg.testset, cfg.testset_variant)
+    return eval_set_loader(cfg.data, samples, **common), scored_classes(cfg.testset, samples)
 
 
 def _check_imagenet1k_classes(model_cfg: Mapping, checkpoint: Mapping, what: str) -> None:
@@ -211,33 +194,37 @@ def _check_imagenet1k_classes(model_cfg: Mapping, checkpoint: Mapping, what: str
             )
 
 
-def _onnxruntime_model(cfg: dict, device: torch.device) -> tuple[nn.Module, Path, dict, dict]:
+def _onnxruntime_model(cfg: EvalConfig, amp: str, device: torch.device) -> tuple[nn.Module, Path, dict, dict]:
     """(ONNX Runtime runner, its file, the model config, an empty checkpoint) for runtime=onnxruntime: the
     checkpoint is an .onnx file from scripts/export.py, run on the CPU in fp32."""
     from res2net.export import OnnxRuntimeModel
     from res2net.models import resolve_model_config
 
-    if device.type != "cpu" or cfg["amp"] != "off" or cfg["tta"] != "none":
+    if device.type != "cpu" or amp != "off" or cfg.tta != "none":
         raise ValueError(
             f"runtime=onnxruntime evaluates the exported fp32 graph on the CPU as it is: set device=cpu amp=off "
-            f"tta=none (got device={device.type} amp={cfg['amp']} tta={cfg['tta']})"
+            f"tta=none (got device={device.type} amp={amp} tta={cfg.tta})"
         )
-    path = Path(cfg["checkpoint"]).expanduser()
+    path = Path(cfg.checkpoint).expanduser()
     if path.suffix != ".onnx":
         raise ValueError(
             f"runtime=onnxruntime needs checkpoint=<file>.onnx (scripts/export.py --format onnx), got {path}"
         )
     net = OnnxRuntimeModel(path, threads=torch.get_num_threads())
-    return net, path, {**resolve_model_config(cfg["model"]), "num_classes": net.num_classes}, {}
+    return net, path, {**resolve_model_config(_model_dict(cfg)), "num_classes": net.num_classes}, {}
+
+
+def _model_dict(cfg: EvalConfig) -> dict:
+    return dataclasses.asdict(cfg.model)
 
 
 def evaluate_checkpoint(
     cfg: Any, out_dir: str | Path | None, dist_info: DistInfo | None = None, keep_data: Iterable[str] | None = None
 ) -> dict | None:
-    """Evaluate per `cfg` (an EvalConfig node or mapping: model, data, checkpoint, use_ema, amp, channels_last,
-    compile, fold_bn, device, save_predictions, progress, trust_checkpoint, real_labels, tta, testset, testset_variant;
-    a mapping's missing keys take EvalConfig's defaults). On rank 0 returns the results dict (also written to
-    out_dir/results.json, and out_dir/predictions.csv with save_predictions); None on the other ranks.
+    """Evaluate per `cfg` (an EvalConfig, its composed node or a mapping whose missing keys take EvalConfig's
+    defaults: model, data, checkpoint, use_ema, amp, channels_last, compile, fold_bn, device, save_predictions,
+    progress, trust_checkpoint, real_labels, tta, testset, testset_variant). On rank 0 returns the results dict (also
+    written to out_dir/results.json, and out_dir/predictions.csv with save_predictions); None on the other ranks.
 
     ``keep_data``: None evaluates with ``cfg.data`` as given; a collection (evaluate.py passes the data fields set
     on its command line, ``res2net.data.preprocess.command_line_fields``) takes the checkpoint's own evaluation
@@ -245,68 +232,69 @@ def evaluate_checkpoint(
     from res2net.engine.recipe import apply_recipe, source_record
 
     dist_info = dist_info or DistInfo()
-    cfg = _with_defaults(to_dict(cfg))
+    cfg = as_eval_config(cfg)
     _check_options(cfg)
-    record = source_record(cfg["checkpoint"], cfg["model"]["name"], cfg["trust_checkpoint"])
+    source = source_record(cfg.checkpoint, cfg.model.name, cfg.trust_checkpoint)  # its preprocessing, class names
     if keep_data is not None:
-        cfg["data"] = apply_recipe(cfg["data"], record, cfg["model"]["name"], keep_data)[0]
-    device = _resolve_device(cfg["device"], dist_info)
+        data = apply_recipe(dataclasses.asdict(cfg.data), source, cfg.model.name, keep_data)[0]
+        cfg.data = type(cfg.data)(**data)
+    device = _resolve_device(cfg.device, dist_info)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input shapes: let cuDNN pick its fastest kernels
-    cfg["amp"] = resolve_amp(cfg["amp"], device)  # what auto became, also in results.json
-    cfg["channels_last"] = resolve_channels_last(cfg["channels_last"], device, inference=cfg["fold_bn"])
-    real = read_real_labels(cfg["real_labels"]) if cfg["real_labels"] else None
+    amp = resolve_amp(cfg.amp, device)  # what auto became, also in results.json
+    channels_last = resolve_channels_last(cfg.channels_last, device, inference=cfg.fold_bn)
+    real = read_real_labels(cfg.real_labels) if cfg.real_labels else None
     # The data first: a wrong data.root fails in seconds, before any checkpoint download.
-    loader, scored = _build_loader(cfg, dist_info, device)
+    loader, scored = _build_loader(cfg, dist_info, device, channels_last)
     try:
-        if cfg["runtime"] == "onnxruntime":
-            net, ckpt_path, model_cfg, checkpoint = _onnxruntime_model(cfg, device)
+        if cfg.runtime == "onnxruntime":
+            net, ckpt_path, model_cfg, checkpoint = _onnxruntime_model(cfg, amp, device)
             param_count = None
         else:
-            spec = cfg["model"]["name"] if cfg["checkpoint"] == "released" else cfg["checkpoint"]
+            spec = cfg.model.name if cfg.checkpoint == "released" else cfg.checkpoint
             model, model_cfg, ckpt_path, checkpoint = load_checkpoint_model(
-                spec, cfg["model"], use_ema=cfg["use_ema"], trusted=cfg["trust_checkpoint"]
+                spec, _model_dict(cfg), use_ema=cfg.use_ema, trusted=cfg.trust_checkpoint
             )
             param_count = count_params(model)  # before BatchNorm folding
-            net = _prepare(model, cfg, device)
-        cfg = {**cfg, "model": model_cfg}
-        if cfg["testset"] or real is not None:
-            _check_imagenet1k_classes(model_cfg, checkpoint, cfg["testset"] or f"real_labels={cfg['real_labels']}")
+            net = _prepare(model, cfg, channels_last, device)
+        if cfg.testset or real is not None:
+            _check_imagenet1k_classes(model_cfg, checkpoint, cfg.testset or f"real_labels={cfg.real_labels}")
         if loader.num_classes > model_cfg["num_classes"]:
             raise ValueError(
-                f"{cfg['data'].get('root')} has {loader.num_classes} classes but the model predicts "
+                f"{cfg.data.root} has {loader.num_classes} classes but the model predicts "
                 f"{model_cfg['num_classes']}; evaluate on the data set the checkpoint was trained for"
             )
         real_rows = (
-            None if real is None else real_label_rows(real, loader.paths, model_cfg["num_classes"], cfg["real_labels"])
+            None if real is None else real_label_rows(real, loader.paths, model_cfg["num_classes"], cfg.real_labels)
         )
         result = evaluate(
             net,
             loader,
             device=device,
-            amp=cfg["amp"],
-            channels_last=cfg["channels_last"],
-            collect_predictions=cfg["save_predictions"],
-            progress=cfg["progress"],
-            tta=cfg["tta"],
+            amp=amp,
+            channels_last=channels_last,
+            collect_predictions=cfg.save_predictions,
+            progress=cfg.progress,
+            tta=cfg.tta,
             class_subset=scored,
             real_labels=real_rows,
         )
         classes = list(loader.classes)
-        class_names = class_names_of(record, model_cfg["num_classes"])
+        class_names = class_names_of(source, model_cfg["num_classes"])
     finally:
         loader.close()
     if not dist_info.is_main:
         return None
     name = model_cfg["name"]
     # Published numbers are ImageNet val's; the suite (scripts/eval_suite.py) holds those of the other sets.
-    published = None if cfg["testset"] else published_for(cfg["checkpoint"], name) or published_for(ckpt_path, name)
-    out = _results({**result, "param_count": param_count}, classes, cfg, ckpt_path, published, dist_info, device)
+    published = None if cfg.testset else published_for(cfg.checkpoint, name) or published_for(ckpt_path, name)
+    record = {**to_dict(cfg), "model": model_cfg, "amp": amp, "channels_last": channels_last}
+    out = _results({**result, "param_count": param_count}, classes, record, ckpt_path, published, dist_info, device)
     out["class_names"] = class_names  # the model's outputs, in index order
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / RESULTS_FILE).write_text(json.dumps(out, indent=2) + "\n")
-        if cfg["save_predictions"]:
+        if cfg.save_predictions:
             write_predictions_csv(out_dir / PREDICTIONS_FILE, result["predictions"], class_names)
     return out
 

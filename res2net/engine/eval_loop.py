@@ -18,13 +18,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from res2net.config import Tta
 from res2net.engine.amp import autocast
 from res2net.engine.eval_metrics import EvalTally, class_mask, restrict
 
-__all__ = ["PREDICTION_TOPK", "TTA_MODES", "evaluate"]
+__all__ = ["PREDICTION_TOPK", "evaluate"]
 
 PREDICTION_TOPK = 5
-TTA_MODES = ("none", "flip")
 
 
 def _without_ddp(model: nn.Module) -> nn.Module:
@@ -138,9 +138,10 @@ def evaluate(
     images over this rank's wall time); with `collect_predictions`, 'predictions' on rank 0 (None elsewhere): one dict
     per image (path, target, top5, top5_prob) in global sample order. The model's train/eval mode is restored.
     """
-    if tta not in TTA_MODES:
-        raise ValueError(f"tta={tta!r} is not a test-time augmentation; use one of {TTA_MODES}")
+    tta = Tta.of(tta, "tta")
     device = torch.device(device)
+    if device.type == "cuda":  # validation reads results on the host: RES2NET_SYNC_DEBUG watches training steps only
+        torch.cuda.set_sync_debug_mode(0)
     net = _without_ddp(model)
     num_classes = _num_classes(_plain(net), loader)
     mask = class_mask(num_classes, class_subset, device)

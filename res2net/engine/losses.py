@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from res2net.config import LossName
+
 __all__ = ["BinaryCrossEntropy", "CrossEntropy", "SoftTargetCrossEntropy", "build_criterion", "smooth_one_hot"]
 
 
@@ -69,10 +71,10 @@ def build_criterion(cfg: Any, soft_targets: bool) -> nn.Module:
     ``soft_targets``: the batches come as mixed (N, C) targets that already hold the label smoothing (mixup on);
     otherwise as integer labels, smoothed here. Plain ce on labels is torch's cross-entropy, as before these knobs.
     """
-    name = getattr(cfg.name, "value", cfg.name)
+    name = LossName.of(cfg.name, "loss.name")
     if name == "ce":
         return SoftTargetCrossEntropy() if soft_targets else CrossEntropy(label_smoothing=cfg.label_smoothing)
     if name == "bce":
         smoothing = 0.0 if soft_targets else cfg.label_smoothing
         return BinaryCrossEntropy(smoothing, cfg.bce_target_thresh, cfg.bce_sum)
-    raise ValueError(f"loss.name={name!r} is not one of ('ce', 'bce')")
+    raise AssertionError(name)

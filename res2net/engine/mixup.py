@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from res2net.config import MixupMode
+
 from .losses import smooth_one_hot
 
 __all__ = ["Mixup", "MixDraw", "mixup_enabled"]
@@ -77,7 +79,7 @@ class Mixup:
             cutmix_alpha=cfg.cutmix_alpha,
             prob=cfg.prob,
             switch_prob=cfg.switch_prob,
-            mode=getattr(cfg.mode, "value", cfg.mode),
+            mode=str(MixupMode.of(cfg.mode, "mixup.mode")),
             off_epoch=cfg.off_epoch,
             label_smoothing=label_smoothing,
             num_classes=num_classes,
@@ -130,8 +132,13 @@ class Mixup:
     def _mix(self, images: torch.Tensor, draw: MixDraw, lam: np.ndarray) -> torch.Tensor:
         if np.all(lam == 1.0):  # nothing drawn to mix (prob < 1)
             return images
-        source = images.flip(0)
         batch = images.shape[0]
+        if self.mode == "batch" and draw.cutmix[0]:  # one box for all: one slice copy from the reversed batch
+            y0, y1, x0, x1 = draw.boxes[0].tolist()
+            out = images.clone()
+            out[:, :, y0:y1, x0:x1] = images[:, :, y0:y1, x0:x1].flip(0)
+            return out
+        source = images.flip(0)
         blend = np.where(self._per_sample(draw.cutmix, batch), 1.0, lam)  # mixup's weight of the image itself
         weight = torch.from_numpy(blend).to(device=images.device, dtype=images.dtype, non_blocking=True)
         out = images * weight.view(-1, 1, 1, 1) + source * (1.0 - weight.view(-1, 1, 1, 1))

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["OPTIMIZERS", "Lamb", "build_optimizer", "param_groups", "scaled_lr"]
+from res2net.config import OptimName
 
-OPTIMIZERS = ("sgd", "adamw", "lamb")
+__all__ = ["Lamb", "build_optimizer", "param_groups", "scaled_lr"]
 
 
 def scaled_lr(lr: float, global_batch: int, base_batch: int = 256) -> float:
@@ -75,47 +75,79 @@ class Lamb(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.max_grad_norm = max_grad_norm
+        self._flat: dict[int, _FlatUpdates] = {}  # per group: where its updates are computed (not state)
 
     def _grad_divisor(self) -> torch.Tensor | None:
+        """max(1, global grad norm / max_grad_norm) as a device tensor (no host read), or None."""
         if self.max_grad_norm is None:
             return None
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
             return None
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         return (norm / self.max_grad_norm).clamp(min=1.0)
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One step for all parameters of a group at once (torch._foreach_* ops, the trust ratios as one tensor):
+        the number of kernels does not grow with the number of parameter tensors."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         divisor = self._grad_divisor()
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
             beta1, beta2 = group["betas"]
             group["step"] = group.get("step", 0) + 1
             correction1 = 1.0 - beta1 ** group["step"]
             root_correction2 = math.sqrt(1.0 - beta2 ** group["step"])
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad if divisor is None else p.grad / divisor
-                state = self.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                update = (exp_avg / correction1).div_((exp_avg_sq.sqrt() / root_correction2).add_(group["eps"]))
-                if group["weight_decay"] != 0:
-                    update.add_(p, alpha=group["weight_decay"])
-                    w_norm, u_norm = p.norm(2.0), update.norm(2.0)
-                    trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-                    update.mul_(trust)
-                p.add_(update, alpha=-group["lr"])
+            grads = [p.grad for p in params]
+            if divisor is not None:
+                grads = torch._foreach_div(grads, divisor)
+            for p in params:
+                if not self.state[p]:  # first step only
+                    self.state[p]["exp_avg"] = torch.zeros_like(p)
+                    self.state[p]["exp_avg_sq"] = torch.zeros_like(p)
+            exp_avgs = [self.state[p]["exp_avg"] for p in params]
+            exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
+            torch._foreach_mul_(exp_avgs, beta1)
+            torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+            denom = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_div_(denom, root_correction2)
+            torch._foreach_add_(denom, group["eps"])
+            flat = self._flat.get(index)
+            if flat is None or flat.params != [id(p) for p in params]:
+                flat = self._flat[index] = _FlatUpdates(params)
+            updates = flat.views
+            torch._foreach_copy_(updates, exp_avgs)
+            torch._foreach_div_(updates, correction1)
+            torch._foreach_div_(updates, denom)
+            if group["weight_decay"] != 0:
+                torch._foreach_add_(updates, params, alpha=group["weight_decay"])
+                w_norm = torch.stack(torch._foreach_norm(params))
+                u_norm = torch.stack(torch._foreach_norm(updates))
+                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0)
+                flat.buffer.mul_(trust.repeat_interleave(flat.numels, output_size=flat.buffer.numel()))
+            torch._foreach_add_(params, updates, alpha=-group["lr"])
         return loss
+
+
+class _FlatUpdates:
+    """One flat buffer holding a group's updates, seen as one view per parameter: the trust ratios (one per
+    parameter) scale it in one multiply. Built once per group (its sizes are the only tensor made from Python
+    data, at the first step)."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.params = [id(p) for p in params]
+        sizes = [p.numel() for p in params]
+        self.buffer = torch.empty(sum(sizes), dtype=params[0].dtype, device=params[0].device)
+        self.views = [v.view_as(p) for v, p in zip(self.buffer.split(sizes), params, strict=True)]
+        self.numels = torch.tensor(sizes, device=params[0].device)
 
 
 def build_optimizer(model: nn.Module, cfg: Any, global_batch: int) -> torch.optim.Optimizer:
@@ -127,7 +159,7 @@ def build_optimizer(model: nn.Module, cfg: Any, global_batch: int) -> torch.opti
     """
     from .finetune import lr_scales
 
-    name = getattr(cfg.name, "value", cfg.name)
+    name = OptimName.of(cfg.name, "optim.name")
     scales = lr_scales(model, getattr(cfg, "head_lr_mult", 1.0), getattr(cfg, "layer_decay", 1.0))
     groups = param_groups(model, cfg.weight_decay, cfg.no_decay_norm_bias, scales)
     lr = scaled_lr(cfg.lr, global_batch, cfg.base_batch)
@@ -143,4 +175,4 @@ def build_optimizer(model: nn.Module, cfg: Any, global_batch: int) -> torch.opti
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
     if name == "lamb":
         return Lamb(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
-    raise ValueError(f"optim.name={name!r} is not one of {OPTIMIZERS}")
+    raise AssertionError(name)

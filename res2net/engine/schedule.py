@@ -13,16 +13,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["SCHEDULES", "learning_rate", "lr_factor", "set_lr"]
+from res2net.config import ScheduleName
 
-SCHEDULES = ("step", "cosine")
+__all__ = ["learning_rate", "lr_factor", "set_lr"]
 
 
-def _name(cfg: Any) -> str:
-    name = getattr(cfg.name, "value", cfg.name)  # an Enum in the structured config, a str elsewhere
-    if name not in SCHEDULES:
-        raise ValueError(f"schedule.name={name!r} is not one of {SCHEDULES}")
-    return name
+def _name(cfg: Any) -> ScheduleName:
+    return ScheduleName.of(cfg.name, "schedule.name")
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: Any, base_lr: float = 1.0) -> float:

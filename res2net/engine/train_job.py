@@ -10,6 +10,7 @@ status 'preempted' (train.py exits with ``PREEMPTED_EXIT_CODE``); SIGINT or SIGK
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -24,7 +25,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from res2net.config import TrainConfig, check_train_config, to_dict
+from res2net.config import TrainConfig, as_train_config, check_train_config, to_dict
 from res2net.data import build_loader
 from res2net.data.split import describe_data
 from res2net.models import model_from_config, resolve_model_config
@@ -84,7 +85,7 @@ class TrainResult:
     checkpoint: Path | None
 
 
-def _check_machine(cfg: Any, dist: DistInfo) -> None:
+def _check_machine(cfg: TrainConfig, dist: DistInfo) -> None:
     if cfg.trainer.sync_bn and dist.device.type != "cuda":
         raise ValueError(
             "trainer.sync_bn=true needs CUDA (SyncBatchNorm runs on GPUs only); this process has no "
@@ -106,8 +107,8 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _build_model(cfg: Any, num_classes: int, dist: DistInfo, channels_last: bool) -> nn.Module:
-    model = model_from_config(cfg.model, num_classes=num_classes)
+def _build_model(cfg: TrainConfig, num_classes: int, dist: DistInfo, channels_last: bool) -> nn.Module:
+    model = model_from_config(dataclasses.asdict(cfg.model), num_classes=num_classes)
     if cfg.trainer.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(dist.device)
@@ -116,7 +117,9 @@ def _build_model(cfg: Any, num_classes: int, dist: DistInfo, channels_last: bool
     return model
 
 
-def _objective(cfg: Any, num_classes: int, dist: DistInfo, channels_last: bool) -> tuple[nn.Module, Mixup | None]:
+def _objective(
+    cfg: TrainConfig, num_classes: int, dist: DistInfo, channels_last: bool
+) -> tuple[nn.Module, Mixup | None]:
     """(the loss, the batch mixer or None) of the loss / mixup / distill groups."""
     mixup = None
     if mixup_enabled(cfg.mixup):
@@ -142,7 +145,7 @@ def _objective(cfg: Any, num_classes: int, dist: DistInfo, channels_last: bool) 
     return criterion, mixup
 
 
-def _num_classes(cfg: Any, loader: Any) -> int:
+def _num_classes(cfg: TrainConfig, loader: Any) -> int:
     wanted = cfg.model.num_classes
     if wanted is not None and wanted != loader.num_classes:
         raise ValueError(
@@ -196,13 +199,15 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
 def train(
     cfg: Any, run_dir: str | os.PathLike, dist: DistInfo | None = None, stop: StopRequest | None = None
 ) -> TrainResult:
-    """Train as ``cfg`` says, writing into ``run_dir`` (rank 0); returns how the run ended.
+    """Train as ``cfg`` says (a TrainConfig, or the node train.py composes: converted once, here), writing into
+    ``run_dir`` (rank 0); returns how the run ended.
 
     ``stop``: an entered ``StopRequest`` to watch (train.py keeps one open until the process exits); without it,
     ``train`` installs its own for the epochs and removes it before returning.
     """
     dist = dist or DistInfo()
     run_dir = Path(run_dir)
+    cfg = as_train_config(cfg)
     check_train_config(cfg)
     # One writer per run directory (rank 0 writes for all), held before any checkpoint is read or written.
     with run_dir_lock(run_dir) if dist.is_main else contextlib.nullcontext():
@@ -210,7 +215,7 @@ def train(
             return _train(cfg, run_dir, dist, request)
 
 
-def _recorded_config(cfg: Any, amp: str, channels_last: bool, device: torch.device) -> dict:
+def _recorded_config(cfg: TrainConfig, amp: str, channels_last: bool, device: torch.device) -> dict:
     """The config written to config.yaml and every checkpoint: the variant's values in place of null, and what
     ``auto`` became on this machine (a resume where it would resolve differently is refused by check_compatible)."""
     config = to_dict(cfg)
@@ -220,7 +225,9 @@ def _recorded_config(cfg: Any, amp: str, channels_last: bool, device: torch.devi
     return config
 
 
-def _resume_checkpoint(cfg: Any, run_dir: Path, config: dict, dist: DistInfo) -> tuple[Path | None, dict | None]:
+def _resume_checkpoint(
+    cfg: TrainConfig, run_dir: Path, config: dict, dist: DistInfo
+) -> tuple[Path | None, dict | None]:
     """(the checkpoint to resume from, its contents), both None for a fresh start; refuses an incompatible one."""
     path = resolve_resume(cfg.resume, run_dir)
     if cfg.resume == "auto" and path is None and dist.is_main:
@@ -242,7 +249,7 @@ def _resume_checkpoint(cfg: Any, run_dir: Path, config: dict, dist: DistInfo) ->
     return path, ckpt
 
 
-def _train(cfg: Any, run_dir: Path, dist: DistInfo, stop: StopRequest) -> TrainResult:
+def _train(cfg: TrainConfig, run_dir: Path, dist: DistInfo, stop: StopRequest) -> TrainResult:
     _check_machine(cfg, dist)
     amp = resolve_amp(cfg.trainer.amp, dist.device, "trainer.amp")
     channels_last = resolve_channels_last(cfg.trainer.channels_last, dist.device, "trainer.channels_last")
@@ -287,7 +294,7 @@ def _train(cfg: Any, run_dir: Path, dist: DistInfo, stop: StopRequest) -> TrainR
 
 
 def _build_run(
-    cfg: Any,
+    cfg: TrainConfig,
     config: dict,
     run_dir: Path,
     dist: DistInfo,
@@ -353,7 +360,7 @@ def _sync_debug_mode(device: torch.device) -> int | None:
     return int(value) if value and device.type == "cuda" else None
 
 
-def _log_start(cfg: Any, run: Run, base_lr: float) -> None:
+def _log_start(cfg: TrainConfig, run: Run, base_lr: float) -> None:
     log.info(
         "%s: %.2fM parameters on %s (amp %s, channels_last %s), %d process(es) x batch %d x %d accumulated "
         "= %d, base lr %.4g, %d steps/epoch, %d epochs",

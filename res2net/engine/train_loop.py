@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from res2net.data.loader_base import is_read_error
 from res2net.engine.amp import autocast
 from res2net.engine.distributed import DistInfo
 from res2net.engine.ema import ModelEma
@@ -130,7 +131,7 @@ class Run:
     grad_clip: float = 0.0
     ema: ModelEma | None = None
     mixup: Mixup | None = None
-    sync_debug: int | None = None  # torch.cuda.set_sync_debug_mode after the first step (RES2NET_SYNC_DEBUG)
+    sync_debug: int | None = None  # torch.cuda.set_sync_debug_mode after each epoch's first step (RES2NET_SYNC_DEBUG)
     data_root: Any = None  # named when the loader fails
     steps_per_epoch: int = field(init=False)
 
@@ -240,6 +241,8 @@ def _guarded(run: Run):
         except StopIteration:
             return
         except Exception as err:
+            if not is_read_error(err):
+                raise  # a bug, not a file: its own message and traceback
             raise RuntimeError(
                 f"the training data loader failed on rank {run.dist.rank} at epoch {run.state.epoch}, batch "
                 f"{run.state.step_in_epoch} of {run.steps_per_epoch} "
@@ -328,7 +331,8 @@ def train_one_epoch(run: Run, stop: StopRequest) -> Outcome:
         if state.step_in_epoch == run.steps_per_epoch or at_max or run.progress.due(state) or save_now or stop_now:
             stop_now |= drain()
         run.progress.step(state, seen, lr)
-        if state.global_step == 1 and run.sync_debug is not None:
+        if state.step_in_epoch == 1 and run.sync_debug is not None:
+            # armed after each epoch's first step (warm-up, a new progressive size); evaluate() disarms it
             torch.cuda.set_sync_debug_mode(run.sync_debug)  # 1 warn, 2 error: scripts/gpu_check.sh
         if save_now:
             run.save()

@@ -15,6 +15,7 @@ import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -210,12 +211,13 @@ class InitRecord:
         }
 
 
-def init_source(model_cfg: Mapping) -> str | None:
+def init_source(model_cfg: Any) -> str | None:
     """The weights a model config starts from: its init_checkpoint, the variant name for pretrained=true, or None."""
-    if model_cfg.get("init_checkpoint"):
-        return str(model_cfg["init_checkpoint"])
-    if model_cfg.get("pretrained"):
-        return str(model_cfg["name"])
+    get = model_cfg.get if isinstance(model_cfg, Mapping) else lambda key: getattr(model_cfg, key, None)
+    if get("init_checkpoint"):
+        return str(get("init_checkpoint"))
+    if get("pretrained"):
+        return str(get("name"))
     return None
 
 
