@@ -37,6 +37,11 @@ BENCH_ARGS ?=
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
+# The fine-tuning workflow on the digits: 0-4, then fine-tuned on 5-9 beside 5-9 from scratch, then prediction.
+.PHONY: demo-finetune
+demo-finetune: $(STAMP)
+	$(PY) scripts/demo.py --finetune
+
 eval: $(STAMP)
 	@test -n "$(DATA)" || { echo "usage: make eval DATA=<imagenet root with val/ (and train/ for the int8 calibration)> [BACKEND=torchvision|dali] [MODELS=\"res2net50_26w_4s ...\"] [INT8=0]"; exit 2; }
 	$(PY) scripts/eval_released.py --data "$(DATA)" --backend $(BACKEND) $(if $(MODELS),--models $(MODELS)) $(if $(filter 0,$(INT8)),,--int8)

@@ -32,6 +32,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 @hydra_entry
 def main(cfg: DictConfig) -> None:
     # torch loads here, not at import: `--help` answers in a second.
+    from res2net.data.preprocess import command_line_fields
     from res2net.engine import distributed
     from res2net.engine.eval_job import evaluate_checkpoint, summary_lines
     from res2net.engine.run_lock import output_dir_lock
@@ -39,8 +40,10 @@ def main(cfg: DictConfig) -> None:
     check_eval_config(cfg)
     out_dir = HydraConfig.get().runtime.output_dir
     with distributed.process_group() as info:  # read here, not at import (see train.py)
+        # The checkpoint's own preprocessing, except the data.* fields typed on the command line.
+        keep = command_line_fields(HydraConfig.get().overrides.task)
         with output_dir_lock(out_dir) if info.is_main else contextlib.nullcontext():  # one results.json writer
-            result = evaluate_checkpoint(cfg, out_dir if info.is_main else None, info)
+            result = evaluate_checkpoint(cfg, out_dir if info.is_main else None, info, keep_data=keep)
     if result is not None:
         for line in summary_lines(result):
             log.info(line)

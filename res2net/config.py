@@ -36,6 +36,7 @@ from res2net.errors import CheckpointError, ConfigError
 __all__ = [
     "Amp",
     "DistillConfig",
+    "Freeze",
     "EvalConfig",
     "LossConfig",
     "LossName",
@@ -88,6 +89,16 @@ class Tta(Choice):
     flip = "flip"  # the softmax averaged over the image and its mirror
 
 
+class Freeze(Choice):
+    none = "none"
+    stem = "stem"
+    layer1 = "layer1"
+    layer2 = "layer2"
+    layer3 = "layer3"
+    layer4 = "layer4"
+    backbone = "backbone"  # everything but the classifier
+
+
 def auto_or_bool(value: Any, key: str) -> str | bool:
     """An ``auto | true | false`` knob as 'auto', True or False (a YAML or command-line bool, or its text)."""
     text = str(value).lower()
@@ -114,6 +125,14 @@ class ModelConfig:
     drop_rate: float | None = None  # dropout before the classifier
     # Stochastic depth: the last block's rate, rising linearly from 0 at the first block; null = the variant's 0.
     drop_path_rate: float | None = None
+    # Start from weights (train.py; res2net/models/loading.py). pretrained: the variant's released ImageNet weights
+    # (the loader create_model(pretrained=True) uses). init_checkpoint: a train.py checkpoint, a released .pth, a
+    # .safetensors file, an exported HF folder, an http(s) URL or a variant name; read tensors-only; it wins over
+    # pretrained (experiment=finetune sets pretrained=true, init_checkpoint=<file> replaces it). Either one:
+    # a classifier of another size is re-initialised (the log names its keys), any other mismatch is an error.
+    # Not a resume (fresh optimizer, schedule and RNG); resume=auto on a run directory with a checkpoint wins.
+    pretrained: bool = False
+    init_checkpoint: str = ""
 
 
 class OptimName(Choice):
@@ -148,6 +167,11 @@ class OptimConfig:
     no_decay_norm_bias: bool = False
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw and lamb: moment decay rates
     eps: float = 1e-8  # adamw and lamb: added to the second moment's root (timm's Lamb default: 1e-6)
+    # Per-group learning rates for fine-tuning (res2net/engine/finetune.py): the classifier's lr is lr x
+    # head_lr_mult; layer_decay < 1 scales each depth's lr by layer_decay ** (5 - depth) (head 1, layer4 x d, ...,
+    # stem x d^5). Both 1 = one lr for every parameter. The weight-decay rules above hold within each group.
+    head_lr_mult: float = 1.0
+    layer_decay: float = 1.0
 
 
 @dataclass
@@ -184,6 +208,11 @@ class TrainerConfig:
     seed: int = 0
     # Deterministic kernels (torch.use_deterministic_algorithms, no cuDNN benchmark): same seed, same weights.
     deterministic: bool = False
+    # Fine-tuning: parameters that get no gradient and stay as initialised: none | stem | layer1 | layer2 |
+    # layer3 | layer4 (the stem and every stage up to that one) | backbone (everything but the classifier).
+    freeze: Freeze = Freeze.none
+    # true: the frozen part's BatchNorm layers stay in eval mode (their running statistics are used, not updated).
+    freeze_bn_eval: bool = True
 
     def __post_init__(self) -> None:
         self.channels_last = auto_or_bool(self.channels_last, "trainer.channels_last")
@@ -242,6 +271,10 @@ class TrainConfig:
     # '' = start fresh; 'auto' = the run directory's checkpoints/last.pth if there is one, else start fresh;
     # otherwise the path of a checkpoint written by train.py.
     resume: str = ""
+    # Config keys (or key prefixes) a resume may change on purpose beyond the always-allowed ones, e.g.
+    # resume_allow=[schedule.epochs] to continue a finished run for more epochs. The log lists what changed: the
+    # run is no longer the uninterrupted trajectory of one config.
+    resume_allow: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -414,6 +447,7 @@ def check_train_config(cfg: Any) -> None:
     if list(s.milestones) != sorted(s.milestones) or any(m < 0 for m in s.milestones):
         raise ConfigError(f"schedule.milestones={list(s.milestones)} must be increasing epochs >= 0, e.g. [30, 60, 90]")
     check_data_config(cfg.data, training=True)
+    _check_finetune(cfg)
     pair_mode = cfg.mixup.mode == MixupMode.pair
     if pair_mode and cfg.data.batch_size % 2 and (cfg.mixup.alpha > 0 or cfg.mixup.cutmix_alpha > 0):
         raise ConfigError(f"mixup.mode=pair mixes samples in pairs: data.batch_size={cfg.data.batch_size} must be even")
@@ -443,6 +477,13 @@ def check_checkpoint_position(ckpt: Any, path: Any) -> None:
     meters = ckpt.get("meters")
     if not isinstance(meters, dict) or not all(isinstance(v, (int, float)) for v in meters.values()):
         raise CheckpointError(f"cannot resume from {path}: its meters={meters!r} are not numbers (a damaged file?)")
+
+
+def _check_finetune(cfg: Any) -> None:
+    _finite("optim.head_lr_mult", cfg.optim.head_lr_mult, 0.0, low_open=True)
+    _finite("optim.layer_decay", cfg.optim.layer_decay, 0.0, 1.0, low_open=True)
+    if not 0.0 <= cfg.data.val_split < 1.0:
+        raise ConfigError(f"data.val_split={cfg.data.val_split} must be a fraction in [0, 1) (0 = use <root>/val/)")
 
 
 def _check_loss(loss: Any) -> None:

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from res2net.data.config import DataConfig
+from res2net.data.preprocess import Preprocessing, preprocessing_of
 from res2net.errors import CheckpointError
 from res2net.files import atomic_write
 from res2net.models.inference import prepare_for_inference
@@ -36,6 +37,7 @@ __all__ = [
     "OnnxRuntimeModel",
     "calibration_files",
     "checkpoint_eval_data",
+    "eval_data_config",
     "compare_predictions",
     "export_hf",
     "export_onnx",
@@ -65,9 +67,17 @@ def _example(img_size: int, batch_size: int = 2) -> torch.Tensor:
     return torch.randn(batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int = 224, opset: int = OPSET) -> Path:
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    img_size: int = 224,
+    opset: int = OPSET,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
     """Write ``model`` (BatchNorm folded, eval mode) as an ONNX file with a dynamic batch axis, checked by
-    onnx.checker. Input ``images`` (N, 3, img_size, img_size) float32, output ``logits`` (N, num_classes)."""
+    onnx.checker. Input ``images`` (N, 3, img_size, img_size) float32, output ``logits`` (N, num_classes).
+    ``metadata``: entries of the model's metadata_props (scripts/export.py records the preprocessing and the class
+    names under 'res2net', res2net.engine.recipe.ONNX_METADATA_KEY)."""
     import onnx
 
     folded = prepare_for_inference(model.cpu(), channels_last=False)
@@ -82,6 +92,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int = 224, 
         verbose=False,
     )
     proto = program.model_proto
+    for key, value in (metadata or {}).items():
+        onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, key: value})
     onnx.checker.check_model(proto, full_check=True)
     path = Path(path)
     with atomic_write(path) as f:
@@ -132,11 +144,19 @@ def timm_model_args(overrides: Mapping) -> dict:
 
 
 def hf_config(
-    name: str, model: nn.Module, img_size: int = 224, model_args: Mapping | None = None, data: DataConfig | None = None
+    name: str,
+    model: nn.Module,
+    img_size: int = 224,
+    model_args: Mapping | None = None,
+    data: DataConfig | None = None,
+    classes: Sequence[str] | None = None,
+    model_config: Mapping | None = None,
 ) -> dict:
     """The config.json timm reads from a hub folder: architecture, num_classes, model_args (``timm_model_args``)
     and the pretrained_cfg (input size, interpolation, crop_pct, mean, std) of the validation transform
-    (``DataConfig``'s defaults unless given)."""
+    (``DataConfig``'s defaults unless given; img_size is the input size); ``classes``: the class names, recorded as
+    ``label_names`` (timm's key) when given; ``model_config``: our model config (name and knobs), recorded as
+    ``res2net_model`` so scripts/predict.py and evaluate.py rebuild a reduced or modified variant as trained."""
     data = data or DataConfig()
     first_conv = "conv1.0" if isinstance(model.conv1, nn.Sequential) else "conv1"
     pretrained_cfg = dict(
@@ -161,6 +181,10 @@ def hf_config(
     )
     if model_args:
         config["model_args"] = dict(model_args)
+    if classes is not None:
+        pretrained_cfg["label_names"] = list(classes)
+    if model_config:
+        config["res2net_model"] = dict(model_config)
     return config
 
 
@@ -185,6 +209,9 @@ def export_hf(
     card: str,
     img_size: int = 224,
     model_args: Mapping | None = None,
+    data: DataConfig | None = None,
+    classes: Sequence[str] | None = None,
+    model_config: Mapping | None = None,
 ) -> Path:
     """Write a Hugging Face hub folder: config.json (``hf_config``), model.safetensors and README.md (``card``); the
     weights only as safetensors, never a pickle.
@@ -201,7 +228,8 @@ def export_hf(
     folder.mkdir(parents=True, exist_ok=True)
     export_safetensors(model, folder / "model.safetensors", metadata={"format": "pt", "architecture": name})
     with atomic_write(folder / "config.json") as f:
-        f.write((json.dumps(hf_config(name, model, img_size, model_args), indent=2) + "\n").encode())
+        config = hf_config(name, model, img_size, model_args, data, classes, model_config)
+        f.write((json.dumps(config, indent=2) + "\n").encode())
     with atomic_write(folder / "README.md") as f:
         f.write(card.encode())
     return folder
@@ -252,19 +280,19 @@ class OnnxRuntimeModel(nn.Module):
             ) from err
         self.path = path
         self.input_name = self.session.get_inputs()[0].name
-        # Fixed dimensions of the graph's input (None where dynamic): a batch of another size is refused by name.
-        self.input_shape = [d if isinstance(d, int) else None for d in self.session.get_inputs()[0].shape]
+        # (C, H, W) of the graph's input; None entries are dynamic. Images of another size are refused by name.
+        self.input_shape = tuple(d if isinstance(d, int) else None for d in self.session.get_inputs()[0].shape[1:])
         classes = self.session.get_outputs()[0].shape[-1]
         self.num_classes = classes if isinstance(classes, int) else None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        wanted = self.input_shape
-        if len(wanted) != images.dim() or any(w is not None and w != g for w, g in zip(wanted[1:], images.shape[1:])):
-            size = "x".join("?" if w is None else str(w) for w in wanted[1:])
+        got = tuple(images.shape[1:])
+        if len(got) != len(self.input_shape) or any(e is not None and e != g for e, g in zip(self.input_shape, got)):
+            want = "x".join("?" if e is None else str(e) for e in self.input_shape)
             raise ValueError(
-                f"{self.path} takes images of {size} (channels x height x width), got "
-                f"{'x'.join(map(str, images.shape[1:]))}; evaluate at its size (data.img_size / data.val_img_size) or "
-                f"export it again with --img-size"
+                f"{self.path} takes {want} (C x H x W) images, got {'x'.join(map(str, got))}; evaluate at its size "
+                f"(data.img_size={self.input_shape[-1]}, or no data.img_size: the file's own preprocessing) or export "
+                "it again with scripts/export.py --img-size"
             )
         array = images.detach().to("cpu", torch.float32).contiguous().numpy()
         return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
@@ -290,28 +318,16 @@ def max_relative_error(
     return worst
 
 
-def checkpoint_eval_data(checkpoint: Mapping) -> DataConfig:
-    """The evaluation preprocessing of a checkpoint as a torchvision-backend DataConfig (img_size: the eval crop;
-    crop_pct, interpolation, mean, std): a train.py checkpoint's saved config['data'] (val_img_size, else img_size),
-    otherwise the released weights' published protocol (DataConfig's defaults: 224 px, crop 0.875, bilinear, ImageNet
-    mean and std).
+def eval_data_config(pp: Preprocessing) -> DataConfig:
+    """A torchvision-backend DataConfig whose val loader applies the evaluation preprocessing ``pp``."""
+    return DataConfig(backend="torchvision", num_workers=0, **pp.data_overrides())
 
-    A stand-in for the shared "the checkpoint carries its recipe" function of the fine-tuning work (issue 19): swap
-    it for that one when both are merged.
-    """
-    saved = checkpoint.get("config")
-    data = saved.get("data") if isinstance(saved, Mapping) else None
-    data = data if isinstance(data, Mapping) else {}
-    default = DataConfig()
-    return DataConfig(
-        backend="torchvision",
-        num_workers=0,
-        img_size=int(data.get("val_img_size") or data.get("img_size") or default.img_size),
-        crop_pct=float(data.get("crop_pct", default.crop_pct)),
-        interpolation=str(data.get("interpolation", default.interpolation)),
-        mean=[float(v) for v in data.get("mean", default.mean)],
-        std=[float(v) for v in data.get("std", default.std)],
-    )
+
+def checkpoint_eval_data(checkpoint: Mapping, variant: str | None = None) -> DataConfig:
+    """The evaluation preprocessing a checkpoint carries (``res2net.data.preprocess.preprocessing_of``: a train.py
+    checkpoint's own, released weights' published one) as a torchvision-backend DataConfig, for calibration and
+    checks."""
+    return eval_data_config(preprocessing_of(checkpoint, variant))
 
 
 def calibration_files(folder: str | os.PathLike, count: int) -> list[str]:

@@ -261,6 +261,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, dist_info) -> tuple[list[dict], bool] | None:
     """Evaluate every set found; on rank 0 returns (table rows, whether a released checkpoint failed)."""
+    from res2net.data.preprocess import command_line_fields
     from res2net.engine.eval_job import evaluate_checkpoint
 
     if not args.roots.is_dir():
@@ -282,7 +283,9 @@ def run(args: argparse.Namespace, dist_info) -> tuple[list[dict], bool] | None:
         cfg = compose_config([*model_overrides, *r.overrides, *args.overrides])
         if dist_info.is_main:
             print(f"evaluating {r.row}: {' '.join(r.overrides)}", flush=True)
-        out = evaluate_checkpoint(cfg, args.out_dir / r.row if dist_info.is_main else None, dist_info)
+        # The checkpoint's own preprocessing, except data.* fields given as overrides.
+        keep = command_line_fields(args.overrides)
+        out = evaluate_checkpoint(cfg, args.out_dir / r.row if dist_info.is_main else None, dist_info, keep_data=keep)
         if out is not None:
             found = rows_of(r, out)
             val_published = out["published"]["top1"] if out["published"] else None

@@ -2,10 +2,13 @@
 """Export a Res2Net classifier as ONNX, TorchScript, safetensors or a Hugging Face hub folder, and check the result.
 
     python scripts/export.py --model res2net50_26w_4s --checkpoint released --format onnx --out res2net50_26w_4s.onnx
-    python scripts/export.py --model res2net50_26w_4s --checkpoint outputs/<run>/checkpoints/best.pth \\
-        --format hf --out hub/res2net50_26w_4s
+    python scripts/export.py --checkpoint outputs/<run>/checkpoints/best.pth --format hf --out hub/my_model
     python scripts/export.py --model res2net50_26w_4s --checkpoint released --format onnx --quantize int8 \\
         --calibration /data/imagenet/train --check-root /data/imagenet --out res2net50_26w_4s.int8.onnx
+
+The checkpoint carries its recipe: a train.py checkpoint names its model and its evaluation preprocessing (image
+size, crop, interpolation, mean, std; released weights: their published values), which the export records (ONNX
+metadata 'res2net', HF config.json pretrained_cfg) with the class names; --img-size exports at another size.
 
 onnx: BatchNorm folded, dynamic batch axis, opset 18, onnx.checker, then ONNX Runtime against PyTorch at batch 1 and 2.
 torchscript: BatchNorm folded, traced, reloaded and compared. safetensors: the weights only. hf: a folder timm and
@@ -36,6 +39,9 @@ import torch
 
 import res2net
 from res2net import export
+from res2net.data.classes import class_names_of
+from res2net.data.preprocess import preprocessing_of
+from res2net.engine.recipe import ONNX_METADATA_KEY
 from res2net.models.hub import HUB_REPOS
 from res2net.models.loading import load_checkpoint_model
 from res2net.models.pretrained import RELEASED, sha256_file
@@ -55,10 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--model",
-        required=True,
+        default=None,
         choices=res2net.list_models(),
         metavar="NAME",
-        help=f"variant: {', '.join(res2net.list_models())}",
+        help=f"variant (default: the one a train.py checkpoint names): {', '.join(res2net.list_models())}",
     )
     p.add_argument(
         "--num-classes",
@@ -111,14 +117,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--calibration and --check-root belong to --quantize int8")
     if args.calibration_images < 1:
         p.error(f"--calibration-images must be >= 1, got {args.calibration_images}")
+    if args.model is None and args.checkpoint == "released":
+        p.error("--checkpoint released needs --model NAME (which variant's released weights)")
     return args
 
 
-def load_model(name: str, num_classes: int | None, checkpoint: str) -> tuple[torch.nn.Module, dict]:
-    """(model with the checkpoint's weights, facts for the model card: source, sha256, metrics, recipe)."""
+def load_model(name: str | None, num_classes: int | None, checkpoint: str) -> tuple[torch.nn.Module, dict]:
+    """(model with the checkpoint's weights, facts for the model card: source, sha256, metrics, recipe, class names,
+    evaluation preprocessing). ``name`` None: the model a train.py checkpoint names."""
     spec = name if checkpoint == "released" else checkpoint
+    model_cfg = {"name": name, "num_classes": num_classes} if name else None
     # tensors only: an unsafe file is an UnsafeCheckpointError
-    model, cfg, path, state = load_checkpoint_model(spec, {"name": name, "num_classes": num_classes})
+    model, cfg, path, state = load_checkpoint_model(spec, model_cfg, key="--checkpoint")
     saved = state.get("config") if isinstance(state.get("config"), dict) else None
     saved_model = saved.get("model") if saved and isinstance(saved.get("model"), dict) else {}
     facts = dict(
@@ -130,7 +140,8 @@ def load_model(name: str, num_classes: int | None, checkpoint: str) -> tuple[tor
         config=saved,
         model_args=export.timm_model_args(saved_model),
         overrides={k: v for k, v in saved_model.items() if k in MODEL_KNOBS},
-        data=export.checkpoint_eval_data(state),
+        classes=class_names_of(state, model.num_classes),
+        preprocessing=preprocessing_of(state, cfg["name"]),
     )
     return model.eval(), facts
 
@@ -228,8 +239,11 @@ def _check(reloaded, model: torch.nn.Module, out: Path, img_size: int) -> float:
 def export_and_check(model: torch.nn.Module, facts: dict, args: argparse.Namespace) -> str:
     """Write args.out in args.format, reload it, compare it with the PyTorch model; the line to print."""
     out = args.out
+    pp = facts["preprocessing"].overridden(img_size=args.img_size)  # --img-size wins over the checkpoint's
+    args.img_size = pp.img_size
     if args.format == "onnx":
-        export.export_onnx(model, out, img_size=args.img_size)
+        record = {"model": facts["name"], "preprocessing": pp.to_dict(), "classes": facts["classes"]}
+        export.export_onnx(model, out, img_size=pp.img_size, metadata={ONNX_METADATA_KEY: json.dumps(record)})
         reloaded = export.OnnxRuntimeModel(out)
         what = f"ONNX opset {export.OPSET}, checked by onnx.checker; ONNX Runtime"
     elif args.format == "torchscript":
@@ -242,8 +256,11 @@ def export_and_check(model: torch.nn.Module, facts: dict, args: argparse.Namespa
                 out,
                 facts["name"],
                 model_card(model, facts, args.license),
-                img_size=args.img_size,
+                img_size=pp.img_size,
                 model_args=facts["model_args"],
+                data=export.eval_data_config(pp),
+                classes=facts["classes"],
+                model_config={"name": facts["name"], **facts["overrides"]},
             )
             weights = out / "model.safetensors"
         else:
@@ -255,7 +272,10 @@ def export_and_check(model: torch.nn.Module, facts: dict, args: argparse.Namespa
         res2net.load_pretrained(reloaded, weights)
         what = "weights reloaded by res2net.load_pretrained"
     error = _check(reloaded, model, out, args.img_size)
-    return f"wrote {out}: {what} vs PyTorch at batch 1 and 2: max relative error {error:.1e} (< {TOLERANCE:.0e})"
+    return (
+        f"wrote {out} ({pp.img_size} px, crop_pct {pp.crop_pct:g}, {pp.interpolation}): {what} vs PyTorch at batch 1 "
+        f"and 2: max relative error {error:.1e} (< {TOLERANCE:.0e})"
+    )
 
 
 def check_batches(root: Path, data, num_classes: int):
@@ -273,7 +293,7 @@ def check_batches(root: Path, data, num_classes: int):
 def export_int8(model: torch.nn.Module, facts: dict, args: argparse.Namespace) -> tuple[list[str], float | None]:
     """Write args.out as int8 ONNX (calibrated on args.calibration), check the float32 export it comes from against
     PyTorch and the int8 file at batch 1 and 3, and with args.check_root score both; (lines to print, top-1 drop)."""
-    out, data = args.out, dataclasses.replace(facts["data"], img_size=args.img_size)
+    out, data = args.out, export.eval_data_config(facts["preprocessing"].overridden(img_size=args.img_size))
     # Bad folders fail before the work.
     files = export.calibration_files(args.calibration, args.calibration_images)
     checks = None if args.check_root is None else check_batches(args.check_root, data, model.num_classes)
@@ -316,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         model, facts = load_model(args.model, args.num_classes, args.checkpoint)
-        args.img_size = args.img_size or facts["data"].img_size
+        args.img_size = args.img_size or facts["preprocessing"].img_size
         if args.quantize:
             lines, drop = export_int8(model, facts, args)
             print("\n".join(lines))

@@ -231,5 +231,5 @@ def test_a_garbage_onnx_file_and_an_image_of_another_size_are_one_line_errors(tm
     assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
     with pytest.raises(ValueError) as err:
         net(torch.zeros(2, 3, 64, 64))
-    assert "takes images of 3x32x32" in str(err.value) and "got 3x64x64" in str(err.value)
+    assert "takes 3x32x32 (C x H x W) images, got 3x64x64" in str(err.value)
     assert exit_code(err.value) == 2 and "\n" not in str(err.value)

@@ -114,7 +114,15 @@ def test_results_json_and_predictions_csv(tmp_path, folder, checkpoint):
         "prob3",
         "prob4",
         "prob5",
+        "target_name",
+        "name1",
+        "name2",
+        "name3",
+        "name4",
+        "name5",
     ]
+    # The hand-made checkpoint stores no class names: its outputs are named by their indices.
+    assert all(r["target_name"] == r["target"] and r["name1"] == r["top1"] for r in rows)
     assert rows[0]["path"].endswith("val/ant/000.jpg") and rows[-1]["path"].endswith("val/cat/098.jpg")
     assert rows[-1]["top4"] == ""  # only 3 classes: fewer than 5 predictions per image
     top1_hits = sum(int(r["top1"]) == int(r["target"]) for r in rows)

@@ -85,7 +85,13 @@ def build_loader(
 
         normalizer = Normalizer(cfg.mean, cfg.std, device, dtype, channels_last)
         return build_wds_loader(cfg, split, normalizer=normalizer, **common)
-    samples, classes = scan_split(cfg.root, split, None if train else _train_classes(cfg.root))
+    if cfg.val_split > 0:  # val carved out of train/ (res2net/data/split.py)
+        from .split import split_samples
+
+        samples, classes = scan_split(cfg.root, "train")
+        samples = split_samples(samples, cfg.val_split, os.path.join(cfg.root, "train"))[0 if train else 1]
+    else:
+        samples, classes = scan_split(cfg.root, split, None if train else _train_classes(cfg.root))
     return loader_from_samples(samples, classes, cfg, train, channels_last=channels_last, dtype=dtype, **common)
 
 

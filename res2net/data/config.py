@@ -141,6 +141,10 @@ class DataConfig:
     repeated_aug: int = 1
     # Val / eval crop size (null: img_size); val resizes the shorter side to floor(val_img_size / crop_pct).
     val_img_size: int | None = None
+    # A folder with only train/: this fraction of each class's images (at least one of a class with two or more)
+    # becomes the val split, chosen by a hash of the file's path (deterministic, stratified; res2net/data/split.py);
+    # train.py records it in <run dir>/split.json. 0 = the val/ folder.
+    val_split: float = 0.0
     # Progressive resizing (FFCV): train at progressive_sizes[0] up to epoch progressive_epochs[0], then ramp
     # linearly to progressive_sizes[1] at epoch progressive_epochs[1], each size rounded to a multiple of
     # progressive_step. null = train at img_size every epoch. Both or neither must be set.

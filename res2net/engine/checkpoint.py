@@ -64,6 +64,7 @@ CHECKPOINT_KEYS = (
 # extend it); any other difference is refused. Prefixes end with a dot.
 RESUME_MAY_DIFFER = (
     "resume",
+    "resume_allow",
     "data.root",
     "data.train_shards",  # the same shards, moved: the order depends on the manifest, not the path
     "data.val_shards",
@@ -235,8 +236,11 @@ def gather_rng(dist: DistInfo) -> list[dict[str, Any]]:
 
 def training_checkpoint(run: Any, rng: list, config: Mapping) -> dict[str, Any]:
     """The dict train.py writes from a ``train_loop.Run``: the plain network's weights, optimizer, scaler, EMA,
-    TrainState, every rank's RNGs, the config."""
+    TrainState, every rank's RNGs, the config, and the class names (the training data's class folders: index i is
+    output i)."""
+    classes = getattr(run.train_loader, "classes", None)
     return {
+        "classes": list(classes) if classes is not None else None,
         "model": run.net.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict(),
@@ -278,7 +282,8 @@ def restore_training(ckpt: Mapping[str, Any], path: Path, run: Any) -> None:
     if mismatch:
         raise CheckpointError(
             f"cannot resume from {path}: its weights do not fit the configured model ({mismatch}); resume with the "
-            f"model settings the run was started with, or start a new run"
+            f"model settings the run was started with, or train another head from these weights in a new run with "
+            f"model.init_checkpoint={path}"
         )
     run.net.load_state_dict(ckpt["model"], strict=True)
     run.optimizer.load_state_dict(ckpt["optimizer"])

@@ -16,7 +16,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from res2net.config import EvalConfig, as_eval_config, to_dict
+from res2net.data.classes import class_names_of
 from res2net.engine.amp import resolve_amp, resolve_channels_last
 from res2net.engine.distributed import DistInfo, select_device
 from res2net.engine.eval_loop import PREDICTION_TOPK, evaluate
@@ -88,14 +89,20 @@ def _prepare(model: nn.Module, cfg: EvalConfig, channels_last: bool, device: tor
     return torch.compile(model) if cfg.compile else model
 
 
-def write_predictions_csv(path: Path, predictions: list[dict]) -> None:
+def write_predictions_csv(path: Path, predictions: list[dict], class_names: list[str] | None = None) -> None:
+    """path, target, top1..5 (class indices), prob1..5; with ``class_names`` (index -> name) also target_name and
+    name1..5 at the end."""
     ks = range(1, PREDICTION_TOPK + 1)
+    names = [] if class_names is None else ["target_name", *[f"name{k}" for k in ks]]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "target", *[f"top{k}" for k in ks], *[f"prob{k}" for k in ks]])
+        writer.writerow(["path", "target", *[f"top{k}" for k in ks], *[f"prob{k}" for k in ks], *names])
         for p in predictions:
             pad = [""] * (PREDICTION_TOPK - len(p["top5"]))  # fewer classes than PREDICTION_TOPK
-            writer.writerow([p["path"], p["target"], *p["top5"], *pad, *[f"{v:.6f}" for v in p["top5_prob"]], *pad])
+            row = [p["path"], p["target"], *p["top5"], *pad, *[f"{v:.6f}" for v in p["top5_prob"]], *pad]
+            if class_names is not None:
+                row += [class_names[p["target"]], *[class_names[i] for i in p["top5"]], *pad]
+            writer.writerow(row)
 
 
 def _results(
@@ -212,14 +219,26 @@ def _model_dict(cfg: EvalConfig) -> dict:
     return dataclasses.asdict(cfg.model)
 
 
-def evaluate_checkpoint(cfg: Any, out_dir: str | Path | None, dist_info: DistInfo | None = None) -> dict | None:
+def evaluate_checkpoint(
+    cfg: Any, out_dir: str | Path | None, dist_info: DistInfo | None = None, keep_data: Iterable[str] | None = None
+) -> dict | None:
     """Evaluate per `cfg` (an EvalConfig, its composed node or a mapping whose missing keys take EvalConfig's
     defaults: model, data, checkpoint, use_ema, amp, channels_last, compile, fold_bn, device, save_predictions,
     progress, trust_checkpoint, real_labels, tta, testset, testset_variant). On rank 0 returns the results dict (also
-    written to out_dir/results.json, and out_dir/predictions.csv with save_predictions); None on the other ranks."""
+    written to out_dir/results.json, and out_dir/predictions.csv with save_predictions); None on the other ranks.
+
+    ``keep_data``: None evaluates with ``cfg.data`` as given; a collection (evaluate.py passes the data fields set
+    on its command line, ``res2net.data.preprocess.command_line_fields``) takes the checkpoint's own evaluation
+    preprocessing (and val split) for every other field (res2net.engine.recipe)."""
+    from res2net.engine.recipe import apply_recipe, source_record
+
     dist_info = dist_info or DistInfo()
     cfg = as_eval_config(cfg)
     _check_options(cfg)
+    source = source_record(cfg.checkpoint, cfg.model.name, cfg.trust_checkpoint)  # its preprocessing, class names
+    if keep_data is not None:
+        data = apply_recipe(dataclasses.asdict(cfg.data), source, cfg.model.name, keep_data)[0]
+        cfg.data = type(cfg.data)(**data)
     device = _resolve_device(cfg.device, dist_info)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input shapes: let cuDNN pick its fastest kernels
     amp = resolve_amp(cfg.amp, device)  # what auto became, also in results.json
@@ -261,6 +280,7 @@ def evaluate_checkpoint(cfg: Any, out_dir: str | Path | None, dist_info: DistInf
             real_labels=real_rows,
         )
         classes = list(loader.classes)
+        class_names = class_names_of(source, model_cfg["num_classes"])
     finally:
         loader.close()
     if not dist_info.is_main:
@@ -270,12 +290,13 @@ def evaluate_checkpoint(cfg: Any, out_dir: str | Path | None, dist_info: DistInf
     published = None if cfg.testset else published_for(cfg.checkpoint, name) or published_for(ckpt_path, name)
     record = {**to_dict(cfg), "model": model_cfg, "amp": amp, "channels_last": channels_last}
     out = _results({**result, "param_count": param_count}, classes, record, ckpt_path, published, dist_info, device)
+    out["class_names"] = class_names  # the model's outputs, in index order
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / RESULTS_FILE).write_text(json.dumps(out, indent=2) + "\n")
         if cfg.save_predictions:
-            write_predictions_csv(out_dir / PREDICTIONS_FILE, result["predictions"])
+            write_predictions_csv(out_dir / PREDICTIONS_FILE, result["predictions"], class_names)
     return out
 
 

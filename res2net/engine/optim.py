@@ -4,7 +4,7 @@ and biases."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -22,16 +22,36 @@ def scaled_lr(lr: float, global_batch: int, base_batch: int = 256) -> float:
     return lr * global_batch / base_batch
 
 
-def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    no_decay_norm_bias: bool,
+    lr_scales: Mapping[str, float] | None = None,
+) -> list[dict[str, Any]]:
     """One group decaying every trainable parameter, or two: decayed weights and undecayed 1-D parameters
-    (biases and norm-layer weights) when ``no_decay_norm_bias``."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not no_decay_norm_bias:
-        return [{"params": params, "weight_decay": weight_decay}]
-    return [
-        {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-    ]
+    (biases and norm-layer weights) when ``no_decay_norm_bias``.
+
+    ``lr_scales`` (parameter name -> lr multiplier, res2net.engine.finetune.lr_scales) splits those groups further,
+    one per multiplier, each with an ``lr_scale`` entry the schedule multiplies its lr by; the weight-decay rule
+    above holds in each. Parameters that do not require gradients (frozen) are in no group.
+    """
+    if lr_scales is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not no_decay_norm_bias:
+            return [{"params": params, "weight_decay": weight_decay}]
+        return [
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ]
+    groups: dict[tuple[float, float], dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = 0.0 if no_decay_norm_bias and p.ndim <= 1 else weight_decay
+        scale = float(lr_scales[name])
+        group = groups.setdefault((scale, decay), {"params": [], "weight_decay": decay, "lr_scale": scale})
+        group["params"].append(p)
+    return list(groups.values())
 
 
 class Lamb(torch.optim.Optimizer):
@@ -132,14 +152,20 @@ class _FlatUpdates:
 
 def build_optimizer(model: nn.Module, cfg: Any, global_batch: int) -> torch.optim.Optimizer:
     """The optimizer of an ``optim`` config node (name, lr, base_batch, momentum, nesterov, weight_decay,
-    no_decay_norm_bias, betas, eps) at the lr scaled to ``global_batch``.
+    no_decay_norm_bias, betas, eps, head_lr_mult, layer_decay) at the lr scaled to ``global_batch``.
 
     SGD and AdamW on CUDA use the fused kernels (one launch for all parameters; with fp16 they also skip an overflowed
     step on the device instead of asking the host); elsewhere torch's default (foreach on CPU tensors).
     """
+    from .finetune import lr_scales
+
     name = OptimName.of(cfg.name, "optim.name")
-    groups = param_groups(model, cfg.weight_decay, cfg.no_decay_norm_bias)
+    scales = lr_scales(model, getattr(cfg, "head_lr_mult", 1.0), getattr(cfg, "layer_decay", 1.0))
+    groups = param_groups(model, cfg.weight_decay, cfg.no_decay_norm_bias, scales)
     lr = scaled_lr(cfg.lr, global_batch, cfg.base_batch)
+    for group in groups:  # the schedule sets lr * lr_scale every step (res2net.engine.schedule.set_lr)
+        if "lr_scale" in group:
+            group["lr"] = lr * group["lr_scale"]
     fused = True if next(model.parameters()).is_cuda else None
     if name == "sgd":
         return torch.optim.SGD(

@@ -44,5 +44,7 @@ def learning_rate(step: int, steps_per_epoch: int, cfg: Any, base_lr: float) -> 
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """``lr`` in every group, times the group's ``lr_scale`` where it has one (per-group lr: optim.head_lr_mult,
+    optim.layer_decay)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

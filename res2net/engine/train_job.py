@@ -28,10 +28,13 @@ from torch import nn
 
 from res2net.config import TrainConfig, as_train_config, check_train_config, to_dict
 from res2net.data import build_loader
+from res2net.data.split import describe_data
 from res2net.models import model_from_config, resolve_model_config
+from res2net.models.registry import INIT_KEYS
 
 from .amp import resolve_amp, resolve_channels_last
 from .checkpoint import (
+    RESUME_MAY_DIFFER,
     CheckpointError,
     CheckpointManager,
     check_compatible,
@@ -47,6 +50,7 @@ from .distill import DistillationLoss, load_teacher
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, wrap_model
 from .ema import ModelEma
 from .eval_loop import evaluate
+from .finetune import log_allowed_changes, prepare_model, start_weights
 from .losses import build_criterion
 from .metrics import MetricsWriter, TrainProgress, dataset_name, log_epoch
 from .mixup import Mixup, mixup_enabled
@@ -216,7 +220,8 @@ def _recorded_config(cfg: TrainConfig, amp: str, channels_last: bool, device: to
     """The config written to config.yaml and every checkpoint: the variant's values in place of null, and what
     ``auto`` became on this machine (a resume where it would resolve differently is refused by check_compatible)."""
     config = to_dict(cfg)
-    config["model"] = resolve_model_config(config["model"])
+    # The starting-weights keys (model.pretrained / init_checkpoint) stay beside the architecture.
+    config["model"] = {**resolve_model_config(config["model"]), **{k: config["model"][k] for k in INIT_KEYS}}
     config["trainer"].update(amp=amp, channels_last=channels_last, device=device.type)
     return config
 
@@ -235,8 +240,13 @@ def _resume_checkpoint(
     if path is None:
         return None, None
     ckpt = load_checkpoint(path)
+    if "init" in ckpt["config"]:  # where the run's weights started, kept by every resume
+        config["init"] = ckpt["config"]["init"]
     defaults = OmegaConf.to_container(OmegaConf.structured(TrainConfig), enum_to_str=True)
-    check_compatible(ckpt["config"], config, path=path, defaults=defaults)
+    allowed = (*RESUME_MAY_DIFFER, *cfg.resume_allow)
+    check_compatible(ckpt["config"], config, path=path, allowed=allowed, defaults=defaults)
+    if dist.is_main:
+        log_allowed_changes(ckpt["config"], config, cfg.resume_allow)
     return path, ckpt
 
 
@@ -247,12 +257,15 @@ def _train(cfg: TrainConfig, run_dir: Path, dist: DistInfo, stop: StopRequest) -
     config = _recorded_config(cfg, amp, channels_last, dist.device)
     _set_determinism(cfg.trainer.deterministic, dist.device)
     resume_path, ckpt = _resume_checkpoint(cfg, run_dir, config, dist)
+    init_file = start_weights(cfg, config, ckpt, dist)  # model.pretrained / model.init_checkpoint, unless resuming
     loader_args = dict(rank=dist.rank, world_size=dist.world_size, seed=cfg.trainer.seed, device=dist.device)
     loader_args.update(channels_last=channels_last)
     train_loader = build_loader(cfg.data, "train", **loader_args)
     val_loader = writer = None
     try:
         val_loader = build_loader(cfg.data, "val", **loader_args)
+        if dist.is_main:
+            describe_data(cfg.data, run_dir)  # classes and image counts; data.val_split's record
         if optimizer_steps_per_epoch(len(train_loader), cfg.trainer.accum_steps) < 1:
             raise ValueError(
                 f"the training loader yields no batch per epoch (fewer images per rank than "
@@ -262,7 +275,7 @@ def _train(cfg: TrainConfig, run_dir: Path, dist: DistInfo, stop: StopRequest) -
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config), encoding="utf-8")
         writer = MetricsWriter(run_dir, dist.is_main, ckpt["global_step"] if ckpt is not None else None)
-        run = _build_run(cfg, config, run_dir, dist, amp, channels_last, train_loader, val_loader, writer)
+        run = _build_run(cfg, config, run_dir, dist, amp, channels_last, train_loader, val_loader, writer, init_file)
         if ckpt is not None:
             restore_training(ckpt, resume_path, run)
             run.save.saved = resume_path
@@ -291,12 +304,15 @@ def _build_run(
     train_loader: Any,
     val_loader: Any,
     writer: MetricsWriter,
+    init_file: Path | None = None,
 ) -> Run:
-    """The run's parts at its start: fresh weights (the same on every rank), optimizer, scaler, EMA, loss, schedule."""
+    """The run's parts at its start: fresh weights (the same on every rank; or those of ``init_file``, frozen as
+    trainer.freeze says), optimizer, scaler, EMA, loss, schedule."""
     t = cfg.trainer
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     num_classes = _num_classes(cfg, train_loader)
     net = _build_model(cfg, num_classes, dist, channels_last)
+    prepare_model(net, cfg, init_file, dist, train_loader.classes)  # res2net/engine/finetune.py
     global_batch = cfg.data.batch_size * dist.world_size * t.accum_steps
     base_lr = scaled_lr(cfg.optim.lr, global_batch, cfg.optim.base_batch)
     criterion, mixup = _objective(cfg, num_classes, dist, channels_last)

@@ -1,5 +1,6 @@
-"""From a spec to a network with weights: the one place where training (the distillation teacher), evaluation,
-export and prediction turn a variant name, a local file, a URL or a train.py checkpoint into a model.
+"""From a spec to a network with weights: the one place where training (the distillation teacher and the starting
+weights of model.pretrained / model.init_checkpoint), evaluation, export and prediction turn a variant name, a local
+file, a URL or a train.py checkpoint into a model.
 
 Fetching (``pretrained.download_checkpoint``, ``hub.released_weights``) and reading (``pretrained.read_checkpoint``,
 tensors-only) stay in their own modules; this one composes them and builds the architecture a checkpoint was made
@@ -11,9 +12,12 @@ from __future__ import annotations
 import logging
 import os
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -21,16 +25,21 @@ from res2net.errors import CheckpointError
 
 from .guard import check_declared_architecture
 from .hub import released_weights
-from .pretrained import download_checkpoint, extract_state_dict, load_weights, read_checkpoint
+from .pretrained import download_checkpoint, extract_state_dict, load_weights, read_checkpoint, sha256_file
 from .registry import model_from_config, resolve_model_config
 from .variants import VARIANTS
 
 __all__ = [
+    "CLASSIFIER_KEYS",
+    "InitRecord",
     "build_model_for",
     "fetch_checkpoint",
+    "init_source",
+    "initialise",
     "load_checkpoint_model",
     "load_pretrained",
     "read_checkpoint_dict",
+    "resolve_init_file",
     "saved_model_config",
 ]
 
@@ -174,3 +183,129 @@ def load_pretrained(
         checkpoint = read_checkpoint_dict(path, trusted)
         origin = f"released checkpoint {text}" if text in VARIANTS else f"checkpoint {text if '://' in text else path}"
     load_weights(model, extract_state_dict(checkpoint, use_ema=use_ema, origin=origin), origin)
+
+
+# --- Initialising a training run from weights (model.pretrained / model.init_checkpoint) -------------------------
+# Initialising, not resuming: only the weights of the source are used (the optimizer, schedule, position and
+# generators start fresh). The classifier (``fc.*``) is re-initialised when its size differs from the model's, or when
+# the source records other class names; any other mismatch is one error naming the keys.
+
+CLASSIFIER_KEYS = ("fc.weight", "fc.bias")
+_HF_WEIGHTS = "model.safetensors"
+_SHOW = 6
+
+
+@dataclass(frozen=True)
+class InitRecord:
+    """Where a run's starting weights came from (config.yaml's and every checkpoint's ``init``)."""
+
+    source: str  # as given: a path, a URL, a variant name, or 'pretrained:<variant>'
+    file: str  # the local file read
+    sha256: str
+    reinitialised: tuple[str, ...]  # keys the source had with another shape and that start fresh (the classifier)
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "file": self.file,
+            "sha256": self.sha256,
+            "reinitialised": list(self.reinitialised),
+        }
+
+
+def init_source(model_cfg: Any) -> str | None:
+    """The weights a model config starts from: its init_checkpoint, the variant name for pretrained=true, or None."""
+    get = model_cfg.get if isinstance(model_cfg, Mapping) else lambda key: getattr(model_cfg, key, None)
+    if get("init_checkpoint"):
+        return str(get("init_checkpoint"))
+    if get("pretrained"):
+        return str(get("name"))
+    return None
+
+
+def resolve_init_file(spec: str) -> Path:
+    """The local file of an init spec: an exported HF folder (its model.safetensors), or what ``fetch_checkpoint``
+    finds (a file, an http(s) URL downloaded into the cache, a variant name's released weights; rank 0 downloads)."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        weights = path / _HF_WEIGHTS
+        if not weights.is_file():
+            raise FileNotFoundError(
+                f"model.init_checkpoint={spec}: the folder has no {_HF_WEIGHTS} (an exported HF folder has one); "
+                "name a checkpoint file instead"
+            )
+        return weights
+    return fetch_checkpoint(spec, key="model.init_checkpoint")
+
+
+def _keys(keys: list[str]) -> str:
+    more = f" ... ({len(keys) - _SHOW} more)" if len(keys) > _SHOW else ""
+    return ", ".join(keys[:_SHOW]) + more
+
+
+def initialise(
+    model: nn.Module,
+    spec: str,
+    *,
+    path: Path | None = None,
+    classes: Sequence[str] | None = None,
+    what: str = "model.init_checkpoint",
+    verbose: bool = True,
+) -> InitRecord:
+    """Load the weights of ``spec`` (read from ``path`` when given: ``resolve_init_file(spec)``) into ``model``
+    except a classifier for other classes, which keeps the model's fresh initialisation: one of another size, or,
+    when the source records its class names (a train.py checkpoint) and ``classes`` (the new training data's) are
+    given, one whose names differ. Returns the record. CheckpointError (one line, naming the keys) for any other
+    mismatch."""
+    path = Path(path) if path is not None else resolve_init_file(spec)
+    obj = read_checkpoint_dict(path)  # tensors only, never the full unpickler
+    state = extract_state_dict(obj, origin=f"{what}={spec}")
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    shaped = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    reinit = [k for k in shaped if k in CLASSIFIER_KEYS]
+    if set(CLASSIFIER_KEYS) & set(reinit):  # both or neither: a classifier is one layer
+        reinit = [k for k in CLASSIFIER_KEYS if k in state]
+    wrong = [k for k in shaped if k not in reinit]
+    source_classes = obj.get("classes")
+    other_classes = (
+        classes is not None
+        and isinstance(source_classes, Sequence)
+        and list(map(str, source_classes)) != list(map(str, classes))
+    )
+    if other_classes and not reinit:  # same size, other meaning: digits 0-4 are not digits 5-9
+        reinit = [k for k in CLASSIFIER_KEYS if k in state]
+    # A source without a classifier (a features-only file) gives the model's fresh one too.
+    missing_head = [k for k in missing if k in CLASSIFIER_KEYS]
+    missing = [k for k in missing if k not in CLASSIFIER_KEYS]
+    if missing or unexpected or wrong:
+        parts = [
+            f"{title} {_keys(keys)}"
+            for title, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", wrong))
+            if keys
+        ]
+        raise CheckpointError(
+            f"{what}={spec} does not fit {type(model).__name__} ({'; '.join(parts)}): build the architecture it "
+            "was trained as (model=<its variant> and the same model.* overrides)"
+        )
+    load = {k: v for k, v in state.items() if k not in reinit}
+    with torch.no_grad():
+        model.load_state_dict(load, strict=False)
+    fresh = tuple(reinit + missing_head)
+    if not verbose:
+        pass
+    elif fresh:
+        old = state["fc.weight"].shape[0] if "fc.weight" in state else "no"
+        log.info(
+            "initialised from %s; re-initialised %s (the source has %s classes%s, the model %d%s)",
+            spec,
+            ", ".join(fresh),
+            old,
+            f" {_keys(list(map(str, source_classes)))}" if other_classes else "",
+            expected["fc.weight"].shape[0] if "fc.weight" in expected else 0,
+            f" {_keys(list(map(str, classes)))}" if other_classes else "",
+        )
+    else:
+        log.info("initialised from %s (every key, the classifier included)", spec)
+    return InitRecord(source=spec, file=os.fspath(path), sha256=sha256_file(path), reinitialised=fresh)

@@ -14,6 +14,8 @@ __all__ = ["CONFIG_KEYS", "create_model", "list_models", "model_from_config", "r
 
 # The keys of a model config (res2net.config.ModelConfig); a None value means "the variant's value".
 CONFIG_KEYS = ("name", "num_classes", *MODEL_KNOBS)
+# Keys of a model config that say where the starting weights come from (res2net.models.loading), not what to build.
+INIT_KEYS = ("pretrained", "init_checkpoint")
 _IMAGENET_CLASSES = 1000
 # create_model also takes in_chans, which no config states (the recipe trains on RGB images).
 _OVERRIDES = (*MODEL_KNOBS, "in_chans", "output_stride")
@@ -66,7 +68,7 @@ def resolve_model_config(model_cfg: Mapping) -> dict:
         raise ValueError(
             f"a model config must be a mapping with keys {', '.join(CONFIG_KEYS)}, got {type(model_cfg).__name__}"
         )
-    unknown = sorted(set(model_cfg) - set(CONFIG_KEYS))
+    unknown = sorted(set(model_cfg) - set(CONFIG_KEYS) - set(INIT_KEYS))
     if unknown:
         raise ValueError(f"unknown model config key(s) {unknown}; valid keys: {', '.join(CONFIG_KEYS)}")
     variant = _variant(model_cfg.get("name"))

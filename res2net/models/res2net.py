@@ -294,6 +294,22 @@ class Res2Net(nn.Module):
                 if isinstance(m, Bottle2neck):
                     m.zero_init_last()
 
+    def get_classifier(self) -> nn.Module:
+        """The classifier (``fc``), as timm names it."""
+        return self.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier by a freshly initialised one with ``num_classes`` outputs (0: an identity, the
+        pooled features come out), on the device and dtype of the network; timm's method of the same name."""
+        _check_int("num_classes", num_classes, 0)
+        like = self.conv1.weight if isinstance(self.conv1, nn.Conv2d) else self.conv1[0].weight
+        self.num_classes = num_classes
+        self.fc = (
+            nn.Linear(self.num_features, num_classes, device=like.device, dtype=like.dtype)
+            if num_classes > 0
+            else nn.Identity()
+        )
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer1(x)
