@@ -125,11 +125,11 @@ def test_epoch_0_headers_are_read_by_a_thread_pool_once(root, monkeypatch):
     reference.close()
     threads, calls, read = set(), [], loader_dali.jpeg_size
 
-    def slow_jpeg_size(path):
+    def slow_jpeg_size(path, *opener):
         threads.add(threading.get_ident())
         calls.append(path)
         time.sleep(0.005)  # a cold disk: the pool overlaps these waits
-        return read(path)
+        return read(path, *opener)
 
     monkeypatch.setattr(loader_dali, "jpeg_size", slow_jpeg_size)
     loader = build_loader(cfg_for(root), "train", seed=2)

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 import res2net
 from res2net.models import CONFIG_KEYS, MODEL_KNOBS, Bottle2neck, Res2Net, model_from_config, resolve_model_config
 from res2net.models import VARIANTS as VARIANT_TABLE
+from res2net.models.registry import INIT_KEYS
 
 VARIANTS = [
     "res2net101_26w_4s",
@@ -233,8 +234,8 @@ def test_model_config_builds_exactly_what_create_model_builds(name):
 def test_config_keys_are_the_model_config_fields():
     from res2net.config import ModelConfig
 
-    assert [f.name for f in dataclasses.fields(ModelConfig)] == list(CONFIG_KEYS)
-    assert CONFIG_KEYS == ("name", "num_classes", *MODEL_KNOBS)
+    assert [f.name for f in dataclasses.fields(ModelConfig)] == [*CONFIG_KEYS, *INIT_KEYS]
+    assert CONFIG_KEYS == ("name", "num_classes", *MODEL_KNOBS)  # the architecture; INIT_KEYS: where weights start
 
 
 def test_resolve_model_config_fills_the_variant_values():

@@ -215,7 +215,7 @@ def _damaged_member(path: Path) -> str | None:
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as err:  # a damaged header or table
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, UnicodeDecodeError) as err:  # damaged header
         return f"its zip structure is broken ({_first_line(err)})"
     return None if bad is None else f"member {bad} fails its CRC-32 check"
 
