@@ -133,7 +133,7 @@ platform.python_version()); [print(f"cuda:{i}", torch.cuda.get_device_name(i)) f
 fi
 
 # 1. The CUDA tests; the DALI 'mixed' parity test has a row of its own (step 4).
-mapfile -t cuda_tests < <(grep -l 'mark\.cuda' tests/test_*.py)
+mapfile -t cuda_tests < <(grep -rl --include='test_*.py' 'mark\.cuda' tests)
 run "pytest -m cuda" "$report/pytest.log" "$python" -m pytest -q -rs -p no:cacheprovider -m cuda \
     -k 'not test_mixed_decoding_matches_cpu_path' "${cuda_tests[@]}"
 
@@ -177,7 +177,7 @@ done
 # 4. DALI 'mixed' (nvJPEG) validation batches against the CPU decoder.
 if [[ $dali == 1 ]]; then
     run "DALI mixed val parity" "$report/pytest.log" "$python" -m pytest -q -rs -p no:cacheprovider \
-        tests/test_data_dali.py -k test_mixed_decoding_matches_cpu_path
+        tests/data/test_data_dali.py -k test_mixed_decoding_matches_cpu_path
 else
     skip "DALI mixed val parity" "NVIDIA DALI does not import here"
 fi

@@ -702,7 +702,7 @@ class TrainAugment:
         per-sample parameters that broadcast; every row index and parameter of the batch reaches the device in one
         copy that does not block the host. ``plan`` holds the batch's rows in order. The DALI backend's one
         augmenting function, for its 'torch' and 'graph' paths; equal to apply_ops per sample (the torchvision
-        backend's path) up to float rounding (tests/test_augment_batched.py)."""
+        backend's path) up to float rounding (tests/data/test_augment_batched.py)."""
         n, height, width, channels = images.shape
         packer = batch_passes(plan, height, width)
         if not packer.passes:
