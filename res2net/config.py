@@ -45,6 +45,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "OptimName",
+    "RESUME_MAY_DIFFER",
     "RUN_TIME_ENV",
     "ScheduleConfig",
     "ScheduleName",
@@ -349,6 +350,22 @@ def _finite(key: str, value: float, low: float, high: float = math.inf, *, low_o
         raise ConfigError(f"{key}={value} must be a finite number {bound}{upper}")
 
 
+# Keys a resume may change without changing the trajectory (where data lives, how often to log or save, when to
+# stop, how the step is compiled); any other difference from the checkpoint's config is refused.
+RESUME_MAY_DIFFER = (
+    "resume",
+    "data.root",
+    "data.train_shards",  # the same shards, moved: the order depends on the manifest, not the path
+    "data.val_shards",
+    "data.num_workers",
+    "data.prefetch",
+    "trainer.log_interval",
+    "trainer.save_every_epochs",
+    "trainer.save_every_steps",
+    "trainer.keep_last",
+    "trainer.max_steps",
+    "trainer.compile",
+)
 MAX_SEED = 2**31 - 1  # the widest seed every generator here takes (DALI's is a 32-bit int)
 
 
@@ -555,26 +572,35 @@ def check_group_choices(overrides: list[str], config_dir: str | os.PathLike) -> 
 
 def recorded_run_config(cfg: Any, run_dir: str | os.PathLike, overrides: list[str]) -> Any:
     """For ``resume=auto`` in a run directory that holds ``config.yaml`` (written by the run's last accepted
-    attempt): that recorded config, with the keys (or whole groups) the command line names taken from ``cfg``, so
-    ``train.py hydra.run.dir=<run> resume=auto`` continues the run as it was configured. Otherwise ``cfg``."""
+    attempt) and a command line that names no config group: that recorded config, with the keys the command line
+    names and trainer.max_steps (a cap of one attempt, not of the run) taken from ``cfg``, so
+    ``train.py hydra.run.dir=<run> resume=auto`` continues the run as it was configured. A command that names a
+    group (``experiment=...``, ``data=folder``: the same command again, as a SLURM requeue runs it) states the whole
+    config itself: ``cfg`` as composed, checked against the checkpoint as before."""
     path = Path(run_dir) / "config.yaml"
     if cfg.resume != "auto" or not path.is_file():
         return cfg
+    keys = [override.partition("=")[0].lstrip("+~") for override in overrides]
+    if any(_names_a_group(cfg, key) for key in keys):
+        return cfg
     recorded = OmegaConf.load(path)
-    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), recorded)
-    for override in overrides:
-        key = override.partition("=")[0].lstrip("+~")
-        value = OmegaConf.select(cfg, key, default=_ABSENT)
-        if value is _ABSENT:
-            raise ConfigError(
-                f"{override}: resume=auto takes the run's recorded config ({path}); name the keys to change "
-                f"(e.g. trainer.max_steps=100), not a group of several ({key})"
-            )
-        OmegaConf.update(merged, key, value, merge=False)
+    schema = OmegaConf.structured(TrainConfig)
+    # Records beside the config (e.g. 'init': where the weights came from) are not settings.
+    recorded = OmegaConf.masked_copy(recorded, [k for k in recorded if k in schema])
+    merged = OmegaConf.merge(schema, recorded)
+    for key in [*keys, *_PER_ATTEMPT]:
+        OmegaConf.update(merged, key, OmegaConf.select(cfg, key), merge=False)
     return merged
 
 
 _ABSENT = object()
+_PER_ATTEMPT = ("trainer.max_steps",)  # a smoke run's cap stops that attempt; the resume runs on unless it sets one
+
+
+def _names_a_group(cfg: Any, key: str) -> bool:
+    """Whether an override's key chose a config group (experiment=..., data=folder) rather than set a value."""
+    value = OmegaConf.select(cfg, key, default=_ABSENT)
+    return value is _ABSENT or OmegaConf.is_dict(value)
 
 
 def register_configs() -> None:

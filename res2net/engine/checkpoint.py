@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from res2net.config import check_checkpoint_position
+from res2net.config import RESUME_MAY_DIFFER, check_checkpoint_position
 from res2net.engine.distributed import DistInfo
 from res2net.errors import CheckpointError
 from res2net.files import atomic_write, remove_stale_temporaries, temporary_path
@@ -62,21 +62,6 @@ CHECKPOINT_KEYS = (
 
 # Config keys that may change between a run and its resumption without changing its trajectory (or that only
 # extend it); any other difference is refused. Prefixes end with a dot.
-RESUME_MAY_DIFFER = (
-    "resume",
-    "resume_allow",
-    "data.root",
-    "data.train_shards",  # the same shards, moved: the order depends on the manifest, not the path
-    "data.val_shards",
-    "data.num_workers",
-    "data.prefetch",
-    "trainer.log_interval",
-    "trainer.save_every_epochs",
-    "trainer.save_every_steps",
-    "trainer.keep_last",
-    "trainer.max_steps",
-    "trainer.compile",
-)
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:

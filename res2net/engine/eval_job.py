@@ -253,7 +253,11 @@ def evaluate_checkpoint(
         else:
             spec = cfg.model.name if cfg.checkpoint == "released" else cfg.checkpoint
             model, model_cfg, ckpt_path, checkpoint = load_checkpoint_model(
-                spec, _model_dict(cfg), use_ema=cfg.use_ema, trusted=cfg.trust_checkpoint
+                spec,
+                _model_dict(cfg),
+                use_ema=cfg.use_ema,
+                trusted=cfg.trust_checkpoint,
+                hint="; or checkpoint=released: model.name's released weights",
             )
             param_count = count_params(model)  # before BatchNorm folding
             net = _prepare(model, cfg, channels_last, device)

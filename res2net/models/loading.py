@@ -55,10 +55,11 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def fetch_checkpoint(spec: str | os.PathLike, key: str = "checkpoint") -> Path:
+def fetch_checkpoint(spec: str | os.PathLike, key: str = "checkpoint", hint: str = "") -> Path:
     """The local file of ``spec``: a variant name (its released weights: the file locations, then the hub), an
     http(s) URL (downloaded into the cache) or an existing path. Under torch.distributed rank 0 downloads while the
-    others wait, then find the file in the cache. ``key`` names the setting in the error for a missing file."""
+    others wait, then find the file in the cache. ``key`` names the setting in the error for a missing file, ``hint``
+    adds the caller's own alternative to it."""
     text = os.fspath(spec)
     remote = text in VARIANTS or text.startswith(("http://", "https://"))
     if not remote:
@@ -67,7 +68,7 @@ def fetch_checkpoint(spec: str | os.PathLike, key: str = "checkpoint") -> Path:
             raise FileNotFoundError(
                 f"{key}={text!r} is not a file: pass the path of a released .pth / .safetensors file or of a "
                 f"train.py checkpoint, an http(s) URL, or a model name with released weights "
-                f"({', '.join(sorted(VARIANTS))})"
+                f"({', '.join(sorted(VARIANTS))}){hint}"
             )
         return path
     if _is_main():
@@ -136,6 +137,7 @@ def load_checkpoint_model(
     use_ema: bool = False,
     trusted: bool = False,
     key: str = "checkpoint",
+    hint: str = "",
 ) -> tuple[nn.Module, dict, Path, Mapping]:
     """(model, its resolved config, the local file, the checkpoint dict) for ``spec`` (see ``fetch_checkpoint``).
 
@@ -143,7 +145,7 @@ def load_checkpoint_model(
     that records none with no ``model_cfg`` is a ValueError naming ``key``.
     """
     text = os.fspath(spec)
-    path = fetch_checkpoint(text, key)
+    path = fetch_checkpoint(text, key, hint)
     checkpoint = read_checkpoint_dict(path, trusted=trusted)
     if model_cfg is None:
         if text in VARIANTS:

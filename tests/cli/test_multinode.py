@@ -74,7 +74,7 @@ def test_two_nodes_rendezvous_and_train_like_one_two_process_job(image_folder, t
     # one world: exactly one of the two agents ran rank 0, which reports; its validation counted all 20 images once
     reports = [out for out in outputs if "max_steps after 0 epochs (global step 4)" in out]
     assert len(reports) == 1, outputs
-    assert "(20 images)" in reports[0]
+    assert f"(20 images of {image_folder.name})" in reports[0]
 
     one_node = tmp_path / "one_node"
     wait_all(

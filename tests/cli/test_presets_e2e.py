@@ -26,6 +26,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from test_data_helpers import write_noise_split
 
+import res2net
 from res2net.config import register_configs, to_dict
 from res2net.engine.eval_job import evaluate_checkpoint
 from res2net.engine.train_job import train
@@ -86,10 +87,19 @@ def _compose(config_name: str, overrides: list[str]):
         return compose(config_name=config_name, overrides=overrides)
 
 
-def _resolution_overrides(data) -> list[str]:
-    """The preset's resolution knobs at the tiny scale: val keeps its ratio to train, progressive resizing ramps from
-    PX to 2 x PX between the two epochs."""
-    out = []
+def _scaled_overrides(cfg, root: Path) -> list[str]:
+    """The preset's size-bound knobs at the tiny scale: val keeps its ratio to train, progressive resizing ramps from
+    PX to 2 x PX between the two epochs, a warm-up takes the first epoch, and a preset that starts from the released
+    weights (model.pretrained) starts from a file of the reduced model instead (model.init_checkpoint, which wins
+    over it: no network here), with ImageNet's 1,000-class head, so its classifier is re-initialised as in real use."""
+    data, out = cfg.data, []
+    if cfg.schedule.warmup_epochs > 0:
+        out.append(f"schedule.warmup_epochs={EPOCHS / 2}")
+    if cfg.model.pretrained:
+        weights = root / f"{cfg.model.name}-reduced-in1k.pth"
+        if not weights.exists():
+            torch.save(res2net.create_model(cfg.model.name, layers=[1, 1, 1, 1], base_width=4).state_dict(), weights)
+        out.append(f"model.init_checkpoint={weights}")
     if data.val_img_size is not None:
         out.append(f"data.val_img_size={round(PX * data.val_img_size / data.img_size)}")
     if data.progressive_sizes is not None:
@@ -100,7 +110,7 @@ def _resolution_overrides(data) -> list[str]:
 
 def shrunk_config(preset: str, backend: str, root: Path):
     common = [f"experiment={preset}", f"data.root={root}", *BACKENDS[backend], *SHRINK]
-    return _compose("train", [*common, *_resolution_overrides(_compose("train", common).data)])
+    return _compose("train", [*common, *_scaled_overrides(_compose("train", common), root)])
 
 
 def _leaves(node, prefix=""):
@@ -153,6 +163,7 @@ def test_shrinking_leaves_every_stated_knob_but_the_size_alone(tmp_path):
 def _is_size_key(key: str) -> bool:
     overridden = {o.split("=")[0] for o in SHRINK} | {"data.root", "data.backend", "data.val_img_size"}
     overridden |= {"data.progressive_sizes", "data.progressive_epochs", "data.progressive_step"}
+    overridden |= {"schedule.warmup_epochs", "model.init_checkpoint"}
     return key in overridden
 
 

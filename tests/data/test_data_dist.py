@@ -52,7 +52,7 @@ def test_torchrun_two_ranks_gloo(tmp_path):
     val_paths = write_colour_split(root, "val", 101)
     script, out = tmp_path / "worker.py", tmp_path / "result.json"
     script.write_text(WORKER)
-    repo, tests = Path(__file__).resolve().parents[2], Path(__file__).resolve().parent
+    repo, tests = Path(__file__).resolve().parents[2], Path(__file__).resolve().parents[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(repo), str(tests)]))
     proc = subprocess.run(
         [
