@@ -354,6 +354,7 @@ def _finite(key: str, value: float, low: float, high: float = math.inf, *, low_o
 # stop, how the step is compiled); any other difference from the checkpoint's config is refused.
 RESUME_MAY_DIFFER = (
     "resume",
+    "resume_allow",
     "data.root",
     "data.train_shards",  # the same shards, moved: the order depends on the manifest, not the path
     "data.val_shards",

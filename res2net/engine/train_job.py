@@ -279,7 +279,14 @@ def _train(cfg: TrainConfig, run_dir: Path, dist: DistInfo, stop: StopRequest) -
         if ckpt is not None:
             restore_training(ckpt, resume_path, run)
             run.save.saved = resume_path
-            log.info("resumed from %s at %s", resume_path, run.state.where(run.steps_per_epoch))
+            log.info(
+                "resumed from %s at epoch %d, step %d/%d (global step %d)",
+                resume_path,
+                run.state.epoch,
+                run.state.step_in_epoch,
+                run.steps_per_epoch,
+                run.state.global_step,
+            )
         else:
             _seed_all(cfg.trainer.seed + dist.rank)  # the training stream of this rank
         del ckpt
