@@ -308,10 +308,14 @@ def read_checkpoint(path: str | os.PathLike, trusted: bool = False) -> object:
         with warnings.catch_warnings():  # "Detected pickle protocol 4": noise beside the error said below
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
+    except Exception as err:  # torch reports a damaged file as UnpicklingError, RuntimeError, EOFError, IndexError...
         if not _pickled(path):
             raise CheckpointError(
                 f"checkpoint {path} is not a PyTorch checkpoint: neither a torch.save archive nor a pickle"
+            ) from None
+        if not isinstance(err, pickle.UnpicklingError):
+            raise CheckpointError(
+                f"checkpoint {path} is damaged or not a PyTorch checkpoint: {_first_line(err)}"
             ) from None
         if not trusted:
             raise UnsafeCheckpointError(
@@ -320,8 +324,6 @@ def read_checkpoint(path: str | os.PathLike, trusted: bool = False) -> object:
                 "while loading.\nIf you trust the file's origin: res2net.load_pretrained(model, source, "
                 "trusted=True), or evaluate.py trust_checkpoint=true"
             ) from None
-    except Exception as err:  # torch reports a damaged file as RuntimeError, EOFError, ValueError, ...
-        raise CheckpointError(f"checkpoint {path} is damaged or not a PyTorch checkpoint: {_first_line(err)}") from None
     logger.warning("%s holds more than tensors; loading it with Python's full unpickler (trusted=True)", path)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
@@ -365,8 +367,10 @@ def _refusal(err: pickle.UnpicklingError) -> str:
 
 
 def _pickled(path: Path) -> bool:
-    """Whether the file (or the data.pkl of its torch.save archive) holds a well-formed pickle: parsed opcode by
-    opcode, nothing executed. Tells a file the tensors-only reader refuses apart from one that is not a pickle."""
+    """Whether the file is a pickle torch.load reads, parsed opcode by opcode with nothing executed: a zip archive
+    whose data.pkl is one well-formed pickle, or a file whose first pickle is torch's legacy magic number or calls a
+    global (what the tensors-only reader refuses). Tells a refused file apart from one that is not a checkpoint at
+    all: random bytes now and then parse as a short pickle of plain data, so a parse alone does not say "pickle"."""
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
@@ -374,20 +378,23 @@ def _pickled(path: Path) -> bool:
                 if member is None:
                     return False
                 with archive.open(member) as f:
-                    return _parses(f)
+                    return _opcodes(f) is not None and not f.read(1)
         with open(path, "rb") as f:
-            return _parses(f)
+            ops = _opcodes(f) or []
+        return any(arg == torch.serialization.MAGIC_NUMBER or name in _CALLS for name, arg in ops)
     except Exception:  # a damaged archive: zipfile raises BadZipFile, UnicodeDecodeError, EOFError, ...
         return False
 
 
-def _parses(stream) -> bool:
+_CALLS = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "EXT1", "EXT2", "EXT4"}
+
+
+def _opcodes(stream) -> list[tuple[str, object]] | None:
+    """(name, argument) of one pickle's opcodes, or None where the stream does not hold a well-formed pickle."""
     try:
-        for _ in pickletools.genops(stream):
-            pass
+        return [(op.name, arg) for op, arg, _ in pickletools.genops(stream)]
     except Exception:  # pickletools raises ValueError and others for anything that is not a pickle
-        return False
-    return True
+        return None
 
 
 def _load_safetensors(path: Path) -> dict:

@@ -146,7 +146,7 @@ def _damaged(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     data = good.read_bytes()
     (tmp_path / "empty.pth").write_bytes(b"")
     (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])
-    (tmp_path / "garbage.pth").write_bytes(os.urandom(4096))
+    (tmp_path / "garbage.pth").write_bytes(np.random.default_rng(1).bytes(4096))
     (tmp_path / "a_run_dir").mkdir()
     torch.save(torch.zeros(3), tmp_path / "tensor.pth")
     wide = res2net.create_model("res2net50_26w_4s", num_classes=2, layers=[1, 1, 1, 1], base_width=8)
@@ -175,6 +175,18 @@ def test_damaged_checkpoints_are_told_apart(tmp_path):
             res2net.load_pretrained(model, path)
         assert str(path) in str(info.value) and says in str(info.value), name
         assert exit_code(info.value) == FAILURE_EXIT_CODE
+
+
+def test_random_bytes_are_never_called_damaged_checkpoints(tmp_path):
+    # os.urandom once failed CI: a random file now and then parses as a short pickle, or makes torch's reader raise
+    # IndexError instead of UnpicklingError. Every seed and size must give the same "not a checkpoint" line.
+    rng = np.random.default_rng(0)
+    path = tmp_path / "garbage.pth"
+    for size in (1, 2, 3, 8, 64, 4096):
+        for _ in range(150):
+            path.write_bytes(rng.bytes(size))
+            with pytest.raises(CheckpointError, match="is not a PyTorch checkpoint: neither"):
+                read_checkpoint(path)
 
 
 @pytest.mark.parametrize("name", ["empty", "directory", "other_arch", "safetensors_missing_keys"])
