@@ -14,7 +14,7 @@ from pathlib import Path
 
 from res2net.errors import run_script
 from res2net.models import RELEASED
-from res2net.models.pretrained import cache_dir, download_checkpoint
+from res2net.models.download import cache_dir, download_checkpoint
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -3,7 +3,7 @@
 
     python scripts/eval_released.py --data /data/imagenet [--backend torchvision|dali] [--models res2net50_26w_4s ...]
 
-Missing checkpoints are downloaded into the cache and verified (res2net.models.pretrained; RES2NET_MIRRORS and
+Missing checkpoints are downloaded into the cache and verified (res2net.models.download; RES2NET_MIRRORS and
 RES2NET_CACHE apply). Each model is evaluated at 224 px with a 0.875 crop (the published protocol) by the same code
 as evaluate.py, and a table is printed and written as Markdown and CSV to --out-dir: model, params, GMACs, published
 and measured top-1/top-5, delta, img/s. The exit status is 1 when a |delta| (top-1 or top-5) exceeds the model's

@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("eval_suite")
 
 # Published top-1 (timm's results CSVs: 224 px, crop 0.875, bilinear) on the sets other than ImageNet val, whose
-# numbers for the released files come with them (res2net.models.pretrained). res2net50d's weights are on the Hugging
+# numbers for the released files come with them (res2net.models.variants). res2net50d's weights are on the Hugging
 # Face hub only; resnet50.a1_in1k (RSB A1, 80.38 / 85.71 / 68.47 / 29.64 / 40.42 / 9.97) is not a Res2Net.
 PUBLISHED: dict[str, dict[str, float]] = {
     "res2net50d": {
@@ -111,7 +111,7 @@ def find_runs(roots: Path) -> tuple[list[SuiteRun], list[str]]:
 
 def released_file_model(checkpoint: str) -> str | None:
     """The model whose released file ``checkpoint`` is named after, if any."""
-    from res2net.models.pretrained import RELEASED
+    from res2net.models.variants import RELEASED
 
     return next((name for name, e in RELEASED.items() if e.file == Path(checkpoint).name), None)
 

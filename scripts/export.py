@@ -42,11 +42,11 @@ from res2net import export
 from res2net.data.classes import class_names_of
 from res2net.data.preprocess import preprocessing_of
 from res2net.engine.recipe import ONNX_METADATA_KEY
+from res2net.models.download import sha256_file
 from res2net.models.hub import HUB_REPOS
 from res2net.models.loading import load_checkpoint_model
-from res2net.models.pretrained import RELEASED, sha256_file
 from res2net.models.stats import count_params
-from res2net.models.variants import MODEL_KNOBS
+from res2net.models.variants import MODEL_KNOBS, RELEASED
 
 TOLERANCE = 1e-4  # largest accepted max|exported - PyTorch| / max|PyTorch|
 

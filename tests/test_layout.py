@@ -88,3 +88,15 @@ def test_models_import_with_torch_alone():
     code = f"import sys, res2net.models; print([m for m in {heavy} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_reading_a_checkpoint_never_reaches_the_network():
+    # Fetching (download, hub) builds on reading (pretrained), never the other way: a tool that only reads files
+    # (checkpoint.py's resume, recipe, the teacher's load) cannot start a download, directly or through a helper.
+    graph = import_graph()
+    reached, todo = set(), ["res2net.models.pretrained"]
+    while todo:
+        for m in graph[todo.pop()] - reached:
+            reached.add(m)
+            todo.append(m)
+    assert not reached & {"res2net.models.download", "res2net.models.hub", "res2net.models.loading"}, reached

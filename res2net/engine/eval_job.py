@@ -60,7 +60,7 @@ class Published:
 
 def published_for(checkpoint: str | Path, model_name: str) -> Published | None:
     """Published top-1/top-5 when the checkpoint is a released file (by spec 'released' or by file name)."""
-    from res2net.models.pretrained import RELEASED
+    from res2net.models.variants import RELEASED
 
     entry = (
         RELEASED.get(model_name)
@@ -114,7 +114,7 @@ def _results(
     dist_info: DistInfo,
     device: torch.device,
 ) -> dict:
-    from res2net.models.pretrained import sha256_file
+    from res2net.models.download import sha256_file
 
     per_class = {
         c: (100.0 * k / n if n else None)

@@ -104,8 +104,8 @@ def start_weights(cfg: Any, config: dict, ckpt: Mapping | None, dist: Any) -> Pa
     """The local file a fresh run initialises from (None: none, or a resume, which wins), and ``config['init']``
     (source, sha256) set for config.yaml and the checkpoints. A resume keeps the record of the run's start."""
     from res2net.engine.distributed import barrier
+    from res2net.models.download import sha256_file
     from res2net.models.loading import init_source, resolve_init_file
-    from res2net.models.pretrained import sha256_file
 
     if ckpt is not None:
         saved = ckpt["config"].get("init") if isinstance(ckpt.get("config"), Mapping) else None

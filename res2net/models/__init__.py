@@ -3,9 +3,9 @@
 Imports with torch alone.
 """
 
+from .download import download_checkpoint
 from .inference import prepare_for_inference
 from .loading import load_pretrained
-from .pretrained import download_checkpoint
 from .registry import CONFIG_KEYS, create_model, list_models, model_from_config, resolve_model_config
 from .res2net import Bottle2neck, Res2Net
 from .variants import MODEL_KNOBS, RELEASED, VARIANTS, Variant

@@ -1,6 +1,6 @@
 """The Hugging Face hub as the third home of the released weights: ``timm/<name>.in1k``, ``model.safetensors``.
 
-``released_weights(name)`` tries the two public file locations first (``res2net.models.pretrained``) and the hub
+``released_weights(name)`` tries the two public file locations first (``res2net.models.download``) and the hub
 when they fail; res2net50d and res2net101d live only on the hub. The hub files go to ``<cache_dir()>/hub`` through
 ``huggingface_hub`` (imported lazily), which honours ``HF_ENDPOINT``, ``HF_HUB_OFFLINE`` and ``HF_TOKEN``; they are
 safetensors files, so reading them runs no pickle.
@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .pretrained import DownloadError, cache_dir, download_checkpoint, download_timeout
+from .download import DownloadError, cache_dir, download_checkpoint, download_timeout
 from .variants import RELEASED, VARIANTS
 
 __all__ = ["HUB_FILE", "HUB_REPOS", "download_from_hub", "released_weights"]

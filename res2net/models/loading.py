@@ -2,7 +2,7 @@
 weights of model.pretrained / model.init_checkpoint), evaluation, export and prediction turn a variant name, a local
 file, a URL or a train.py checkpoint into a model.
 
-Fetching (``pretrained.download_checkpoint``, ``hub.released_weights``) and reading (``pretrained.read_checkpoint``,
+Fetching (``download.download_checkpoint``, ``hub.released_weights``) and reading (``pretrained.read_checkpoint``,
 tensors-only) stay in their own modules; this one composes them and builds the architecture a checkpoint was made
 for (a train.py checkpoint records it in ``config['model']``).
 """
@@ -23,9 +23,10 @@ from torch import nn
 
 from res2net.errors import CheckpointError
 
+from .download import download_checkpoint, sha256_file
 from .guard import check_declared_architecture
 from .hub import released_weights
-from .pretrained import download_checkpoint, extract_state_dict, load_weights, read_checkpoint, sha256_file
+from .pretrained import extract_state_dict, load_weights, read_checkpoint
 from .registry import model_from_config, resolve_model_config
 from .variants import VARIANTS
 

@@ -99,7 +99,7 @@ def test_suite_csv_skip_lines_and_published_numbers(tmp_path, roots, checkpoint)
 
 def test_released_checkpoint_missing_its_published_number_fails(tmp_path, roots, checkpoint):
     # A copy under a released file's name is that release: ImageNet val is judged against its 77.994
-    released = tmp_path / res2net.models.pretrained.RELEASED["res2net50_26w_4s"].file
+    released = tmp_path / res2net.models.variants.RELEASED["res2net50_26w_4s"].file
     released.write_bytes(checkpoint.read_bytes())
     first = _suite(tmp_path / "first", released, roots, "--tolerance", "1000")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]

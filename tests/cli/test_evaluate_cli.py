@@ -94,7 +94,7 @@ def test_results_json_and_predictions_csv(tmp_path, folder, checkpoint):
     assert out["per_class_count"] == {"ant": 34, "bee": 34, "cat": 33}
     correct = sum(out["per_class_accuracy"][c] * out["per_class_count"][c] / 100 for c in CLASSES)
     assert correct == pytest.approx(out["top1"] * NUM_IMAGES / 100)
-    assert out["checkpoint_sha256"] == res2net.models.pretrained.sha256_file(checkpoint)
+    assert out["checkpoint_sha256"] == res2net.models.download.sha256_file(checkpoint)
     assert out["config"]["model"]["num_classes"] == 3  # read from the checkpoint's classifier
     assert out["config"]["data"]["img_size"] == 32 and out["config"]["fold_bn"] is True
     assert out["published"] is None
@@ -133,7 +133,7 @@ def test_use_ema_and_published_line(tmp_path, folder, checkpoint):
     out, _ = _evaluate(tmp_path / "ema", folder, checkpoint, "use_ema=true", "data.backend=torchvision")
     assert out["per_class_accuracy"] == {"ant": 100.0, "bee": 0.0, "cat": 0.0}
     # a checkpoint under a released file's name is compared with that release's published numbers
-    released = tmp_path / res2net.models.pretrained.RELEASED["res2net50_26w_4s"].file
+    released = tmp_path / res2net.models.variants.RELEASED["res2net50_26w_4s"].file
     released.write_bytes(checkpoint.read_bytes())
     out, proc = _evaluate(tmp_path / "pub", folder, released, "data.backend=torchvision")
     assert out["published"]["top1"] == pytest.approx(77.994)

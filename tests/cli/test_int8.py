@@ -256,7 +256,7 @@ def test_eval_released_adds_the_int8_columns(noise_root, tmp_path, monkeypatch):
     import csv
     import importlib.util
 
-    from res2net.models.pretrained import sha256_file
+    from res2net.models.download import sha256_file
 
     spec = importlib.util.spec_from_file_location("eval_released", ROOT / "scripts" / "eval_released.py")
     eval_released = importlib.util.module_from_spec(spec)

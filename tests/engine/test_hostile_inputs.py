@@ -30,7 +30,7 @@ from res2net.errors import CheckpointError, UnsafeCheckpointError
 from res2net.models.pretrained import read_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
-PROPERTY = settings(max_examples=40, deadline=None)
+PROPERTY = settings(max_examples=40, deadline=None, derandomize=True)  # the same examples on every CI run
 WORK = Path(tempfile.mkdtemp(prefix="hostile-"))  # hypothesis reruns a test body many times: one folder for all
 MARKER = WORK / "marker"
 

@@ -17,9 +17,10 @@ from local_server import local_http_server
 
 import res2net
 from res2net.errors import CheckpointError, UnsafeCheckpointError
-from res2net.models import pretrained
+from res2net.models import download
+from res2net.models.download import download_checkpoint, hash_prefix
 from res2net.models.loading import load_pretrained
-from res2net.models.pretrained import RELEASED, download_checkpoint, hash_prefix
+from res2net.models.variants import RELEASED
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(base_width=4, layers=[1, 1, 1, 1], scale=2, num_classes=10)
@@ -171,7 +172,7 @@ def test_all_locations_failing_lists_each_error(server, cache):
 def test_mirrors_env_replaces_public_locations(server, cache, tiny_model, monkeypatch):
     name = _publish(server, "tiny", tiny_model.state_dict())
     monkeypatch.setenv("RES2NET_MIRRORS", f"{server.base}/missing/, {server.base}/good")
-    assert pretrained.checkpoint_urls("res2net50_26w_4s")[1] == (
+    assert download.checkpoint_urls("res2net50_26w_4s")[1] == (
         f"{server.base}/missing/res2net50_26w_4s-06e79181.pth",
         f"{server.base}/good/res2net50_26w_4s-06e79181.pth",
     )
