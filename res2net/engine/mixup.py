@@ -7,8 +7,8 @@ in 'batch' mode one draw decides mixup or cutmix, lambda and the box for every s
 
 The draws come from a numpy generator seeded with (seed, rank, global step, micro-step) for every batch, not from
 the global generators, so they depend only on the batch's position: a run resumed at any step mixes exactly as the
-uninterrupted one, whatever else drew random numbers before. The images are modified on their device; the host only
-computes a few scalars per batch (or per sample).
+uninterrupted one, whatever else drew random numbers before. The images are mixed on their device by a fixed number
+of ops per batch; the host only draws a few scalars per batch (or per sample), sent in one copy.
 """
 
 from __future__ import annotations
@@ -117,10 +117,15 @@ class Mixup:
             raise ValueError(f"mixup.mode=pair needs an even batch, got {batch}; change data.batch_size")
         draw = self.draw(self.generator(step, micro), batch, height, width)
         lam = self._per_sample(draw.lam, batch)
-        mixed = self._mix(images, draw, lam)
+        cut = self._per_sample(draw.cutmix, batch)
+        weight = np.where(cut, 1.0, lam)  # mixup's weight of the image itself; 1 under a cutmix box's paste
+        # Per-sample lambda, weight and box: one host-to-device copy per batch.
+        packed = np.column_stack([lam, weight, self._per_sample_boxes(draw.boxes, batch)]).astype(np.float32)
+        params = torch.from_numpy(packed).to(device=images.device, non_blocking=True)
         targets = smooth_one_hot(labels, self.num_classes, self.smoothing)
-        lam_t = torch.from_numpy(lam).to(device=targets.device, dtype=targets.dtype, non_blocking=True)
-        return mixed, lam_t[:, None] * targets + (1.0 - lam_t[:, None]) * targets.flip(0)
+        lam_t = params[:, :1].to(targets.dtype)
+        mixed = self._mix(images, draw, params) if not np.all(lam == 1.0) else images  # prob < 1: none drawn
+        return mixed, lam_t * targets + (1.0 - lam_t) * targets.flip(0)
 
     def _per_sample(self, values: np.ndarray, batch: int) -> np.ndarray:
         if self.mode == "batch":
@@ -129,25 +134,24 @@ class Mixup:
             return np.concatenate([values, values[::-1]])
         return values
 
-    def _mix(self, images: torch.Tensor, draw: MixDraw, lam: np.ndarray) -> torch.Tensor:
-        if np.all(lam == 1.0):  # nothing drawn to mix (prob < 1)
-            return images
-        batch = images.shape[0]
+    def _mix(self, images: torch.Tensor, draw: MixDraw, params: torch.Tensor) -> torch.Tensor:
         if self.mode == "batch" and draw.cutmix[0]:  # one box for all: one slice copy from the reversed batch
             y0, y1, x0, x1 = draw.boxes[0].tolist()
             out = images.clone()
             out[:, :, y0:y1, x0:x1] = images[:, :, y0:y1, x0:x1].flip(0)
             return out
+        # A fixed number of ops whatever the batch size: the per-sample boxes become one mask (no loop over samples).
         source = images.flip(0)
-        blend = np.where(self._per_sample(draw.cutmix, batch), 1.0, lam)  # mixup's weight of the image itself
-        weight = torch.from_numpy(blend).to(device=images.device, dtype=images.dtype, non_blocking=True)
-        out = images * weight.view(-1, 1, 1, 1) + source * (1.0 - weight.view(-1, 1, 1, 1))
-        cut = self._per_sample(draw.cutmix, batch)
-        boxes = self._per_sample_boxes(draw.boxes, batch)
-        for i in np.flatnonzero(cut):
-            y0, y1, x0, x1 = boxes[i]
-            out[i, :, y0:y1, x0:x1] = source[i, :, y0:y1, x0:x1]
-        return out
+        w = params[:, 1].to(images.dtype).view(-1, 1, 1, 1)
+        out = images * w + source * (1.0 - w)
+        if not draw.cutmix.any():
+            return out
+        height, width = images.shape[-2:]
+        y0, y1, x0, x1 = params[:, 2:, None].unbind(1)  # (N, 1) each; an empty box (0, 0, 0, 0) where no cutmix
+        rows = torch.arange(height, device=images.device, dtype=params.dtype)
+        cols = torch.arange(width, device=images.device, dtype=params.dtype)
+        inside = ((rows >= y0) & (rows < y1))[:, :, None] & ((cols >= x0) & (cols < x1))[:, None, :]
+        return torch.where(inside[:, None], source, out)
 
     def _per_sample_boxes(self, boxes: np.ndarray, batch: int) -> np.ndarray:
         if self.mode == "batch":

@@ -180,6 +180,45 @@ def test_pair_and_elem_modes_mix_each_sample_with_its_mirror_by_its_own_draw(mod
     assert len(set(lam[distinct].tolist())) > 1  # not one draw for the batch
 
 
+@pytest.mark.parametrize("mode", ["pair", "elem"])
+def test_pair_and_elem_cutmix_boxes_equal_a_per_sample_paste_in_ops_independent_of_the_batch(mode):
+    from res2net.engine.census import count
+
+    mix = _mixup(mode=mode, switch_prob=0.5, label_smoothing=0.0)
+
+    def per_sample_reference(images, step):  # what each sample gets, written one sample at a time
+        draw = mix.draw(mix.generator(step, 0), *images.shape[:1], *images.shape[2:])
+        lam, cut, boxes = (mix._per_sample(draw.lam, 8), mix._per_sample(draw.cutmix, 8), draw.boxes)
+        boxes = mix._per_sample_boxes(boxes, 8)
+        out = images.clone()
+        for i in range(8):
+            if cut[i]:
+                y0, y1, x0, x1 = boxes[i]
+                out[i, :, y0:y1, x0:x1] = images[7 - i, :, y0:y1, x0:x1]
+            else:
+                out[i] = lam[i] * images[i] + (1 - lam[i]) * images[7 - i]
+        return out, lam, cut
+
+    pasted = 0
+    for step in range(6):
+        images, labels = _batch(seed=step)
+        mixed, targets = mix(images, labels, epoch=0, step=step)
+        expected, lam, cut = per_sample_reference(images, step)
+        assert torch.allclose(mixed, expected, atol=1e-6), step
+        assert torch.allclose(targets, _mixed_targets(labels, lam))
+        pasted += int(cut.sum())
+    assert 0 < pasted < 6 * 8  # both kinds drawn
+    small = count(lambda: mix(*_batch(8), epoch=0, step=3))[1]
+    large = count(lambda: mix(*_batch(256), epoch=0, step=3))[1]
+    assert small.ops == large.ops and small.host_reads == large.host_reads == 0, (small.by_op, large.by_op)
+
+
+def _mixed_targets(labels: torch.Tensor, lam: np.ndarray) -> torch.Tensor:
+    one_hot = F.one_hot(labels, 10).float()
+    w = torch.from_numpy(lam).float()[:, None]
+    return w * one_hot + (1 - w) * one_hot.flip(0)
+
+
 def test_mixup_draws_depend_only_on_the_position_and_leave_the_global_generators_alone():
     images, labels = _batch()
     mix = _mixup(mode="elem")
