@@ -428,7 +428,7 @@ def _run_epochs(run: Run, stop: StopRequest, writer: MetricsWriter) -> TrainResu
             state,
             val,
             epochs=limits.epochs,
-            lr=run.optimizer.param_groups[0]["lr"],
+            lr=run.lr_at(max(state.global_step - 1, 0)),  # the schedule's, as the step records: no group's multiplier
             seconds=time.perf_counter() - start,
             global_batch=run.global_batch,
             world_size=run.dist.world_size,

@@ -19,6 +19,7 @@ from hub_server import hub_server  # noqa: F401  (fixture)
 from omegaconf import OmegaConf
 from safetensors.torch import save
 from test_data_helpers import write_noise_split
+from test_engine_train import _cfg  # the debug experiment on 32 synthetic images
 
 import res2net
 from res2net.config import OptimConfig
@@ -26,6 +27,7 @@ from res2net.data.split import split_samples
 from res2net.engine.finetune import depth_of, freeze, lr_scales
 from res2net.engine.optim import build_optimizer
 from res2net.engine.schedule import set_lr
+from res2net.engine.train_job import train
 from res2net.errors import CheckpointError
 from res2net.models.hub import HUB_REPOS
 from res2net.models.loading import CLASSIFIER_KEYS, initialise
@@ -286,3 +288,16 @@ def test_val_split_recorded_and_reused_by_evaluate(tmp_path):
     with open(out / "predictions.csv", newline="") as f:
         evaluated = sorted(os.path.relpath(r["path"], root / "train") for r in csv.DictReader(f))
     assert evaluated == split["val"]  # the run's own held-out images, found again without data.val_split
+
+
+def test_logged_lr_is_the_schedules_whatever_the_groups_multipliers(tmp_path):
+    # The epoch record and the step records give the same lr: the schedule's, not the first group's (which under
+    # layer_decay is the stem's, 1/32 of it here).
+    cfg = _cfg("optim.layer_decay=0.5", "optim.head_lr_mult=3", "trainer.log_interval=1", "schedule.epochs=2")
+    train(cfg, tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r["lr"] for r in records if r["kind"] == "train"}
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert len(epochs) == 2 and len(set(steps.values())) > 2  # cosine: the lr moves
+    for record in epochs:
+        assert record["lr"] == steps[record["global_step"]], (record, steps)  # the epoch's last step
