@@ -29,6 +29,7 @@ from torch import nn
 from res2net.config import TrainConfig, as_train_config, check_train_config, to_dict
 from res2net.data import build_loader
 from res2net.data.split import describe_data
+from res2net.files import atomic_write
 from res2net.models import model_from_config, resolve_model_config
 from res2net.models.registry import INIT_KEYS
 
@@ -273,7 +274,9 @@ def _train(cfg: TrainConfig, run_dir: Path, dist: DistInfo, stop: StopRequest) -
             )
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config), encoding="utf-8")
+            # Atomic: a rank starting late reads config.yaml (resume=auto) while rank 0 may be rewriting it here.
+            with atomic_write(run_dir / "config.yaml") as f:
+                f.write(OmegaConf.to_yaml(config).encode("utf-8"))
         writer = MetricsWriter(run_dir, dist.is_main, ckpt["global_step"] if ckpt is not None else None)
         run = _build_run(cfg, config, run_dir, dist, amp, channels_last, train_loader, val_loader, writer, init_file)
         if ckpt is not None:

@@ -57,6 +57,19 @@ def test_debug_experiment_trains_and_writes_the_run_dir(tmp_path):
     assert all("val_top1_ema" not in r for r in epochs)
 
 
+def test_config_yaml_is_replaced_whole_so_a_rank_reading_it_never_sees_half_a_file(tmp_path):
+    # Under torchrun a late rank reads config.yaml (resume=auto) while rank 0 rewrites it: a reader that opened the
+    # file before the rewrite must still read the whole previous file, as after a rename, not a truncated one.
+    train(_cfg("trainer.max_steps=1"), tmp_path)
+    path = tmp_path / "config.yaml"
+    before = path.read_text()
+    with open(path) as reader:
+        train(_cfg("resume=auto", "trainer.max_steps=2"), tmp_path)
+        assert reader.read() == before
+    assert "max_steps: 2" in path.read_text() and "max_steps: 1" in before
+    assert not list(tmp_path.glob(".config.yaml*"))  # no temporary left
+
+
 def test_knobs_bf16_channels_last_ema_label_smoothing_no_decay(tmp_path):
     cfg = _cfg(
         "trainer.amp=bf16",
