@@ -404,6 +404,7 @@ def quantize_int8(
     files: Sequence[str],
     data: DataConfig,
     method: str = CALIBRATION_METHOD,
+    reduce_range: bool = False,
 ) -> Path:
     """Write ``out``: the float32 export ``float_onnx`` quantised to int8 (``quantize_static_int8``), its activation
     ranges calibrated with ``method`` on ``files`` put through ``data``'s evaluation preprocessing; returns ``out``.
@@ -420,7 +421,8 @@ def quantize_int8(
             )
         ),
     }
-    return quantize_static_int8(float_onnx, out, _preprocessed_batches(files, data), method, calibration)
+    batches = _preprocessed_batches(files, data)
+    return quantize_static_int8(float_onnx, out, batches, method, calibration, reduce_range=reduce_range)
 
 
 def quantize_static_int8(
@@ -429,11 +431,13 @@ def quantize_static_int8(
     batches: Sequence[np.ndarray],
     method: str = CALIBRATION_METHOD,
     metadata: Mapping[str, str] | None = None,
+    reduce_range: bool = False,
 ) -> Path:
     """Write ``out``: ONNX Runtime's static int8 quantisation of the float32 export ``float_onnx`` (quant_pre_process,
     then QDQ with per-channel int8 weights and uint8 activations), activation ranges calibrated with ``method`` on
-    ``batches`` (float32 NCHW model inputs); returns ``out``. Its ONNX metadata: precision, quantisation, method and
-    ``metadata``."""
+    ``batches`` (float32 NCHW model inputs); returns ``out``. ``reduce_range``: 7-bit weights (-64..63), ONNX
+    Runtime's advice for x86 CPUs without VNNI, whose u8 x s8 dot product (VPMADDUBSW) saturates its 16-bit
+    pair sums with full 8-bit weights. Its ONNX metadata: precision, quantisation, method and ``metadata``."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
 
@@ -450,6 +454,7 @@ def quantize_static_int8(
             _CalibrationReader(batches),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
+            reduce_range=reduce_range,
             activation_type=QuantType.QUInt8,  # ONNX Runtime's x86 guidance: u8 activations, s8 weights
             weight_type=QuantType.QInt8,
             calibrate_method={
@@ -462,7 +467,9 @@ def quantize_static_int8(
         proto = onnx.load(quantized)
     metadata = {
         "precision": "int8",
-        "quantization": "onnxruntime static, QDQ, per-channel int8 weights, uint8 activations",
+        "quantization": "onnxruntime static, QDQ, per-channel "
+        + ("7-bit (reduce_range) int8" if reduce_range else "int8")
+        + " weights, uint8 activations",
         "calibration_method": method,
         **(metadata or {}),
     }

@@ -14,9 +14,10 @@ onnx: BatchNorm folded, dynamic batch axis, opset 18, onnx.checker, then ONNX Ru
 torchscript: BatchNorm folded, traced, reloaded and compared. safetensors: the weights only. hf: a folder timm and
 res2net.load_pretrained read (config.json, model.safetensors, README.md model card), reloaded and compared.
 --quantize int8 (onnx): ONNX Runtime's static quantisation of the checked float32 export (QDQ, per-channel int8
-weights, uint8 activations), calibrated on --calibration-images images of the --calibration folder put through the
-checkpoint's evaluation preprocessing; with --check-root, float32 and int8 top-1 / top-5 on <root>/val and their
-top-1 agreement are printed, and a top-1 drop over --max-drop points is exit status 1 (the file stays written).
+weights, 7-bit with --reduce-range for CPUs without VNNI; uint8 activations), calibrated on --calibration-images
+images of the --calibration folder put through the checkpoint's evaluation preprocessing; with --check-root,
+float32 and int8 top-1 / top-5 on <root>/val and their top-1 agreement are printed, and a top-1 drop over
+--max-drop points is exit status 1 (the file stays written).
 Graphs are traced at the checkpoint's evaluation size (a train.py checkpoint's data config; 224 px for released
 weights) unless --img-size says otherwise.
 Checkpoints are read tensors-only (weights_only=True); a train.py checkpoint brings its own architecture.
@@ -99,6 +100,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ONNX Runtime's activation range estimate (default: %(default)s)",
     )
     int8.add_argument(
+        "--reduce-range",
+        action="store_true",
+        help="7-bit weights: for CPUs without VNNI / AMX (AVX2-only, older AVX512), where full 8-bit weights can "
+        "saturate ONNX Runtime's int8 kernels; costs a little accuracy on CPUs that have them",
+    )
+    int8.add_argument(
         "--check-root", type=Path, default=None, help="data root holding val/<class>/ images to score both files on"
     )
     int8.add_argument(
@@ -113,8 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--quantize int8 writes ONNX: use --format onnx (got --format {args.format})")
     if args.quantize and args.calibration is None:
         p.error("--quantize int8 needs --calibration <folder of training images>")
-    if not args.quantize and (args.calibration is not None or args.check_root is not None):
-        p.error("--calibration and --check-root belong to --quantize int8")
+    if not args.quantize and (args.calibration is not None or args.check_root is not None or args.reduce_range):
+        p.error("--calibration, --check-root and --reduce-range belong to --quantize int8")
     if args.calibration_images < 1:
         p.error(f"--calibration-images must be >= 1, got {args.calibration_images}")
     if args.model is None and args.checkpoint == "released":
@@ -302,7 +309,7 @@ def export_int8(model: torch.nn.Module, facts: dict, args: argparse.Namespace) -
         reference = export.OnnxRuntimeModel(float_file)
         error = _check(reference, model, float_file, args.img_size)
         start = time.perf_counter()
-        export.quantize_int8(float_file, out, files, data, args.calibration_method)
+        export.quantize_int8(float_file, out, files, data, args.calibration_method, args.reduce_range)
         seconds = time.perf_counter() - start
     quantized = export.OnnxRuntimeModel(out)
     for batch_size in (1, 3):  # the batch axis stays dynamic
@@ -310,7 +317,8 @@ def export_int8(model: torch.nn.Module, facts: dict, args: argparse.Namespace) -
         if tuple(logits.shape) != (batch_size, model.num_classes):
             raise RuntimeError(f"{out}: int8 model gives shape {tuple(logits.shape)} for a batch of {batch_size}")
     lines = [
-        f"wrote {out}: int8 (ONNX Runtime static quantisation, QDQ, per-channel weights), {args.calibration_method} "
+        f"wrote {out}: int8 (ONNX Runtime static quantisation, QDQ, per-channel "
+        f"{'7-bit weights' if args.reduce_range else 'weights'}), {args.calibration_method} "
         f"calibration on {len(files)} images of {args.calibration} at {args.img_size} px (crop {data.crop_pct}, "
         f"{data.interpolation}) in {seconds:.1f} s; its float32 export vs PyTorch: max relative error {error:.1e}"
     ]

@@ -10,7 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 import pytest
 import torch
 
@@ -247,6 +249,34 @@ def test_bad_calibration_folders_are_one_error_line(untrained, noise_root, tmp_p
     torchscript = ("--model", NAME, "--checkpoint", str(untrained), "--format", "torchscript", "--quantize", "int8")
     code, _, stderr = _export(*torchscript, "--calibration", str(tmp_path), "--out", str(out))
     assert code == 2 and "use --format onnx" in stderr
+
+
+def test_reduce_range_stores_7_bit_weights_and_says_so(untrained, noise_root, tmp_path):
+    base = ("--model", NAME, "--checkpoint", str(untrained), "--format", "onnx", "--quantize", "int8")
+    base += ("--calibration", str(noise_root / "train"), "--calibration-images", "8")
+    largest = {}
+    for reduced in (False, True):
+        out = tmp_path / f"reduced_{reduced}.int8.onnx"
+        code, stdout, stderr = _export(*base, "--out", str(out), *(["--reduce-range"] if reduced else []))
+        assert code == 0, stdout + stderr
+        assert ("7-bit weights" in stdout) is reduced
+        assert ("7-bit (reduce_range)" in onnx_metadata(out)["quantization"]) is reduced
+        weights = [t for t in onnx.load(out).graph.initializer if t.data_type == onnx.TensorProto.INT8]
+        largest[reduced] = max(int(np.abs(onnx.numpy_helper.to_array(t).astype(np.int32)).max()) for t in weights)
+        assert OnnxRuntimeModel(out, threads=1)(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert largest == {False: 127, True: 64}, largest  # per-channel symmetric: each channel's largest weight
+    code, _, stderr = _export(
+        "--model",
+        NAME,
+        "--checkpoint",
+        str(untrained),
+        "--out",
+        str(tmp_path / "f.onnx"),
+        "--format",
+        "onnx",
+        "--reduce-range",
+    )
+    assert code == 2 and "--reduce-range belong to --quantize int8" in stderr
 
 
 @pytest.mark.slow
