@@ -28,6 +28,7 @@ from torch import nn
 from res2net.data.classes import class_names_of
 from res2net.data.index import IMG_EXTENSIONS
 from res2net.data.preprocess import Preprocessing, preprocessing_of, published_preprocessing
+from res2net.data.split import SPLIT_FILE, split_val_files
 
 __all__ = ["Prediction", "Predictor", "expand_inputs", "predict"]
 
@@ -44,11 +45,14 @@ class Prediction:
 
 
 def expand_inputs(items: Iterable[str]) -> list[str]:
-    """Files, folders (their images, recursively, sorted) and globs as a list of image files, in the order given.
-    FileNotFoundError naming an input that matches nothing."""
+    """Files, folders (their images, recursively, sorted), globs and a run's ``split.json`` (the val images train.py
+    held out with data.val_split) as a list of image files, in the order given. FileNotFoundError naming an input
+    that matches nothing."""
     files: list[str] = []
     for item in items:
-        if os.path.isdir(item):
+        if os.path.basename(item) == SPLIT_FILE and os.path.isfile(item):
+            found = split_val_files(item)
+        elif os.path.isdir(item):
             found = sorted(
                 os.path.join(d, f)
                 for d, _, names in os.walk(item)

@@ -5,6 +5,7 @@
     python scripts/predict.py res2net50_26w_4s cat.jpg --topk 3            # released ImageNet weights, class names
     python scripts/predict.py model.onnx photos/ --csv predictions.csv    # an export from scripts/export.py
     python scripts/predict.py best.pth photos/ --device cuda --batch-size 64 --json predictions.json
+    python scripts/predict.py outputs/<run>/checkpoints/best.pth outputs/<run>/split.json  # its held-out images
 
 The source (a train.py checkpoint, a variant name, a released .pth / .safetensors with --model, an exported HF
 folder, an .onnx file) brings its model, class names and evaluation preprocessing (image size, crop, interpolation,
@@ -35,7 +36,7 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="train.py checkpoint | variant name | released .pth/.safetensors | HF folder | .onnx")
-    p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or globs")
+    p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively), globs or a run's split.json")
     p.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (.onnx: cpu)")

@@ -18,7 +18,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SPLIT_FILE", "class_counts", "describe_data", "split_samples", "summary_lines", "write_split"]
+__all__ = [
+    "SPLIT_FILE",
+    "class_counts",
+    "describe_data",
+    "split_samples",
+    "split_val_files",
+    "summary_lines",
+    "write_split",
+]
 
 SPLIT_FILE = "split.json"
 
@@ -75,6 +83,30 @@ def write_split(run_dir: str | os.PathLike, fraction: float, train_dir: str, cla
     }
     path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return path
+
+
+def split_val_files(path: str | os.PathLike) -> list[str]:
+    """The val images a ``split.json`` records, as paths under its train_dir (sorted as recorded). ValueError for a
+    file that is not such a record or names a path outside train_dir; FileNotFoundError when images are missing
+    (the folder moved or changed since the run)."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+        train_dir, val = record["train_dir"], record["val"]
+        if not isinstance(train_dir, str) or not isinstance(val, list) or not all(isinstance(v, str) for v in val):
+            raise TypeError
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a split record written by train.py (train_dir, val): {err!r}") from None
+    escaping = [v for v in val if os.path.isabs(v) or ".." in Path(v).parts]
+    if escaping:
+        raise ValueError(f"{path} names a file outside its train_dir: {escaping[0]!r}")
+    files = [os.path.join(train_dir, *v.split("/")) for v in val]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise FileNotFoundError(
+            f"{path}: {len(missing)} of its {len(files)} val images are not under {train_dir} (first: {missing[0]}); "
+            "the folder moved or changed since the run"
+        )
+    return files
 
 
 def describe_data(data_cfg: Any, run_dir: str | os.PathLike) -> None:

@@ -23,7 +23,7 @@ from test_engine_train import _cfg  # the debug experiment on 32 synthetic image
 
 import res2net
 from res2net.config import OptimConfig
-from res2net.data.split import split_samples
+from res2net.data.split import split_samples, write_split
 from res2net.engine.finetune import depth_of, freeze, lr_scales
 from res2net.engine.optim import build_optimizer
 from res2net.engine.schedule import set_lr
@@ -31,6 +31,7 @@ from res2net.engine.train_job import train
 from res2net.errors import CheckpointError
 from res2net.models.hub import HUB_REPOS
 from res2net.models.loading import CLASSIFIER_KEYS, initialise
+from res2net.predictor import expand_inputs
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = dict(base_width=4, layers=[1, 1, 1, 1], scale=2)
@@ -288,6 +289,40 @@ def test_val_split_recorded_and_reused_by_evaluate(tmp_path):
     with open(out / "predictions.csv", newline="") as f:
         evaluated = sorted(os.path.relpath(r["path"], root / "train") for r in csv.DictReader(f))
     assert evaluated == split["val"]  # the run's own held-out images, found again without data.val_split
+    # predict.py takes the run's split.json as its input: the same images, the same top-1 as evaluate.py's.
+    predicted = tmp_path / "predicted.json"
+    cmd = [sys.executable, str(REPO / "scripts" / "predict.py"), str(run / "checkpoints" / "last.pth")]
+    proc = subprocess.run(
+        [*cmd, str(run / "split.json"), "--json", str(predicted), "--quiet"],
+        env=_env(),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    by_path = {os.path.relpath(p["path"], root / "train"): p["names"][0] for p in json.loads(predicted.read_text())}
+    with open(out / "predictions.csv", newline="") as f:
+        top1 = {os.path.relpath(r["path"], root / "train"): split["classes"][int(r["top1"])] for r in csv.DictReader(f)}
+    assert by_path == top1
+
+
+def test_a_split_record_names_its_images_or_says_what_is_wrong(tmp_path):
+    root = tmp_path / "data"
+    write_noise_split(root, "train", 6, seed=1, wnids=("ant", "bee"))
+    samples = [(str(p), 0) for p in sorted((root / "train").rglob("*.JPEG"))]
+    record = write_split(tmp_path, 0.5, str(root / "train"), ["ant", "bee"], samples[:2])
+    assert expand_inputs([str(record)]) == [p for p, _ in samples[:2]]
+    bad = tmp_path / "other" / "split.json"
+    bad.parent.mkdir()
+    for text, says in [
+        ("{", "is not a split record"),
+        ('{"train_dir": "x"}', "is not a split record"),
+        (json.dumps({"train_dir": str(root / "train"), "val": ["../../etc/passwd"]}), "outside its train_dir"),
+        (json.dumps({"train_dir": str(tmp_path / "moved"), "val": ["ant/a.JPEG"]}), "1 of its 1 val images"),
+    ]:
+        bad.write_text(text)
+        with pytest.raises((ValueError, FileNotFoundError), match=says):
+            expand_inputs([str(bad)])
 
 
 def test_logged_lr_is_the_schedules_whatever_the_groups_multipliers(tmp_path):
