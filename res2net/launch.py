@@ -1,4 +1,5 @@
-"""What train.py and evaluate.py do around Hydra's composition: refuse a misspelt group option in one line, join
+"""What train.py and evaluate.py do around Hydra's composition: refuse a misspelt group option and an output folder
+that cannot be made (``hydra.run.dir`` / ``hydra.sweep.dir`` under a file or a read-only folder) in one line, join
 torchrun's process group (only under torchrun, so a single process never loads torch before it needs it), and end a
 second Ctrl-C with one line and ``INTERRUPTED_EXIT_CODE`` instead of a traceback."""
 
@@ -14,7 +15,9 @@ from res2net.config import RUN_TIME_ENV, check_group_choices
 from res2net.engine.stop import INTERRUPTED_EXIT_CODE
 from res2net.errors import USAGE_EXIT_CODE, ConfigError, report, run_hydra_main
 
-__all__ = ["run_entry_point"]
+__all__ = ["check_output_dirs", "run_entry_point"]
+
+_OUTPUT_KEYS = ("hydra.run.dir", "hydra.sweep.dir")
 
 
 def _group_overrides(argv: list[str]) -> list[str]:
@@ -22,9 +25,27 @@ def _group_overrides(argv: list[str]) -> list[str]:
     return [a for a in argv if "=" in a and not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
 
 
+def check_output_dirs(argv: list[str]) -> None:
+    """ConfigError naming an output folder given on the command line that cannot be made: Hydra creates it (and
+    writes ``.hydra/`` in it) before the task runs, and fails there with a traceback. The nearest existing folder on
+    its path must be a writable folder. Interpolated values (``${now:...}``) are Hydra's to resolve."""
+    for arg in argv:
+        key, sep, value = arg.lstrip("+").partition("=")
+        if key not in _OUTPUT_KEYS or not sep or not value or "${" in value:
+            continue
+        existing = Path(value).expanduser().absolute()
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ConfigError(f"{key}={value}: {existing} is a file, not a folder; choose another {key}")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"{key}={value}: {existing} is not writable by this user; choose another {key}")
+
+
 def run_entry_point(main: Callable[[], Any], config_dir: str | os.PathLike) -> None:
     """Run a ``@hydra.main`` function ``main`` whose configs live in ``config_dir``."""
     try:
+        check_output_dirs(sys.argv[1:])
         check_group_choices(_group_overrides(sys.argv[1:]), Path(config_dir))
     except ConfigError as err:
         report(err)

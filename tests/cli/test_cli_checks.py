@@ -27,6 +27,7 @@ from res2net.data.config import resolve_num_workers
 from res2net.engine.checkpoint import weights_mismatch
 from res2net.engine.metrics import RunEta, dataset_name
 from res2net.errors import CheckpointError, ConfigError, exit_code
+from res2net.launch import check_output_dirs
 from res2net.models.pretrained import extract_state_dict
 
 REPO = Path(__file__).resolve().parents[2]
@@ -122,6 +123,34 @@ def test_num_workers_defaults_to_this_processes_share_of_the_cpus_and_is_lowered
         assert resolve_num_workers(cpus + 60) == cpus
     assert f"data.num_workers={cpus + 60} is more than the {cpus} CPUs" in caplog.text
     assert _compose("train", "data=folder").data.num_workers is None  # the shipped default is the machine's
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    for arg in (f"hydra.run.dir={a_file}/run", f"hydra.run.dir={a_file}", f"hydra.sweep.dir={a_file}/a/b"):
+        with pytest.raises(ConfigError, match=f"{a_file} is a file, not a folder; choose another hydra"):
+            check_output_dirs([arg])
+    check_output_dirs([f"hydra.run.dir={tmp_path}/new/deeper", "hydra.run.dir=outputs/${now:%H}", "model=x"])
+    if os.geteuid() != 0:  # root may write anywhere: the read-only case is checked where it can fail
+        (tmp_path / "ro").mkdir(mode=0o555)
+        with pytest.raises(ConfigError, match="is not writable by this user"):
+            check_output_dirs([f"hydra.run.dir={tmp_path}/ro/run"])
+    for script in ("train.py", "evaluate.py"):  # before Hydra, which would fail making it with a traceback
+        proc = subprocess.run(
+            [
+                sys.executable,
+                script,
+                "experiment=debug" if script == "train.py" else "checkpoint=x.pth",
+                f"hydra.run.dir={a_file}/run",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+            f"error: hydra.run.dir={a_file}/run: {a_file} is a file, not a folder; choose another hydra.run.dir"
+        ], proc.stderr
 
 
 def test_a_misspelt_group_option_is_one_line_with_the_closest_names():
