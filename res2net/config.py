@@ -196,6 +196,9 @@ class TrainerConfig:
     sync_bn: bool = False  # SyncBatchNorm across ranks; CUDA only (an error on CPU)
     # Exponential moving average of the weights, evaluated alongside them every epoch; 0 = off (e.g. 0.9998).
     ema_decay: float = 0.0
+    # true: during the lr warm-up (schedule.warmup_epochs) the EMA is reset to the weights after every step instead
+    # of averaging them (torchvision's reference recipe), so it starts averaging from the warmed-up weights.
+    ema_warmup_reset: bool = False
     grad_clip: float = 0.0  # max global L2 norm of the gradients; 0 = off
     # Gradient accumulation: one optimizer step per accum_steps loader batches (DDP all-reduces on the last one
     # only); the global batch, which scales the lr, is data.batch_size x processes x accum_steps. Steps, max_steps,
@@ -473,6 +476,8 @@ def check_train_config(cfg: Any) -> None:
         raise ConfigError(f"model.drop_rate={cfg.model.drop_rate} must be in [0, 1)")
     if t.ema_decay != 0.0 and not 0.0 < t.ema_decay < 1.0:
         raise ConfigError(f"trainer.ema_decay={t.ema_decay} must be in (0, 1), e.g. 0.9998, or 0 to turn the EMA off")
+    if t.ema_warmup_reset and t.ema_decay == 0.0:
+        raise ConfigError("trainer.ema_warmup_reset=true resets an EMA that is off: set trainer.ema_decay > 0")
 
 
 def check_checkpoint_position(ckpt: Any, path: Any) -> None:

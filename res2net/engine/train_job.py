@@ -304,6 +304,11 @@ def _train(cfg: TrainConfig, run_dir: Path, dist: DistInfo, stop: StopRequest) -
                 loader.close()
 
 
+def _ema_copy_steps(cfg: TrainConfig, steps_per_epoch: int) -> float:
+    """The steps during which the EMA is reset to the weights: the lr warm-up's with trainer.ema_warmup_reset."""
+    return cfg.schedule.warmup_epochs * steps_per_epoch if cfg.trainer.ema_warmup_reset else 0.0
+
+
 def _build_run(
     cfg: TrainConfig,
     config: dict,
@@ -356,7 +361,7 @@ def _build_run(
         channels_last=channels_last,
         accum_steps=t.accum_steps,
         grad_clip=t.grad_clip,
-        ema=ModelEma(net, t.ema_decay) if t.ema_decay > 0 else None,
+        ema=ModelEma(net, t.ema_decay, copy_steps=_ema_copy_steps(cfg, steps_per_epoch)) if t.ema_decay > 0 else None,
         mixup=mixup,
         sync_debug=_sync_debug_mode(dist.device),
         data_root=cfg.data.root,

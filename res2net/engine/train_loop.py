@@ -320,7 +320,7 @@ def train_one_epoch(run: Run, stop: StopRequest) -> Outcome:
             continue
         optimizer_step(run.model, run.optimizer, run.scaler, grad_clip=run.grad_clip)
         if run.ema is not None:
-            run.ema.update(run.net)
+            run.ema.update(run.net, state.global_step)
         state.step_in_epoch += 1
         state.global_step += 1
         agreement.post(loss / micro_steps, stop.requested, scale_before)

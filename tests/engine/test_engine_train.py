@@ -99,6 +99,33 @@ def test_knobs_bf16_channels_last_ema_label_smoothing_no_decay(tmp_path):
     assert lrs[0] < lrs[1] < lrs[2]
 
 
+def test_ema_warmup_reset_copies_the_weights_through_the_warmup_then_averages(tmp_path):
+    # torchvision's recipe: the EMA is the weights while the lr warms up (4 steps per epoch here, 1 warm-up epoch).
+    knobs = ("trainer.ema_decay=0.5", "schedule.warmup_epochs=1", "trainer.max_steps=4")
+    train(_cfg(*knobs, "trainer.ema_warmup_reset=true"), tmp_path / "reset")
+    train(_cfg(*knobs), tmp_path / "plain")
+    reset = torch.load(tmp_path / "reset" / "checkpoints" / "last.pth", weights_only=True)
+    plain = torch.load(tmp_path / "plain" / "checkpoints" / "last.pth", weights_only=True)
+    assert all(torch.equal(reset["ema"][k], reset["model"][k]) for k in reset["model"])
+    assert all(torch.equal(reset["model"][k], plain["model"][k]) for k in plain["model"])  # the training is the same
+    assert not torch.equal(plain["ema"]["fc.weight"], plain["model"]["fc.weight"])
+    # Past the warm-up it averages again; the resume (exact) recomputes the reset from the step.
+    train(
+        _cfg(
+            "trainer.ema_decay=0.5",
+            "schedule.warmup_epochs=1",
+            "trainer.ema_warmup_reset=true",
+            "trainer.max_steps=6",
+            "resume=auto",
+        ),
+        tmp_path / "reset",
+    )
+    after = torch.load(tmp_path / "reset" / "checkpoints" / "last.pth", weights_only=True)
+    assert after["global_step"] == 6 and not torch.equal(after["ema"]["fc.weight"], after["model"]["fc.weight"])
+    with pytest.raises(ValueError, match="trainer.ema_warmup_reset=true resets an EMA that is off"):
+        train(_cfg("trainer.ema_warmup_reset=true"), tmp_path / "off")
+
+
 def test_grad_clip_bounds_the_update(tmp_path):
     cfg = _cfg("trainer.grad_clip=1e-9", "optim.weight_decay=0", "trainer.max_steps=3")
     train(cfg, tmp_path / "clipped")
