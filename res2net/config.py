@@ -78,6 +78,7 @@ class Amp(Choice):
 class ScheduleName(Choice):
     step = "step"  # lr * gamma at each milestone epoch (the paper: / 10 at 30, 60, 90)
     cosine = "cosine"  # half-cosine from lr to min_lr over all epochs, per step
+    linear = "linear"  # from lr at the warm-up's end straight down to min_lr at the last epoch, per step (FFCV)
 
 
 class Runtime(Choice):
@@ -181,7 +182,7 @@ class ScheduleConfig:
     epochs: int = 100
     milestones: list[int] = field(default_factory=lambda: [30, 60, 90])  # step only
     gamma: float = 0.1  # step only
-    min_lr: float = 0.0  # cosine only: final lr, absolute (not scaled with the batch)
+    min_lr: float = 0.0  # cosine and linear: final lr, absolute (not scaled with the batch)
     # Linear warm-up from warmup_lr to the scheduled lr over this many epochs (fractions allowed), per step; 0 = none.
     warmup_epochs: float = 0.0
     warmup_lr: float = 0.0  # lr the warm-up starts from, absolute (not scaled with the batch); timm's warmup_lr

@@ -1,5 +1,5 @@
-"""The learning rate as a pure function of the global step: step or cosine decay, with an optional linear warm-up
-from ``warmup_lr`` (absolute, like cosine's ``min_lr``).
+"""The learning rate as a pure function of the global step: step, cosine or linear decay, with an optional linear
+warm-up from ``warmup_lr`` (absolute, like ``min_lr``).
 
 The factor is evaluated at the fractional epoch where a step starts, so the step schedule changes the lr exactly at
 the first step of a milestone epoch and the cosine schedule is smooth across steps. Nothing is stored: a resumed run
@@ -25,12 +25,16 @@ def _name(cfg: Any) -> ScheduleName:
 def lr_factor(step: int, steps_per_epoch: int, cfg: Any, base_lr: float = 1.0) -> float:
     """Multiplier of ``base_lr`` for global step ``step`` (0-based) with ``steps_per_epoch`` steps per epoch."""
     epoch = step / steps_per_epoch
-    if _name(cfg) == "step":
+    name = _name(cfg)
+    floor = cfg.min_lr / base_lr if base_lr > 0 else 0.0  # where cosine and linear end
+    if name == "step":
         factor = cfg.gamma ** sum(1 for milestone in cfg.milestones if epoch >= milestone)
-    else:
-        floor = cfg.min_lr / base_lr if base_lr > 0 else 0.0
-        progress = min(epoch / cfg.epochs, 1.0)
-        factor = floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif name == "cosine":  # over all epochs, the warm-up ramping into it
+        factor = floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(epoch / cfg.epochs, 1.0)))
+    else:  # linear: the peak at the warm-up's end, min_lr at the last epoch (FFCV's triangular schedule)
+        span = cfg.epochs - cfg.warmup_epochs
+        progress = min(max(epoch - cfg.warmup_epochs, 0.0) / span, 1.0) if span > 0 else 1.0
+        factor = floor + (1.0 - floor) * (1.0 - progress)
     warmup_steps = cfg.warmup_epochs * steps_per_epoch
     if warmup_steps > 0 and step < warmup_steps:
         start = cfg.warmup_lr / base_lr if base_lr > 0 else 0.0

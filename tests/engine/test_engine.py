@@ -1,5 +1,6 @@
 """Optimizer, lr schedules, EMA, run-time checks of the training engine."""
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -55,6 +56,22 @@ def test_cosine_with_warmup():
     mid = 5 * STEPS_PER_EPOCH
     assert lrs[mid] == pytest.approx(0.001 + 0.099 * 0.5)
     assert lrs[-1] == pytest.approx(0.001, abs=2e-4)
+
+
+def test_linear_is_ffcvs_triangular_schedule():
+    # FFCV's get_cyclic_lr: np.interp(epoch, [0, lr_peak_epoch, epochs], [1e-4 x lr, lr, 0]) at each iteration's
+    # fractional epoch (train_imagenet.py). Past the warm-up: equal; in it: the same ramp, one step ahead.
+    lr, epochs, peak = 0.1, 6, 2
+    lrs = _lrs(ScheduleConfig(name="linear", epochs=epochs, warmup_epochs=peak, warmup_lr=1e-4 * lr))
+    steps = np.arange(epochs * STEPS_PER_EPOCH)
+    ffcv = np.interp(steps / STEPS_PER_EPOCH, [0, peak, epochs], [1e-4 * lr, lr, 0])
+    warmup = peak * STEPS_PER_EPOCH
+    np.testing.assert_allclose(lrs[warmup:], ffcv[warmup:], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(lrs[: warmup - 1], ffcv[1:warmup], rtol=1e-12)
+    assert lrs[warmup - 1] == pytest.approx(lr) and lrs[-1] == pytest.approx(lr / (4 * STEPS_PER_EPOCH))
+    floor = _lrs(ScheduleConfig(name="linear", epochs=4, min_lr=0.01))  # no warm-up: from lr down to min_lr
+    assert floor[0] == pytest.approx(0.1) and floor[2 * STEPS_PER_EPOCH] == pytest.approx(0.055)
+    assert all(a > b for a, b in zip(floor, floor[1:])) and floor[-1] > 0.01
 
 
 def test_warmup_then_step():
