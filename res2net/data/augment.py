@@ -23,7 +23,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import InterpolationMode
 
-from .transforms import NUM_DRAWS, sample_uniforms, train_img_size
+from .transforms import NUM_DRAWS, host_to_device, sample_uniforms, train_img_size
 
 __all__ = [
     "OPS",
@@ -513,7 +513,7 @@ def erase_batch(images: torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
     top, left, h, w, seeds = boxes[rows].T
     offsets = _noise_offsets(seeds, channels * h * w)
     host = np.stack([rows, top, left, h, w, offsets])  # [6, m]
-    row, top_t, left_t, h_t, w_t, offset = _to_device(torch.tensor(host), images.device).view(6, -1, 1, 1, 1)
+    row, top_t, left_t, h_t, w_t, offset = host_to_device(torch.tensor(host), images.device).view(6, -1, 1, 1, 1)
     device = images.device
     y = torch.arange(height, device=device).view(1, 1, height, 1) - top_t  # within the box
     x = torch.arange(width, device=device).view(1, 1, 1, width) - left_t
@@ -524,13 +524,6 @@ def erase_batch(images: torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
     row = row.view(-1)
     images.index_copy_(0, row, torch.where(inside, noise, images.index_select(0, row)))
     return images
-
-
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device`` in one copy that does not block the host (pinned first for a GPU)."""
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
 
 
 # Batched ops (TrainAugment.apply_batch): uint8 NCHW images of the samples that drew the op and their per-sample
@@ -709,7 +702,7 @@ class TrainAugment:
             return images
         fill_at = packer.constant(self.fill)
         kernel_at = packer.constant(np.array([1, 1, 1, 1, 5, 1, 1, 1, 1]) / 13.0)  # torchvision's sharpness blur
-        packed = _to_device(torch.tensor(np.concatenate(packer.parts)), images.device)
+        packed = host_to_device(torch.tensor(np.concatenate(packer.parts)), images.device)
         fill = packed[fill_at : fill_at + channels]
         kernel = packed[kernel_at : kernel_at + 9].view(1, 1, 3, 3).expand(channels, 1, 3, 3).contiguous()
         batch = images.permute(0, 3, 1, 2).contiguous()  # NCHW: each pass gathers and scatters whole planes

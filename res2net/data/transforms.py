@@ -21,6 +21,7 @@ __all__ = [
     "random_resized_crop_box",
     "Normalizer",
     "NUM_DRAWS",
+    "host_to_device",
     "sample_uniforms",
 ]
 
@@ -140,6 +141,14 @@ def random_resized_crop_box(draws: np.ndarray, height: int, width: int) -> tuple
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
+
+
+def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor (a batch's parameters drawn on the CPU) on ``device`` in one copy that does not block the host:
+    pinned first for a GPU, since a copy from pageable memory waits for the GPU's stream."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 class Normalizer:

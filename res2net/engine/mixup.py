@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from res2net.config import MixupMode
+from res2net.data.transforms import host_to_device
 
 from .losses import smooth_one_hot
 
@@ -121,7 +122,7 @@ class Mixup:
         weight = np.where(cut, 1.0, lam)  # mixup's weight of the image itself; 1 under a cutmix box's paste
         # Per-sample lambda, weight and box: one host-to-device copy per batch.
         packed = np.column_stack([lam, weight, self._per_sample_boxes(draw.boxes, batch)]).astype(np.float32)
-        params = torch.from_numpy(packed).to(device=images.device, non_blocking=True)
+        params = host_to_device(torch.from_numpy(packed), images.device)
         targets = smooth_one_hot(labels, self.num_classes, self.smoothing)
         lam_t = params[:, :1].to(targets.dtype)
         mixed = self._mix(images, draw, params) if not np.all(lam == 1.0) else images  # prob < 1: none drawn
