@@ -480,10 +480,22 @@ def quantize_static_int8(
 
 
 def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata_props of an ONNX file (``quantize_int8`` records precision and calibration there)."""
+    """The metadata_props of an ONNX file: what scripts/export.py records there (the preprocessing and class names
+    under res2net.engine.recipe.ONNX_METADATA_KEY; ``quantize_int8``'s precision and calibration). A missing file or
+    one that is not an ONNX protobuf is one error naming it, as ``OnnxRuntimeModel`` gives."""
     import onnx
+    from google.protobuf.message import DecodeError
 
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX file {path} not found; write one with scripts/export.py --format onnx")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except DecodeError as err:
+        raise CheckpointError(
+            f"{path} is not an ONNX model ({err}); write one with scripts/export.py --format onnx"
+        ) from err
+    return {p.key: p.value for p in model.metadata_props}
 
 
 def compare_predictions(

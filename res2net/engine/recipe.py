@@ -24,13 +24,10 @@ ONNX_METADATA_KEY = "res2net"
 
 def onnx_record(path: str | Path) -> dict:
     """The record scripts/export.py stored in an ONNX file's metadata ({} for a file without one)."""
-    import onnx
+    from res2net.export import onnx_metadata
 
-    model = onnx.load(str(path), load_external_data=False)
-    for prop in model.metadata_props:
-        if prop.key == ONNX_METADATA_KEY:
-            return json.loads(prop.value)
-    return {}
+    value = onnx_metadata(path).get(ONNX_METADATA_KEY)
+    return json.loads(value) if value else {}
 
 
 def source_record(spec: str, model_name: str | None, trusted: bool = False) -> Mapping:

@@ -168,6 +168,38 @@ def test_bad_checkpoint_path_is_a_clear_error(tmp_path, folder):
     assert proc.returncode != 0 and "chekpoint" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    "content",
+    [b"this is not an ONNX model\n", np.random.default_rng(7).bytes(4096), None],
+    ids=["text", "random-bytes", "missing"],
+)
+def test_a_bad_onnx_file_is_one_line_in_evaluate_and_predict(tmp_path, folder, content):
+    """The checkpoint's recipe is read from the ONNX file before ONNX Runtime opens it: a garbage or missing .onnx
+    is one error line there too, in evaluate.py and scripts/predict.py (a garbage file was a protobuf traceback)."""
+    onnx_file = tmp_path / "model.onnx"
+    if content is not None:
+        onnx_file.write_bytes(content)
+    image = next(Path(folder, "val").rglob("*.jpg"))
+    commands = [
+        [
+            "evaluate.py",
+            f"checkpoint={onnx_file}",
+            "runtime=onnxruntime",
+            "device=cpu",
+            "data=folder",
+            f"data.root={folder}",
+            f"hydra.run.dir={tmp_path / 'eval'}",
+        ],
+        ["scripts/predict.py", str(onnx_file), str(image)],
+    ]
+    for command in commands:
+        proc = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, (command[0], proc.stderr[-2000:])
+        assert lines[-1].startswith(("error:", "predict.py: error:")) and str(onnx_file) in lines[-1], lines[-3:]
+        assert ("not found" if content is None else "is not an ONNX model") in lines[-1]
+
+
 @pytest.mark.parametrize("backend", ["torchvision", "dali"])
 def test_torchrun_two_processes_equal_world_size_one(tmp_path, folder, checkpoint, backend):
     one, _ = _evaluate(tmp_path / "ws1", folder, checkpoint, f"data.backend={backend}", "save_predictions=true")
