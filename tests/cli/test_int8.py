@@ -284,14 +284,10 @@ def test_eval_released_adds_the_int8_columns(noise_root, tmp_path, monkeypatch):
     """make eval's table with --int8: the checkpoint (here a reduced one in the cache) quantised with calibration
     from <data>/train and evaluated by runtime=onnxruntime on the same val images; its results and files kept."""
     import csv
-    import importlib.util
 
     from res2net.models.download import sha256_file
+    from scripts import eval_released
 
-    spec = importlib.util.spec_from_file_location("eval_released", ROOT / "scripts" / "eval_released.py")
-    eval_released = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "eval_released", eval_released)  # dataclasses look their module up there
-    spec.loader.exec_module(eval_released)
     cache = tmp_path / "cache"
     cache.mkdir()
     arch = dict(layers=[1, 1, 1, 1], base_width=4, num_classes=3)

@@ -3,7 +3,6 @@ shards (the same batches, exact resume, every val sample once), bad shards; the 
 evaluate.py under torchrun on shards and compare with the same images as a folder."""
 
 import contextlib
-import importlib.util
 import io
 import json
 import logging
@@ -26,6 +25,7 @@ from res2net.data.imagenet_wnids import IMAGENET1K_WNIDS
 from res2net.data.shards import ShardError, expand_braces, resolve_shards, wds_epoch_order
 from res2net.engine.eval_metrics import real_label_rows
 from res2net.errors import run_script
+from scripts import make_shards as make_shards_script
 
 # test_train's and test_evaluate_cli's processes, helpers and fixtures, reused on shards
 train_folder, eval_folder, eval_checkpoint = test_train.folder, test_evaluate_cli.folder, test_evaluate_cli.checkpoint
@@ -39,11 +39,6 @@ STD = DataConfig().std
 
 def _env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-
-
-_spec = importlib.util.spec_from_file_location("make_shards", REPO / "scripts" / "make_shards.py")
-make_shards_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_shards_script)
 
 
 def run_make_shards(*argv: str) -> subprocess.CompletedProcess:

@@ -2,8 +2,6 @@
 host read; the batched augmentation issues a bounded number of ops and Python-data tensors whatever the batch
 size (the per-sample reference does not); LAMB's ops do not grow with the number of parameter tensors."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -130,10 +128,8 @@ def test_preset_step_has_no_host_read_and_bounded_augmentation(preset):
 
 @pytest.mark.slow
 def test_benchmark_prints_the_census_per_preset(capsys):
-    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    sys.modules["benchmark"] = benchmark
-    spec.loader.exec_module(benchmark)
+    from scripts import benchmark
+
     assert benchmark.main(["--census", "--presets", "rsb_a3", "--census-batch", "8", "16"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| rsb_a3 |")]
