@@ -235,6 +235,17 @@ def export_hf(
     return folder
 
 
+_WRITE_ONNX = "write one with scripts/export.py --format onnx"  # the hint of every unreadable-ONNX error
+
+
+def _onnx_file(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, or FileNotFoundError naming it when it is not a file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX file {path} not found; {_WRITE_ONNX}")
+    return path
+
+
 class OnnxRuntimeModel(nn.Module):
     """An ONNX file run by ONNX Runtime on the CPU, called like the model it was exported from.
 
@@ -257,9 +268,7 @@ class OnnxRuntimeModel(nn.Module):
 
         if optimization not in GRAPH_OPTIMIZATIONS:
             raise ValueError(f"optimization must be one of {GRAPH_OPTIMIZATIONS}, got {optimization!r}")
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"ONNX file {path} not found; write one with scripts/export.py --format onnx")
+        path = _onnx_file(path)
         options = ort.SessionOptions()
         options.graph_optimization_level = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -275,8 +284,7 @@ class OnnxRuntimeModel(nn.Module):
         except Exception as err:  # ORT raises its own types (InvalidProtobuf, Fail, ...) with multi-line text
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CheckpointError(
-                f"{path} is not an ONNX model ONNX Runtime can load ({reason}); write one with scripts/export.py "
-                f"--format onnx"
+                f"{path} is not an ONNX model ONNX Runtime can load ({reason}); {_WRITE_ONNX}"
             ) from err
         self.path = path
         self.input_name = self.session.get_inputs()[0].name
@@ -486,15 +494,11 @@ def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
     import onnx
     from google.protobuf.message import DecodeError
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ONNX file {path} not found; write one with scripts/export.py --format onnx")
+    path = _onnx_file(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except DecodeError as err:
-        raise CheckpointError(
-            f"{path} is not an ONNX model ({err}); write one with scripts/export.py --format onnx"
-        ) from err
+        raise CheckpointError(f"{path} is not an ONNX model ({err}); {_WRITE_ONNX}") from err
     return {p.key: p.value for p in model.metadata_props}
 
 

@@ -150,13 +150,16 @@ def read_checkpoint(path: str | os.PathLike, trusted: bool = False) -> object:
             raise CheckpointError(
                 f"checkpoint {path} is damaged or not a PyTorch checkpoint: {_first_line(err)}"
             ) from None
-        if not trusted:
-            raise UnsafeCheckpointError(
-                f"checkpoint {path} was not loaded: it holds objects other than tensors and plain containers "
-                f"({_refusal(err)}), and reading it needs Python's full unpickler, which can run arbitrary code "
-                "while loading.\nIf you trust the file's origin: res2net.load_pretrained(model, source, "
-                "trusted=True), or evaluate.py trust_checkpoint=true"
-            ) from None
+        refusal = _refusal(err)
+    # The project's one full unpickling, only for a file the caller vouched for: trusted=True passed to
+    # load_pretrained / load_checkpoint_model / Predictor, or evaluate.py trust_checkpoint=true (every default False).
+    if not trusted:
+        raise UnsafeCheckpointError(
+            f"checkpoint {path} was not loaded: it holds objects other than tensors and plain containers "
+            f"({refusal}), and reading it needs Python's full unpickler, which can run arbitrary code "
+            "while loading.\nIf you trust the file's origin: res2net.load_pretrained(model, source, "
+            "trusted=True), or evaluate.py trust_checkpoint=true"
+        )
     logger.warning("%s holds more than tensors; loading it with Python's full unpickler (trusted=True)", path)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)

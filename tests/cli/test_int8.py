@@ -28,10 +28,9 @@ from res2net.export import (
     checkpoint_eval_data,
     onnx_metadata,
 )
+from scripts import export as export_script
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-import export as export_script  # noqa: E402  (scripts/export.py)
 
 NAME = "res2net50_26w_4s"
 DIGITS_VAL = 364  # 1 in 5 of each digit of scikit-learn's 1,797

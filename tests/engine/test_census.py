@@ -2,8 +2,6 @@
 host read; the batched augmentation issues a bounded number of ops and Python-data tensors whatever the batch
 size (the per-sample reference does not); LAMB's ops do not grow with the number of parameter tensors."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -15,7 +13,6 @@ from res2net.data.transforms import Normalizer
 from res2net.engine.census import Census, count, preset_census, training_presets
 from res2net.engine.optim import Lamb
 
-REPO = Path(__file__).resolve().parents[2]
 # Per pass of apply_batch at most ~24 ops (slicing the packed tensor, casts, gather, the op, scatter); 31 passes at most
 # for two RandAugment slots and colour jitter, plus the packed copy and random erasing.
 AUGMENT_BOUND = 31 * 24 + 60
